@@ -1,0 +1,136 @@
+"""Build models by name: ``create_model(name, **overrides)``.
+
+A registered builder is a small function that only sets arguments of a family. User models are
+accepted as ``package.module:factory``. Every model returned by :func:`create_model` carries
+``model.probe_config = {"name": ..., "kwargs": {...}}`` (JSON-able) so that a checkpoint can rebuild
+it.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from models.fusion import FusionSpec, FusionSpecError, parse_fusion
+
+__all__ = ["ModelNameError", "ModelConfigError", "register_model", "create_model", "list_models",
+           "model_entry", "ModelEntry", "accepted_kwargs"]
+
+
+class ModelNameError(LookupError):
+    """Unknown model name (the message lists close matches)."""
+
+
+class ModelConfigError(ValueError):
+    """Bad keyword arguments for a model builder."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    builder: Callable[..., nn.Module]
+    description: str
+    family: str
+    tags: tuple[str, ...] = ()
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(fn: Callable | None = None, *, name: str | None = None, family: str = "",
+                   tags: tuple[str, ...] = ()):
+    """Decorator registering a builder under ``name`` (default: the function name)."""
+
+    def wrap(f):
+        key = name or f.__name__
+        if key in _REGISTRY:
+            raise ValueError(f"model {key!r} is already registered")
+        doc = inspect.getdoc(f) or ""
+        _REGISTRY[key] = ModelEntry(key, f, doc.splitlines()[0] if doc else "", family, tuple(tags))
+        return f
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def list_models(tag: str | None = None) -> list[str]:
+    """Registered model names (sorted), optionally only those carrying ``tag``."""
+    return sorted(k for k, e in _REGISTRY.items() if tag is None or tag in e.tags)
+
+
+def _close(name: str) -> str:
+    matches = difflib.get_close_matches(name, list(_REGISTRY), n=4, cutoff=0.5)
+    return f"; did you mean {', '.join(matches)}?" if matches else f"; `probe models` lists the {len(_REGISTRY)} names"
+
+
+def model_entry(name: str) -> ModelEntry:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ModelNameError(f"unknown model {name!r}{_close(name)}") from None
+
+
+def _resolve(name: str) -> Callable[..., nn.Module]:
+    if ":" in name:
+        mod_name, _, attr = name.partition(":")
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise ModelNameError(f"cannot import {mod_name!r} for model {name!r}: {e}") from None
+        fn = getattr(mod, attr, None)
+        if not callable(fn):
+            raise ModelNameError(f"{mod_name!r} has no callable {attr!r} (expected package.module:factory)")
+        return fn
+    return model_entry(name).builder
+
+
+def accepted_kwargs(name: str) -> set[str] | None:
+    """Keyword names the builder of ``name`` accepts (None when it takes ``**kwargs``)."""
+    sig = inspect.signature(_resolve(name))
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return None
+    return {k for k, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _jsonable(v):
+    if isinstance(v, FusionSpec):
+        return v.name
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    return v
+
+
+def create_model(name: str, **overrides) -> nn.Module:
+    """Build a registered model (or ``package.module:factory``) with keyword overrides.
+
+    ``fusion`` may be a canonical fusion name, a :class:`FusionSpec`, or a seed row id from
+    ``probe fusions`` (e.g. ``fmm08``).
+    """
+    fn = _resolve(name)
+    if "fusion" in overrides and isinstance(overrides["fusion"], str):
+        from models.seed_table import resolve_fusion
+        overrides["fusion"] = resolve_fusion(overrides["fusion"])
+    sig = inspect.signature(fn)
+    accepted = ", ".join(sorted(k for k, p in sig.parameters.items() if p.kind is not p.VAR_KEYWORD))
+    try:
+        sig.bind(**overrides)
+    except TypeError as e:
+        raise ModelConfigError(f"model {name!r}: {e}; accepted arguments: {accepted}") from None
+    try:
+        model = fn(**overrides)
+    except FusionSpecError:
+        raise
+    except TypeError as e:
+        raise ModelConfigError(f"model {name!r}: {e}; accepted arguments: {accepted} "
+                               f"(and those of its family)") from None
+    except ValueError as e:
+        raise ModelConfigError(f"model {name!r}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelConfigError(f"model {name!r}: factory returned {type(model).__name__}, not an nn.Module")
+    model.probe_config = {"name": name, "kwargs": _jsonable(dict(overrides))}
+    return model

@@ -1,0 +1,5 @@
+"""landscape-probe: loss-landscape and generalization probes for any PyTorch model."""
+from probe.errors import DataError, StoreError, UserError
+
+__all__ = ["UserError", "DataError", "StoreError"]
+__version__ = "0.1.0"

@@ -1,0 +1,91 @@
+"""Shared plumbing for the ``probe`` CLI: one-line errors, JSON output, tables."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from probe.errors import UserError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports bad usage on one line (exit 2) instead of usage + message."""
+
+    def error(self, message: str):  # noqa: D401 (argparse API)
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+@dataclass
+class Output:
+    """What a subcommand produces: a JSON-able object and the human-readable text."""
+
+    data: dict
+    text: str = ""
+
+
+def jsonable(obj: Any) -> Any:
+    """Convert numpy / torch scalars and arrays, paths, tuples and non-finite floats for JSON."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        np = None
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if np is not None and isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if np is not None and isinstance(obj, np.generic):
+        return jsonable(obj.item())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
+        return jsonable(obj.item())
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str]] | None = None, floatfmt: str = "{:.4g}") -> str:
+    """Plain-text table: ``columns`` is a list of (key, header)."""
+    if not rows:
+        return "(none)"
+    columns = columns or [(k, k) for k in rows[0]]
+
+    def cell(v):
+        if isinstance(v, float):
+            return floatfmt.format(v)
+        return "" if v is None else str(v)
+
+    body = [[cell(r.get(k)) for k, _ in columns] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, (_, h) in enumerate(columns)]
+    lines = ["  ".join(h.ljust(w) for (_, h), w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that are the user's mistake: one line on stderr, exit 2."""
+    from models import FusionSpecError, ModelConfigError, ModelNameError
+    return (UserError, ModelNameError, ModelConfigError, FusionSpecError)
+
+
+def run_command(func: Callable[[argparse.Namespace], Output], args: argparse.Namespace, prog: str) -> int:
+    try:
+        out = func(args)
+    except user_error_types() as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    if getattr(args, "json", False):
+        sys.stdout.write(json.dumps(jsonable(out.data), allow_nan=False) + "\n")
+    elif out.text:
+        print(out.text)
+    return 0

@@ -1,0 +1,89 @@
+"""The ``probe`` command line: thin subcommands that parse, call the library, save and print.
+
+Every subcommand accepts ``--json`` (exactly one JSON object on stdout; progress and logs go to
+stderr). Exit code 0 on success, 2 on bad input with a one-line error.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from probe._cli_util import OneLineParser, Output, format_table, run_command
+
+__all__ = ["main", "build_parser"]
+
+
+def _common() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or logs on stderr")
+    return p
+
+
+# --- probe models ------------------------------------------------------------------------------
+
+
+def cmd_models(args) -> Output:
+    import torch
+    import models
+
+    rows = []
+    for name in models.list_models(args.tag):
+        entry = models.model_entry(name)
+        with torch.device("meta"):  # count parameters without allocating or initialising memory
+            m = models.create_model(name)
+        rows.append({"name": name, "family": entry.family, "params": models.count_parameters(m),
+                     "tags": list(entry.tags), "description": entry.description})
+    text = format_table(rows, [("name", "name"), ("family", "family"), ("params", "params"),
+                               ("description", "description")])
+    return Output({"models": rows, "count": len(rows)}, text)
+
+
+# --- probe fusions -----------------------------------------------------------------------------
+
+
+def cmd_fusions(args) -> Output:
+    from models import SEED_FUSIONS, resolve_fusion
+
+    if args.parse:
+        spec = resolve_fusion(args.parse)
+        return Output({"name": spec.name, "formula": spec.formula()}, f"{spec.name}\n  {spec.formula()}")
+    rows = [r.as_dict() for r in SEED_FUSIONS if args.group is None or r.group == args.group]
+    text = format_table(rows, [("id", "id"), ("caltech101_top1", "top-1"), ("group", "group"),
+                               ("name", "canonical name"), ("formula", "formula")], floatfmt="{:.2f}")
+    text += ("\n\nSeed: WRN-16-10 on Caltech-101 (64x64), best test top-1. Use a name or an id with "
+             "--fusion, e.g. `probe train --model wrn --fusion fmm08`.")
+    return Output({"fusions": rows, "count": len(rows)}, text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="probe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    common = _common()
+
+    p = sub.add_parser("models", parents=[common], help="list registered models with parameter counts")
+    p.add_argument("--tag", help="only models with this tag (family, pair, seed, tiny, attention)")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("fusions", parents=[common], help="list the seed's fusion variants")
+    p.add_argument("--group", help="only this seed group (e.g. 'bn,sig', 'resgate')")
+    p.add_argument("--parse", metavar="SPEC", help="parse one fusion name or id and print its formula")
+    p.set_defaults(func=cmd_fusions)
+
+    from probe import _commands  # noqa: F401  (later subcommands register themselves)
+    for register in getattr(_commands, "REGISTER", []):
+        register(sub, common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    return run_command(args.func, args, f"probe {args.command}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,927 @@
+"""Data sets held in memory as tensors, and a small deterministic batch loader.
+
+:func:`load_data` returns a :class:`DataSplits`: normalised float32 images ``(N, C, H, W)`` and int64
+labels ``(N,)`` for a train and a test split.  Nothing is downloaded; real data sets are read from local
+files under ``root`` (default: ``$PROBE_DATA`` or ``./data``).
+
+=================  ==========================================================================  ==========
+name               source and split                                                            mean / std
+=================  ==========================================================================  ==========
+``digits``         scikit-learn's bundled 8x8 digits (1797 images, values 0..16 scaled to      train split
+                   [0, 1]); fixed stratified split, 25 % test, ``random_state=0`` (1347/450)
+``synthetic``      class prototypes (smooth random patterns) plus Gaussian noise; any shape    train split
+``cifar10``        binary (``data_batch_{1..5}.bin``, ``test_batch.bin``) or python format     CIFAR-10
+``cifar100``       binary (``train.bin``, ``test.bin``; fine labels) or python format          CIFAR-100
+``mnist``          idx files, optionally ``.gz``                                               MNIST
+``fashion-mnist``  idx files, optionally ``.gz``                                               F-MNIST
+``imagefolder``    ``root/{train,test}/<class>/<image>`` or ``root/<class>/<image>`` split     ImageNet
+                   stratified (``test_fraction=0.2``, ``split_seed=42``)
+``caltech101``     ``101_ObjectCategories`` without ``BACKGROUND_Google``, stratified 80/20    ImageNet
+                   split with ``random_state=42``, resized to 64x64 ignoring the aspect ratio
+=================  ==========================================================================  ==========
+
+Splits of real data sets never depend on ``seed``; ``seed`` only drives ``synthetic``.  The CIFAR python
+format is a pickle: it is read with an allow-list unpickler that refuses anything a CIFAR batch does not
+need, without running it.  Every missing, truncated or malformed file raises :class:`DataError` with the
+expected on-disk layout.
+"""
+from __future__ import annotations
+
+import difflib
+import gzip
+import math
+import os
+import pickle
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from probe.errors import DataError, UserError
+
+__all__ = ["DATASETS", "DataSplits", "Augment", "Loader", "load_data", "make_loader"]
+
+DATASETS = (
+    "digits",
+    "synthetic",
+    "cifar10",
+    "cifar100",
+    "mnist",
+    "fashion-mnist",
+    "imagefolder",
+    "caltech101",
+)
+
+# Per-channel statistics of the pixel values in [0, 1] (train splits of the respective data sets).
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+FASHION_MEAN, FASHION_STD = (0.2860,), (0.3530,)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Grey images under ImageNet statistics: the average of the three channels.
+IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD = (0.449,), (0.226,)
+
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)
+FASHION_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+    "Ankle boot",
+)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+# --------------------------------------------------------------------------------------------------
+# Result type
+
+
+@dataclass(frozen=True, eq=False)
+class DataSplits:
+    """A train and a test split held in memory.
+
+    ``x_*`` are float32 ``(N, C, H, W)`` already normalised with ``mean`` / ``std`` (per channel, on
+    pixel values in [0, 1]: ``x = (pixel - mean[c]) / std[c]``); ``y_*`` are int64 ``(N,)`` in
+    ``[0, num_classes)``.  ``source`` says which files / rule produced the data.
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str = ""
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.x_train.shape[2]), int(self.x_train.shape[3])
+
+    def describe(self) -> dict:
+        """A JSON-able summary (sizes, shapes, classes, normalisation, per-class counts)."""
+        k = self.num_classes
+        return {
+            "name": self.name,
+            "source": self.source,
+            "n_train": int(self.x_train.shape[0]),
+            "n_test": int(self.x_test.shape[0]),
+            "in_channels": self.in_channels,
+            "image_size": list(self.image_size),
+            "num_classes": k,
+            "class_names": list(self.class_names),
+            "mean": [float(m) for m in self.mean],
+            "std": [float(s) for s in self.std],
+            "train_class_counts": torch.bincount(self.y_train, minlength=k).tolist(),
+            "test_class_counts": torch.bincount(self.y_test, minlength=k).tolist(),
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def load_data(
+    name: str,
+    root: str | os.PathLike | None = None,
+    *,
+    image_size: int | None = None,
+    seed: int = 0,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+    **kwargs: Any,
+) -> DataSplits:
+    """Load data set ``name`` (one of :data:`DATASETS`) into memory.
+
+    ``root``: where local files live (default ``$PROBE_DATA`` or ``./data``); ignored by ``digits``
+    and ``synthetic``.  ``image_size``: square output side; images are resized bilinearly (antialiased
+    when shrinking) ignoring the aspect ratio; ``None`` keeps the native size (32 for ``imagefolder``,
+    64 for ``caltech101``, 8 for ``synthetic``).  ``seed`` only affects ``synthetic``.
+
+    ``limit_train`` / ``limit_test`` keep a deterministic, class-balanced subset: the first samples of
+    each class in file order, taken round-robin over classes (so class counts differ by at most one
+    while every class has enough samples), returned in their original order.
+
+    Options per data set (``**kwargs``):
+    ``synthetic``: ``channels=3, num_classes=10, n_train=512, n_test=128, noise=1.0`` (``size`` is an
+    alias of ``image_size``); ``cifar10``/``cifar100``: ``format="auto"|"binary"|"python"``;
+    ``imagefolder``: ``channels=3`` (1 reads grey images), ``test_fraction=0.2, split_seed=42``.
+    """
+    key = _canonical_name(name)
+    loader, options = _LOADERS[key]
+    unknown = sorted(set(kwargs) - set(options))
+    if unknown:
+        accepted = ", ".join(options) if options else "none"
+        raise UserError(f"data set {key!r} does not take option(s) {', '.join(unknown)}; accepted: {accepted}")
+    if image_size is not None and (int(image_size) != image_size or image_size < 1):
+        raise UserError(f"image_size must be a positive integer, got {image_size!r}")
+    for label, limit in (("limit_train", limit_train), ("limit_test", limit_test)):
+        if limit is not None and (int(limit) != limit or limit < 1):
+            raise UserError(f"{label} must be a positive integer, got {limit!r}")
+
+    data: DataSplits = loader(root=root, image_size=image_size, seed=seed, **kwargs)
+    if limit_train is not None or limit_test is not None:
+        tr = _balanced_subset(data.y_train, limit_train)
+        te = _balanced_subset(data.y_test, limit_test)
+        data = replace(
+            data,
+            x_train=data.x_train[tr], y_train=data.y_train[tr],
+            x_test=data.x_test[te], y_test=data.y_test[te],
+        )
+    return data
+
+
+def _canonical_name(name: str) -> str:
+    key = str(name).strip().lower().replace("_", "-")
+    aliases = {"fashionmnist": "fashion-mnist", "caltech-101": "caltech101", "cifar-10": "cifar10",
+               "cifar-100": "cifar100", "image-folder": "imagefolder"}
+    key = aliases.get(key, key)
+    if key not in DATASETS:
+        close = difflib.get_close_matches(key, DATASETS, n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise UserError(f"unknown data set {name!r}{hint} (known: {', '.join(DATASETS)})")
+    return key
+
+
+def _balanced_subset(y: torch.Tensor, limit: int | None) -> torch.Tensor | slice:
+    n = int(y.shape[0])
+    if limit is None or limit >= n:
+        return slice(None)
+    yn = y.numpy()
+    order = np.argsort(yn, kind="stable")
+    sorted_y = yn[order]
+    first = np.searchsorted(sorted_y, sorted_y, side="left")
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n) - first  # position of each sample within its class
+    keep = np.sort(np.argsort(rank * n + np.arange(n), kind="stable")[:limit])
+    return torch.from_numpy(keep)
+
+
+def _default_root(root: str | os.PathLike | None) -> Path:
+    if root is None:
+        root = os.environ.get("PROBE_DATA", "data")
+    return Path(root).expanduser()
+
+
+def _normalise_u8(
+    x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], size: int | None
+) -> torch.Tensor:
+    """uint8 ``(N, C, H, W)`` -> float32 normalised, optionally resized to ``size x size``."""
+    out = x.to(torch.float32).div_(255.0)
+    out = _resize(out, size)
+    return _normalise_(out, mean, std)
+
+
+def _resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    if size is None or tuple(x.shape[-2:]) == (size, size) or x.shape[0] == 0:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def _normalise_(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+    return x.sub_(m).div_(s)
+
+
+# --------------------------------------------------------------------------------------------------
+# digits and synthetic
+
+DIGITS_TEST_SIZE = 0.25
+DIGITS_SPLIT_SEED = 0
+
+
+def _load_digits(*, root, image_size, seed) -> DataSplits:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    x = bunch.data.astype(np.float32).reshape(-1, 1, 8, 8) / 16.0  # (1797, 1, 8, 8) in [0, 1]
+    y = bunch.target.astype(np.int64)
+    tr, te = train_test_split(
+        np.arange(len(y)), test_size=DIGITS_TEST_SIZE, stratify=y, random_state=DIGITS_SPLIT_SEED
+    )
+    x_tr = _resize(torch.from_numpy(x[tr]), image_size)
+    x_te = _resize(torch.from_numpy(x[te]), image_size)
+    mean = (float(x_tr.mean()),)
+    std = (float(x_tr.std(unbiased=False)),)
+    return DataSplits(
+        name="digits",
+        x_train=_normalise_(x_tr, mean, std), y_train=torch.from_numpy(y[tr]),
+        x_test=_normalise_(x_te, mean, std), y_test=torch.from_numpy(y[te]),
+        num_classes=10, class_names=tuple(str(i) for i in range(10)), mean=mean, std=std,
+        source=f"sklearn load_digits, stratified split test_size={DIGITS_TEST_SIZE} "
+               f"random_state={DIGITS_SPLIT_SEED}",
+    )
+
+
+def _load_synthetic(
+    *, root, image_size, seed, size=None, channels=3, num_classes=10, n_train=512, n_test=128,
+    noise=1.0,
+) -> DataSplits:
+    """x = prototype[y] + noise * N(0, 1); prototypes are smooth random patterns of unit variance."""
+    if image_size is None:
+        image_size = 8 if size is None else size
+    elif size is not None and size != image_size:
+        raise UserError(f"synthetic: size={size} and image_size={image_size} disagree; give one")
+    for label, v, lo in (("image_size", image_size, 1), ("channels", channels, 1),
+                         ("num_classes", num_classes, 2), ("n_train", n_train, 1), ("n_test", n_test, 1)):
+        if int(v) != v or v < lo:
+            raise UserError(f"synthetic: {label} must be an integer >= {lo}, got {v!r}")
+    if not noise >= 0:
+        raise UserError(f"synthetic: noise must be >= 0, got {noise!r}")
+    h = int(image_size)
+    g = torch.Generator().manual_seed(int(seed))
+    low = max(1, (h + 1) // 2)
+    coarse = torch.randn(num_classes, channels, low, low, generator=g)
+    protos = F.interpolate(coarse, size=(h, h), mode="bilinear", align_corners=False)
+    protos = (protos - protos.mean()) / protos.std().clamp_min(1e-6)  # (K, C, H, W)
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]
+        x = protos[y] + float(noise) * torch.randn(n, channels, h, h, generator=g)
+        return x, y
+
+    x_tr, y_tr = draw(int(n_train))
+    x_te, y_te = draw(int(n_test))
+    mean = tuple(float(v) for v in x_tr.mean(dim=(0, 2, 3)))
+    std = tuple(float(v) for v in x_tr.std(dim=(0, 2, 3), unbiased=False).clamp_min(1e-6))
+    return DataSplits(
+        name="synthetic",
+        x_train=_normalise_(x_tr, mean, std), y_train=y_tr,
+        x_test=_normalise_(x_te, mean, std), y_test=y_te,
+        num_classes=int(num_classes), class_names=tuple(str(i) for i in range(num_classes)),
+        mean=mean, std=std,
+        source=f"synthetic prototypes+noise seed={seed} noise={noise}",
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# CIFAR
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only the globals a CIFAR python batch refers to."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): ("multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"): ("multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"): ("multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"): ("multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"): ("numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"): ("numeric", "_frombuffer"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("numpy", "ndarray"):
+            return np.ndarray
+        if (module, name) == ("numpy", "dtype"):
+            return np.dtype
+        if (module, name) == ("_codecs", "encode"):  # bytes written by Python 3 at protocol <= 2
+            import codecs
+
+            return codecs.encode
+        target = self._ALLOWED.get((module, name))
+        if target is not None:
+            return _numpy_internal(*target)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+
+def _numpy_internal(submodule: str, attr: str) -> Any:
+    import importlib
+
+    for mod in (f"numpy._core.{submodule}", f"numpy.core.{submodule}"):
+        try:
+            return getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError):
+            continue
+    raise pickle.UnpicklingError(f"numpy has no {submodule}.{attr}")
+
+
+def _safe_unpickle(path: Path, layout: str) -> Any:
+    try:
+        with open(path, "rb") as f:
+            return _CifarUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        raise DataError(
+            f"{path}: not a CIFAR python batch ({e}); refused without running it. Expected {layout}"
+        ) from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as e:
+        raise DataError(
+            f"{path}: truncated or malformed CIFAR python batch ({type(e).__name__}: {e}). "
+            f"Expected {layout}"
+        ) from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e}). Expected {layout}") from None
+
+
+def _dict_get(d: Any, key: str) -> Any:
+    if not isinstance(d, dict):
+        return None
+    if key.encode() in d:
+        return d[key.encode()]
+    return d.get(key)
+
+
+def _decode_names(names: Any) -> tuple[str, ...] | None:
+    if not isinstance(names, (list, tuple)):
+        return None
+    out = [n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in names]
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class _CifarSpec:
+    name: str
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    bin_dir: str
+    bin_train: tuple[str, ...]
+    bin_test: str
+    bin_meta: str
+    label_bytes: int  # cifar100 records start with (coarse, fine)
+    py_dir: str
+    py_train: tuple[str, ...]
+    py_test: str
+    py_meta: str
+    py_label_key: str
+    py_names_key: str
+
+
+_CIFAR = {
+    "cifar10": _CifarSpec(
+        "cifar10", 10, CIFAR10_MEAN, CIFAR10_STD,
+        "cifar-10-batches-bin", tuple(f"data_batch_{i}.bin" for i in range(1, 6)), "test_batch.bin",
+        "batches.meta.txt", 1,
+        "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), "test_batch",
+        "batches.meta", "labels", "label_names",
+    ),
+    "cifar100": _CifarSpec(
+        "cifar100", 100, CIFAR100_MEAN, CIFAR100_STD,
+        "cifar-100-binary", ("train.bin",), "test.bin", "fine_label_names.txt", 2,
+        "cifar-100-python", ("train",), "test", "meta", "fine_labels", "fine_label_names",
+    ),
+}
+
+
+def _cifar_layout(spec: _CifarSpec) -> str:
+    def files(names: tuple[str, ...]) -> str:
+        return "{" + ",".join(names) + "}"
+
+    return (
+        f"either the binary layout <root>/{spec.bin_dir}/{files(spec.bin_train + (spec.bin_test,))} "
+        f"or the python layout <root>/{spec.py_dir}/{files(spec.py_train + (spec.py_test, spec.py_meta))} "
+        f"(root may also be that folder itself)"
+    )
+
+
+def _find_cifar(spec: _CifarSpec, root: Path, fmt: str) -> tuple[str, Path]:
+    formats = ("binary", "python") if fmt == "auto" else (fmt,)
+    missing_report = []
+    for kind in formats:
+        sub, needed = (
+            (spec.bin_dir, spec.bin_train + (spec.bin_test,)) if kind == "binary"
+            else (spec.py_dir, spec.py_train + (spec.py_test,))
+        )
+        for folder in (root / sub, root):
+            if folder.is_dir():
+                absent = [n for n in needed if not (folder / n).is_file()]
+                if not absent:
+                    return kind, folder
+                if len(absent) < len(needed):  # a partial copy: say what is missing
+                    missing_report.append(f"{folder} lacks {', '.join(absent)}")
+    detail = f" ({'; '.join(missing_report)})" if missing_report else ""
+    raise DataError(f"{spec.name} not found under {root}{detail}. Expected {_cifar_layout(spec)}")
+
+
+def _read_cifar_binary(spec: _CifarSpec, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    record = spec.label_bytes + 3072
+    try:
+        raw = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e}). Expected {_cifar_layout(spec)}") from None
+    if raw.size == 0 or raw.size % record:
+        label = "1 label byte" if spec.label_bytes == 1 else "coarse and fine label bytes"
+        raise DataError(
+            f"{path}: {raw.size} bytes is not a positive multiple of the {record}-byte record "
+            f"({label} + 3072 pixel bytes): truncated or not a {spec.name} binary batch"
+        )
+    rec = raw.reshape(-1, record)
+    labels = rec[:, spec.label_bytes - 1].astype(np.int64)  # the fine label for cifar100
+    images = rec[:, spec.label_bytes:].reshape(-1, 3, 32, 32)
+    return images, labels
+
+
+def _read_cifar_python(spec: _CifarSpec, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    layout = _cifar_layout(spec)
+    batch = _safe_unpickle(path, layout)
+    data = _dict_get(batch, "data")
+    labels = _dict_get(batch, spec.py_label_key)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        got = f"{type(data).__name__} {getattr(data, 'dtype', '')} {getattr(data, 'shape', '')}".strip()
+        raise DataError(
+            f"{path}: expected a dict with b'data' a uint8 array (N, 3072), got {got}. Expected {layout}"
+        )
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError):
+        labels = None
+    if labels is None or labels.shape != (data.shape[0],):
+        raise DataError(
+            f"{path}: expected b'{spec.py_label_key}' with one label per image ({data.shape[0]}). "
+            f"Expected {layout}"
+        )
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _cifar_class_names(spec: _CifarSpec, kind: str, folder: Path) -> tuple[str, ...]:
+    names = None
+    if kind == "binary":
+        meta = folder / spec.bin_meta
+        if meta.is_file():
+            lines = [ln.strip() for ln in meta.read_text(errors="replace").splitlines()]
+            names = tuple(ln for ln in lines if ln)
+    else:
+        meta = folder / spec.py_meta
+        if meta.is_file():
+            names = _decode_names(_dict_get(_safe_unpickle(meta, _cifar_layout(spec)), spec.py_names_key))
+    if names is None or len(names) != spec.num_classes:
+        names = CIFAR10_CLASSES if spec.name == "cifar10" else tuple(str(i) for i in range(spec.num_classes))
+    return names
+
+
+def _load_cifar(key: str, *, root, image_size, seed, format="auto") -> DataSplits:
+    spec = _CIFAR[key]
+    if format not in ("auto", "binary", "python"):
+        raise UserError(f"{key}: format must be auto, binary or python, got {format!r}")
+    kind, folder = _find_cifar(spec, _default_root(root), format)
+    read = _read_cifar_binary if kind == "binary" else _read_cifar_python
+    train_files = spec.bin_train if kind == "binary" else spec.py_train
+    test_file = spec.bin_test if kind == "binary" else spec.py_test
+
+    def read_all(files: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [read(spec, folder / f) for f in files]
+        x = np.concatenate([p[0] for p in parts])
+        y = np.concatenate([p[1] for p in parts])
+        bad = (y < 0) | (y >= spec.num_classes)
+        if bad.any():
+            raise DataError(
+                f"{folder}: label {int(y[bad][0])} outside [0, {spec.num_classes}); "
+                f"not a {spec.name} batch. Expected {_cifar_layout(spec)}"
+            )
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    x_tr, y_tr = read_all(train_files)
+    x_te, y_te = read_all((test_file,))
+    return DataSplits(
+        name=key,
+        x_train=_normalise_u8(x_tr, spec.mean, spec.std, image_size), y_train=y_tr,
+        x_test=_normalise_u8(x_te, spec.mean, spec.std, image_size), y_test=y_te,
+        num_classes=spec.num_classes, class_names=_cifar_class_names(spec, kind, folder),
+        mean=spec.mean, std=spec.std, source=f"{kind} format at {folder}",
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# MNIST / Fashion-MNIST (idx)
+
+_IDX_FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
+_IDX_SUBDIRS = {"mnist": ("MNIST/raw", "mnist", "raw"), "fashion-mnist": ("FashionMNIST/raw", "fashion-mnist", "raw")}
+
+
+def _idx_layout(key: str) -> str:
+    names = ",".join(_IDX_FILES.values())
+    return (
+        f"<root>/{{{names}}} (each optionally .gz; <root> may also hold them under "
+        f"{' or '.join(_IDX_SUBDIRS[key][:2])})"
+    )
+
+
+def _find_idx(key: str, root: Path) -> dict[str, Path]:
+    folders = [root] + [root / s for s in _IDX_SUBDIRS[key]]
+    best: dict[str, Path] = {}
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        found = {}
+        for role, base in _IDX_FILES.items():
+            dotted = base.replace("-idx", ".idx")  # some copies name them train-images.idx3-ubyte
+            for cand in (base, base + ".gz", dotted, dotted + ".gz"):
+                if (folder / cand).is_file():
+                    found[role] = folder / cand
+                    break
+        if len(found) == len(_IDX_FILES):
+            return found
+        if len(found) > len(best):
+            best = found
+    detail = ""
+    if best:
+        folder = next(iter(best.values())).parent
+        missing = [_IDX_FILES[r] for r in _IDX_FILES if r not in best]
+        detail = f" ({folder} lacks {', '.join(missing)})"
+    raise DataError(f"{key} not found under {root}{detail}. Expected {_idx_layout(key)}")
+
+
+def _read_idx(path: Path, ndim: int, key: str) -> np.ndarray:
+    """Read an unsigned-byte idx file with ``ndim`` dimensions (3 for images, 1 for labels)."""
+    gz = path.suffix == ".gz"
+    try:
+        if gz:
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e}). Expected {_idx_layout(key)}") from None
+    what = "decompressed " if gz else ""
+    expected_magic = 0x0800 + ndim
+    header = 4 + 4 * ndim
+    if len(raw) < 4:
+        raise DataError(f"{path}: truncated: {len(raw)} {what}bytes, too short for an idx header")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != expected_magic:
+        raise DataError(
+            f"{path}: bad magic number 0x{magic:08x}, expected 0x{expected_magic:08x} "
+            f"(an idx{ndim} unsigned-byte file). Expected {_idx_layout(key)}"
+        )
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated: {len(raw)} {what}bytes, the idx{ndim} header alone is {header}")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + math.prod(dims)
+    if len(raw) != expected:
+        state = "truncated" if len(raw) < expected else "longer than its header says"
+        raise DataError(
+            f"{path}: {state}: expected {expected} {what}bytes ({header}-byte header + "
+            f"{' x '.join(map(str, dims))}), found {len(raw)}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _load_idx(key: str, *, root, image_size, seed) -> DataSplits:
+    files = _find_idx(key, _default_root(root))
+    mean, std = (MNIST_MEAN, MNIST_STD) if key == "mnist" else (FASHION_MEAN, FASHION_STD)
+
+    def split(prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+        x = _read_idx(files[prefix + "_x"], 3, key)
+        y = _read_idx(files[prefix + "_y"], 1, key)
+        if len(x) != len(y):
+            raise DataError(
+                f"{files[prefix + '_x']} has {len(x)} images but {files[prefix + '_y']} has {len(y)} labels"
+            )
+        if y.size and y.max() >= 10:
+            raise DataError(f"{files[prefix + '_y']}: label {int(y.max())} outside [0, 10)")
+        return torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
+
+    x_tr, y_tr = split("train")
+    x_te, y_te = split("test")
+    names = tuple(str(i) for i in range(10)) if key == "mnist" else FASHION_CLASSES
+    return DataSplits(
+        name=key,
+        x_train=_normalise_u8(x_tr, mean, std, image_size), y_train=y_tr,
+        x_test=_normalise_u8(x_te, mean, std, image_size), y_test=y_te,
+        num_classes=10, class_names=names, mean=mean, std=std,
+        source=f"idx files at {files['train_x'].parent}",
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Image folders and Caltech-101
+
+IMAGEFOLDER_LAYOUT = (
+    "<root>/train/<class>/<image> and <root>/test/<class>/<image>, or <root>/<class>/<image> "
+    f"(split automatically); images {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}"
+)
+CALTECH_LAYOUT = (
+    "<root>/101_ObjectCategories/<class>/image_XXXX.jpg (root may also be the 101_ObjectCategories "
+    "folder itself); the BACKGROUND_Google folder is ignored"
+)
+
+
+def _class_dirs(folder: Path, exclude: tuple[str, ...] = ()) -> list[Path]:
+    return sorted(
+        (p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in exclude),
+        key=lambda p: p.name,
+    )
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        (p for p in folder.iterdir()
+         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS),
+        key=lambda p: p.name,
+    )
+
+
+def _scan_tree(folder: Path, exclude: tuple[str, ...] = ()) -> tuple[list[str], list[Path], list[int]]:
+    """Class-major listing: classes sorted by name, files sorted by name; empty class folders skipped."""
+    classes, paths, labels = [], [], []
+    for d in _class_dirs(folder, exclude):
+        files = _image_files(d)
+        if not files:
+            continue
+        labels.extend([len(classes)] * len(files))
+        classes.append(d.name)
+        paths.extend(files)
+    return classes, paths, labels
+
+
+def _read_image(path: Path, size: int, mode: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+    return arr.reshape(size, size, -1)  # (H, W, C)
+
+
+def _read_images(paths: list[Path], size: int, mode: str) -> torch.Tensor:
+    """uint8 ``(N, C, size, size)``; decoding runs on a few threads (Pillow releases the GIL)."""
+    channels = 1 if mode == "L" else 3
+    out = np.empty((len(paths), size, size, channels), dtype=np.uint8)
+    workers = min(8, os.cpu_count() or 1)
+
+    def one(i: int) -> None:
+        out[i] = _read_image(paths[i], size, mode)
+
+    if workers > 1 and len(paths) > 16:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(one, range(len(paths))))
+    else:
+        for i in range(len(paths)):
+            one(i)
+    return torch.from_numpy(out).permute(0, 3, 1, 2)
+
+
+def _stratified_split(labels: list[int], test_fraction: float, split_seed: int, where: Path):
+    from sklearn.model_selection import train_test_split
+
+    try:
+        return train_test_split(
+            np.arange(len(labels)), test_size=test_fraction, stratify=np.asarray(labels),
+            random_state=split_seed,
+        )
+    except ValueError as e:
+        raise DataError(
+            f"{where}: cannot make a stratified {test_fraction:g} test split ({e}); every class needs "
+            f"at least 2 images"
+        ) from None
+
+
+def _image_splits(
+    name: str, folder: Path, *, presplit: bool, size: int, channels: int, test_fraction: float,
+    split_seed: int, exclude: tuple[str, ...] = (), layout: str,
+) -> DataSplits:
+    if channels not in (1, 3):
+        raise UserError(f"{name}: channels must be 1 or 3, got {channels!r}")
+    if not 0 < test_fraction < 1:
+        raise UserError(f"{name}: test_fraction must be in (0, 1), got {test_fraction!r}")
+    mode = "L" if channels == 1 else "RGB"
+    mean, std = (IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD) if channels == 1 else (IMAGENET_MEAN, IMAGENET_STD)
+    if presplit:
+        classes, tr_paths, tr_labels = _scan_tree(folder / "train", exclude)
+        test_classes, te_paths, te_local = _scan_tree(folder / "test", exclude)
+        if not classes:
+            raise DataError(f"{folder / 'train'}: no class folders with images. Expected {layout}")
+        extra = sorted(set(test_classes) - set(classes))
+        if extra:
+            raise DataError(f"{folder / 'test'}: classes {', '.join(extra)} have no training images")
+        index = {c: i for i, c in enumerate(classes)}
+        te_labels = [index[test_classes[j]] for j in te_local]
+        source = f"image folders {folder}/train and {folder}/test"
+    else:
+        classes, paths, labels = _scan_tree(folder, exclude)
+        if not classes:
+            raise DataError(f"{folder}: no class folders with images. Expected {layout}")
+        tr, te = _stratified_split(labels, test_fraction, split_seed, folder)
+        tr_paths, tr_labels = [paths[i] for i in tr], [labels[i] for i in tr]
+        te_paths, te_labels = [paths[i] for i in te], [labels[i] for i in te]
+        source = (f"image folder {folder}, stratified split test_fraction={test_fraction:g} "
+                  f"random_state={split_seed}")
+    if exclude:
+        source += f", excluding {', '.join(exclude)}"
+    return DataSplits(
+        name=name,
+        x_train=_normalise_u8(_read_images(tr_paths, size, mode), mean, std, None),
+        y_train=torch.tensor(tr_labels, dtype=torch.int64),
+        x_test=_normalise_u8(_read_images(te_paths, size, mode), mean, std, None),
+        y_test=torch.tensor(te_labels, dtype=torch.int64),
+        num_classes=len(classes), class_names=tuple(classes), mean=mean, std=std, source=source,
+    )
+
+
+def _load_imagefolder(
+    *, root, image_size, seed, channels=3, test_fraction=0.2, split_seed=42
+) -> DataSplits:
+    if root is None:
+        raise DataError(f"imagefolder needs root=<folder>. Expected {IMAGEFOLDER_LAYOUT}")
+    folder = Path(root).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"imagefolder: {folder} is not a directory. Expected {IMAGEFOLDER_LAYOUT}")
+    has_train, has_test = (folder / "train").is_dir(), (folder / "test").is_dir()
+    if has_train != has_test:
+        missing = "test" if has_train else "train"
+        raise DataError(f"imagefolder: {folder} has no {missing}/ folder. Expected {IMAGEFOLDER_LAYOUT}")
+    return _image_splits(
+        "imagefolder", folder, presplit=has_train, size=image_size or 32, channels=channels,
+        test_fraction=test_fraction, split_seed=split_seed, layout=IMAGEFOLDER_LAYOUT,
+    )
+
+
+CALTECH_EXCLUDE = ("BACKGROUND_Google",)
+
+
+def _load_caltech101(*, root, image_size, seed) -> DataSplits:
+    base = _default_root(root)
+    candidates = [base / "101_ObjectCategories", base / "caltech101" / "101_ObjectCategories"]
+    if base.name == "101_ObjectCategories" or (base / CALTECH_EXCLUDE[0]).is_dir():
+        candidates.insert(0, base)  # root is the categories folder itself
+    folder = next((c for c in candidates if c.is_dir() and _class_dirs(c, CALTECH_EXCLUDE)), None)
+    if folder is None:
+        raise DataError(f"caltech101 not found under {base}. Expected {CALTECH_LAYOUT}")
+    return _image_splits(
+        "caltech101", folder, presplit=False, size=image_size or 64, channels=3, test_fraction=0.2,
+        split_seed=42, exclude=CALTECH_EXCLUDE, layout=CALTECH_LAYOUT,
+    )
+
+
+def _cifar_loader(key: str) -> Callable[..., DataSplits]:
+    def load(**kw: Any) -> DataSplits:
+        return _load_cifar(key, **kw)
+
+    return load
+
+
+def _idx_loader(key: str) -> Callable[..., DataSplits]:
+    def load(**kw: Any) -> DataSplits:
+        return _load_idx(key, **kw)
+
+    return load
+
+
+# name -> (loader, accepted keyword options)
+_LOADERS: dict[str, tuple[Callable[..., DataSplits], tuple[str, ...]]] = {
+    "digits": (_load_digits, ()),
+    "synthetic": (_load_synthetic, ("size", "channels", "num_classes", "n_train", "n_test", "noise")),
+    "cifar10": (_cifar_loader("cifar10"), ("format",)),
+    "cifar100": (_cifar_loader("cifar100"), ("format",)),
+    "mnist": (_idx_loader("mnist"), ()),
+    "fashion-mnist": (_idx_loader("fashion-mnist"), ()),
+    "imagefolder": (_load_imagefolder, ("channels", "test_fraction", "split_seed")),
+    "caltech101": (_load_caltech101, ()),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Per-batch training augmentation on normalised tensors ``(B, C, H, W)``.
+
+    ``crop_padding=p``: pad every side with ``p`` zeros (zero in normalised units, i.e. the data mean)
+    and crop back to ``H x W`` at an offset drawn uniformly from ``{0..2p}^2`` per image.
+    ``hflip``: mirror each image horizontally with probability 1/2.  Random draws come from the given
+    ``torch.Generator`` (crop rows, crop columns, then flips), so a batch is reproducible from the
+    generator state.  Use on the train split only.
+    """
+
+    crop_padding: int = 0
+    hflip: bool = False
+
+    def __post_init__(self) -> None:
+        if int(self.crop_padding) != self.crop_padding or self.crop_padding < 0:
+            raise UserError(f"crop_padding must be a non-negative integer, got {self.crop_padding!r}")
+
+    @property
+    def active(self) -> bool:
+        return self.crop_padding > 0 or self.hflip
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        b, _, h, w = x.shape
+        if self.crop_padding > 0:
+            p = int(self.crop_padding)
+            padded = F.pad(x, (p, p, p, p))  # (B, C, H+2p, W+2p)
+            oy = torch.randint(0, 2 * p + 1, (b,), generator=generator).to(x.device)
+            ox = torch.randint(0, 2 * p + 1, (b,), generator=generator).to(x.device)
+            rows = oy[:, None] + torch.arange(h, device=x.device)  # (B, H)
+            cols = ox[:, None] + torch.arange(w, device=x.device)  # (B, W)
+            bi = torch.arange(b, device=x.device)[:, None, None]
+            x = padded[bi, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B, C, H, W)
+        if self.hflip:
+            flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        return x.contiguous()
+
+
+class Loader:
+    """Batches ``(xb, yb)`` over in-memory tensors; see :func:`make_loader`."""
+
+    def __init__(
+        self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool,
+        generator: torch.Generator | None = None, augment: Augment | None = None, drop_last: bool = False,
+    ):
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} samples but y has {y.shape[0]}")
+        if int(batch_size) != batch_size or batch_size < 1:
+            raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.x, self.y = x, y
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.generator = generator
+        self.augment = augment if augment is not None and augment.active else None
+        self.drop_last = bool(drop_last)
+
+    def __len__(self) -> int:
+        n = int(self.x.shape[0])
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # The permutation is drawn here, when the epoch starts, not on the first next().
+        order = torch.randperm(int(self.x.shape[0]), generator=self.generator) if self.shuffle else None
+        return self._batches(order)
+
+    def _batches(self, order: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        bs = self.batch_size
+        for k in range(len(self)):
+            if order is None:
+                xb, yb = self.x[k * bs:(k + 1) * bs], self.y[k * bs:(k + 1) * bs]
+            else:
+                idx = order[k * bs:(k + 1) * bs].to(self.x.device)
+                xb, yb = self.x[idx], self.y[idx.to(self.y.device)]
+            if self.augment is not None:
+                xb = self.augment(xb, self.generator)
+            yield xb, yb
+
+
+def make_loader(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool,
+    generator: torch.Generator | None = None, augment: Augment | None = None, drop_last: bool = False,
+) -> Loader:
+    """An epoch iterator of ``(xb, yb)`` batches over tensors ``x (N, ...)`` and ``y (N,)``.
+
+    With ``shuffle`` each ``iter()`` draws ``torch.randperm(N, generator=generator)``; augmentation
+    draws from the same generator.  Saving ``generator.get_state()`` before an epoch and restoring it
+    reproduces that epoch's batches exactly (the global RNG is used when ``generator`` is None).
+    ``len(loader)`` is the number of batches; the last one is short unless ``drop_last``.
+    """
+    return Loader(x, y, batch_size, shuffle=shuffle, generator=generator, augment=augment, drop_last=drop_last)
