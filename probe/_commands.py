@@ -1,4 +1,191 @@
-"""Subcommands beyond models / fusions register here: each entry is ``register(sub, common)``."""
+"""Subcommands beyond models / fusions: train, runs, show, demo (and the probes).
+
+Each ``register(sub, common)`` adds one subparser; each ``cmd_*`` parses, calls the library,
+saves, and returns an :class:`probe._cli_util.Output`.
+"""
 from __future__ import annotations
 
+import argparse
+import sys
+
+from probe._cli_util import Output, format_table
+from probe.errors import UserError
+
 REGISTER: list = []
+
+
+def _register(fn):
+    REGISTER.append(fn)
+    return fn
+
+
+def _runs_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs", metavar="DIR", default=None,
+                   help="runs root (default: $PROBE_RUNS or ./runs)")
+
+
+def _store(args):
+    from probe.store import RunStore
+    return RunStore(args.runs)
+
+
+# --- probe train -------------------------------------------------------------------------------
+
+_TRAIN_FLAGS = {  # flag -> (TrainConfig field, type)
+    "--model": ("model", str), "--data": ("data", str), "--data-root": ("data_root", str),
+    "--fusion": ("fusion", str), "--epochs": ("epochs", int), "--batch-size": ("batch_size", int),
+    "--lr": ("lr", float), "--momentum": ("momentum", float), "--weight-decay": ("weight_decay", float),
+    "--schedule": ("schedule", str), "--label-smoothing": ("label_smoothing", float),
+    "--mixup": ("mixup", float), "--crop-padding": ("crop_padding", int), "--seed": ("seed", int),
+    "--device": ("device", str), "--image-size": ("image_size", int), "--limit-train": ("limit_train", int),
+    "--limit-test": ("limit_test", int),
+}
+
+
+def _parse_model_args(items: list[str] | None) -> dict:
+    import json
+
+    out = {}
+    for item in items or []:
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--model-arg {item!r}: expected KEY=VALUE, e.g. --model-arg width=8")
+        try:
+            out[key] = json.loads(val)
+        except ValueError:
+            out[key] = val
+    return out
+
+
+def train_config_from_args(args):
+    from probe.train import PRESETS, TrainConfig
+
+    base: dict = {}
+    if args.preset:
+        if args.preset not in PRESETS:
+            raise UserError(f"unknown preset {args.preset!r}; presets: {', '.join(PRESETS)}")
+        base.update(PRESETS[args.preset])
+    for flag, (name, _) in _TRAIN_FLAGS.items():
+        value = getattr(args, name)
+        if value is not None:
+            base[name] = value
+    for name in ("hflip", "amp", "nesterov", "rebuild_optimizer_each_epoch"):
+        if getattr(args, name):
+            base[name] = True
+    extra = _parse_model_args(args.model_arg)
+    if extra:
+        base["model_kwargs"] = {**base.get("model_kwargs", {}), **extra}
+    if "model" not in base:
+        raise UserError("--model is required (or --preset, or --resume RUN); `probe models` lists the names")
+    return TrainConfig(**base)
+
+
+def cmd_train(args) -> Output:
+    from probe.train import TrainingDiverged, resume, train
+
+    store = _store(args)
+    try:
+        if args.resume:
+            result = resume(args.resume, store, quiet=args.quiet, epochs=args.epochs)
+        else:
+            result = train(train_config_from_args(args), store, quiet=args.quiet)
+    except TrainingDiverged as e:
+        raise UserError(str(e)) from None
+    data = result.summary()
+    text = (f"run {result.run_id}: best test top-1 {_pct(result.best_acc)} (epoch {result.best_epoch}), "
+            f"final {_pct(result.final_acc)}, {result.train_time_s:.1f}s training\n"
+            f"stored under {result.runs_root}; `probe show {result.run_id}` for the curves")
+    return Output(data, text)
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}%"
+
+
+@_register
+def _reg_train(sub, common):
+    p = sub.add_parser("train", parents=[common], help="train a model into the run store")
+    for flag, (name, typ) in _TRAIN_FLAGS.items():
+        p.add_argument(flag, dest=name, type=typ, default=None)
+    p.add_argument("--preset", help="fmm-caltech101 (the seed's WRN-16-10 recipe) or nku-cifar100")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="extra model argument (JSON value), e.g. --model-arg width=8; repeatable")
+    p.add_argument("--hflip", action="store_true", help="random horizontal flips (train split)")
+    p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+    p.add_argument("--nesterov", action="store_true")
+    p.add_argument("--rebuild-optimizer-each-epoch", dest="rebuild_optimizer_each_epoch", action="store_true",
+                   help="re-create SGD every epoch as the seed code did (resets momentum)")
+    p.add_argument("--resume", metavar="RUN", help="continue RUN (id, unique prefix or 'last') from its last checkpoint")
+    _runs_arg(p)
+    p.set_defaults(func=cmd_train)
+
+
+# --- probe runs / show -------------------------------------------------------------------------
+
+
+def _run_row(r: dict) -> dict:
+    s = r.get("summary") or {}
+    return {"run_id": r["run_id"], "model": r["model"], "data": r["data"], "status": r["status"],
+            "epochs": s.get("epochs_done"), "best_acc": s.get("best_acc"), "final_acc": s.get("final_acc"),
+            "train_time_s": s.get("train_time_s"), "fusion": (r.get("config") or {}).get("fusion"),
+            "created_at": r["created_at"]}
+
+
+def cmd_runs(args) -> Output:
+    rows = [_run_row(r) for r in _store(args).list_runs(model=args.model, status=args.status)]
+    text = format_table(rows, [("run_id", "run"), ("model", "model"), ("data", "data"), ("status", "status"),
+                               ("epochs", "epochs"), ("best_acc", "best"), ("final_acc", "final"),
+                               ("train_time_s", "time s")], floatfmt="{:.2f}")
+    return Output({"runs": rows, "count": len(rows)}, text)
+
+
+def cmd_show(args) -> Output:
+    store = _store(args)
+    run = store.get_run(args.run)
+    metrics = store.get_metrics(run["run_id"])
+    ckpts = [c["epoch"] for c in store.list_checkpoints(run["run_id"])]
+    probes = [{k: p[k] for k in ("probe_id", "kind", "checkpoint_epoch", "created_at")}
+              for p in store.list_probes(run_id=run["run_id"])]
+    data = {"run": run, "metrics": metrics, "checkpoints": ckpts, "probes": probes}
+    head = _run_row(run)
+    text = "\n".join(f"{k:>12}: {v}" for k, v in head.items())
+    if run.get("error"):
+        text += f"\n       error: {run['error']}"
+    text += "\n\n" + format_table(metrics, [("epoch", "epoch"), ("train_loss", "train loss"),
+                                            ("train_top1", "train top1"), ("test_loss", "test loss"),
+                                            ("test_top1", "test top1"), ("test_top5", "test top5"),
+                                            ("lr", "lr"), ("epoch_time_s", "time s")])
+    text += f"\n\ncheckpoints: {ckpts}\nprobes: {len(probes)}"
+    return Output(data, text)
+
+
+@_register
+def _reg_runs(sub, common):
+    p = sub.add_parser("runs", parents=[common], help="list runs in the catalog")
+    p.add_argument("--model")
+    p.add_argument("--status", choices=["running", "finished", "failed", "interrupted"])
+    _runs_arg(p)
+    p.set_defaults(func=cmd_runs)
+    p = sub.add_parser("show", parents=[common], help="one run: config, per-epoch metrics, checkpoints, probes")
+    p.add_argument("run", help="run id, unique prefix, or 'last'")
+    _runs_arg(p)
+    p.set_defaults(func=cmd_show)
+
+
+# --- probe demo --------------------------------------------------------------------------------
+
+
+def cmd_demo(args) -> Output:
+    from probe.demo import run_demo
+
+    result = run_demo(args.runs, quick=args.quick, quiet=args.quiet, epochs=args.epochs)
+    return Output(result["data"], result["text"])
+
+
+@_register
+def _reg_demo(sub, common):
+    p = sub.add_parser("demo", parents=[common], help="the main job: train add_resnet and mul_resnet on digits and compare")
+    p.add_argument("--quick", action="store_true", help="a couple of epochs on a subset (a smoke run)")
+    p.add_argument("--epochs", type=int, default=None, help="override the number of epochs")
+    _runs_arg(p)
+    p.set_defaults(func=cmd_demo)

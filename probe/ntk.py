@@ -1,0 +1,1425 @@
+"""Empirical neural tangent kernel (NTK) of any PyTorch model, its spectrum, and matrix-free top-k.
+
+For a model f(theta, x) with O outputs and the (selected) parameters theta (P elements), the
+empirical NTK between inputs x1 (N1 samples) and x2 (N2 samples) is
+
+    Theta[i, a, j, b] = < d f_a(x1_i) / d theta , d f_b(x2_j) / d theta >       (J1 J2^T)
+
+Kinds (:class:`NtkKind`), with their axis conventions:
+
+* ``full``      (N1*O, N2*O), **sample-major**: row ``i*O + a`` is (sample i, output a), i.e. the
+                 (N1, O, N2, O) array reshaped; ``kernel.reshape(N1, O, N2, O)`` recovers the axes.
+* ``trace``     (N1, N2): sum over outputs, ``Theta[i, :, j, :].trace()``.
+* ``diagonal``  (O, N1, N2): one kernel per output, ``kernel[a] = Theta[:, a, :, a]``.
+
+Every method evaluates the model in eval mode with explicit parameters and buffers
+(``torch.func.functional_call``): BatchNorm uses its running statistics (``bn_mode="eval"``),
+dropout is off, and the caller's module (parameters, buffers, ``requires_grad`` and train/eval
+flags) is unchanged afterwards. Kernels are accumulated and returned in float64; Jacobians are
+formed in ``dtype`` (the model's own dtype unless given; pass ``torch.float64`` for exact work on
+small N, e.g. before eigen-decompositions and eigenlearning).
+
+The methods (:class:`NtkMethod`) follow the cost analysis of neural-tangents (Novak et al. 2022) and
+the PyTorch ``torch.func`` NTK tutorial; ``layerwise`` uses the per-sample-gradient identity of
+linear maps (a Linear/Conv2d weight Jacobian is a sum over positions of outer products of the
+back-propagated output gradient and the layer input; BatchNorm's affine Jacobian is a sum of
+``g * x_hat``), contracted one layer at a time so the whole Jacobian is never stored.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import jacrev, jvp, vjp, vmap
+
+from probe._func import FunctionalModel, ParamFilter, eval_mode, functionalize
+from probe.errors import UserError
+
+__all__ = ["NtkKind", "NtkMethod", "NtkResult", "SpectrumResult", "LanczosResult", "empirical_ntk",
+           "ntk_spectrum", "ntk_topk_lanczos"]
+
+
+class NtkKind(str, Enum):
+    """Which kernel to form (see the module docstring for the axis conventions)."""
+
+    FULL = "full"
+    """(N1*O, N2*O), sample-major; memory N1*N2*O^2 float64."""
+    TRACE = "trace"
+    """(N1, N2), summed over outputs; memory N1*N2 float64."""
+    DIAGONAL = "diagonal"
+    """(O, N1, N2), one kernel per output; memory O*N1*N2 float64."""
+
+
+class NtkMethod(str, Enum):
+    """How the kernel is computed. N = N1 + N2 samples, O outputs, P parameters, [FP] one forward
+    pass of one sample, A the activations saved for the backward pass of one sample."""
+
+    AUTO = "auto"
+    """Pick the cheapest method whose memory plan fits ``memory_budget_bytes`` (cost model in
+    :func:`empirical_ntk`)."""
+    JACOBIAN = "jacobian"
+    """Per-sample Jacobians by ``vmap(jacrev)`` on blocks of samples, contracted block pair by block
+    pair. Time N*(1 + 2*O)*[FP] + N1*N2*O*P (trace, diagonal) or N1*N2*O^2*P (full); memory
+    N*O*P when every Jacobian fits, otherwise 2*b*O*P for blocks of b samples (Jacobians of
+    column blocks are then recomputed once per row block) or, below one sample, per parameter
+    group."""
+    NTVP = "ntvp"
+    """NTK-vector products: one VJP per column (sample j, output b) gives the parameter tangent
+    d f_b(x2_j)/d theta, one JVP over the row samples gives a whole kernel column. No Jacobian is
+    stored. Time ~N2*O*(3 + 2.5*N1)*[FP]; memory c*P + c*b*A for c columns and b rows at once."""
+    LAYERWISE = "layerwise"
+    """Structured per-layer contraction: one batched forward pass, one backward pass per output to
+    the outputs of every Linear/Conv2d/BatchNorm layer, then each layer's per-sample Jacobian is
+    rebuilt from (input, output gradient) and contracted before the next layer is touched -- or,
+    for layers with few positions T, contracted without forming it, through the Gram identity
+    sum_ts (a_it . a_js)(g_it . g_js) (cost T^2*(d_in + d_out) instead of d_in*d_out). Time
+    N*(1 + 2*O)*[FP] + N1*N2*O*P_structured, no vmap; memory per sample ~A + (one layer's)
+    O*P_layer instead of O*P. Parameters of other layers (or failing the built-in exactness
+    self-check) are handled by ``jacobian``. Needs a model whose eval-mode forward treats samples
+    independently."""
+
+
+# --------------------------------------------------------------------------------------------
+# Result types
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class NtkResult:
+    """An empirical NTK with the metadata needed to interpret and store it.
+
+    ``kernel`` is float64 numpy, shaped per ``kind`` (module docstring). ``peak_memory_bytes`` is
+    the planner's estimate of the probe's peak working set (kernel included), not a measurement.
+    """
+
+    kernel: np.ndarray
+    kind: str
+    method: str
+    n1: int
+    n2: int
+    n_outputs: int
+    n_params: int
+    dtype: str
+    wall_time_s: float
+    peak_memory_bytes: int
+    symmetric: bool
+    n_blocks: int
+    schedule: str = ""
+    bn_mode: str = "eval"
+    est_gflop: float = 0.0
+    param_filter: str | None = None
+    notes: tuple[str, ...] = ()
+
+    def full_axes(self) -> np.ndarray:
+        """The ``full`` kernel as a (N1, O, N2, O) view."""
+        if self.kind != NtkKind.FULL.value:
+            raise UserError(f"full_axes() needs kind='full', this kernel is {self.kind!r}")
+        return self.kernel.reshape(self.n1, self.n_outputs, self.n2, self.n_outputs)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Arrays for the store's ``.npz``."""
+        return {"kernel": self.kernel}
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able metadata (everything but the kernel) plus the kernel's trace and norm."""
+        k = self.kernel
+        square = k.shape[-1] == k.shape[-2]
+        return {
+            "probe": "ntk", "kind": self.kind, "method": self.method, "n1": self.n1, "n2": self.n2,
+            "n_outputs": self.n_outputs, "n_params": self.n_params, "dtype": self.dtype,
+            "wall_time_s": self.wall_time_s, "peak_memory_bytes": self.peak_memory_bytes,
+            "symmetric": self.symmetric, "n_blocks": self.n_blocks, "schedule": self.schedule,
+            "bn_mode": self.bn_mode,
+            "est_gflop": self.est_gflop, "param_filter": self.param_filter, "notes": list(self.notes),
+            "kernel_shape": list(k.shape), "kernel_fro": float(np.linalg.norm(k)),
+            "kernel_trace": float(np.trace(k, axis1=-2, axis2=-1).sum()) if square else None,
+        }
+
+    @classmethod
+    def from_store(cls, arrays: dict[str, np.ndarray], summary: dict[str, Any]) -> "NtkResult":
+        """Rebuild from :meth:`to_arrays` / :meth:`summary` output."""
+        names = {f for f in cls.__dataclass_fields__} - {"kernel", "notes"}
+        kw = {k: summary[k] for k in names if k in summary}
+        return cls(kernel=np.asarray(arrays["kernel"], dtype=np.float64),
+                   notes=tuple(summary.get("notes", ())), **kw)
+
+
+@dataclass(frozen=True, eq=False)
+class SpectrumResult:
+    """Spectrum summaries of a symmetric PSD kernel (see :func:`ntk_spectrum`)."""
+
+    eigenvalues: np.ndarray
+    condition_number: float
+    effective_rank: float
+    participation_ratio: float
+    alignment: float | None
+    floor: float
+    n_below_floor: int
+    trace: float
+    notes: tuple[str, ...] = ()
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"eigenvalues": self.eigenvalues}
+
+    def summary(self) -> dict[str, Any]:
+        ev = self.eigenvalues
+        return {"condition_number": self.condition_number, "effective_rank": self.effective_rank,
+                "participation_ratio": self.participation_ratio, "alignment": self.alignment,
+                "floor": self.floor, "n_below_floor": self.n_below_floor, "trace": self.trace,
+                "lambda_max": float(ev[0]) if ev.size else None,
+                "lambda_min": float(ev[-1]) if ev.size else None, "notes": list(self.notes)}
+
+    @classmethod
+    def from_store(cls, arrays: dict[str, np.ndarray], summary: dict[str, Any]) -> "SpectrumResult":
+        names = ("condition_number", "effective_rank", "participation_ratio", "alignment", "floor",
+                 "n_below_floor", "trace")
+        return cls(eigenvalues=np.asarray(arrays["eigenvalues"], dtype=np.float64),
+                   notes=tuple(summary.get("notes", ())), **{k: summary[k] for k in names})
+
+
+@dataclass(frozen=True, eq=False)
+class LanczosResult:
+    """Top-k eigenpairs of an NTK found matrix-free (see :func:`ntk_topk_lanczos`).
+
+    ``eigenvalues`` (k,) float64 descending; ``eigenvectors`` (N, k) or (N*O, k) sample-major, or
+    None; ``residuals`` the Ritz residual norms ||K y - theta y|| (the eigenvalue error is at most
+    this, and ~residual^2/gap for well separated eigenvalues).
+    """
+
+    eigenvalues: np.ndarray
+    eigenvectors: np.ndarray | None
+    residuals: np.ndarray
+    n_matvecs: int
+    converged: bool
+    kind: str
+    n: int
+    n_outputs: int
+    n_params: int
+    dtype: str
+    wall_time_s: float
+    peak_memory_bytes: int
+    block_vectors: int
+    subspace_dim: int
+    notes: tuple[str, ...] = ()
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        out = {"eigenvalues": self.eigenvalues, "residuals": self.residuals}
+        if self.eigenvectors is not None:
+            out["eigenvectors"] = self.eigenvectors
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        return {"probe": "ntk_lanczos", "kind": self.kind, "n": self.n, "n_outputs": self.n_outputs,
+                "n_params": self.n_params, "dtype": self.dtype, "k": int(self.eigenvalues.size),
+                "n_matvecs": self.n_matvecs, "converged": self.converged,
+                "wall_time_s": self.wall_time_s, "peak_memory_bytes": self.peak_memory_bytes,
+                "block_vectors": self.block_vectors, "subspace_dim": self.subspace_dim,
+                "notes": list(self.notes)}
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+# Cost-model constants (multiples of one sample's forward FLOPs [FP]):
+_BWD_FP = 2.0        # a backward pass: input gradients + weight gradients
+_JVP_FP = 2.5        # a forward-mode pass: primal + tangent
+_VMAP_OVERHEAD = 1.5  # per-sample (vmapped) kernels vs one batched kernel, measured on CPU convs
+
+
+def _enum(cls, value, what: str):
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(str(value).lower())
+    except ValueError:
+        choices = ", ".join(m.value for m in cls)
+        raise UserError(f"unknown {what} {value!r}; choose one of: {choices}") from None
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _ranges(n: int, b: int) -> list[tuple[int, int]]:
+    b = max(1, int(b))
+    return [(i, min(n, i + b)) for i in range(0, n, b)]
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, file=sys.stderr, disable=not enabled, leave=False)
+
+
+def _couples_samples(model: nn.Module) -> bool:
+    """True when the eval-mode forward mixes samples (BatchNorm without running statistics)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+               for m in model.modules())
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._NormBase) for m in model.modules())
+
+
+# --------------------------------------------------------------------------------------------
+# Structured layers (for the layerwise method)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Layer:
+    """A Linear / Conv2d / BatchNorm module whose per-sample Jacobian has closed form."""
+
+    name: str
+    module: nn.Module
+    kind: str                      # "linear" | "conv" | "bn"
+    w: str | None                  # selected parameter name of the weight (None: not selected)
+    b: str | None                  # selected parameter name of the bias
+    calls: int = 0                 # calls per forward pass (from the measuring pass)
+    t: int = 1                     # positions (Linear: middle dims; Conv: output pixels)
+    d_in: int = 0                  # per-position input features (Conv: C_in/groups * kh * kw)
+    d_out: int = 0                 # per-position output features
+    in_numel: int = 0              # per sample, all calls
+    out_numel: int = 0
+    unfold_numel: int = 0          # per sample, largest call (Conv only)
+    p: int = 0                     # selected parameter elements
+    gram: bool = False             # contract through the Gram identity (decided by the planner)
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n in (self.w, self.b) if n is not None]
+
+
+def _find_layers(fm: FunctionalModel) -> list[_Layer]:
+    model = fm.model
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    owners: dict[int, int] = defaultdict(int)
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] += 1
+    layers = []
+    for mname, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            kind = "linear"
+        elif isinstance(m, nn.Conv2d) and m.padding_mode == "zeros":
+            kind = "conv"
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            kind = "bn"
+        else:
+            continue
+
+        def sel(attr):
+            p = getattr(m, attr, None)
+            if not isinstance(p, nn.Parameter) or owners[id(p)] != 1:
+                return None
+            name = canonical.get(id(p))
+            return name if name in fm.params else None
+
+        w, b = sel("weight"), sel("bias")
+        # a weight that is shared, frozen or unselected while the bias is selected is fine; a
+        # shared parameter goes to the generic path.
+        if any(isinstance(getattr(m, a, None), nn.Parameter) and owners[id(getattr(m, a))] != 1
+               for a in ("weight", "bias")):
+            continue
+        if w is None and b is None:
+            continue
+        layers.append(_Layer(name=mname, module=m, kind=kind, w=w, b=b))
+    return layers
+
+
+def _conv_unfold(m: nn.Conv2d, a: Tensor) -> Tensor:
+    """Patches of the conv input: (n, C_in*kh*kw, D), channel-major like ``weight.reshape(C_out, -1)``."""
+    if isinstance(m.padding, str):
+        if m.padding == "valid":
+            pad = (0, 0)
+        else:  # "same": total d*(k-1), the extra pixel on the right/bottom (as torch does)
+            tot = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+            a = F.pad(a, [tot[1] // 2, tot[1] - tot[1] // 2, tot[0] // 2, tot[0] - tot[0] // 2])
+            pad = (0, 0)
+    else:
+        pad = m.padding
+    return F.unfold(a, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)
+
+
+def _lw_parts(layer: _Layer, a: Tensor, g: Tensor) -> list[tuple[str, Tensor]]:
+    """Per-sample Jacobian rows of one output for one call: [(param name, (n, numel))]."""
+    m, n, out = layer.module, a.shape[0], []
+    if layer.kind == "linear":
+        a3 = a.reshape(n, -1, a.shape[-1])                        # (n, T, d_in)
+        g3 = g.reshape(n, -1, g.shape[-1])                        # (n, T, d_out)
+        if layer.w:
+            out.append((layer.w, torch.bmm(g3.transpose(1, 2), a3).reshape(n, -1)))
+        if layer.b:
+            out.append((layer.b, g3.sum(1)))
+    elif layer.kind == "conv":
+        g3 = g.reshape(n, g.shape[1], -1)                         # (n, C_out, D)
+        if layer.w:
+            au = _conv_unfold(m, a)                               # (n, C_in*k*k, D)
+            G = m.groups
+            if G == 1:
+                jw = torch.bmm(g3, au.transpose(1, 2))            # (n, C_out, C_in*k*k)
+            else:
+                gg = g3.reshape(n, G, -1, g3.shape[-1])           # (n, G, C_out/G, D)
+                ag = au.reshape(n, G, -1, au.shape[-1])           # (n, G, C_in/G*k*k, D)
+                jw = torch.einsum("ngod,ngkd->ngok", gg, ag)      # (n, G, C_out/G, C_in/G*k*k)
+            out.append((layer.w, jw.reshape(n, -1)))
+        if layer.b:
+            out.append((layer.b, g3.sum(-1)))
+    else:  # bn: a holds x_hat, the normalised input
+        g3 = g.reshape(n, g.shape[1], -1)                         # (n, C, positions)
+        if layer.w:
+            out.append((layer.w, (g3 * a.reshape(n, a.shape[1], -1)).sum(-1)))
+        if layer.b:
+            out.append((layer.b, g3.sum(-1)))
+    return out
+
+
+def _lw_rows(layer: _Layer, a: Tensor, g: Tensor) -> Tensor:
+    """(n, P_layer) per-sample Jacobian rows of one output for one call."""
+    parts = _lw_parts(layer, a, g)
+    return parts[0][1] if len(parts) == 1 else torch.cat([p for _, p in parts], dim=1)
+
+
+def _gram_feats(layer: _Layer, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """(A, G): (n, T, k) input features (a constant 1 for the bias) and (n, T, d_out) gradients."""
+    n = a.shape[0]
+    if layer.kind == "linear":
+        A = a.reshape(n, -1, a.shape[-1])
+        G = g.reshape(n, -1, g.shape[-1])
+    else:
+        A = _conv_unfold(layer.module, a).transpose(1, 2)         # (n, D, C_in*k*k)
+        G = g.reshape(n, g.shape[1], -1).transpose(1, 2)          # (n, D, C_out)
+    if layer.b is not None:
+        ones = torch.ones(A.shape[:2] + (1,), dtype=A.dtype, device=A.device)
+        A = torch.cat([A, ones], dim=2) if layer.w is not None else ones
+    return A, G
+
+
+@dataclass
+class _Rec:
+    layer: int
+    a: Tensor          # module input (detached; BatchNorm: x_hat)
+    z: Tensor          # module output, a node of the graph
+    src: Tensor        # the input tensor, to detect later in-place writes
+    version: int
+
+
+@dataclass
+class _LwCtx:
+    y: Tensor                    # (n, O)
+    recs: list[_Rec]
+    n: int
+    by_layer: dict[int, list[int]] = field(default_factory=dict)
+
+
+def _lw_forward(fm: FunctionalModel, params: dict[str, Tensor], x: Tensor,
+                layers: Sequence[_Layer]) -> _LwCtx:
+    """Batched forward pass recording (input, output) of every structured layer."""
+    recs: list[_Rec] = []
+
+    def hook_for(li: int, layer: _Layer):
+        def hook(mod, inputs, out):
+            a = inputs[0]
+            if layer.kind == "bn":
+                shape = [1, -1] + [1] * (a.dim() - 2)
+                feat = ((a - mod.running_mean.view(shape))
+                        * torch.rsqrt(mod.running_var.view(shape) + mod.eps)).detach()
+            else:
+                feat = a.detach()
+            recs.append(_Rec(li, feat, out, a, a._version))
+            # later in-place ops (ReLU(inplace=True)) must not touch the recorded output
+            return out.clone()
+        return hook
+
+    handles = [layer.module.register_forward_hook(hook_for(i, layer)) for i, layer in enumerate(layers)]
+    try:
+        with torch.enable_grad():
+            y = fm(params, x)
+    finally:
+        for h in handles:
+            h.remove()
+    ctx = _LwCtx(y=y.reshape(x.shape[0], -1), recs=recs, n=x.shape[0])
+    for k, r in enumerate(recs):
+        ctx.by_layer.setdefault(r.layer, []).append(k)
+    return ctx
+
+
+def _lw_grads(ctx: _LwCtx, o: int) -> list[Tensor]:
+    """d sum_i f_o(x_i) / d z for every recorded layer output z: per sample, d f_o(x_i)/d z_i."""
+    zs = [r.z for r in ctx.recs]
+    gs = torch.autograd.grad(ctx.y[:, o].sum(), zs, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(z) if g is None else g for z, g in zip(zs, gs)]
+
+
+# --------------------------------------------------------------------------------------------
+# The measuring pass: outputs, saved activations, FLOPs, layer shapes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Stats:
+    n_outputs: int
+    saved_numel: int      # activations saved for backward, per sample (elements)
+    flops: float          # forward FLOPs per sample
+
+
+def _measure(fm: FunctionalModel, x0: Tensor, layers: Sequence[_Layer]) -> _Stats:
+    """One forward pass of one sample with the graph recorded: O, saved activations, FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = {n: p.detach().requires_grad_() for n, p in fm.params.items()}
+    known = set()
+    for t in [*fm.params.values(), *fm.fixed.values(), *fm.buffers.values()]:
+        known.add(t.untyped_storage().data_ptr())
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            st = t.untyped_storage()
+            key = st.data_ptr()
+            if key not in known:
+                seen[key] = max(seen.get(key, 0), st.nbytes())
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    shapes: dict[int, list] = defaultdict(list)
+
+    def hook_for(li):
+        def hook(mod, inputs, out):
+            shapes[li].append((tuple(inputs[0].shape), tuple(out.shape)))
+        return hook
+
+    handles = [layer.module.register_forward_hook(hook_for(i)) for i, layer in enumerate(layers)]
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                FlopCounterMode(display=False) as fc:
+            y = fm(params, x0)
+    finally:
+        for h in handles:
+            h.remove()
+    if y.dim() < 1 or y.shape[0] != x0.shape[0]:
+        raise UserError(f"model output has shape {tuple(y.shape)}; expected a leading batch axis of "
+                        f"size {x0.shape[0]} (outputs (N, ...) for inputs (N, ...))")
+    itemsize = torch.empty((), dtype=fm.dtype).element_size()
+    for li, layer in enumerate(layers):
+        calls = shapes.get(li, [])
+        layer.calls = len(calls)
+        layer.p = sum(fm.params[n].numel() for n in layer.names)
+        if not calls:
+            continue
+        ins, outs = zip(*calls)
+        layer.in_numel = sum(math.prod(s[1:]) for s in ins)
+        layer.out_numel = sum(math.prod(s[1:]) for s in outs)
+        m = layer.module
+        if layer.kind == "linear":
+            layer.d_in, layer.d_out = m.in_features, m.out_features
+            layer.t = max(math.prod(s[1:-1]) for s in outs) if len(outs[0]) > 2 else 1
+        elif layer.kind == "conv":
+            k = math.prod(m.kernel_size)
+            layer.d_in, layer.d_out = m.in_channels // m.groups * k, m.out_channels
+            layer.t = max(math.prod(s[2:]) for s in outs)
+            layer.unfold_numel = m.in_channels * k * layer.t
+        else:
+            layer.d_in = layer.d_out = outs[0][1]
+            layer.t = max(math.prod(s[2:]) for s in outs) if len(outs[0]) > 2 else 1
+    return _Stats(n_outputs=int(y[0].numel()), saved_numel=sum(seen.values()) // itemsize,
+                  flops=float(fc.get_total_flops()))
+
+
+def _check_finite(fm: FunctionalModel, x: Tensor, chunk: int, which: str) -> None:
+    with torch.no_grad():
+        for lo, hi in _ranges(x.shape[0], chunk):
+            y = fm(fm.params, x[lo:hi])
+            if not torch.isfinite(y).all():
+                bad = (~torch.isfinite(y.reshape(hi - lo, -1))).any(1).nonzero().flatten()
+                raise UserError(f"model outputs are not finite on the probe inputs ({which}, e.g. sample "
+                                f"{lo + int(bad[0])}); check the checkpoint and the input normalisation")
+
+
+# --------------------------------------------------------------------------------------------
+# Planning: memory and cost model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Ctx:
+    fm: FunctionalModel
+    kind: NtkKind
+    x1: Tensor
+    x2: Tensor
+    sym: bool
+    stats: _Stats
+    itemsize: int
+    budget: int
+
+    @property
+    def n1(self) -> int:
+        return self.x1.shape[0]
+
+    @property
+    def n2(self) -> int:
+        return self.x2.shape[0]
+
+    @property
+    def O(self) -> int:  # noqa: E743 -- the paper's symbol
+        return self.stats.n_outputs
+
+    @property
+    def q(self) -> int:
+        """Output pairs per sample pair the kernel keeps: O^2 (full), O (diagonal), 1 (trace)."""
+        return {NtkKind.FULL: self.O ** 2, NtkKind.DIAGONAL: self.O, NtkKind.TRACE: 1}[self.kind]
+
+    @property
+    def kernel_bytes(self) -> int:
+        return self.n1 * self.n2 * self.q * 8
+
+    @property
+    def fp(self) -> float:
+        return max(self.stats.flops, 2.0 * self.fm.n_params)
+
+
+@dataclass
+class _Plan:
+    method: NtkMethod
+    feasible: bool
+    reason: str = ""
+    block: int = 1
+    chunk: int = 1
+    groups: list[list[str]] | None = None
+    peak_bytes: int = 0
+    min_bytes: int = 0            # smallest budget this method could work with
+    flops: float = 0.0
+    cost: float = math.inf
+    n_blocks: int = 0
+    schedule: str = ""
+    layers: list[_Layer] = field(default_factory=list)
+    fallback: "_Plan | None" = None
+
+
+def _pair_count(n1: int, n2: int, b: int, sym: bool) -> tuple[int, float]:
+    """(block pairs, sample Jacobian evaluations) of the row-block x column-block schedule."""
+    r, c = len(_ranges(n1, b)), len(_ranges(n2, b))
+    if b >= max(n1, n2):
+        return 1, float(n1 + (0 if sym else n2))
+    if sym:
+        return r * (r + 1) // 2, n1 + n1 * (r - 1) / 2.0
+    return r * c, float(n1 + r * n2)
+
+
+def _plan_jacobian(c: _Ctx, names: Sequence[str], free: int, block_size: int | None) -> _Plan:
+    it, O, S = c.itemsize, c.O, c.stats.saved_numel
+    sizes = {n: c.fm.params[n].numel() for n in names}
+    P = sum(sizes.values())
+    s_j = O * P * it                           # one sample's Jacobian
+    s_t = (1 + O) * S * it                      # one sample's jacrev working set (forward + O grads)
+    n_feat = c.n1 + (0 if c.sym else c.n2)
+    nmax = max(c.n1, c.n2)
+    per_eval = (1 + _BWD_FP * O) * c.fp * _VMAP_OVERHEAD
+    contraction = 2.0 * c.n1 * c.n2 * c.q * P
+    plan = _Plan(NtkMethod.JACOBIAN, False, min_bytes=3 * O * max(sizes.values()) * it + s_t)
+
+    def finish(block, chunk, groups, peak):
+        pairs, evals = _pair_count(c.n1, c.n2, block, c.sym)
+        g = 1 if groups is None else len(groups)
+        frac = 1.0 if (block >= nmax or not c.sym) else (len(_ranges(c.n1, block)) + 1) / (
+            2.0 * len(_ranges(c.n1, block)))
+        if groups:
+            sched = f"blocks of {block} sample(s) x {g} parameter groups"
+        elif block >= nmax:
+            sched = f"resident (Jacobians of all samples, chunks of {chunk})"
+        else:
+            sched = f"blocks of {block} samples"
+        plan.__dict__.update(feasible=True, block=block, chunk=chunk, groups=groups, peak_bytes=peak,
+                             n_blocks=pairs * g, schedule=sched)
+        plan.flops = evals * g * (1 + _BWD_FP * O) * c.fp + contraction * frac
+        plan.cost = evals * g * per_eval + contraction * frac
+        return plan
+
+    if block_size:
+        b = int(block_size)
+        peak = 2 * b * s_j + b * (s_t + s_j)
+        if peak > free:
+            plan.reason = (f"block_size={b} needs {_mib(peak)} for Jacobians but only {_mib(free)} is "
+                           f"left in the budget")
+            return plan
+        return finish(min(b, nmax), b, None, peak)
+    # every Jacobian resident, computed in chunks
+    chunk = (free - n_feat * s_j) // (s_t + s_j) if free > n_feat * s_j else 0
+    if chunk >= 1:
+        chunk = min(chunk, nmax)
+        return finish(nmax, chunk, None, n_feat * s_j + chunk * (s_t + s_j))
+    # row block x column block, Jacobians of both blocks held
+    b = free // (3 * s_j + s_t)
+    if b >= 1:
+        return finish(b, b, None, b * (3 * s_j + s_t))
+    # one sample at a time, parameters in groups
+    cap = (free - s_t) // (3 * O * it) if free > s_t else 0
+    if cap < max(sizes.values()):
+        plan.reason = (f"one sample's Jacobian working set needs at least {_mib(plan.min_bytes)} "
+                       f"(largest parameter tensor x {O} outputs, plus activations)")
+        return plan
+    groups, cur, cur_n = [], [], 0
+    for n, s in sizes.items():
+        if cur and cur_n + s > cap:
+            groups.append(cur)
+            cur, cur_n = [], 0
+        cur.append(n)
+        cur_n += s
+    groups.append(cur)
+    return finish(1, 1, groups, 3 * O * max(sum(sizes[n] for n in g) for g in groups) * it + s_t)
+
+
+def _plan_ntvp(c: _Ctx, free: int, block_size: int | None) -> _Plan:
+    it, O, S, P = c.itemsize, c.O, c.stats.saved_numel, c.fm.n_params
+    col = (P + 2 * S) * it                      # one column's parameter tangent + its VJP
+    cell = (2 * S + O) * it                     # one (column, row sample) JVP working set
+    plan = _Plan(NtkMethod.NTVP, False, min_bytes=col + cell)
+    ncols = c.n2 * O
+    rows = min(c.n1, int(block_size) if block_size else c.n1)
+    # columns per chunk: a quarter of the budget for tangents, then rows fill the rest
+    cols = max(1, min(ncols, free // (4 * col)))
+    while cols > 1 and cols * (col + cell) > free:
+        cols //= 2
+    if not block_size:
+        rows = int(min(c.n1, max(1, (free - cols * col) // (cols * cell))))
+    peak = cols * (col + rows * cell)
+    if peak > free:
+        plan.reason = (f"one kernel column needs {_mib(col + rows * cell)} (P-vector plus "
+                       f"activations of {rows} row sample(s))")
+        return plan
+    plan.__dict__.update(feasible=True, block=rows, chunk=cols, peak_bytes=peak,
+                         n_blocks=len(_ranges(ncols, cols)) * len(_ranges(c.n1, rows)),
+                         schedule=f"{cols} columns x {rows} rows at once")
+    plan.flops = ncols * (3.0 + _JVP_FP * c.n1) * c.fp
+    plan.cost = plan.flops * _VMAP_OVERHEAD
+    return plan
+
+
+def _layer_use_gram(layer: _Layer, kind: NtkKind, O: int) -> bool:
+    if layer.kind == "bn" or layer.calls != 1 or layer.w is None:
+        return False
+    if layer.kind == "conv" and layer.module.groups != 1:
+        return False
+    t, k, d = layer.t, layer.d_in + (1 if layer.b else 0), layer.d_out
+    if kind == NtkKind.FULL:
+        return t == 1
+    # per sample pair: Gram t^2*(k/O + d + 1) against the Jacobian contraction k*d
+    return t == 1 or t * t * (k / O + d + 1) < 0.5 * k * d
+
+
+def _plan_layerwise(c: _Ctx, layers: list[_Layer], fallback: list[str], free: int,
+                    block_size: int | None) -> _Plan:
+    it, O, S = c.itemsize, c.O, c.stats.saved_numel
+    full = c.kind == NtkKind.FULL
+    plan = _Plan(NtkMethod.LAYERWISE, False)
+    if not layers:
+        plan.reason = "no Linear/Conv2d/BatchNorm parameter is selected"
+        return plan
+    for layer in layers:
+        layer.gram = _layer_use_gram(layer, c.kind, O)
+    sum_out = sum(layer.out_numel for layer in layers)
+    bn_in = sum(layer.in_numel for layer in layers if layer.kind == "bn")
+    s_ctx = (S + sum_out + bn_in + O) * it                      # graph + output clones + x_hat
+    s_g = sum_out * it * (O if full else 1)                     # output gradients held
+    s_mat = max([(layer.p * (O if full else 1)) * it for layer in layers if not layer.gram] + [0])
+    s_unf = max([layer.unfold_numel * it for layer in layers] + [0])
+    s_bwd = S * it                                              # one backward wave
+
+    def peak(b):
+        gram = sum(2 * b * b * layer.t ** 2 * it for layer in layers if layer.gram)
+        return 2 * b * (s_ctx + s_g + s_mat) + b * (s_unf + s_bwd) + gram
+
+    nmax = max(c.n1, c.n2)
+    if block_size:
+        b = min(int(block_size), nmax)
+    else:
+        b, lo = nmax, 0
+        if peak(b) > free:       # largest b with peak(b) <= free (peak is increasing in b)
+            hi = b
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if peak(mid) <= free else (lo, mid)
+            b = lo
+    plan.min_bytes = peak(1)
+    if b < 1 or peak(b) > free:
+        plan.reason = f"one sample's layerwise working set needs {_mib(peak(max(b, 1)))}"
+        return plan
+    pairs, evals = _pair_count(c.n1, c.n2, b, c.sym)
+    # forward per block evaluation; per block pair, backward + rebuild per output for both blocks
+    rows, cols = len(_ranges(c.n1, b)), len(_ranges(c.n2, b))
+    if b >= nmax:
+        bwd_samples = c.n1 + (0 if c.sym else c.n2)
+    else:
+        bwd_samples = (c.n1 * cols + c.n2 * rows) / (2.0 if c.sym else 1.0)
+    flops = evals * c.fp + bwd_samples * O * _BWD_FP * c.fp
+    frac = 1.0 if (b >= nmax or not c.sym) else (rows + 1) / (2.0 * rows)
+    for layer in layers:
+        if layer.gram:
+            k = layer.d_in + (1 if layer.b else 0)
+            flops += 2.0 * c.n1 * c.n2 * layer.t ** 2 * (k + O * (layer.d_out + 1)) * frac
+        else:
+            flops += 2.0 * c.n1 * c.n2 * c.q * layer.p * frac
+    n_gram = sum(layer.gram for layer in layers)
+    plan.__dict__.update(feasible=True, block=b, chunk=b, peak_bytes=peak(b), n_blocks=pairs,
+                         layers=layers, flops=flops, cost=flops,
+                         schedule=(("one block" if b >= nmax else f"blocks of {b} samples")
+                                   + f", {len(layers)} structured layers ({n_gram} by Gram)"))
+    if fallback:
+        fb = _plan_jacobian(c, fallback, free, None)
+        if not fb.feasible:
+            plan.feasible = False
+            plan.reason = f"parameters outside structured layers: {fb.reason}"
+            return plan
+        plan.fallback = fb
+        plan.schedule += f"; {len(fallback)} other parameter tensors: {fb.schedule}"
+        plan.flops += fb.flops
+        plan.cost += fb.cost
+        plan.peak_bytes = max(plan.peak_bytes, fb.peak_bytes)
+    return plan
+
+
+# --------------------------------------------------------------------------------------------
+# Engines
+# --------------------------------------------------------------------------------------------
+
+
+def _block_shape(kind: NtkKind, b1: int, b2: int, O: int) -> tuple[int, ...]:
+    return {NtkKind.TRACE: (b1, b2), NtkKind.DIAGONAL: (O, b1, b2),
+            NtkKind.FULL: (b1, O, b2, O)}[kind]
+
+
+def _put(K: Tensor, kind: NtkKind, blk: Tensor, r: tuple[int, int], s: tuple[int, int],
+         transpose: bool = False) -> None:
+    """K[rows r, cols s] += blk (or, transposed, K[cols s, rows r] += blk^T)."""
+    if transpose:
+        r, s = s, r
+        blk = {NtkKind.TRACE: lambda t: t.T, NtkKind.DIAGONAL: lambda t: t.transpose(1, 2),
+               NtkKind.FULL: lambda t: t.permute(2, 3, 0, 1)}[kind](blk)
+    if kind == NtkKind.TRACE:
+        K[r[0]:r[1], s[0]:s[1]] += blk
+    elif kind == NtkKind.DIAGONAL:
+        K[:, r[0]:r[1], s[0]:s[1]] += blk
+    else:
+        K[r[0]:r[1], :, s[0]:s[1], :] += blk
+
+
+def _schedule(c: _Ctx, K: Tensor, block: int, feats: Callable[[Tensor], Any],
+              contract: Callable[[Any, Any], Tensor], pbar) -> None:
+    """Row block x column block loop; with x2 = x1 only blocks j >= i are computed and mirrored."""
+    rows = _ranges(c.n1, block)
+    cols = rows if c.sym else _ranges(c.n2, block)
+    for bi, r in enumerate(rows):
+        f1 = feats(c.x1[r[0]:r[1]])
+        for bj, s in enumerate(cols):
+            if c.sym and bj < bi:
+                continue
+            f2 = f1 if (c.sym and bj == bi) else feats(c.x2[s[0]:s[1]])
+            blk = contract(f1, f2)
+            _put(K, c.kind, blk, r, s)
+            if c.sym and bj > bi:
+                _put(K, c.kind, blk, r, s, transpose=True)
+            del f2, blk
+            pbar.update(1)
+        del f1
+
+
+def _run_jacobian(c: _Ctx, plan: _Plan, names: Sequence[str], K: Tensor, pbar) -> None:
+    fm, O = c.fm, c.O
+    for group in plan.groups or [list(names)]:
+        sub = {n: fm.params[n] for n in group}
+        rest = {n: p for n, p in fm.params.items() if n not in sub}
+
+        def f(ps, xi):
+            return fm.single({**rest, **ps}, xi)
+
+        jac = vmap(jacrev(f), in_dims=(None, 0))
+
+        def feats(x):
+            n = x.shape[0]
+            if n <= plan.chunk:
+                return {k: v.reshape(n, O, -1) for k, v in jac(sub, x).items()}      # (n, O, p)
+            out = {k: torch.empty((n, O, p.numel()), dtype=p.dtype, device=p.device)
+                   for k, p in sub.items()}
+            for lo, hi in _ranges(n, plan.chunk):
+                for k, v in jac(sub, x[lo:hi]).items():
+                    out[k][lo:hi] = v.reshape(hi - lo, O, -1)
+            return out
+
+        def contract(f1, f2):
+            n1, n2 = next(iter(f1.values())).shape[0], next(iter(f2.values())).shape[0]
+            blk = torch.zeros(_block_shape(c.kind, n1, n2, O), dtype=torch.float64, device=K.device)
+            for k in f1:
+                j1, j2 = f1[k], f2[k]                                                # (n, O, p)
+                if c.kind == NtkKind.TRACE:
+                    blk += (j1.reshape(n1, -1) @ j2.reshape(n2, -1).T).to(torch.float64)
+                elif c.kind == NtkKind.DIAGONAL:
+                    blk += torch.bmm(j1.transpose(0, 1), j2.permute(1, 2, 0)).to(torch.float64)
+                else:
+                    blk += (j1.reshape(n1 * O, -1) @ j2.reshape(n2 * O, -1).T).view(
+                        n1, O, n2, O).to(torch.float64)
+            return blk
+
+        _schedule(c, K, plan.block, feats, contract, pbar)
+
+
+def _run_layerwise(c: _Ctx, plan: _Plan, K: Tensor, pbar) -> None:
+    fm, O, layers = c.fm, c.O, plan.layers
+    params = {n: p.detach().requires_grad_() for n, p in fm.params.items()}
+
+    def feats(x):
+        return _lw_forward(fm, params, x, layers)
+
+    def layer_rows(ctx, li, grads):                       # (n, P_layer), summed over calls
+        rows = None
+        for k in ctx.by_layer.get(li, []):
+            j = _lw_rows(layers[li], ctx.recs[k].a, grads[k])
+            rows = j if rows is None else rows + j
+        return rows
+
+    def contract(f1: _LwCtx, f2: _LwCtx):
+        same = f1 is f2
+        n1, n2 = f1.n, f2.n
+        blk = torch.zeros(_block_shape(c.kind, n1, n2, O), dtype=torch.float64, device=K.device)
+        present = [li for li in range(len(layers)) if li in f1.by_layer and li in f2.by_layer]
+        if c.kind == NtkKind.FULL:
+            g1 = [_lw_grads(f1, o) for o in range(O)]
+            g2 = g1 if same else [_lw_grads(f2, o) for o in range(O)]
+            for li in present:
+                layer = layers[li]
+                if layer.gram:                           # t == 1: (a1.a2 + 1) (g1.g2) per (o, o')
+                    k1, k2 = f1.by_layer[li][0], f2.by_layer[li][0]
+                    A1, _ = _gram_feats(layer, f1.recs[k1].a, g1[0][k1])
+                    A2, _ = _gram_feats(layer, f2.recs[k2].a, g2[0][k2])
+                    G1 = torch.stack([_gram_feats(layer, f1.recs[k1].a, g1[o][k1])[1][:, 0]
+                                      for o in range(O)])                            # (O, n1, d)
+                    G2 = torch.stack([_gram_feats(layer, f2.recs[k2].a, g2[o][k2])[1][:, 0]
+                                      for o in range(O)])
+                    aa = A1[:, 0] @ A2[:, 0].T                                       # (n1, n2)
+                    gg = torch.einsum("oic,pjc->iojp", G1, G2)                       # (n1,O,n2,O)
+                    blk += (gg * aa[:, None, :, None]).to(torch.float64)
+                else:
+                    J1 = torch.stack([layer_rows(f1, li, g1[o]) for o in range(O)], 1)  # (n1,O,p)
+                    J2 = J1 if same else torch.stack([layer_rows(f2, li, g2[o]) for o in range(O)], 1)
+                    blk += (J1.reshape(n1 * O, -1) @ J2.reshape(n2 * O, -1).T).view(
+                        n1, O, n2, O).to(torch.float64)
+            return blk
+        aa_cache: dict[int, Tensor] = {}
+        for o in range(O):
+            g1 = _lw_grads(f1, o)
+            g2 = g1 if same else _lw_grads(f2, o)
+            for li in present:
+                layer = layers[li]
+                if layer.gram:
+                    k1, k2 = f1.by_layer[li][0], f2.by_layer[li][0]
+                    A1, G1 = _gram_feats(layer, f1.recs[k1].a, g1[k1])                # (n, T, .)
+                    A2, G2 = (A1, G1) if same else _gram_feats(layer, f2.recs[k2].a, g2[k2])
+                    if layer.t == 1:
+                        if li not in aa_cache:
+                            aa_cache[li] = A1[:, 0] @ A2[:, 0].T                      # (n1, n2)
+                        val = aa_cache[li] * (G1[:, 0] @ G2[:, 0].T)
+                    else:
+                        if li not in aa_cache:
+                            aa_cache[li] = torch.einsum("itk,jsk->ijts", A1, A2)      # (n1,n2,T,T)
+                        val = (aa_cache[li] * torch.einsum("itc,jsc->ijts", G1, G2)).sum((2, 3))
+                else:
+                    J1 = layer_rows(f1, li, g1)
+                    J2 = J1 if same else layer_rows(f2, li, g2)
+                    val = J1 @ J2.T                                                   # (n1, n2)
+                if c.kind == NtkKind.TRACE:
+                    blk += val.to(torch.float64)
+                else:
+                    blk[o] += val.to(torch.float64)
+        return blk
+
+    _schedule(c, K, plan.block, feats, contract, pbar)
+
+
+def _lw_selfcheck(c: _Ctx, layers: list[_Layer]) -> tuple[list[_Layer], list[str]]:
+    """Keep the layers whose closed-form per-sample gradients match autograd on two samples.
+
+    Catches parameters used outside their module's forward, modules overriding forward, inputs
+    written in place after use, and modules applied to tensors without the batch axis.
+    """
+    fm, O = c.fm, c.O
+    if not layers:
+        return [], []
+    xc = c.x1[:2]
+    params = {n: p.detach().requires_grad_() for n, p in fm.params.items()}
+    bad: set[int] = set()
+    try:
+        ctx = _lw_forward(fm, params, xc, layers)
+    except RuntimeError:
+        return [], []
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    w = torch.randn(ctx.n, O, generator=gen, dtype=torch.float64).to(device=xc.device, dtype=fm.dtype)
+    names = [n for layer in layers for n in layer.names]
+    ref = torch.autograd.grad((ctx.y * w).sum(), [params[n] for n in names], retain_graph=True,
+                              allow_unused=True)
+    ref = {n: (torch.zeros_like(params[n]) if g is None else g) for n, g in zip(names, ref)}
+    rec_sum = {n: torch.zeros_like(params[n]).reshape(-1) for n in names}
+    for k, r in enumerate(ctx.recs):
+        if (r.src._version != r.version or r.a.shape[0] != ctx.n or r.z.shape[0] != ctx.n):
+            bad.add(r.layer)
+    for o in range(O):
+        gs = _lw_grads(ctx, o)
+        for k, r in enumerate(ctx.recs):
+            if r.layer in bad:
+                continue
+            try:
+                for name, rows in _lw_parts(layers[r.layer], r.a, gs[k]):
+                    rec_sum[name] += (w[:, o, None] * rows).sum(0)
+            except RuntimeError:
+                bad.add(r.layer)
+    rtol = 1e-8 if fm.dtype == torch.float64 else 1e-3
+    scale = max([float(g.norm()) for g in ref.values()] + [1e-30])
+    for li, layer in enumerate(layers):
+        for n in layer.names:
+            err = float((rec_sum[n] - ref[n].reshape(-1)).norm())
+            if err > rtol * max(float(ref[n].norm()), 1e-6 * scale):
+                bad.add(li)
+    good = [layer for li, layer in enumerate(layers) if li not in bad]
+    return good, [n for li in sorted(bad) for n in layers[li].names]
+
+
+def _run_ntvp(c: _Ctx, plan: _Plan, K: Tensor, pbar) -> None:
+    fm, O, params = c.fm, c.O, c.fm.params
+    n2 = c.n2
+    col_j = torch.arange(n2, device=K.device).repeat_interleave(O)
+    col_o = torch.arange(O, device=K.device).repeat(n2)
+    eye = torch.eye(O, dtype=fm.dtype, device=c.x1.device)
+
+    def vjp_one(xj, e):                      # d f_e(x_j) / d theta as a parameter dict
+        _, fn = vjp(lambda p: fm.single(p, xj), params)
+        return fn(e)[0]
+
+    tangents = vmap(vjp_one)
+    for lo, hi in _ranges(n2 * O, plan.chunk):
+        js, os_ = col_j[lo:hi], col_o[lo:hi]
+        U = tangents(c.x2[js.to(c.x2.device)], eye[os_.to(eye.device)])               # (c, ...)
+        ar = torch.arange(hi - lo, device=K.device)
+        for r in _ranges(c.n1, plan.block):
+            xb = c.x1[r[0]:r[1]]
+
+            def push(t):
+                return jvp(lambda p: fm.batched(p, xb), (params,), (t,))[1]
+            JV = vmap(push)(U).to(torch.float64)                                       # (c, b, O)
+            if c.kind == NtkKind.FULL:
+                K[r[0]:r[1], :, js, os_] = JV.permute(1, 2, 0)
+            elif c.kind == NtkKind.TRACE:
+                K[r[0]:r[1]].index_add_(1, js, JV[ar, :, os_].T)
+            else:
+                K[os_, r[0]:r[1], js] = JV[ar, :, os_]
+            pbar.update(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Public: the kernel
+# --------------------------------------------------------------------------------------------
+
+
+def _prepare_inputs(fm: FunctionalModel, x1, x2) -> tuple[Tensor, Tensor, bool]:
+    x1 = fm.prepare(x1)
+    if x1.dim() < 1 or x1.shape[0] < 1:
+        raise UserError(f"x1 must have a leading sample axis with at least one sample, got shape "
+                        f"{tuple(x1.shape)}")
+    if x2 is None:
+        return x1, x1, True
+    x2 = fm.prepare(x2)
+    if x2.dim() != x1.dim() or x2.shape[1:] != x1.shape[1:] or x2.shape[0] < 1:
+        raise UserError(f"x2 samples have shape {tuple(x2.shape[1:])} but x1 samples "
+                        f"{tuple(x1.shape[1:])}; both must be (N, ...) with the same sample shape")
+    return x1, x2, False
+
+
+def _fit_n(free: int, q: int, n2: int | None) -> int:
+    if free <= 0:
+        return 0
+    if n2 is None:
+        return int(math.isqrt(free // (8 * q)))
+    return int(free // (8 * q * n2))
+
+
+def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
+                  kind: NtkKind | str = "trace", method: NtkMethod | str = "auto",
+                  memory_budget_bytes: int = 2 ** 30, block_size: int | None = None,
+                  param_filter: ParamFilter = None, dtype: torch.dtype | str | None = None,
+                  device: torch.device | str | None = None, progress: bool = False) -> NtkResult:
+    """Empirical NTK of ``model`` between ``x1`` (N1, ...) and ``x2`` (N2, ...) (default: x1).
+
+    ``kind`` and the axis conventions: module docstring. ``param_filter`` restricts the kernel to
+    a parameter group (the other parameters are held fixed). The model is evaluated in eval mode
+    and is not modified.
+
+    Memory and cost model (``method="auto"``): one forward pass of one sample measures the
+    activations saved for the backward pass (A, per sample) and the forward FLOPs [FP]. Each
+    method gets a plan: its peak working set (kernel + Jacobians / activations of the blocks it
+    holds at once) and its estimated time in FLOPs weighted by 1.5 for per-sample (vmapped)
+    kernels. ``auto`` takes the cheapest plan that fits ``memory_budget_bytes``: usually
+    ``layerwise`` when most parameters sit in Linear/Conv2d/BatchNorm layers, ``jacobian`` for other
+    models (blocked by samples, then by parameter groups, as the budget shrinks), ``ntvp`` when
+    not even one sample's O*P Jacobian fits. When the kernel itself or every method's smallest
+    working set exceeds the budget a :class:`UserError` says so before anything large is
+    allocated, with the N that would fit and what to use instead. ``block_size`` forces the
+    number of samples per block (for tests and tuning).
+
+    Raises :class:`UserError` for unknown kind/method, mismatched inputs, parameter filters that
+    select nothing, non-finite model outputs and impossible budgets.
+    """
+    t0 = time.perf_counter()
+    kind = _enum(NtkKind, kind, "NTK kind")
+    method = _enum(NtkMethod, method, "NTK method")
+    if memory_budget_bytes is None or memory_budget_bytes <= 0:
+        raise UserError(f"memory_budget_bytes must be positive, got {memory_budget_bytes!r}")
+    if block_size is not None and int(block_size) < 1:
+        raise UserError(f"block_size must be a positive integer, got {block_size!r}")
+    fm = functionalize(model, param_filter=param_filter, dtype=dtype, device=device)
+    notes: list[str] = []
+    if any(m.training for m in model.modules()):
+        notes.append("model was in train mode: evaluated in eval mode (BatchNorm running statistics, "
+                     "dropout off); the model's modes are restored")
+    with eval_mode(model):
+        x1, x2, sym = _prepare_inputs(fm, x1, x2)
+        layers = _find_layers(fm) if not _couples_samples(model) else []
+        stats = _measure(fm, x1[:1], layers)
+        itemsize = torch.empty((), dtype=fm.dtype).element_size()
+        c = _Ctx(fm, kind, x1, x2, sym, stats, itemsize, int(memory_budget_bytes))
+        free = c.budget - c.kernel_bytes
+        if free <= 0:
+            fit = _fit_n(c.budget // 2, c.q, None if sym else c.n2)
+            raise UserError(
+                f"the {kind.value} kernel for N1={c.n1}, N2={c.n2}, O={c.O} alone needs "
+                f"{_mib(c.kernel_bytes)} (float64) but memory_budget_bytes is {_mib(c.budget)}; "
+                f"at most N1={fit} samples fit with half the budget left for the work. Use fewer "
+                f"samples, kind='trace' (N x N), ntk_topk_lanczos(...) for the top eigenvalues "
+                f"without forming the kernel, or raise memory_budget_bytes")
+        act_bytes = max(1, 3 * stats.saved_numel * itemsize)
+        chunk = max(1, min(c.n1, free // act_bytes))
+        _check_finite(fm, x1, chunk, "x1")
+        if not sym:
+            _check_finite(fm, x2, chunk, "x2")
+
+        plans: list[_Plan] = []
+        if method in (NtkMethod.AUTO, NtkMethod.LAYERWISE):
+            if _couples_samples(model):
+                plans.append(_Plan(NtkMethod.LAYERWISE, False, reason="the model has BatchNorm "
+                                   "without running statistics (samples are coupled in eval mode)"))
+            else:
+                good, bad = _lw_selfcheck(c, [lay for lay in layers if lay.calls > 0])
+                if bad:
+                    notes.append(f"layerwise: {len(bad)} parameter tensor(s) failed the closed-form "
+                                 f"check and use the generic Jacobian path")
+                covered = {n for lay in good for n in lay.names}
+                fallback = [n for n in fm.params if n not in covered]
+                plans.append(_plan_layerwise(c, good, fallback, free, block_size))
+        if method in (NtkMethod.AUTO, NtkMethod.JACOBIAN):
+            plans.append(_plan_jacobian(c, list(fm.params), free, block_size))
+        if method in (NtkMethod.AUTO, NtkMethod.NTVP):
+            plans.append(_plan_ntvp(c, free, block_size))
+        feasible = [p for p in plans if p.feasible]
+        if not feasible:
+            need = min(p.min_bytes for p in plans if p.min_bytes > 0) if any(
+                p.min_bytes > 0 for p in plans) else 0
+            best = min((p for p in plans if p.min_bytes > 0), key=lambda p: p.min_bytes, default=None)
+            fit = _fit_n(c.budget - need, c.q, None if sym else c.n2)
+            why = "; ".join(f"{p.method.value}: {p.reason}" for p in plans)
+            hint = (f"method={best.method.value!r} needs memory_budget_bytes >= "
+                    f"{_mib(need + c.kernel_bytes)} for this N" if best else "raise memory_budget_bytes")
+            fits = (f"with this budget at most N={fit} samples fit" if fit >= 1 else
+                    "with this budget not even one sample fits")
+            raise UserError(f"no NTK method fits memory_budget_bytes={_mib(c.budget)} (kernel "
+                            f"{_mib(c.kernel_bytes)}): {why}. {hint}; {fits}")
+        plan = min(feasible, key=lambda p: p.cost)
+
+        K = torch.zeros(_block_shape(kind, c.n1, c.n2, c.O), dtype=torch.float64, device=fm.device)
+        total = plan.n_blocks + (plan.fallback.n_blocks if plan.fallback else 0)
+        with _progress(total, f"ntk {kind.value} ({plan.method.value})", progress) as pbar:
+            if plan.method == NtkMethod.JACOBIAN:
+                _run_jacobian(c, plan, list(fm.params), K, pbar)
+            elif plan.method == NtkMethod.NTVP:
+                _run_ntvp(c, plan, K, pbar)
+            else:
+                _run_layerwise(c, plan, K, pbar)
+                if plan.fallback is not None:
+                    names = [n for n in fm.params if n not in {m for lay in plan.layers
+                                                                for m in lay.names}]
+                    _run_jacobian(c, plan.fallback, names, K, pbar)
+                    notes.append(f"layerwise: {len(names)} parameter tensor(s) outside "
+                                 f"Linear/Conv2d/BatchNorm layers via the Jacobian path")
+    if kind == NtkKind.FULL:
+        K = K.reshape(c.n1 * c.O, c.n2 * c.O)
+    if sym:   # exactly symmetric (blocks on the diagonal and NTVP columns carry rounding asymmetry)
+        K = 0.5 * (K + K.transpose(-1, -2))
+    kernel = K.cpu().numpy()
+    bn_mode = "eval" if _has_batchnorm(model) else "none"
+    return NtkResult(kernel=kernel, kind=kind.value, method=plan.method.value, n1=c.n1, n2=c.n2,
+                     n_outputs=c.O, n_params=fm.n_params, dtype=str(fm.dtype).replace("torch.", ""),
+                     wall_time_s=time.perf_counter() - t0,
+                     peak_memory_bytes=int(plan.peak_bytes + c.kernel_bytes), symmetric=sym,
+                     n_blocks=plan.n_blocks + (plan.fallback.n_blocks if plan.fallback else 0),
+                     schedule=plan.schedule, bn_mode=bn_mode, est_gflop=plan.flops / 1e9,
+                     param_filter=None if param_filter is None else repr(param_filter),
+                     notes=tuple(notes))
+
+
+# --------------------------------------------------------------------------------------------
+# Public: spectrum
+# --------------------------------------------------------------------------------------------
+
+
+def _targets(y, n_rows: int) -> np.ndarray:
+    """Labels/targets as an (n_rows, C) float64 matrix (see :func:`ntk_spectrum`)."""
+    y = np.asarray(y.detach().cpu() if isinstance(y, Tensor) else y)
+    if y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
+        classes, idx = np.unique(y, return_inverse=True)
+        Y = np.zeros((y.size, classes.size))
+        Y[np.arange(y.size), idx] = 1.0
+        Y -= Y.mean(0, keepdims=True)
+    else:
+        Y = y.astype(np.float64).reshape(y.shape[0], -1)
+    if Y.shape[0] == n_rows:
+        return Y
+    if Y.size == n_rows:                       # (N, O) targets against a full (N*O) kernel
+        return Y.reshape(n_rows, 1)
+    raise UserError(f"targets with {Y.shape[0]} rows do not match a kernel with {n_rows} rows")
+
+
+def ntk_spectrum(K, y=None, *, floor: float | None = None) -> SpectrumResult:
+    """Eigenvalues and spectrum summaries of a symmetric PSD kernel (float64 throughout).
+
+    ``K``: (n, n) array/tensor, or an :class:`NtkResult` of kind ``trace`` or ``full`` (for
+    ``diagonal`` pass ``result.kernel[a]``). The kernel is symmetrised, (K + K^T)/2, to remove
+    rounding asymmetry before ``eigvalsh``.
+
+    * ``eigenvalues``: descending.
+    * ``floor``: eigenvalues at or below it are numerically zero; default n * eps * lambda_max
+      (the rounding level of an eigen-solver in float64).
+    * ``condition_number``: lambda_max / smallest eigenvalue above the floor; when some eigenvalues
+      are below the floor the kernel is near-singular, ``n_below_floor`` counts them and a note
+      says so (the condition number then describes the well-determined part only).
+    * ``effective_rank``: exp(entropy of lambda / sum lambda) (Roy & Vetterli 2007), negatives
+      clipped to 0; ``participation_ratio``: (sum lambda)^2 / sum lambda^2.
+    * ``alignment`` (kernel-target alignment, Cristianini et al. 2002):
+      <K, Y Y^T>_F / (||K||_F ||Y Y^T||_F). ``y`` integer class labels (N,) become one-hot,
+      centred per class column; float targets (N,) or (N, C) are used as given; against a
+      ``full`` kernel (N*O rows), (N, O) targets are flattened sample-major.
+    """
+    notes: list[str] = []
+    if isinstance(K, NtkResult):
+        if K.kind == NtkKind.DIAGONAL.value:
+            raise UserError("ntk_spectrum needs a square kernel: pass result.kernel[a] for output a of "
+                            "a diagonal kernel, or compute kind='trace'")
+        K = K.kernel
+    K = np.asarray(K.detach().cpu() if isinstance(K, Tensor) else K, dtype=np.float64)
+    if K.ndim != 2 or K.shape[0] != K.shape[1] or K.shape[0] == 0:
+        raise UserError(f"ntk_spectrum needs a square (n, n) kernel, got shape {K.shape}")
+    if not np.isfinite(K).all():
+        raise UserError("the kernel has non-finite entries; recompute it in float64")
+    n = K.shape[0]
+    Ks = 0.5 * (K + K.T)
+    ev = np.linalg.eigvalsh(Ks)[::-1].copy()
+    lmax = max(float(ev[0]), 0.0)
+    fl = float(floor) if floor is not None else n * np.finfo(np.float64).eps * max(lmax, 1e-300)
+    pos = ev > fl
+    n_below = int(n - pos.sum())
+    if not pos.any():
+        cond = math.inf
+        notes.append("no eigenvalue above the floor: the kernel is numerically zero")
+    else:
+        cond = float(ev[0] / ev[pos][-1])
+        if n_below:
+            notes.append(f"near-singular: {n_below} of {n} eigenvalues <= floor {fl:.3g}; the condition "
+                         f"number uses the smallest eigenvalue above the floor")
+    if ev[-1] < -fl:
+        notes.append(f"kernel has a negative eigenvalue {ev[-1]:.3g} beyond rounding (not PSD)")
+    lam = np.clip(ev, 0.0, None)
+    tot = lam.sum()
+    if tot > 0:
+        p = lam / tot
+        nz = p[p > 0]
+        erank = float(np.exp(-(nz * np.log(nz)).sum()))
+        pr = float(tot ** 2 / (lam ** 2).sum())
+    else:
+        erank = pr = 0.0
+    align = None
+    if y is not None:
+        Y = _targets(y, n)
+        num = float(np.trace(Y.T @ Ks @ Y))
+        den = float(np.linalg.norm(Ks) * np.linalg.norm(Y.T @ Y))
+        align = num / den if den > 0 else 0.0
+    return SpectrumResult(eigenvalues=ev, condition_number=cond, effective_rank=erank,
+                          participation_ratio=pr, alignment=align, floor=fl, n_below_floor=n_below,
+                          trace=float(np.trace(Ks)), notes=tuple(notes))
+
+
+# --------------------------------------------------------------------------------------------
+# Public: matrix-free top-k
+# --------------------------------------------------------------------------------------------
+
+
+class _NtkOperator:
+    """v -> K v for the trace (N) or full (N*O, sample-major) NTK, by VJP then JVP, sample blocks.
+
+    Full:  u = J^T v (one VJP per block, summed), K v = J u (one JVP per block).
+    Trace: K_trace = sum_o J_o J_o^T with J_o (N, P) the Jacobian of output o, so
+           K_trace v = sum_o J_o u_o with u_o = J_o^T v: the VJP with cotangent v e_o^T for each o
+           (O cotangents, vmapped) and the JVP of each u_o keeping only output o. Note that
+           (sum_o J_o)(sum_o J_o)^T v, a single cotangent v 1^T, would be a different kernel.
+    Several vectors at once (s columns) are vmapped too.
+    """
+
+    def __init__(self, fm: FunctionalModel, x: Tensor, kind: NtkKind, O: int, block: int):
+        self.fm, self.x, self.kind, self.O, self.block = fm, x, kind, O, block
+        self.n = x.shape[0] * (O if kind == NtkKind.FULL else 1)
+        self.matvecs = 0
+
+    def matmat(self, V: np.ndarray) -> np.ndarray:
+        fm, O, N = self.fm, self.O, self.x.shape[0]
+        s = V.shape[1]
+        self.matvecs += s
+        Vt = torch.as_tensor(V, dtype=fm.dtype, device=fm.device)
+        eye = torch.eye(O, dtype=fm.dtype, device=fm.device)
+        if self.kind == NtkKind.FULL:
+            cots = Vt.T.reshape(s, N, O)                                            # (s, N, O)
+        else:  # (s*O, N, O): cotangent v e_o^T for every vector and output
+            cots = (Vt.T[:, None, :, None] * eye[None, :, None, :]).reshape(s * O, N, O)
+        U = None
+        for lo, hi in _ranges(N, self.block):
+            xb = self.x[lo:hi]
+            _, fn = vjp(lambda p: fm.batched(p, xb), fm.params)
+            u = vmap(fn)(cots[:, lo:hi])[0]                                         # (m, ...)
+            U = u if U is None else {k: U[k] + u[k] for k in U}
+        out = torch.empty((N, s) if self.kind == NtkKind.TRACE else (N * O, s), dtype=torch.float64,
+                          device=fm.device)
+        for lo, hi in _ranges(N, self.block):
+            xb = self.x[lo:hi]
+
+            def push(t):
+                return jvp(lambda p: fm.batched(p, xb), (fm.params,), (t,))[1]
+            JU = vmap(push)(U)                                                      # (m, b, O)
+            if self.kind == NtkKind.FULL:
+                out[lo * O:hi * O] = JU.reshape(s, -1).T.to(torch.float64)
+            else:
+                JU = JU.reshape(s, O, hi - lo, O).diagonal(dim1=1, dim2=3)          # (s, b, O)
+                out[lo:hi] = JU.sum(-1).T.to(torch.float64)
+        return out.cpu().numpy()
+
+
+def _block_lanczos(op, n: int, k: int, s: int, max_dim: int, tol: float, rng: np.random.Generator,
+                   pbar) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool, int]:
+    """Block Lanczos with full reorthogonalisation for the top-k eigenpairs of a symmetric op.
+
+    The Krylov basis is extended by blocks of s vectors, each new block orthogonalised twice
+    against the whole basis ("twice is enough", Giraud et al. 2005); the Ritz pairs are those of
+    the exact projection T = Q^T (A Q) (every A Q is kept), so directions that vanish at a
+    breakdown can be replaced by random ones without spoiling T. A block of s vectors resolves
+    eigenvalues of multiplicity up to s; for max_dim >= n the result is exact.
+    Returns (theta desc (k,), Ritz vectors (n, k), residual norms (k,), converged, subspace dim).
+    """
+    def orth(W, Q):
+        for _ in range(2):
+            W = W - Q @ (Q.T @ W)
+        return W
+
+    basis = np.linalg.qr(rng.standard_normal((n, s)))[0]
+    Q, AQ = basis, np.zeros((n, 0))
+    scale = 0.0
+    while True:
+        W = op(Q)                                                       # (n, s_j)
+        pbar.update(Q.shape[1])
+        AQ = np.concatenate([AQ, W], axis=1)
+        dim = basis.shape[1]
+        T = basis.T @ AQ
+        T = 0.5 * (T + T.T)
+        evals, S = np.linalg.eigh(T)
+        order = np.argsort(evals)[::-1][:k]
+        theta, Sk = evals[order], S[:, order]
+        scale = max(scale, float(np.abs(evals).max()), 1e-300)
+        Y = basis @ Sk
+        res = np.linalg.norm(AQ @ Sk - Y * theta, axis=0)
+        converged = dim >= n or (dim >= k and bool((res <= tol * scale).all()))
+        step = min(s, n - dim, max_dim - dim)
+        if converged or step <= 0:
+            return theta, Y, res, converged, dim
+        Wn = orth(W[:, :step], basis)
+        weak = np.linalg.norm(Wn, axis=0) <= 1e-8 * max(float(np.abs(W).max()), 1e-300)
+        if weak.any():                                                  # invariant subspace found
+            Wn[:, weak] = orth(rng.standard_normal((n, int(weak.sum()))), basis)
+        Q = np.linalg.qr(Wn)[0]
+        Q = np.linalg.qr(orth(Q, basis))[0]
+        basis = np.concatenate([basis, Q], axis=1)
+
+
+def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind | str = "trace",
+                     param_filter: ParamFilter = None, dtype: torch.dtype | str | None = None,
+                     device: torch.device | str | None = None, memory_budget_bytes: int = 2 ** 30,
+                     block_size: int | None = None, block_vectors: int = 4, max_dim: int | None = None,
+                     tol: float = 1e-10, return_eigenvectors: bool = False, seed: int = 0,
+                     progress: bool = False) -> LanczosResult:
+    """Top-k eigenvalues of the empirical NTK of ``model`` on ``x`` without forming the kernel.
+
+    Block Lanczos (``block_vectors`` vectors per step, full reorthogonalisation, float64 Lanczos
+    vectors) over the operator v -> K v of :class:`_NtkOperator`: per product one VJP and one JVP
+    (full) or O of each, vmapped (trace), over blocks of ``block_size`` samples. Memory
+    O(s*O*P + block*A*s*O + N*max_dim), no N x N array. Convergence: every top-k Ritz residual
+    ||K y - theta y|| <= tol * |theta_max|. ``max_dim`` caps the Krylov dimension (default
+    max(10k, 100), at most N or N*O); when reached, ``converged`` is False and a note says so.
+    ``kind``: ``trace`` (N x N) or ``full`` (N*O x N*O, sample-major eigenvectors).
+    """
+    t0 = time.perf_counter()
+    kind = _enum(NtkKind, kind, "NTK kind")
+    if kind == NtkKind.DIAGONAL:
+        raise UserError("ntk_topk_lanczos supports kind='trace' or 'full'; for one output's kernel use "
+                        "param_filter/a model head with that output")
+    fm = functionalize(model, param_filter=param_filter, dtype=dtype, device=device)
+    notes = []
+    if any(m.training for m in model.modules()):
+        notes.append("model was in train mode: evaluated in eval mode; modes restored")
+    with eval_mode(model):
+        x, _, _ = _prepare_inputs(fm, x, None)
+        stats = _measure(fm, x[:1], [])
+        O, N, P = stats.n_outputs, x.shape[0], fm.n_params
+        n = N * (O if kind == NtkKind.FULL else 1)
+        k = int(k)
+        if not 1 <= k <= n:
+            raise UserError(f"k must be between 1 and {n} (the kernel's size), got {k}")
+        s = max(1, min(int(block_vectors), k))
+        dim_cap = min(n, int(max_dim) if max_dim else max(10 * k, 100))
+        dim_cap = max(dim_cap, min(n, k + s))
+        it = torch.empty((), dtype=fm.dtype).element_size()
+        m = s * (O if kind == NtkKind.TRACE else 1)            # vectors pushed through at once
+        fixed = 3 * m * P * it + 8 * n * (dim_cap + 3 * s)     # tangents, sums; Lanczos basis
+        per_sample = (stats.saved_numel * (1 + m) + 2 * m * stats.saved_numel + 2 * m * O) * it
+        free = int(memory_budget_bytes) - fixed
+        b = int(block_size) if block_size else (free // per_sample if free > 0 else 0)
+        if b < 1:
+            need = fixed + per_sample
+            raise UserError(f"matrix-free NTK needs at least {_mib(need)} (tangents {m} x P={P}, "
+                            f"Lanczos basis, one sample's activations) but memory_budget_bytes is "
+                            f"{_mib(memory_budget_bytes)}; raise it or use block_vectors=1")
+        b = min(b, N)
+        act_bytes = max(1, 3 * stats.saved_numel * it)
+        _check_finite(fm, x, max(1, min(N, max(free, act_bytes) // act_bytes)), "x")
+        op = _NtkOperator(fm, x, kind, O, b)
+        rng = np.random.default_rng(seed)
+        with _progress(dim_cap, f"ntk lanczos ({kind.value})", progress) as pbar:
+            theta, Y, res, converged, dim = _block_lanczos(op.matmat, n, k, s, dim_cap, tol, rng, pbar)
+    if not converged:
+        notes.append(f"not converged within a Krylov dimension of {dim}: raise max_dim "
+                     f"(largest residual {res.max():.3g})")
+    return LanczosResult(eigenvalues=theta, eigenvectors=Y if return_eigenvectors else None,
+                         residuals=res, n_matvecs=op.matvecs, converged=bool(converged),
+                         kind=kind.value, n=N, n_outputs=O, n_params=P,
+                         dtype=str(fm.dtype).replace("torch.", ""),
+                         wall_time_s=time.perf_counter() - t0,
+                         peak_memory_bytes=int(fixed + b * per_sample), block_vectors=s,
+                         subspace_dim=dim, notes=tuple(notes))

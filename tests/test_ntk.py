@@ -1,0 +1,518 @@
+"""probe.ntk against a slow obvious reference, in float64, on tiny models.
+
+Reference: the Jacobian J (N*O x P) built row by row with ``torch.autograd.grad`` on an eval-mode
+float64 copy of the model; K_full = J1 J2^T. Every method computes the same sums in another order,
+so in float64 they agree to rounding: |error| ~ P * eps * max|K| (P <= a few hundred here, so
+~1e-13 relative to the largest entry). We assert 1e-10 relative to the largest entry, which
+leaves a thousandfold margin and still fails on any real mistake (a missing parameter, a wrong
+BN mode or a transposed axis moves entries by O(1)).
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import probe.ntk as ntk_mod
+from probe._func import eval_mode, flatten_params, functionalize, select_param_names, unflatten_like
+from probe.errors import UserError
+from probe.ntk import (NtkKind, NtkMethod, NtkResult, SpectrumResult, empirical_ntk, ntk_spectrum,
+                       ntk_topk_lanczos)
+
+RTOL = 1e-10      # exact identity in float64 (see the module docstring)
+METHODS = ["jacobian", "ntvp", "layerwise", "auto"]
+KINDS = ["full", "trace", "diagonal"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny float64 problems: with several threads on a shared 2-core machine, thread wake-ups cost
+    # more than the arithmetic (a 6x2x4x4 im2col takes 2 ms instead of 15 us).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiny models
+# ------------------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """Tanh MLP whose middle layer is applied twice (a module called twice per forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.head = nn.Linear(5, 7), nn.Linear(7, 7), nn.Linear(7, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        h = torch.tanh(self.l2(h))
+        return self.head(torch.tanh(self.l2(h)))
+
+
+class BNCNN(nn.Module):
+    """Conv-BN-ReLU(inplace) / grouped strided conv-BN / 'same' conv / pool / linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=2, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.c3 = nn.Conv2d(4, 4, 2, padding="same")
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(4 * 3 * 3, 3)
+
+    def forward(self, x):
+        h = self.relu(self.bn1(self.c1(x)))
+        h = self.relu(self.bn2(self.c2(h)))
+        h = torch.tanh(self.c3(h))
+        return self.fc(h.flatten(1))
+
+
+class GatedAttention(nn.Module):
+    """a(x) * sigmoid(b(x)) from two conv branches, an SE-style channel attention block, a
+    GroupNorm and a free scalar parameter (the last two have no closed-form layer rule)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 3, 3, padding=1)
+        self.b = nn.Conv2d(2, 3, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(3, 2), nn.Linear(2, 3)
+        self.norm = nn.GroupNorm(1, 3)
+        self.gain = nn.Parameter(torch.tensor(1.3))
+        self.head = nn.Linear(3 * 4 * 4, 2)
+
+    def forward(self, x):
+        h = self.a(x) * torch.sigmoid(self.b(x))                  # multiplicative fusion
+        w = torch.sigmoid(self.fc2(F.relu(self.fc1(h.mean((2, 3))))))
+        h = self.norm(h * w[:, :, None, None]) * self.gain        # channel attention
+        return self.head(h.flatten(1))
+
+
+class Tricky(nn.Module):
+    """A Linear weight that is also used outside its module: the closed-form layer rule alone
+    would miss that gradient path, so the layerwise self-check must hand it to the generic path."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x) + x @ self.fc.weight)
+        return self.out(h)
+
+
+MODELS = {"mlp": (MLP, (5,)), "bn_cnn": (BNCNN, (2, 6, 6)), "gated": (GatedAttention, (2, 4, 4)),
+          "tricky": (Tricky, (4,))}
+
+
+def make_model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    cls, _ = MODELS[name]
+    model = cls().double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):   # running stats far from (0, 1): eval != train
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+                m.num_batches_tracked.fill_(7)
+    model.train()                               # probes must cope with (and restore) train mode
+    return model
+
+
+def make_inputs(name: str, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n,) + MODELS[name][1], generator=g, dtype=torch.float64)
+
+
+def reference_jacobian(model: nn.Module, x: torch.Tensor, names=None) -> torch.Tensor:
+    """(N*O, P) Jacobian, sample-major rows, by one autograd.grad call per (sample, output)."""
+    ref = copy.deepcopy(model).double().eval()
+    params = [p for n, p in ref.named_parameters() if p.requires_grad and (names is None or n in names)]
+    y = ref(x).reshape(x.shape[0], -1)
+    rows = []
+    for i in range(y.shape[0]):
+        for o in range(y.shape[1]):
+            gs = torch.autograd.grad(y[i, o], params, retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                                   for g, p in zip(gs, params)]))
+    return torch.stack(rows).detach()
+
+
+def expected(J1: torch.Tensor, J2: torch.Tensor, n1: int, n2: int, kind: str) -> np.ndarray:
+    full = (J1 @ J2.T).numpy()
+    O = J1.shape[0] // n1
+    axes = full.reshape(n1, O, n2, O)
+    return {"full": full, "trace": np.einsum("iaja->ij", axes),
+            "diagonal": np.einsum("iaja->aij", axes)}[kind]
+
+
+def assert_kernel(actual: np.ndarray, want: np.ndarray, rtol: float = RTOL) -> None:
+    assert actual.shape == want.shape
+    assert actual.dtype == np.float64
+    np.testing.assert_allclose(actual, want, rtol=0, atol=rtol * np.abs(want).max())
+
+
+@pytest.fixture(scope="module")
+def cases():
+    out = {}
+    for name in MODELS:
+        model = make_model(name)
+        x1, x2 = make_inputs(name, 6, 1), make_inputs(name, 4, 2)
+        out[name] = (model, x1, x2, reference_jacobian(model, x1), reference_jacobian(model, x2))
+    return out
+
+
+def snapshot(model: nn.Module):
+    return ({n: p.detach().clone() for n, p in model.named_parameters()},
+            {n: b.detach().clone() for n, b in model.named_buffers()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            {n: m.training for n, m in model.named_modules()},
+            {n: p.dtype for n, p in model.named_parameters()})
+
+
+def assert_unchanged(model: nn.Module, snap) -> None:
+    params, buffers, flags, modes, dtypes = snapshot(model)
+    for n, p in snap[0].items():
+        assert torch.equal(params[n], p), f"parameter {n} changed"
+    for n, b in snap[1].items():
+        assert torch.equal(buffers[n], b), f"buffer {n} changed"
+    assert flags == snap[2] and modes == snap[3] and dtypes == snap[4]
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels against the reference
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["mlp", "bn_cnn", "gated"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("square", [True, False], ids=["x1x1", "x1x2"])
+def test_kernel_matches_reference(cases, name, kind, method, square):
+    model, x1, x2, J1, J2 = cases[name]
+    snap = snapshot(model)
+    res = empirical_ntk(model, x1, None if square else x2, kind=kind, method=method,
+                        dtype=torch.float64)
+    n2 = x1.shape[0] if square else x2.shape[0]
+    assert_kernel(res.kernel, expected(J1, J1 if square else J2, x1.shape[0], n2, kind))
+    assert res.kind == kind and res.n1 == 6 and res.n2 == n2 and res.symmetric == square
+    assert res.n_params == J1.shape[1] and res.n_outputs == J1.shape[0] // 6
+    assert method == "auto" or res.method == method
+    assert res.dtype == "float64"
+    assert res.bn_mode == ("eval" if name == "bn_cnn" else "none")
+    assert any("train mode" in note for note in res.notes)
+    assert_unchanged(model, snap)          # incl. still in train mode, same running stats
+
+
+def test_layerwise_selfcheck_catches_parameter_used_outside_its_module(cases):
+    model, x1, x2, J1, J2 = cases["tricky"]
+    for kind in KINDS:
+        res = empirical_ntk(model, x1, x2, kind=kind, method="layerwise", dtype=torch.float64)
+        assert_kernel(res.kernel, expected(J1, J2, 6, 4, kind))
+    assert any("failed the closed-form check" in note for note in res.notes)
+
+
+def test_full_kernel_axis_convention(cases):
+    model, x1, _, J1, _ = cases["mlp"]
+    res = empirical_ntk(model, x1, kind="full", dtype=torch.float64)
+    axes = res.full_axes()                                       # (N1, O, N2, O)
+    i, a, j, b = 4, 2, 1, 0
+    # row i*O + a is (sample i, output a): the reference row for d f_a(x_i) / d theta
+    assert axes[i, a, j, b] == pytest.approx(float(J1[i * 3 + a] @ J1[j * 3 + b]), rel=RTOL)
+    trace = empirical_ntk(model, x1, kind="trace", dtype=torch.float64).kernel
+    assert_kernel(trace, np.einsum("iaja->ij", axes))
+
+
+@pytest.mark.parametrize("method", ["jacobian", "ntvp", "layerwise"])
+def test_param_filter_restricts_the_kernel(cases, method):
+    model, x1, x2, _, _ = cases["gated"]
+    names = [n for n, _ in model.named_parameters() if n.startswith(("b.", "head.", "gain"))]
+    J1 = reference_jacobian(model, x1, names)
+    J2 = reference_jacobian(model, x2, names)
+    res = empirical_ntk(model, x1, x2, kind="full", method=method, dtype=torch.float64,
+                        param_filter=[r"b\.", "head", "gain"])
+    assert res.n_params == J1.shape[1]
+    assert_kernel(res.kernel, expected(J1, J2, 6, 4, "full"))
+
+
+def test_float32_model_close_to_float64(cases):
+    model, x1, _, J1, _ = cases["bn_cnn"]
+    m32 = copy.deepcopy(model).float()
+    res = empirical_ntk(m32, x1.float(), kind="trace")
+    assert res.dtype == "float32"
+    # float32 Jacobians (eps 6e-8) summed over ~300 parameters: 1e-4 of the largest entry is
+    # ~100x the expected rounding, far below any modelling error.
+    assert_kernel(res.kernel, expected(J1, J1, 6, 6, "trace"), rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Blocking under a memory budget
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["jacobian", "ntvp", "layerwise"])
+@pytest.mark.parametrize("kind", ["full", "trace"])
+def test_tiny_budget_forces_blocks_same_result(cases, method, kind):
+    model, x1, x2, J1, J2 = cases["bn_cnn"]
+    big = empirical_ntk(model, x1, x2, kind=kind, method=method, dtype=torch.float64)
+    schedules, blocks = set(), []
+    budget = big.peak_memory_bytes
+    while True:                        # shrink the budget until the method no longer fits
+        budget = int(budget * 0.6)
+        try:
+            res = empirical_ntk(model, x1, x2, kind=kind, method=method, dtype=torch.float64,
+                                memory_budget_bytes=budget)
+        except UserError as exc:
+            assert "memory_budget_bytes" in str(exc)
+            break
+        assert res.peak_memory_bytes <= budget
+        assert_kernel(res.kernel, expected(J1, J2, 6, 4, kind))
+        schedules.add(res.schedule)
+        blocks.append(res.n_blocks)
+    assert max(blocks) > max(big.n_blocks, 1) and len(schedules) >= 2
+    # forced block size: symmetric case computes only blocks j >= i and mirrors them
+    res = empirical_ntk(model, x1, kind=kind, method=method, dtype=torch.float64, block_size=2)
+    assert_kernel(res.kernel, expected(J1, J1, 6, 6, kind))
+    if method != "ntvp":
+        assert res.n_blocks == 6                               # 3 row blocks: 3 + 2 + 1 pairs
+    if kind == "trace":
+        assert np.array_equal(res.kernel, res.kernel.T)        # symmetrised exactly
+
+
+def test_jacobian_parameter_groups_when_one_sample_does_not_fit(cases):
+    model, x1, x2, J1, J2 = cases["mlp"]
+    seen = []
+    budget = 2 ** 24
+    while budget > 1000:
+        budget //= 2
+        try:
+            res = empirical_ntk(model, x1, x2, kind="trace", method="jacobian", dtype=torch.float64,
+                                memory_budget_bytes=budget)
+        except UserError:
+            break
+        assert_kernel(res.kernel, expected(J1, J2, 6, 4, "trace"))
+        seen.append(res.schedule)
+    assert any(s.startswith("resident") for s in seen)
+    assert any(s.startswith("blocks of") and "groups" not in s for s in seen)
+    assert any("parameter groups" in s for s in seen)
+
+
+# ------------------------------------------------------------------------------------------------
+# Matrix-free top-k
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["mlp", "bn_cnn", "gated"])
+@pytest.mark.parametrize("kind", ["trace", "full"])
+def test_lanczos_topk_matches_dense(cases, name, kind):
+    model, x1, _, J1, _ = cases[name]
+    snap = snapshot(model)
+    K = expected(J1, J1, 6, 6, kind)
+    dense = np.linalg.eigvalsh(K)[::-1]
+    k = 4
+    res = ntk_topk_lanczos(model, x1, k=k, kind=kind, dtype=torch.float64, block_size=4,
+                           block_vectors=2, return_eigenvectors=True)
+    # rtol 1e-8: Lanczos stops at Ritz residual <= 1e-10 * lambda_max (or spans the space), and
+    # the eigenvalue error is at most the residual.
+    np.testing.assert_allclose(res.eigenvalues, dense[:k], rtol=1e-8)
+    assert res.converged and res.n_matvecs >= k
+    Y = res.eigenvectors
+    np.testing.assert_allclose(K @ Y, Y * res.eigenvalues, atol=1e-7 * dense[0])
+    assert_unchanged(model, snap)
+
+
+def test_lanczos_finds_repeated_eigenvalues_with_a_block(cases):
+    # Only the head's weight: K_full = kron(H H^T, I_3), every eigenvalue three times. A block
+    # of 3 vectors resolves multiplicity 3 (single-vector Lanczos would see each value once).
+    model, x1, _, _, _ = cases["mlp"]
+    J = reference_jacobian(model, x1, ["head.weight"])
+    dense = np.linalg.eigvalsh((J @ J.T).numpy())[::-1]
+    res = ntk_topk_lanczos(model, x1, k=6, kind="full", dtype=torch.float64,
+                           param_filter=r"head\.weight", block_vectors=3)
+    np.testing.assert_allclose(res.eigenvalues, dense[:6], rtol=1e-8)
+    np.testing.assert_allclose(res.eigenvalues[:3], res.eigenvalues[0], rtol=1e-8)
+
+
+def test_lanczos_trace_operator_is_sum_of_per_output_products(cases):
+    # K_trace v = sum_o J_o (J_o^T v), not (sum_o J_o)(sum_o J_o)^T v: both differ here.
+    model, x1, _, J1, _ = cases["gated"]
+    fm = functionalize(model, dtype=torch.float64)
+    op = ntk_mod._NtkOperator(fm, fm.prepare(x1), NtkKind.TRACE, 2, block=4)
+    V = np.random.default_rng(0).standard_normal((6, 2))
+    K = expected(J1, J1, 6, 6, "trace")
+    np.testing.assert_allclose(op.matmat(V), K @ V, rtol=0, atol=RTOL * np.abs(K @ V).max())
+    Jsum = J1.reshape(6, 2, -1).sum(1).numpy()
+    assert np.abs(Jsum @ Jsum.T @ V - K @ V).max() > 1e-3 * np.abs(K @ V).max()
+
+
+# ------------------------------------------------------------------------------------------------
+# The model is never modified; user errors
+# ------------------------------------------------------------------------------------------------
+
+
+def test_model_unchanged_by_every_probe():
+    model = make_model("bn_cnn")
+    model.c1.bias.requires_grad_(False)          # a frozen parameter
+    model.bn2.eval()                             # mixed train/eval flags must come back as they were
+    x = make_inputs("bn_cnn", 5, 3)
+    snap = snapshot(model)
+    for kind in KINDS:
+        for method in METHODS:
+            empirical_ntk(model, x, kind=kind, method=method, dtype=torch.float64)
+            assert_unchanged(model, snap)
+    ntk_topk_lanczos(model, x, k=2, dtype=torch.float64)
+    ntk_topk_lanczos(model, x, k=2)                                  # own dtype (float64 here)
+    assert_unchanged(model, snap)
+    assert model.training and not model.bn2.training
+    res = empirical_ntk(model, x, dtype=torch.float64)
+    assert res.n_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_non_finite_outputs_are_a_user_error():
+    model = make_model("mlp")
+    snap = snapshot(model)
+    x = make_inputs("mlp", 4, 0)
+    x[2, 1] = float("nan")
+    for fn in (lambda: empirical_ntk(model, x, dtype=torch.float64),
+               lambda: ntk_topk_lanczos(model, x, k=2, dtype=torch.float64)):
+        with pytest.raises(UserError, match="model outputs are not finite on the probe inputs"):
+            fn()
+    assert_unchanged(model, snap)
+
+
+def test_impossible_budget_raises_before_allocating(monkeypatch):
+    model = make_model("bn_cnn")
+    x = make_inputs("bn_cnn", 8, 0)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("an engine ran although the budget cannot hold the work")
+    for engine in ("_run_jacobian", "_run_ntvp", "_run_layerwise"):
+        monkeypatch.setattr(ntk_mod, engine, boom)
+    # the kernel itself does not fit: 8*8*3*3 float64 = 4.6 kB
+    with pytest.raises(UserError, match=r"alone needs .*at most N1=\d+ samples fit"):
+        empirical_ntk(model, x, kind="full", memory_budget_bytes=2000, dtype=torch.float64)
+    # the kernel fits, no method's smallest working set does
+    with pytest.raises(UserError, match=r"no NTK method fits .*memory_budget_bytes >= "):
+        empirical_ntk(model, x, kind="trace", memory_budget_bytes=8 * 64 + 600, dtype=torch.float64)
+    with pytest.raises(UserError, match="memory_budget_bytes"):
+        ntk_topk_lanczos(model, x, k=2, memory_budget_bytes=1000, dtype=torch.float64)
+    assert model.training
+
+
+def test_bad_arguments_are_user_errors():
+    model = make_model("mlp")
+    x = make_inputs("mlp", 3, 0)
+    with pytest.raises(UserError, match="unknown NTK kind"):
+        empirical_ntk(model, x, kind="diag")
+    with pytest.raises(UserError, match="unknown NTK method"):
+        empirical_ntk(model, x, method="fast")
+    with pytest.raises(UserError, match="selects no trainable parameter"):
+        empirical_ntk(model, x, param_filter="nope")
+    with pytest.raises(UserError, match="sample shape"):
+        empirical_ntk(model, x, torch.randn(2, 4, dtype=torch.float64))
+    with pytest.raises(UserError, match="k must be between"):
+        ntk_topk_lanczos(model, x, k=4)
+    with pytest.raises(UserError, match="diagonal"):
+        ntk_spectrum(empirical_ntk(model, x, kind="diagonal"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Spectrum on kernels with closed-form answers
+# ------------------------------------------------------------------------------------------------
+
+
+def test_spectrum_of_a_diagonal_kernel():
+    s = ntk_spectrum(np.diag([1.0, 4.0, 2.0, 1.0]))
+    np.testing.assert_allclose(s.eigenvalues, [4, 2, 1, 1], rtol=1e-14)   # eigvalsh of a diagonal
+    assert s.condition_number == pytest.approx(4.0, rel=1e-14)
+    # p = (1/2, 1/4, 1/8, 1/8): entropy = (1/2 + 2/4 + 2*3/8) ln 2 = 1.75 ln 2
+    assert s.effective_rank == pytest.approx(2 ** 1.75, rel=1e-12)
+    assert s.participation_ratio == pytest.approx(64 / 22, rel=1e-14)
+    assert s.trace == pytest.approx(8.0) and s.n_below_floor == 0 and not s.notes
+
+
+def test_spectrum_of_a_rank_one_kernel_and_alignment():
+    u = np.array([1.0, -2.0, 0.5, 3.0])
+    s = ntk_spectrum(np.outer(u, u), y=u)
+    assert s.eigenvalues[0] == pytest.approx(u @ u, rel=1e-13)
+    assert s.effective_rank == pytest.approx(1.0, rel=1e-10)      # rounding-level eigenvalues
+    assert s.participation_ratio == pytest.approx(1.0, rel=1e-10)
+    assert s.n_below_floor == 3 and s.condition_number == pytest.approx(1.0)
+    assert any("near-singular" in n for n in s.notes)
+    assert s.alignment == pytest.approx(1.0, rel=1e-14)           # K = y y^T is ideal
+    # labels [0, 0, 1, 1] -> centred one-hot rows +-(1/2, -1/2): <I, YY^T> = ||Y||^2 = 2,
+    # ||I||_F = 2, ||YY^T||_F = ||Y^T Y||_F = 2  ->  alignment 1/2 = 1/sqrt(n)
+    s = ntk_spectrum(torch.eye(4, dtype=torch.float64), y=torch.tensor([0, 0, 1, 1]))
+    assert s.alignment == pytest.approx(0.5, rel=1e-14)
+    assert s.condition_number == pytest.approx(1.0) and s.effective_rank == pytest.approx(4.0)
+
+
+def test_spectrum_of_an_ntk_result_and_full_kernel_targets(cases):
+    model, x1, _, J1, _ = cases["mlp"]
+    res = empirical_ntk(model, x1, kind="full", dtype=torch.float64)
+    Y = np.random.default_rng(1).standard_normal((6, 3))
+    s = ntk_spectrum(res, y=Y)
+    K = expected(J1, J1, 6, 6, "full")
+    np.testing.assert_allclose(s.eigenvalues, np.linalg.eigvalsh(K)[::-1], rtol=0,
+                               atol=1e-12 * np.abs(K).max())
+    y = Y.reshape(-1)                                               # sample-major flattening
+    want = y @ K @ y / (np.linalg.norm(K) * (y @ y))
+    assert s.alignment == pytest.approx(want, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# Results and the functional helper
+# ------------------------------------------------------------------------------------------------
+
+
+def test_result_round_trip_and_summary_is_json(cases):
+    model, x1, _, _, _ = cases["bn_cnn"]
+    res = empirical_ntk(model, x1, kind="diagonal", dtype=torch.float64, progress=True)
+    summary = json.loads(json.dumps(res.summary()))
+    back = NtkResult.from_store(res.to_arrays(), summary)
+    assert np.array_equal(back.kernel, res.kernel)
+    assert (back.kind, back.method, back.n_outputs, back.schedule, back.notes) == (
+        res.kind, res.method, res.n_outputs, res.schedule, res.notes)
+    sp = ntk_spectrum(res.kernel[0])
+    back = SpectrumResult.from_store(sp.to_arrays(), json.loads(json.dumps(sp.summary())))
+    assert back.condition_number == sp.condition_number
+    lz = ntk_topk_lanczos(model, x1, k=2, dtype=torch.float64)
+    assert json.dumps(lz.summary()) and set(lz.to_arrays()) == {"eigenvalues", "residuals"}
+
+
+def test_functional_model_helpers():
+    model = make_model("bn_cnn")
+    snap = snapshot(model)
+    fm = functionalize(model, param_filter=["c1", r"bn\d\.weight"], dtype=torch.float32)
+    assert list(fm.params) == ["c1.weight", "c1.bias", "bn1.weight", "bn2.weight"]
+    assert all(p.dtype == torch.float32 for p in fm.params.values())
+    assert fm.buffers["bn1.num_batches_tracked"].dtype == torch.int64
+    v = flatten_params(fm.params)
+    assert v.shape == (fm.n_params,)
+    back = unflatten_like(v * 2, fm.params)
+    assert all(torch.equal(back[n], 2 * p) for n, p in fm.params.items())
+    with pytest.raises(ValueError):
+        unflatten_like(v[:-1], fm.params)
+    x = make_inputs("bn_cnn", 3, 0).float()
+    y = fm(fm.params, x)
+    with torch.no_grad(), eval_mode(model):
+        want = model(x.double()).float()
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)       # float32 vs float64 forward
+    torch.testing.assert_close(fm.batched(fm.params, x), y.reshape(3, -1))
+    assert select_param_names(["a.w", "b.w"], lambda n: n.startswith("b")) == ["b.w"]
+    # an exception inside the call still restores the modes
+    with pytest.raises(RuntimeError):
+        fm(fm.params, torch.randn(2, 5))
+    assert_unchanged(model, snap)
