@@ -25,6 +25,12 @@ from probe.ntk import (NtkKind, NtkMethod, NtkResult, SpectrumResult, empirical_
                        ntk_topk_lanczos)
 
 RTOL = 1e-10      # exact identity in float64 (see the module docstring)
+pytestmark = [
+    # torch's forward-AD decompositions are loaded through torch.jit.script on first use
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"),
+    # BNCNN uses an even kernel with padding="same" on purpose (asymmetric padding)
+    pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning"),
+]
 METHODS = ["jacobian", "ntvp", "layerwise", "auto"]
 KINDS = ["full", "trace", "diagonal"]
 
@@ -32,11 +38,19 @@ KINDS = ["full", "trace", "diagonal"]
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # Tiny float64 problems: with several threads on a shared 2-core machine, thread wake-ups cost
-    # more than the arithmetic (a 6x2x4x4 im2col takes 2 ms instead of 15 us).
+    # more than the arithmetic (a 6x2x4x4 im2col takes 2 ms instead of 15 us). threadpoolctl (for
+    # numpy's BLAS) comes with scikit-learn, a project dependency.
+    try:
+        import threadpoolctl
+        limiter = threadpoolctl.threadpool_limits(1)
+    except ImportError:  # pragma: no cover
+        limiter = None
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+    if limiter is not None:
+        limiter.restore_original_limits()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -97,6 +111,18 @@ class GatedAttention(nn.Module):
         return self.head(h.flatten(1))
 
 
+class SeqLinear(nn.Module):
+    """A Linear layer applied at T=2 positions (input (N, 2, 16)): wide enough that the planner
+    contracts it through the Gram identity instead of forming its Jacobian."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix, self.head = nn.Linear(16, 16), nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mix(x)).flatten(1))
+
+
 class Tricky(nn.Module):
     """A Linear weight that is also used outside its module: the closed-form layer rule alone
     would miss that gradient path, so the layerwise self-check must hand it to the generic path."""
@@ -112,7 +138,7 @@ class Tricky(nn.Module):
 
 
 MODELS = {"mlp": (MLP, (5,)), "bn_cnn": (BNCNN, (2, 6, 6)), "gated": (GatedAttention, (2, 4, 4)),
-          "tricky": (Tricky, (4,))}
+          "seq": (SeqLinear, (2, 16)), "tricky": (Tricky, (4,))}
 
 
 def make_model(name: str) -> nn.Module:
@@ -196,7 +222,7 @@ def assert_unchanged(model: nn.Module, snap) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["mlp", "bn_cnn", "gated"])
+@pytest.mark.parametrize("name", ["mlp", "bn_cnn", "gated", "seq"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("square", [True, False], ids=["x1x1", "x1x2"])
@@ -214,6 +240,13 @@ def test_kernel_matches_reference(cases, name, kind, method, square):
     assert res.bn_mode == ("eval" if name == "bn_cnn" else "none")
     assert any("train mode" in note for note in res.notes)
     assert_unchanged(model, snap)          # incl. still in train mode, same running stats
+
+
+def test_layerwise_uses_gram_identity_for_few_positions(cases):
+    model, x1, _, J1, _ = cases["seq"]
+    res = empirical_ntk(model, x1, kind="trace", method="layerwise", dtype=torch.float64)
+    assert "2 structured layers (2 by Gram)" in res.schedule     # T=2 mix layer and T=1 head
+    assert_kernel(res.kernel, expected(J1, J1, 6, 6, "trace"))
 
 
 def test_layerwise_selfcheck_catches_parameter_used_outside_its_module(cases):

@@ -245,3 +245,27 @@ def test_runs_show_and_quick_demo(tmp_path, capsys):
     assert code == 0 and shown["run"]["run_id"] == rid and len(shown["metrics"]) == 2
     code, out, _ = cli(capsys, "show", "last", "--runs", str(tmp_path))
     assert code == 0 and "test top1" in out
+
+
+def test_presets_reproduce_seed_recipes():
+    from probe.cli import build_parser
+    from probe._commands import train_config_from_args
+
+    args = build_parser().parse_args(["train", "--preset", "fmm-caltech101", "--epochs", "5"])
+    c = train_config_from_args(args)
+    assert (c.model, c.data, c.batch_size, c.lr, c.momentum, c.weight_decay) == \
+        ("wrn16_10", "caltech101", 64, 0.1, 0.9, 5e-4)
+    assert c.schedule == "multistep:60,120,160:0.2" and c.epochs == 5  # flags override the preset
+    assert c.model_kwargs == {"dropout": 0.3} and not c.rebuild_optimizer_each_epoch
+    args = build_parser().parse_args(["train", "--preset", "nku-cifar100", "--fusion", "mul"])
+    c = train_config_from_args(args)
+    assert (c.model, c.data, c.seed, c.schedule, c.weight_decay, c.batch_size) == \
+        ("resnet50", "cifar100", 666, "step:30:0.1", 1e-4, 256)
+    assert c.hflip and c.crop_padding == 4 and c.fusion == "mul"
+
+
+def test_amp_and_optimizer_rebuild_run(tmp_path):
+    store = RunStore(tmp_path)
+    res = train(TrainConfig(model="tiny_mul", epochs=2, limit_train=128, limit_test=50, amp=True,
+                            rebuild_optimizer_each_epoch=True, label_smoothing=0.1), store, quiet=True)
+    assert res.status == "finished" and all(m["train_loss"] is not None for m in res.metrics)
