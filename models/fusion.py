@@ -363,11 +363,14 @@ class PinnedBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self._affine(x)
+        factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average, as nn.BatchNorm2d
+                factor = 1.0 / float(self.num_batches_tracked)
         return F.batch_norm(
             x, self.running_mean, self.running_var, w, b,
-            self.training or self.running_mean is None, self.momentum, self.eps)
+            self.training or self.running_mean is None, factor, self.eps)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", weight={self.weight_mode}, bias={self.bias_mode}"

@@ -189,3 +189,62 @@ def _reg_demo(sub, common):
     p.add_argument("--epochs", type=int, default=None, help="override the number of epochs")
     _runs_arg(p)
     p.set_defaults(func=cmd_demo)
+
+
+# --- probe ntk ---------------------------------------------------------------------------------
+
+
+def _target_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--model", help="a registered model (probed at its seeded initialisation)")
+    g.add_argument("--run", help="a run id, unique prefix or 'last'")
+    p.add_argument("--checkpoint", default=None, help="with --run: an epoch, last (default), init or all")
+    p.add_argument("--data", default=None, help="data set for a model given by name (default digits)")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra model argument (with --model)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--seed", type=int, default=0)
+    _runs_arg(p)
+
+
+def cmd_ntk(args) -> Output:
+    from probe.jobs import run_ntk_probe
+
+    if args.model is None and args.run is None:
+        raise UserError("give --model NAME or --run RUN (e.g. `probe ntk --model mul_resnet`)")
+    results = run_ntk_probe(_store(args), model=args.model, run=args.run, checkpoint=args.checkpoint,
+                            data=args.data, n=args.n, kind=args.kind, method=args.method, topk=args.topk,
+                            device=args.device, memory_budget_gb=args.memory_gb, seed=args.seed,
+                            eigenlearning=not args.no_eigenlearning, quiet=args.quiet,
+                            model_args=_parse_model_args(args.model_arg))
+    lines = []
+    for r in results:
+        where = f"epoch {r['epoch']}" if r.get("epoch") is not None else "init"
+        lines.append(f"{r['model']} ({where}), {r['kind']} NTK on {r['n']} {r['data']} samples, method "
+                     f"{r['method']}, {r.get('wall_time_s', r.get('lanczos', {}).get('wall_time_s', 0)):.1f}s")
+        lines.append("  top eigenvalues: " + ", ".join(f"{v:.4g}" for v in r["top_eigenvalues"]))
+        if "spectrum" in r:
+            s = r["spectrum"]
+            lines.append(f"  condition number {s['condition_number']:.4g}   effective rank {s['effective_rank']:.4g}"
+                         f"   kernel-target alignment {s['alignment'] if s['alignment'] is None else round(s['alignment'], 4)}")
+        if "eigenlearning" in r:
+            lines.append("  eigenlearning (kernel regression with this NTK, centred one-hot targets):")
+            lines.append("    " + format_table(r["eigenlearning"]["rows"], [
+                ("n", "n"), ("predicted_test_mse", "predicted test MSE"), ("measured_test_mse", "measured KRR"),
+                ("measured_test_mse_std", "+-"), ("predicted_learnability", "pred. learnability"),
+                ("measured_learnability", "meas. learnability")]).replace("\n", "\n    "))
+        if r.get("probe_id"):
+            lines.append(f"  stored as probe {r['probe_id']}")
+    return Output({"results": results, "count": len(results)}, "\n".join(lines))
+
+
+@_register
+def _reg_ntk(sub, common):
+    p = sub.add_parser("ntk", parents=[common], help="empirical NTK spectrum and eigenlearning predictions")
+    _target_args(p)
+    p.add_argument("--n", type=int, default=128, help="number of probe inputs (default 128)")
+    p.add_argument("--kind", choices=["trace", "full", "diagonal"], default="trace")
+    p.add_argument("--method", default="auto", help="auto | jacobian | ntvp | layerwise | lanczos")
+    p.add_argument("--topk", type=int, default=10, help="eigenvalues to print / compute with lanczos")
+    p.add_argument("--memory-gb", type=float, default=2.0, help="memory budget for the kernel computation")
+    p.add_argument("--no-eigenlearning", action="store_true")
+    p.set_defaults(func=cmd_ntk)

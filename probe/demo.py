@@ -9,6 +9,7 @@ import sys
 import time
 
 from probe._cli_util import format_table
+from probe.errors import UserError
 from probe.train import TrainConfig, train
 
 __all__ = ["DEMO_MODELS", "demo_config", "run_demo"]
@@ -17,8 +18,8 @@ DEMO_MODELS = ("add_resnet", "mul_resnet")
 
 
 def demo_config(model: str, *, quick: bool = False, epochs: int | None = None) -> TrainConfig:
-    """The demo recipe: digits, SGD(0.9) lr 0.05 cosine, wd 5e-4, batch 64, seed 0, CPU or CUDA."""
-    return TrainConfig(model=model, data="digits", epochs=epochs or (2 if quick else 12), batch_size=64, lr=0.05,
+    """The demo recipe: digits, SGD(0.9) lr 0.02 cosine, wd 5e-4, batch 64, seed 0, CPU or CUDA."""
+    return TrainConfig(model=model, data="digits", epochs=epochs or (2 if quick else 12), batch_size=64, lr=0.02,
                        momentum=0.9, weight_decay=5e-4, schedule="cosine", seed=0,
                        limit_train=512 if quick else None)
 
@@ -40,12 +41,52 @@ def run_demo(runs: str | None = None, *, quick: bool = False, quiet: bool = Fals
                      or ("add,r=bn,s=id" if name == "add_resnet" else "mul,r=bn@b=init:1,s=bn@b=init:1"),
                      "best_acc": result.best_acc, "best_epoch": result.best_epoch, "final_acc": result.final_acc,
                      "train_time_s": result.train_time_s})
+    ntk_rows = _ntk_section(store, rows, n=32 if quick else 128, quiet=quiet)
     table = format_table(rows, [("model", "model"), ("best_acc", "best top-1"), ("best_epoch", "at epoch"),
                                 ("final_acc", "final top-1"), ("train_time_s", "train s"), ("run_id", "run")],
                          floatfmt="{:.2f}")
+    ntk_table = format_table(ntk_rows, [
+        ("model", "model"), ("when", "when"), ("lambda_max", "NTK lambda_max"), ("condition_number", "cond"),
+        ("effective_rank", "eff. rank"), ("alignment", "align"), ("el_n", "n"),
+        ("el_predicted", "EL pred. MSE"), ("el_measured", "KRR meas. MSE"), ("net_test_err", "net test err %"),
+        ("error", "note")])
     text = (f"add vs mul residual fusion on digits ({'quick' if quick else 'full'} demo)\n\n{table}\n\n"
+            f"Empirical NTK (trace kernel / outputs, {ntk_rows[0]['n_inputs'] if ntk_rows else 0} train inputs) at init and "
+            f"after training; eigenlearning (EL) predicted test MSE of kernel regression with that kernel at n "
+            f"training points vs measured kernel regression, next to the trained network's test error:\n\n"
+            f"{ntk_table}\n\n"
             f"results: {store.root} (catalog.sqlite)\n"
             f"curves:  probe show {rows[0]['run_id']} --runs {store.root}\n"
             f"all:     probe runs --runs {store.root}")
-    return {"data": {"runs_root": str(store.root), "models": rows, "wall_time_s": time.perf_counter() - t0},
+    return {"data": {"runs_root": str(store.root), "models": rows, "ntk": ntk_rows,
+                     "wall_time_s": time.perf_counter() - t0},
             "text": text}
+
+
+def _ntk_section(store, rows: list[dict], *, n: int, quiet: bool) -> list[dict]:
+    from probe.jobs import run_ntk_probe
+
+    out = []
+    for row in rows:
+        for when in ("init", "last"):
+            if not quiet:
+                print(f"== NTK of {row['model']} ({when}) ==", file=sys.stderr)
+            try:
+                r = run_ntk_probe(store, run=row["run_id"], checkpoint=when, n=n, quiet=True, trials=10)[0]
+            except UserError as e:  # e.g. a diverged model whose kernel is not finite: say so, go on
+                out.append({"model": row["model"], "when": when, "n_inputs": n, "lambda_max": None,
+                            "error": str(e), "net_test_err": None if when == "init" else 100.0 - row["final_acc"]})
+                if not quiet:
+                    print(f"   NTK of {row['model']} ({when}) failed: {e}", file=sys.stderr)
+                continue
+            el = r.get("eigenlearning", {}).get("rows", [])
+            last = el[-1] if el else {}
+            out.append({"model": row["model"], "when": "init" if when == "init" else f"epoch {r['epoch']}",
+                        "n_inputs": n, "lambda_max": r["top_eigenvalues"][0],
+                        "condition_number": r["spectrum"]["condition_number"],
+                        "effective_rank": r["spectrum"]["effective_rank"], "alignment": r["spectrum"]["alignment"],
+                        "el_n": last.get("n"), "el_predicted": last.get("predicted_test_mse"),
+                        "el_measured": last.get("measured_test_mse"),
+                        "net_test_err": None if when == "init" else 100.0 - row["final_acc"],
+                        "probe_id": r.get("probe_id")})
+    return out

@@ -292,6 +292,7 @@ class _Layer:
     out_numel: int = 0
     unfold_numel: int = 0          # per sample, largest call (Conv only)
     p: int = 0                     # selected parameter elements
+    inplace_out: bool = False      # the output is modified in place later (e.g. ReLU(inplace=True))
     gram: bool = False             # contract through the Gram identity (decided by the planner)
 
     @property
@@ -336,68 +337,88 @@ def _find_layers(fm: FunctionalModel) -> list[_Layer]:
     return layers
 
 
-def _conv_unfold(m: nn.Conv2d, a: Tensor) -> Tensor:
-    """Patches of the conv input: (n, C_in*kh*kw, D), channel-major like ``weight.reshape(C_out, -1)``."""
+def _conv_patches(m: nn.Conv2d, a: Tensor) -> Tensor:
+    """Patches of the conv input, (n, C_in*kh*kw, D), channel-major like ``weight.reshape(C_out, -1)``.
+
+    A strided view of the padded input copied once (``F.unfold`` is several times slower on CPU).
+    """
+    kh, kw = m.kernel_size
+    dh, dw = m.dilation
+    sh, sw = m.stride
     if isinstance(m.padding, str):
         if m.padding == "valid":
-            pad = (0, 0)
+            pads = [0, 0, 0, 0]
         else:  # "same": total d*(k-1), the extra pixel on the right/bottom (as torch does)
-            tot = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
-            a = F.pad(a, [tot[1] // 2, tot[1] - tot[1] // 2, tot[0] // 2, tot[0] - tot[0] // 2])
-            pad = (0, 0)
+            th, tw = dh * (kh - 1), dw * (kw - 1)
+            pads = [tw // 2, tw - tw // 2, th // 2, th - th // 2]
     else:
-        pad = m.padding
-    return F.unfold(a, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)
+        ph, pw = m.padding
+        pads = [pw, pw, ph, ph]
+    if any(pads):
+        a = F.pad(a, pads)
+    a = a.contiguous()
+    n, c, H, W = a.shape
+    ho, wo = (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
+    s0, s1, s2, s3 = a.stride()
+    view = a.as_strided((n, c, kh, kw, ho, wo), (s0, s1, s2 * dh, s3 * dw, s2 * sh, s3 * sw))
+    return view.reshape(n, c * kh * kw, ho * wo)
 
 
 def _lw_parts(layer: _Layer, a: Tensor, g: Tensor) -> list[tuple[str, Tensor]]:
-    """Per-sample Jacobian rows of one output for one call: [(param name, (n, numel))]."""
-    m, n, out = layer.module, a.shape[0], []
+    """Per-sample Jacobian rows of one call for a chunk of outputs: [(param name, (n, oc, numel))].
+
+    ``a``: the module input (n, ...) (BatchNorm: x_hat); ``g``: output gradients (oc, n, ...), one
+    per output in the chunk.
+    """
+    m, oc, n = layer.module, g.shape[0], a.shape[0]
+    out = []
     if layer.kind == "linear":
-        a3 = a.reshape(n, -1, a.shape[-1])                        # (n, T, d_in)
-        g3 = g.reshape(n, -1, g.shape[-1])                        # (n, T, d_out)
+        a3 = a.reshape(n, -1, a.shape[-1])                              # (n, T, d_in)
+        g4 = g.reshape(oc, n, -1, g.shape[-1])                          # (oc, n, T, d_out)
         if layer.w:
-            out.append((layer.w, torch.bmm(g3.transpose(1, 2), a3).reshape(n, -1)))
+            gt = g4.permute(1, 0, 3, 2).reshape(n, oc * g4.shape[-1], -1)   # (n, oc*d_out, T)
+            out.append((layer.w, torch.bmm(gt, a3).reshape(n, oc, -1)))
         if layer.b:
-            out.append((layer.b, g3.sum(1)))
+            out.append((layer.b, g4.sum(2).transpose(0, 1)))
     elif layer.kind == "conv":
-        g3 = g.reshape(n, g.shape[1], -1)                         # (n, C_out, D)
+        g4 = g.reshape(oc, n, g.shape[2], -1)                           # (oc, n, C_out, D)
         if layer.w:
-            au = _conv_unfold(m, a)                               # (n, C_in*k*k, D)
-            G = m.groups
+            U = _conv_patches(m, a)                                     # (n, C_in*k*k, D)
+            G, D = m.groups, g4.shape[-1]
             if G == 1:
-                jw = torch.bmm(g3, au.transpose(1, 2))            # (n, C_out, C_in*k*k)
+                gt = g4.transpose(0, 1).reshape(n, -1, D)               # (n, oc*C_out, D)
+                jw = torch.bmm(gt, U.transpose(1, 2))                   # (n, oc*C_out, C_in*k*k)
             else:
-                gg = g3.reshape(n, G, -1, g3.shape[-1])           # (n, G, C_out/G, D)
-                ag = au.reshape(n, G, -1, au.shape[-1])           # (n, G, C_in/G*k*k, D)
-                jw = torch.einsum("ngod,ngkd->ngok", gg, ag)      # (n, G, C_out/G, C_in/G*k*k)
-            out.append((layer.w, jw.reshape(n, -1)))
+                gg = g4.reshape(oc, n, G, -1, D).permute(1, 2, 0, 3, 4).reshape(n, G, -1, D)
+                jw = torch.matmul(gg, U.reshape(n, G, -1, D).transpose(-1, -2))  # (n,G,oc*Cg,kg)
+                jw = jw.reshape(n, G, oc, -1).transpose(1, 2)           # (n, oc, G, Cg*kg)
+            out.append((layer.w, jw.reshape(n, oc, -1)))
         if layer.b:
-            out.append((layer.b, g3.sum(-1)))
-    else:  # bn: a holds x_hat, the normalised input
-        g3 = g.reshape(n, g.shape[1], -1)                         # (n, C, positions)
+            out.append((layer.b, g4.sum(-1).transpose(0, 1)))
+    else:  # bn: a holds x_hat
+        g4 = g.reshape(oc, n, g.shape[2], -1)                           # (oc, n, C, positions)
         if layer.w:
-            out.append((layer.w, (g3 * a.reshape(n, a.shape[1], -1)).sum(-1)))
+            out.append((layer.w, (g4 * a.reshape(1, n, a.shape[1], -1)).sum(-1).transpose(0, 1)))
         if layer.b:
-            out.append((layer.b, g3.sum(-1)))
+            out.append((layer.b, g4.sum(-1).transpose(0, 1)))
     return out
 
 
 def _lw_rows(layer: _Layer, a: Tensor, g: Tensor) -> Tensor:
-    """(n, P_layer) per-sample Jacobian rows of one output for one call."""
+    """(n, oc, P_layer) per-sample Jacobian rows of one call for a chunk of outputs."""
     parts = _lw_parts(layer, a, g)
-    return parts[0][1] if len(parts) == 1 else torch.cat([p for _, p in parts], dim=1)
+    return parts[0][1] if len(parts) == 1 else torch.cat([p for _, p in parts], dim=2)
 
 
 def _gram_feats(layer: _Layer, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """(A, G): (n, T, k) input features (a constant 1 for the bias) and (n, T, d_out) gradients."""
-    n = a.shape[0]
+    """(A, G): (n, T, k) input features (a constant 1 for the bias) and (oc, n, T, d_out) gradients."""
+    n, oc = a.shape[0], g.shape[0]
     if layer.kind == "linear":
         A = a.reshape(n, -1, a.shape[-1])
-        G = g.reshape(n, -1, g.shape[-1])
+        G = g.reshape(oc, n, -1, g.shape[-1])
     else:
-        A = _conv_unfold(layer.module, a).transpose(1, 2)         # (n, D, C_in*k*k)
-        G = g.reshape(n, g.shape[1], -1).transpose(1, 2)          # (n, D, C_out)
+        A = _conv_patches(layer.module, a).transpose(1, 2)              # (n, D, C_in*k*k)
+        G = g.reshape(oc, n, g.shape[2], -1).transpose(2, 3)            # (oc, n, D, C_out)
     if layer.b is not None:
         ones = torch.ones(A.shape[:2] + (1,), dtype=A.dtype, device=A.device)
         A = torch.cat([A, ones], dim=2) if layer.w is not None else ones
@@ -407,10 +428,20 @@ def _gram_feats(layer: _Layer, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
 @dataclass
 class _Rec:
     layer: int
-    a: Tensor          # module input (detached; BatchNorm: x_hat)
+    src: Tensor        # module input (a node of the graph; kept alive by it anyway)
     z: Tensor          # module output, a node of the graph
-    src: Tensor        # the input tensor, to detect later in-place writes
-    version: int
+    version: int       # src._version at call time, to detect later in-place writes
+    norm: tuple | None = None   # BatchNorm: (running_mean, running_var, eps) used by the call
+
+    @property
+    def a(self) -> Tensor:
+        """The layer's per-sample input features: the input, or for BatchNorm x_hat."""
+        a = self.src.detach()
+        if self.norm is None:
+            return a
+        mean, var, eps = self.norm
+        shape = [1, -1] + [1] * (a.dim() - 2)
+        return (a - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
 
 
 @dataclass
@@ -429,15 +460,11 @@ def _lw_forward(fm: FunctionalModel, params: dict[str, Tensor], x: Tensor,
     def hook_for(li: int, layer: _Layer):
         def hook(mod, inputs, out):
             a = inputs[0]
-            if layer.kind == "bn":
-                shape = [1, -1] + [1] * (a.dim() - 2)
-                feat = ((a - mod.running_mean.view(shape))
-                        * torch.rsqrt(mod.running_var.view(shape) + mod.eps)).detach()
-            else:
-                feat = a.detach()
-            recs.append(_Rec(li, feat, out, a, a._version))
-            # later in-place ops (ReLU(inplace=True)) must not touch the recorded output
-            return out.clone()
+            norm = (mod.running_mean, mod.running_var, mod.eps) if layer.kind == "bn" else None
+            recs.append(_Rec(li, a, out, a._version, norm))
+            # a later in-place op (ReLU(inplace=True)) must not rewrite the recorded output's
+            # history: hand a copy downstream
+            return out.clone() if layer.inplace_out else None
         return hook
 
     handles = [layer.module.register_forward_hook(hook_for(i, layer)) for i, layer in enumerate(layers)]
@@ -453,11 +480,40 @@ def _lw_forward(fm: FunctionalModel, params: dict[str, Tensor], x: Tensor,
     return ctx
 
 
-def _lw_grads(ctx: _LwCtx, o: int) -> list[Tensor]:
-    """d sum_i f_o(x_i) / d z for every recorded layer output z: per sample, d f_o(x_i)/d z_i."""
+def _lw_grads(ctx: _LwCtx, o0: int, o1: int) -> list[Tensor]:
+    """d f_o / d z for o in [o0, o1) and every recorded layer output z: (oc, n, ...) each.
+
+    One backward pass of sum_i f_o(x_i) per output (per sample that is d f_o(x_i)/d z_i since
+    samples are independent). A plain loop: vmapping the cotangents (``is_grads_batched``) hits
+    slow batching rules of the convolution backward on CPU.
+    """
     zs = [r.z for r in ctx.recs]
-    gs = torch.autograd.grad(ctx.y[:, o].sum(), zs, retain_graph=True, allow_unused=True)
-    return [torch.zeros_like(z) if g is None else g for z, g in zip(zs, gs)]
+    out = [torch.zeros((o1 - o0,) + z.shape, dtype=z.dtype, device=z.device) for z in zs]
+    for i, o in enumerate(range(o0, o1)):
+        gs = torch.autograd.grad(ctx.y[:, o].sum(), zs, retain_graph=True, allow_unused=True)
+        for buf, g in zip(out, gs):
+            if g is not None:
+                buf[i] = g
+    return out
+
+
+def _lw_backward(ctx: _LwCtx, leaf: Tensor | None, outputs: Sequence[int],
+                 on_grad: Callable[[int, int, Tensor], None]) -> None:
+    """For each output o, one backward pass of sum_i f_o(x_i); ``on_grad(o, k, g)`` receives the
+    gradient (n, ...) at the output of record k as soon as autograd computes it, so that no more
+    than one layer's gradient is alive at a time. The pass runs down to the input ``leaf`` (which
+    every layer output depends on); without one (integer inputs) it targets the layer outputs."""
+    state = {"o": 0}
+    zs = [r.z for r in ctx.recs]
+    handles = [z.register_hook(lambda g, k=k: on_grad(state["o"], k, g)) for k, z in enumerate(zs)]
+    try:
+        for o in outputs:
+            state["o"] = o
+            torch.autograd.grad(ctx.y[:, o].sum(), [leaf] if leaf is not None else zs,
+                                retain_graph=True, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,19 +540,20 @@ def _measure(fm: FunctionalModel, x0: Tensor, layers: Sequence[_Layer]) -> _Stat
 
     def pack(t):
         try:
-            st = t.untyped_storage()
-            key = st.data_ptr()
-            if key not in known:
-                seen[key] = max(seen.get(key, 0), st.nbytes())
+            if t.untyped_storage().data_ptr() not in known:
+                key = t.data_ptr()
+                seen[key] = max(seen.get(key, 0), t.numel() * t.element_size())
         except (RuntimeError, NotImplementedError):
             pass
         return t
 
     shapes: dict[int, list] = defaultdict(list)
+    versions: dict[int, list] = defaultdict(list)
 
     def hook_for(li):
         def hook(mod, inputs, out):
             shapes[li].append((tuple(inputs[0].shape), tuple(out.shape)))
+            versions[li].append((out, out._version))
         return hook
 
     handles = [layer.module.register_forward_hook(hook_for(i)) for i, layer in enumerate(layers)]
@@ -514,6 +571,7 @@ def _measure(fm: FunctionalModel, x0: Tensor, layers: Sequence[_Layer]) -> _Stat
     for li, layer in enumerate(layers):
         calls = shapes.get(li, [])
         layer.calls = len(calls)
+        layer.inplace_out = any(t._version != v for t, v in versions.get(li, []))
         layer.p = sum(fm.params[n].numel() for n in layer.names)
         if not calls:
             continue
@@ -719,6 +777,13 @@ def _layer_use_gram(layer: _Layer, kind: NtkKind, O: int) -> bool:
 
 def _plan_layerwise(c: _Ctx, layers: list[_Layer], fallback: list[str], free: int,
                     block_size: int | None) -> _Plan:
+    """Memory and cost of the layerwise method (see :class:`NtkMethod`).
+
+    trace / diagonal: per block pair one forward pass over both blocks (graph + layer outputs
+    kept), then per output a backward pass contracting one layer at a time; per sample
+    ~ (2 A + layer outputs + largest layer Jacobian row + largest patch matrix).
+    full: each block keeps the gradients of all O outputs at every layer output.
+    """
     it, O, S = c.itemsize, c.O, c.stats.saved_numel
     full = c.kind == NtkKind.FULL
     plan = _Plan(NtkMethod.LAYERWISE, False)
@@ -728,40 +793,42 @@ def _plan_layerwise(c: _Ctx, layers: list[_Layer], fallback: list[str], free: in
     for layer in layers:
         layer.gram = _layer_use_gram(layer, c.kind, O)
     sum_out = sum(layer.out_numel for layer in layers)
-    bn_in = sum(layer.in_numel for layer in layers if layer.kind == "bn")
-    s_ctx = (S + sum_out + bn_in + O) * it                      # graph + output clones + x_hat
-    s_g = sum_out * it * (O if full else 1)                     # output gradients held
-    s_mat = max([(layer.p * (O if full else 1)) * it for layer in layers if not layer.gram] + [0])
-    s_unf = max([layer.unfold_numel * it for layer in layers] + [0])
-    s_bwd = S * it                                              # one backward wave
-
-    def peak(b):
-        gram = sum(2 * b * b * layer.t ** 2 * it for layer in layers if layer.gram)
-        return 2 * b * (s_ctx + s_g + s_mat) + b * (s_unf + s_bwd) + gram
+    p_mat = max([layer.p for layer in layers if not layer.gram] + [0])
+    unf = max([layer.unfold_numel for layer in layers] + [0])
+    m = O if full else 1                                          # outputs alive at once
+    clones = sum(layer.out_numel for layer in layers if layer.inplace_out)
+    per_sample = (2 * S + clones + O + m * sum_out * (1 if full else 0) + m * p_mat + unf) * it
 
     nmax = max(c.n1, c.n2)
+
+    def peak(b: int) -> int:
+        # samples in one forward pass: both blocks of a pair (one block: x1 with itself)
+        n = b if (c.sym and b >= nmax) else 2 * b
+        gram = sum(2 * n * n * layer.t ** 2 * it for layer in layers if layer.gram)
+        return n * per_sample + gram
+
     if block_size:
         b = min(int(block_size), nmax)
-    else:
-        b, lo = nmax, 0
-        if peak(b) > free:       # largest b with peak(b) <= free (peak is increasing in b)
-            hi = b
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                lo, hi = (mid, hi) if peak(mid) <= free else (lo, mid)
-            b = lo
+    elif peak(nmax) <= free:
+        b = nmax
+    else:                                 # peak is increasing in b: bisect the largest that fits
+        lo, hi = 0, nmax
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if peak(mid) <= free else (lo, mid)
+        b = lo
     plan.min_bytes = peak(1)
     if b < 1 or peak(b) > free:
         plan.reason = f"one sample's layerwise working set needs {_mib(peak(max(b, 1)))}"
         return plan
     pairs, evals = _pair_count(c.n1, c.n2, b, c.sym)
-    # forward per block evaluation; per block pair, backward + rebuild per output for both blocks
     rows, cols = len(_ranges(c.n1, b)), len(_ranges(c.n2, b))
     if b >= nmax:
-        bwd_samples = c.n1 + (0 if c.sym else c.n2)
-    else:
-        bwd_samples = (c.n1 * cols + c.n2 * rows) / (2.0 if c.sym else 1.0)
-    flops = evals * c.fp + bwd_samples * O * _BWD_FP * c.fp
+        pass_samples = c.n1 + (0 if c.sym else c.n2)
+    else:                                 # backward (and, but for "full", forward) per block pair
+        pass_samples = (c.n1 * cols + c.n2 * rows) / (2.0 if c.sym else 1.0)
+    fwd = (evals if full else pass_samples) * c.fp
+    flops = fwd + pass_samples * O * _BWD_FP * c.fp
     frac = 1.0 if (b >= nmax or not c.sym) else (rows + 1) / (2.0 * rows)
     for layer in layers:
         if layer.gram:
@@ -770,7 +837,7 @@ def _plan_layerwise(c: _Ctx, layers: list[_Layer], fallback: list[str], free: in
         else:
             flops += 2.0 * c.n1 * c.n2 * c.q * layer.p * frac
     n_gram = sum(layer.gram for layer in layers)
-    plan.__dict__.update(feasible=True, block=b, chunk=b, peak_bytes=peak(b), n_blocks=pairs,
+    plan.__dict__.update(feasible=True, block=b, chunk=m, peak_bytes=peak(b), n_blocks=pairs,
                          layers=layers, flops=flops, cost=flops,
                          schedule=(("one block" if b >= nmax else f"blocks of {b} samples")
                                    + f", {len(layers)} structured layers ({n_gram} by Gram)"))
@@ -872,16 +939,94 @@ def _run_jacobian(c: _Ctx, plan: _Plan, names: Sequence[str], K: Tensor, pbar) -
         _schedule(c, K, plan.block, feats, contract, pbar)
 
 
+def _input_leaf(x: Tensor) -> Tensor | None:
+    return x.detach().requires_grad_() if x.is_floating_point() else None
+
+
 def _run_layerwise(c: _Ctx, plan: _Plan, K: Tensor, pbar) -> None:
+    if c.kind == NtkKind.FULL:
+        _run_layerwise_full(c, plan, K, pbar)
+    else:
+        _run_layerwise_stream(c, plan, K, pbar)
+
+
+def _run_layerwise_stream(c: _Ctx, plan: _Plan, K: Tensor, pbar) -> None:
+    """Trace / diagonal kernels: per block pair one forward pass over both blocks, then per output
+    one backward pass during which every layer's contribution is contracted as its gradient
+    arrives (hooks on the layer outputs): memory ~ the forward graph + one layer at a time."""
+    fm, O, layers = c.fm, c.O, plan.layers
+    params = {n: p.detach().requires_grad_() for n, p in fm.params.items()}
+    rows = _ranges(c.n1, plan.block)
+    cols = rows if c.sym else _ranges(c.n2, plan.block)
+    for bi, r in enumerate(rows):
+        for bj, s in enumerate(cols):
+            if c.sym and bj < bi:
+                continue
+            same = c.sym and bi == bj
+            xa = c.x1[r[0]:r[1]]
+            x = xa if same else torch.cat([xa, c.x2[s[0]:s[1]]])
+            n1, n2 = r[1] - r[0], s[1] - s[0]
+            blk = _lw_stream_pair(c, layers, params, x, n1, n2, same)
+            _put(K, c.kind, blk, r, s)
+            if c.sym and bj > bi:
+                _put(K, c.kind, blk, r, s, transpose=True)
+            pbar.update(1)
+
+
+def _lw_stream_pair(c: _Ctx, layers: list[_Layer], params: dict[str, Tensor], x: Tensor, n1: int,
+                    n2: int, same: bool) -> Tensor:
+    """Kernel block between x[:n1] and x[n1:] (or x and itself when ``same``)."""
+    O = c.O
+    leaf = _input_leaf(x)
+    ctx = _lw_forward(c.fm, params, leaf if leaf is not None else x, layers)
+    blk = torch.zeros(_block_shape(c.kind, n1, n2, O), dtype=torch.float64, device=x.device)
+    pending: dict[int, tuple[Tensor, int]] = {}
+    aa_cache: dict[int, Tensor] = {}
+
+    def on_grad(o: int, k: int, g: Tensor) -> None:
+        rec = ctx.recs[k]
+        li = rec.layer
+        layer = layers[li]
+        if layer.gram:                      # sum_ts (a1_t . a2_s)(g1_t . g2_s), J never formed
+            A, G = _gram_feats(layer, rec.a, g.unsqueeze(0))          # (N, T, k), (1, N, T, d)
+            G = G[0]
+            T = A.shape[1]
+            A1, G1 = A[:n1].reshape(n1 * T, -1), G[:n1].reshape(n1 * T, -1)
+            A2, G2 = (A1, G1) if same else (A[n1:].reshape(n2 * T, -1), G[n1:].reshape(n2 * T, -1))
+            if li not in aa_cache:
+                aa_cache[li] = (A1 @ A2.T).view(n1, T, n2, T)
+            val = (aa_cache[li] * (G1 @ G2.T).view(n1, T, n2, T)).sum((1, 3))
+        else:
+            J = _lw_rows(layer, rec.a, g.unsqueeze(0))[:, 0]          # (N, P_layer)
+            if layer.calls > 1:                  # a module called several times: sum its calls
+                prev, seen = pending.pop(li, (None, 0))
+                J = J if prev is None else prev + J
+                if seen + 1 < layer.calls:
+                    pending[li] = (J, seen + 1)
+                    return
+            J1 = J[:n1]
+            val = J1 @ (J1 if same else J[n1:]).T                      # (n1, n2)
+        if c.kind == NtkKind.TRACE:
+            blk.add_(val.to(torch.float64))
+        else:
+            blk[o].add_(val.to(torch.float64))
+
+    _lw_backward(ctx, leaf, range(O), on_grad)
+    return blk
+
+
+def _run_layerwise_full(c: _Ctx, plan: _Plan, K: Tensor, pbar) -> None:
+    """Full kernel: the output pairs (o, o') of a layer need the gradients of all O outputs at once,
+    so each block keeps them (O x the layer outputs) and contracts layer by layer."""
     fm, O, layers = c.fm, c.O, plan.layers
     params = {n: p.detach().requires_grad_() for n, p in fm.params.items()}
 
     def feats(x):
         return _lw_forward(fm, params, x, layers)
 
-    def layer_rows(ctx, li, grads):                       # (n, P_layer), summed over calls
+    def layer_rows(ctx, li, grads):                        # (n, O, P_layer), summed over calls
         rows = None
-        for k in ctx.by_layer.get(li, []):
+        for k in ctx.by_layer[li]:
             j = _lw_rows(layers[li], ctx.recs[k].a, grads[k])
             rows = j if rows is None else rows + j
         return rows
@@ -889,56 +1034,24 @@ def _run_layerwise(c: _Ctx, plan: _Plan, K: Tensor, pbar) -> None:
     def contract(f1: _LwCtx, f2: _LwCtx):
         same = f1 is f2
         n1, n2 = f1.n, f2.n
-        blk = torch.zeros(_block_shape(c.kind, n1, n2, O), dtype=torch.float64, device=K.device)
-        present = [li for li in range(len(layers)) if li in f1.by_layer and li in f2.by_layer]
-        if c.kind == NtkKind.FULL:
-            g1 = [_lw_grads(f1, o) for o in range(O)]
-            g2 = g1 if same else [_lw_grads(f2, o) for o in range(O)]
-            for li in present:
-                layer = layers[li]
-                if layer.gram:                           # t == 1: (a1.a2 + 1) (g1.g2) per (o, o')
-                    k1, k2 = f1.by_layer[li][0], f2.by_layer[li][0]
-                    A1, _ = _gram_feats(layer, f1.recs[k1].a, g1[0][k1])
-                    A2, _ = _gram_feats(layer, f2.recs[k2].a, g2[0][k2])
-                    G1 = torch.stack([_gram_feats(layer, f1.recs[k1].a, g1[o][k1])[1][:, 0]
-                                      for o in range(O)])                            # (O, n1, d)
-                    G2 = torch.stack([_gram_feats(layer, f2.recs[k2].a, g2[o][k2])[1][:, 0]
-                                      for o in range(O)])
-                    aa = A1[:, 0] @ A2[:, 0].T                                       # (n1, n2)
-                    gg = torch.einsum("oic,pjc->iojp", G1, G2)                       # (n1,O,n2,O)
-                    blk += (gg * aa[:, None, :, None]).to(torch.float64)
-                else:
-                    J1 = torch.stack([layer_rows(f1, li, g1[o]) for o in range(O)], 1)  # (n1,O,p)
-                    J2 = J1 if same else torch.stack([layer_rows(f2, li, g2[o]) for o in range(O)], 1)
-                    blk += (J1.reshape(n1 * O, -1) @ J2.reshape(n2 * O, -1).T).view(
-                        n1, O, n2, O).to(torch.float64)
-            return blk
-        aa_cache: dict[int, Tensor] = {}
-        for o in range(O):
-            g1 = _lw_grads(f1, o)
-            g2 = g1 if same else _lw_grads(f2, o)
-            for li in present:
-                layer = layers[li]
-                if layer.gram:
-                    k1, k2 = f1.by_layer[li][0], f2.by_layer[li][0]
-                    A1, G1 = _gram_feats(layer, f1.recs[k1].a, g1[k1])                # (n, T, .)
-                    A2, G2 = (A1, G1) if same else _gram_feats(layer, f2.recs[k2].a, g2[k2])
-                    if layer.t == 1:
-                        if li not in aa_cache:
-                            aa_cache[li] = A1[:, 0] @ A2[:, 0].T                      # (n1, n2)
-                        val = aa_cache[li] * (G1[:, 0] @ G2[:, 0].T)
-                    else:
-                        if li not in aa_cache:
-                            aa_cache[li] = torch.einsum("itk,jsk->ijts", A1, A2)      # (n1,n2,T,T)
-                        val = (aa_cache[li] * torch.einsum("itc,jsc->ijts", G1, G2)).sum((2, 3))
-                else:
-                    J1 = layer_rows(f1, li, g1)
-                    J2 = J1 if same else layer_rows(f2, li, g2)
-                    val = J1 @ J2.T                                                   # (n1, n2)
-                if c.kind == NtkKind.TRACE:
-                    blk += val.to(torch.float64)
-                else:
-                    blk[o] += val.to(torch.float64)
+        blk = torch.zeros((n1, O, n2, O), dtype=torch.float64, device=K.device)
+        g1 = _lw_grads(f1, 0, O)                                                 # (O, n, ...)
+        g2 = g1 if same else _lw_grads(f2, 0, O)
+        for li in [li for li in range(len(layers)) if li in f1.by_layer and li in f2.by_layer]:
+            layer = layers[li]
+            if layer.gram:                                   # T == 1: (a1 . a2 + 1)(g1 . g2)
+                k1, k2 = f1.by_layer[li][0], f2.by_layer[li][0]
+                A1, G1 = _gram_feats(layer, f1.recs[k1].a, g1[k1])      # (n1, 1, k), (O, n1, 1, d)
+                A2, G2 = (A1, G1) if same else _gram_feats(layer, f2.recs[k2].a, g2[k2])
+                aa = A1[:, 0] @ A2[:, 0].T                                         # (n1, n2)
+                gg = torch.einsum("oic,pjc->iojp", G1[:, :, 0], G2[:, :, 0])       # (n1,O,n2,O)
+                blk += (gg * aa[:, None, :, None]).to(torch.float64)
+                continue
+            J1 = layer_rows(f1, li, g1)                                            # (n1, O, p)
+            J2 = J1 if same else layer_rows(f2, li, g2)
+            blk += (J1.reshape(n1 * O, -1) @ J2.reshape(n2 * O, -1).T).view(
+                n1, O, n2, O).to(torch.float64)
+            del J1, J2
         return blk
 
     _schedule(c, K, plan.block, feats, contract, pbar)
@@ -947,39 +1060,41 @@ def _run_layerwise(c: _Ctx, plan: _Plan, K: Tensor, pbar) -> None:
 def _lw_selfcheck(c: _Ctx, layers: list[_Layer]) -> tuple[list[_Layer], list[str]]:
     """Keep the layers whose closed-form per-sample gradients match autograd on two samples.
 
-    Catches parameters used outside their module's forward, modules overriding forward, inputs
-    written in place after use, and modules applied to tensors without the batch axis.
+    Uses the same streaming backward as the kernel, so it catches parameters used outside their
+    module's forward, modules overriding forward, inputs written in place after use, modules
+    applied to tensors without the batch axis and layer outputs the backward pass never reaches.
     """
     fm, O = c.fm, c.O
     if not layers:
         return [], []
+    names = [n for layer in layers for n in layer.names]
     xc = c.x1[:2]
     params = {n: p.detach().requires_grad_() for n, p in fm.params.items()}
-    bad: set[int] = set()
+    leaf = _input_leaf(xc)
     try:
-        ctx = _lw_forward(fm, params, xc, layers)
+        ctx = _lw_forward(fm, params, leaf if leaf is not None else xc, layers)
     except RuntimeError:
-        return [], []
+        return [], names
+    bad = {r.layer for r in ctx.recs
+           if r.src._version != r.version or r.src.shape[0] != ctx.n or r.z.shape[0] != ctx.n}
     gen = torch.Generator(device="cpu").manual_seed(0)
     w = torch.randn(ctx.n, O, generator=gen, dtype=torch.float64).to(device=xc.device, dtype=fm.dtype)
-    names = [n for layer in layers for n in layer.names]
     ref = torch.autograd.grad((ctx.y * w).sum(), [params[n] for n in names], retain_graph=True,
                               allow_unused=True)
     ref = {n: (torch.zeros_like(params[n]) if g is None else g) for n, g in zip(names, ref)}
     rec_sum = {n: torch.zeros_like(params[n]).reshape(-1) for n in names}
-    for k, r in enumerate(ctx.recs):
-        if (r.src._version != r.version or r.a.shape[0] != ctx.n or r.z.shape[0] != ctx.n):
+
+    def on_grad(o: int, k: int, g: Tensor) -> None:
+        r = ctx.recs[k]
+        if r.layer in bad:
+            return
+        try:
+            for name, rows in _lw_parts(layers[r.layer], r.a, g.unsqueeze(0)):     # (n, 1, numel)
+                rec_sum[name] += (w[:, o, None] * rows[:, 0]).sum(0)
+        except RuntimeError:
             bad.add(r.layer)
-    for o in range(O):
-        gs = _lw_grads(ctx, o)
-        for k, r in enumerate(ctx.recs):
-            if r.layer in bad:
-                continue
-            try:
-                for name, rows in _lw_parts(layers[r.layer], r.a, gs[k]):
-                    rec_sum[name] += (w[:, o, None] * rows).sum(0)
-            except RuntimeError:
-                bad.add(r.layer)
+
+    _lw_backward(ctx, leaf, range(O), on_grad)
     rtol = 1e-8 if fm.dtype == torch.float64 else 1e-3
     scale = max([float(g.norm()) for g in ref.values()] + [1e-30])
     for li, layer in enumerate(layers):
@@ -1090,7 +1205,7 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
     with eval_mode(model):
         x1, x2, sym = _prepare_inputs(fm, x1, x2)
         layers = _find_layers(fm) if not _couples_samples(model) else []
-        stats = _measure(fm, x1[:1], layers)
+        stats = _measure(fm, x1[:1].clone(), layers)
         itemsize = torch.empty((), dtype=fm.dtype).element_size()
         c = _Ctx(fm, kind, x1, x2, sym, stats, itemsize, int(memory_budget_bytes))
         free = c.budget - c.kernel_bytes
@@ -1272,45 +1387,56 @@ class _NtkOperator:
     Full:  u = J^T v (one VJP per block, summed), K v = J u (one JVP per block).
     Trace: K_trace = sum_o J_o J_o^T with J_o (N, P) the Jacobian of output o, so
            K_trace v = sum_o J_o u_o with u_o = J_o^T v: the VJP with cotangent v e_o^T for each o
-           (O cotangents, vmapped) and the JVP of each u_o keeping only output o. Note that
-           (sum_o J_o)(sum_o J_o)^T v, a single cotangent v 1^T, would be a different kernel.
-    Several vectors at once (s columns) are vmapped too.
+           and the JVP of each u_o keeping only output o. Note that (sum_o J_o)(sum_o J_o)^T v,
+           a single cotangent v 1^T, would be a different kernel.
+    For s vectors at once (block Lanczos) that is s (full) or s*O (trace) cotangents: the VJPs
+    reuse one forward pass per block in a loop (vmapping cotangents hits slow batching rules of
+    the convolution backward on CPU); the JVPs are vmapped over chunks of at most O tangents.
     """
 
-    def __init__(self, fm: FunctionalModel, x: Tensor, kind: NtkKind, O: int, block: int):
+    def __init__(self, fm: FunctionalModel, x: Tensor, kind: NtkKind, O: int, block: int,
+                 per_sample: bool = False):
         self.fm, self.x, self.kind, self.O, self.block = fm, x, kind, O, block
         self.n = x.shape[0] * (O if kind == NtkKind.FULL else 1)
         self.matvecs = 0
+        # a model that couples samples (BatchNorm without running statistics) is evaluated one
+        # sample at a time, as in empirical_ntk; otherwise the plain batched forward is faster
+        self.f = fm.batched if per_sample else (lambda p, xb: fm(p, xb).reshape(xb.shape[0], -1))
 
     def matmat(self, V: np.ndarray) -> np.ndarray:
-        fm, O, N = self.fm, self.O, self.x.shape[0]
+        fm, O, N, f = self.fm, self.O, self.x.shape[0], self.f
         s = V.shape[1]
         self.matvecs += s
-        Vt = torch.as_tensor(V, dtype=fm.dtype, device=fm.device)
+        Vt = torch.as_tensor(V, dtype=fm.dtype, device=fm.device).T.contiguous()   # (s, N*) rows
         eye = torch.eye(O, dtype=fm.dtype, device=fm.device)
-        if self.kind == NtkKind.FULL:
-            cots = Vt.T.reshape(s, N, O)                                            # (s, N, O)
-        else:  # (s*O, N, O): cotangent v e_o^T for every vector and output
-            cots = (Vt.T[:, None, :, None] * eye[None, :, None, :]).reshape(s * O, N, O)
-        U = None
+        trace = self.kind == NtkKind.TRACE
+        m = s * O if trace else s                      # cotangents / tangents
+        U = {k: torch.zeros((m,) + p.shape, dtype=p.dtype, device=p.device)
+             for k, p in fm.params.items()}
         for lo, hi in _ranges(N, self.block):
             xb = self.x[lo:hi]
-            _, fn = vjp(lambda p: fm.batched(p, xb), fm.params)
-            u = vmap(fn)(cots[:, lo:hi])[0]                                         # (m, ...)
-            U = u if U is None else {k: U[k] + u[k] for k in U}
-        out = torch.empty((N, s) if self.kind == NtkKind.TRACE else (N * O, s), dtype=torch.float64,
-                          device=fm.device)
+            _, fn = vjp(lambda p: f(p, xb), fm.params)
+            for j in range(m):
+                if trace:                              # v_{j // O} e_{j % O}^T
+                    cot = Vt[j // O, lo:hi, None] * eye[j % O]
+                else:
+                    cot = Vt[j, lo * O:hi * O].reshape(hi - lo, O)
+                for k, g in fn(cot)[0].items():
+                    U[k][j] += g
+        out = torch.empty((N if trace else N * O, s), dtype=torch.float64, device=fm.device)
+        step = O if trace else max(1, O)
         for lo, hi in _ranges(N, self.block):
             xb = self.x[lo:hi]
 
             def push(t):
-                return jvp(lambda p: fm.batched(p, xb), (fm.params,), (t,))[1]
-            JU = vmap(push)(U)                                                      # (m, b, O)
-            if self.kind == NtkKind.FULL:
-                out[lo * O:hi * O] = JU.reshape(s, -1).T.to(torch.float64)
-            else:
+                return jvp(lambda p: f(p, xb), (fm.params,), (t,))[1]
+            JU = torch.cat([vmap(push)({k: u[a:b] for k, u in U.items()})
+                            for a, b in _ranges(m, step)])                          # (m, b, O)
+            if trace:
                 JU = JU.reshape(s, O, hi - lo, O).diagonal(dim1=1, dim2=3)          # (s, b, O)
                 out[lo:hi] = JU.sum(-1).T.to(torch.float64)
+            else:
+                out[lo * O:hi * O] = JU.reshape(s, -1).T.to(torch.float64)
         return out.cpu().numpy()
 
 
@@ -1386,7 +1512,7 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
         notes.append("model was in train mode: evaluated in eval mode; modes restored")
     with eval_mode(model):
         x, _, _ = _prepare_inputs(fm, x, None)
-        stats = _measure(fm, x[:1], [])
+        stats = _measure(fm, x[:1].clone(), [])
         O, N, P = stats.n_outputs, x.shape[0], fm.n_params
         n = N * (O if kind == NtkKind.FULL else 1)
         k = int(k)
@@ -1397,8 +1523,9 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
         dim_cap = max(dim_cap, min(n, k + s))
         it = torch.empty((), dtype=fm.dtype).element_size()
         m = s * (O if kind == NtkKind.TRACE else 1)            # vectors pushed through at once
-        fixed = 3 * m * P * it + 8 * n * (dim_cap + 3 * s)     # tangents, sums; Lanczos basis
-        per_sample = (stats.saved_numel * (1 + m) + 2 * m * stats.saved_numel + 2 * m * O) * it
+        fixed = (m + 2) * P * it + 16 * n * (dim_cap + 2 * s)  # tangents, gradient; basis, A*basis
+        # per sample: the VJP's forward graph and backward wave, JVPs of O tangents at a time
+        per_sample = (2 * stats.saved_numel + 2 * min(m, O) * stats.saved_numel + 2 * m * O) * it
         free = int(memory_budget_bytes) - fixed
         b = int(block_size) if block_size else (free // per_sample if free > 0 else 0)
         if b < 1:
@@ -1409,7 +1536,7 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
         b = min(b, N)
         act_bytes = max(1, 3 * stats.saved_numel * it)
         _check_finite(fm, x, max(1, min(N, max(free, act_bytes) // act_bytes)), "x")
-        op = _NtkOperator(fm, x, kind, O, b)
+        op = _NtkOperator(fm, x, kind, O, b, per_sample=_couples_samples(model))
         rng = np.random.default_rng(seed)
         with _progress(dim_cap, f"ntk lanczos ({kind.value})", progress) as pbar:
             theta, Y, res, converged, dim = _block_lanczos(op.matmat, n, k, s, dim_cap, tol, rng, pbar)

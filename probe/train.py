@@ -166,7 +166,7 @@ def build_model(name: str, *, num_classes: int, in_chans: int, image_size: int |
 def _top_k_correct(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:
     k_max = min(max(ks), logits.shape[1])
     pred = logits.topk(k_max, dim=1).indices  # (B, k)
-    hit = pred.eq(y[:, None])
+    hit = pred.eq(y[:, None]) & torch.isfinite(logits).all(dim=1, keepdim=True)  # non-finite rows are wrong
     return [hit[:, :min(k, k_max)].any(dim=1).sum() for k in ks]
 
 
