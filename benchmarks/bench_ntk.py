@@ -234,8 +234,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--no-flops", action="store_true")
     ap.add_argument("--lanczos-n", type=int, default=0, help="N for the top-20 Lanczos run (0: skip)")
-    ap.add_argument("--block-vectors", type=int, default=4)
-    ap.add_argument("--tol", type=float, default=1e-10)
+    ap.add_argument("--block-vectors", type=int, default=1)
+    ap.add_argument("--tol", type=float, default=None, help="Lanczos tolerance (default: the library's)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--worker", choices=METHODS + ["matmul", "lanczos"], help=argparse.SUPPRESS)
     ap.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)
@@ -297,7 +297,8 @@ def main(argv=None) -> int:
     lanczos = None
     if args.lanczos_n:
         lanczos = spawn(["--worker", "lanczos", "--n", str(args.lanczos_n), "--budget-gib", "4",
-                         "--block-vectors", str(args.block_vectors), "--tol", str(args.tol), "--json"])
+                         "--block-vectors", str(args.block_vectors), "--json"]
+                        + ([] if args.tol is None else ["--tol", str(args.tol)]))
         lanczos["n"] = args.lanczos_n
     report = {"env": env, "matmul_peak_gflops": peak, "rows": rows, "summary": summary,
               "lanczos": lanczos}

@@ -77,14 +77,16 @@ class NtkMethod(str, Enum):
     d f_b(x2_j)/d theta, one JVP over the row samples gives a whole kernel column. No Jacobian is
     stored. Time ~N2*O*(3 + 2.5*N1)*[FP]; memory c*P + c*b*A for c columns and b rows at once."""
     LAYERWISE = "layerwise"
-    """Structured per-layer contraction: one batched forward pass, one backward pass per output to
-    the outputs of every Linear/Conv2d/BatchNorm layer, then each layer's per-sample Jacobian is
-    rebuilt from (input, output gradient) and contracted before the next layer is touched -- or,
-    for layers with few positions T, contracted without forming it, through the Gram identity
-    sum_ts (a_it . a_js)(g_it . g_js) (cost T^2*(d_in + d_out) instead of d_in*d_out). Time
-    N*(1 + 2*O)*[FP] + N1*N2*O*P_structured, no vmap; memory per sample ~A + (one layer's)
-    O*P_layer instead of O*P. Parameters of other layers (or failing the built-in exactness
-    self-check) are handled by ``jacobian``. Needs a model whose eval-mode forward treats samples
+    """Structured per-layer contraction, no vmap. One batched forward pass over a block pair, then
+    per output one backward pass; as the gradient g at a Linear/Conv2d/BatchNorm output arrives,
+    that layer's per-sample Jacobian is rebuilt from (layer input, g) -- a sum over positions of
+    outer products, or sum g * x_hat for BatchNorm -- and contracted into the kernel before the
+    next layer's gradient exists. Layers with few positions T are contracted without forming
+    it, through the Gram identity sum_ts (a_it . a_js)(g_it . g_js) (cost T^2*(d_in + d_out)
+    instead of d_in*d_out per sample pair). Time ~N*(1 + 2*O)*[FP] + N1*N2*O*P; memory per sample
+    ~2A + one layer's Jacobian row and input patches, instead of O*P (``full`` keeps all O
+    output gradients per layer). Parameters elsewhere (or failing the built-in exactness
+    self-check) go through ``jacobian``. Needs a model whose eval-mode forward treats samples
     independently."""
 
 
@@ -1176,16 +1178,26 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
     and is not modified.
 
     Memory and cost model (``method="auto"``): one forward pass of one sample measures the
-    activations saved for the backward pass (A, per sample) and the forward FLOPs [FP]. Each
-    method gets a plan: its peak working set (kernel + Jacobians / activations of the blocks it
-    holds at once) and its estimated time in FLOPs weighted by 1.5 for per-sample (vmapped)
-    kernels. ``auto`` takes the cheapest plan that fits ``memory_budget_bytes``: usually
-    ``layerwise`` when most parameters sit in Linear/Conv2d/BatchNorm layers, ``jacobian`` for other
-    models (blocked by samples, then by parameter groups, as the budget shrinks), ``ntvp`` when
-    not even one sample's O*P Jacobian fits. When the kernel itself or every method's smallest
-    working set exceeds the budget a :class:`UserError` says so before anything large is
-    allocated, with the N that would fit and what to use instead. ``block_size`` forces the
-    number of samples per block (for tests and tuning).
+    activations saved for the backward pass (A, per sample) and the forward FLOPs [FP] (matmul
+    and conv FLOPs, ``FlopCounterMode``). Each method gets a plan -- the largest blocks of samples
+    whose peak working set (kernel + the Jacobians / activations it holds at once) fits the
+    budget -- and an estimated cost, with q = 1 (trace), O (diagonal), O^2 (full):
+
+    * jacobian:  1.5 * E * (1 + 2*O) * [FP] + 2 * N1 * N2 * q * P, where E counts per-sample
+      Jacobian evaluations (N when all fit at once, more when column blocks are recomputed);
+    * layerwise: S * (1 + 2*O) * [FP] + sum over layers of 2 * N1 * N2 * q * P_layer (or the
+      Gram cost), S the samples pushed through forward/backward passes, plus the jacobian cost
+      of any parameter outside structured layers;
+    * ntvp:      1.5 * N2 * O * (3 + 2.5 * N1) * [FP].
+
+    (1.5: per-sample vmapped kernels against batched ones.) ``auto`` takes the cheapest plan that
+    fits ``memory_budget_bytes``: in practice ``layerwise`` for CNNs/MLPs built from
+    Linear/Conv2d/BatchNorm, ``jacobian`` for other models (blocked by samples, then by parameter
+    groups as the budget shrinks), ``ntvp`` when not even one sample's O*P Jacobian fits. The
+    chosen plan is reported in ``result.schedule`` and ``result.est_gflop``. When the kernel
+    itself or every method's smallest working set exceeds the budget a :class:`UserError` says so
+    before anything large is allocated, with the N that would fit and what to use instead.
+    ``block_size`` forces the number of samples per block (for tests and tuning).
 
     Raises :class:`UserError` for unknown kind/method, mismatched inputs, parameter filters that
     select nothing, non-finite model outputs and impossible budgets.
@@ -1488,18 +1500,25 @@ def _block_lanczos(op, n: int, k: int, s: int, max_dim: int, tol: float, rng: np
 def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind | str = "trace",
                      param_filter: ParamFilter = None, dtype: torch.dtype | str | None = None,
                      device: torch.device | str | None = None, memory_budget_bytes: int = 2 ** 30,
-                     block_size: int | None = None, block_vectors: int = 4, max_dim: int | None = None,
-                     tol: float = 1e-10, return_eigenvectors: bool = False, seed: int = 0,
+                     block_size: int | None = None, block_vectors: int = 1, max_dim: int | None = None,
+                     tol: float | None = None, return_eigenvectors: bool = False, seed: int = 0,
                      progress: bool = False) -> LanczosResult:
     """Top-k eigenvalues of the empirical NTK of ``model`` on ``x`` without forming the kernel.
 
-    Block Lanczos (``block_vectors`` vectors per step, full reorthogonalisation, float64 Lanczos
-    vectors) over the operator v -> K v of :class:`_NtkOperator`: per product one VJP and one JVP
-    (full) or O of each, vmapped (trace), over blocks of ``block_size`` samples. Memory
-    O(s*O*P + block*A*s*O + N*max_dim), no N x N array. Convergence: every top-k Ritz residual
-    ||K y - theta y|| <= tol * |theta_max|. ``max_dim`` caps the Krylov dimension (default
-    max(10k, 100), at most N or N*O); when reached, ``converged`` is False and a note says so.
-    ``kind``: ``trace`` (N x N) or ``full`` (N*O x N*O, sample-major eigenvectors).
+    Block Lanczos (``block_vectors`` = s vectors per step, full reorthogonalisation, float64
+    Lanczos vectors) over the operator v -> K v of :class:`_NtkOperator`: per vector one VJP and
+    one JVP (full) or O of each (trace), over blocks of ``block_size`` samples. Memory
+    O(s*O*P + block*A*O + N*max_dim), no N x N array. Plain Lanczos (s=1) sees each eigenvalue
+    once: for an eigenvalue of multiplicity m among the top k use s >= m (e.g. a kernel restricted
+    to the last layer, kron(H H^T, I_O), needs s >= O with ``kind="full"``).
+
+    Convergence: every top-k Ritz residual ||K y - theta y|| <= tol * theta_max; the eigenvalue
+    error is then at most the residual, and about residual^2 / gap for separated eigenvalues.
+    ``tol`` defaults to 1e-8 for float64 and 1e-5 in lower precision, where the operator's own
+    rounding (~1e-6 theta_max in float32) puts a floor under the residuals. ``max_dim`` caps the
+    Krylov dimension (default max(10k, 100), at most N or N*O); when reached, ``converged`` is
+    False and a note says so. ``kind``: ``trace`` (N x N) or ``full`` (N*O x N*O, sample-major
+    eigenvectors).
     """
     t0 = time.perf_counter()
     kind = _enum(NtkKind, kind, "NTK kind")
@@ -1521,6 +1540,8 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
         s = max(1, min(int(block_vectors), k))
         dim_cap = min(n, int(max_dim) if max_dim else max(10 * k, 100))
         dim_cap = max(dim_cap, min(n, k + s))
+        if tol is None:
+            tol = 1e-8 if fm.dtype == torch.float64 else 1e-5
         it = torch.empty((), dtype=fm.dtype).element_size()
         m = s * (O if kind == NtkKind.TRACE else 1)            # vectors pushed through at once
         fixed = (m + 2) * P * it + 16 * n * (dim_cap + 2 * s)  # tangents, gradient; basis, A*basis
