@@ -163,11 +163,13 @@ def build_model(name: str, *, num_classes: int, in_chans: int, image_size: int |
         raise UserError(str(e)) from None
 
 
-def _top_k_correct(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:
+def _top_k_correct(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5), check_finite: bool = False) -> list[torch.Tensor]:
+    """Correct counts at each k (labels are unique per row, so a row hits at most once)."""
     k_max = min(max(ks), logits.shape[1])
-    pred = logits.topk(k_max, dim=1).indices  # (B, k)
-    hit = pred.eq(y[:, None]) & torch.isfinite(logits).all(dim=1, keepdim=True)  # non-finite rows are wrong
-    return [hit[:, :min(k, k_max)].any(dim=1).sum() for k in ks]
+    hit = logits.topk(k_max, dim=1).indices.eq(y[:, None])  # (B, k)
+    if check_finite:
+        hit &= torch.isfinite(logits).all(dim=1, keepdim=True)  # non-finite rows count as wrong
+    return [hit[:, :min(k, k_max)].sum() for k in ks]
 
 
 @torch.no_grad()
@@ -186,7 +188,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
             yb = y[i:i + batch_size].to(device, non_blocking=True)
             logits = model(xb).float()
             loss_sum += F.cross_entropy(logits, yb, reduction="sum").double()
-            a, b = _top_k_correct(logits, yb)
+            a, b = _top_k_correct(logits, yb, check_finite=True)
             c1 += a
             c5 += b
         n = max(int(x.shape[0]), 1)
