@@ -347,15 +347,7 @@ def _conv_patches(m: nn.Conv2d, a: Tensor) -> Tensor:
     kh, kw = m.kernel_size
     dh, dw = m.dilation
     sh, sw = m.stride
-    if isinstance(m.padding, str):
-        if m.padding == "valid":
-            pads = [0, 0, 0, 0]
-        else:  # "same": total d*(k-1), the extra pixel on the right/bottom (as torch does)
-            th, tw = dh * (kh - 1), dw * (kw - 1)
-            pads = [tw // 2, tw - tw // 2, th // 2, th - th // 2]
-    else:
-        ph, pw = m.padding
-        pads = [pw, pw, ph, ph]
+    pads = _conv_pads(m)
     if any(pads):
         a = F.pad(a, pads)
     a = a.contiguous()
@@ -366,13 +358,56 @@ def _conv_patches(m: nn.Conv2d, a: Tensor) -> Tensor:
     return view.reshape(n, c * kh * kw, ho * wo)
 
 
-def _lw_parts(layer: _Layer, a: Tensor, g: Tensor) -> list[tuple[str, Tensor]]:
+def _conv_pads(m: nn.Conv2d) -> list[int]:
+    """[left, right, top, bottom] zero padding of a Conv2d ("same": the extra pixel right/bottom,
+    as torch does)."""
+    kh, kw = m.kernel_size
+    dh, dw = m.dilation
+    if isinstance(m.padding, str):
+        if m.padding == "valid":
+            return [0, 0, 0, 0]
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        return [tw // 2, tw - tw // 2, th // 2, th - th // 2]
+    ph, pw = m.padding
+    return [pw, pw, ph, ph]
+
+
+def _conv_weight_rows(m: nn.Conv2d, a: Tensor, g: Tensor) -> Tensor:
+    """Per-sample weight gradients (n, C_out * C_in/G * kh * kw) of one conv call for one output.
+
+    ``a`` (n, C_in, H, W) input, ``g`` (n, C_out, H', W') output gradient. The batch becomes the
+    group axis of one convolution backward (groups = n * G), so no patch matrix is formed; for
+    very few input channels per group, the patch matrix and a batched matmul are faster.
+    """
+    n, G = a.shape[0], m.groups
+    cin_g = a.shape[1] // G
+    if cin_g < 8:
+        U = _conv_patches(m, a)                                          # (n, C_in*k*k, D)
+        gg = g.reshape(n, G, -1, g.shape[2] * g.shape[3])                # (n, G, C_out/G, D)
+        jw = torch.matmul(gg, U.reshape(n, G, -1, U.shape[-1]).transpose(-1, -2))
+        return jw.reshape(n, -1)
+    pads = _conv_pads(m)
+    if pads[0] != pads[1] or pads[2] != pads[3]:
+        a, pad = F.pad(a, pads), [0, 0]
+    else:
+        pad = [pads[2], pads[0]]
+    a = a.contiguous()
+    weight = torch.empty((n * g.shape[1], cin_g) + tuple(m.kernel_size), dtype=a.dtype, device=a.device)
+    jw = torch.ops.aten.convolution_backward(
+        g.reshape((1, -1) + g.shape[2:]), a.reshape((1, -1) + a.shape[2:]), weight, None,
+        list(m.stride), pad, list(m.dilation), False, [0, 0], n * G, [False, True, False])[1]
+    return jw.reshape(n, -1)
+
+
+def _lw_parts(layer: _Layer, rec: "_Rec", g: Tensor) -> list[tuple[str, Tensor]]:
     """Per-sample Jacobian rows of one call for a chunk of outputs: [(param name, (n, oc, numel))].
 
-    ``a``: the module input (n, ...) (BatchNorm: x_hat); ``g``: output gradients (oc, n, ...), one
-    per output in the chunk.
+    ``rec`` holds the call's input; ``g``: output gradients (oc, n, ...), one per output in the
+    chunk.
     """
-    m, oc, n = layer.module, g.shape[0], a.shape[0]
+    m, oc = layer.module, g.shape[0]
+    a = rec.src.detach()
+    n = a.shape[0]
     out = []
     if layer.kind == "linear":
         a3 = a.reshape(n, -1, a.shape[-1])                              # (n, T, d_in)
@@ -383,32 +418,26 @@ def _lw_parts(layer: _Layer, a: Tensor, g: Tensor) -> list[tuple[str, Tensor]]:
         if layer.b:
             out.append((layer.b, g4.sum(2).transpose(0, 1)))
     elif layer.kind == "conv":
-        g4 = g.reshape(oc, n, g.shape[2], -1)                           # (oc, n, C_out, D)
         if layer.w:
-            U = _conv_patches(m, a)                                     # (n, C_in*k*k, D)
-            G, D = m.groups, g4.shape[-1]
-            if G == 1:
-                gt = g4.transpose(0, 1).reshape(n, -1, D)               # (n, oc*C_out, D)
-                jw = torch.bmm(gt, U.transpose(1, 2))                   # (n, oc*C_out, C_in*k*k)
-            else:
-                gg = g4.reshape(oc, n, G, -1, D).permute(1, 2, 0, 3, 4).reshape(n, G, -1, D)
-                jw = torch.matmul(gg, U.reshape(n, G, -1, D).transpose(-1, -2))  # (n,G,oc*Cg,kg)
-                jw = jw.reshape(n, G, oc, -1).transpose(1, 2)           # (n, oc, G, Cg*kg)
-            out.append((layer.w, jw.reshape(n, oc, -1)))
+            jw = torch.stack([_conv_weight_rows(m, a, g[o]) for o in range(oc)], 1)  # (n, oc, p)
+            out.append((layer.w, jw))
         if layer.b:
-            out.append((layer.b, g4.sum(-1).transpose(0, 1)))
-    else:  # bn: a holds x_hat
+            out.append((layer.b, g.reshape(oc, n, g.shape[2], -1).sum(-1).transpose(0, 1)))
+    else:  # bn: d/dw = sum_pos g * x_hat = inv * (sum_pos g * a - mean * sum_pos g), d/db = sum_pos g
+        mean, var, eps = rec.norm
         g4 = g.reshape(oc, n, g.shape[2], -1)                           # (oc, n, C, positions)
+        gsum = g4.sum(-1)                                               # (oc, n, C)
         if layer.w:
-            out.append((layer.w, (g4 * a.reshape(1, n, a.shape[1], -1)).sum(-1).transpose(0, 1)))
+            ga = (g4 * a.reshape(1, n, a.shape[1], -1)).sum(-1)
+            out.append((layer.w, ((ga - mean * gsum) * torch.rsqrt(var + eps)).transpose(0, 1)))
         if layer.b:
-            out.append((layer.b, g4.sum(-1).transpose(0, 1)))
+            out.append((layer.b, gsum.transpose(0, 1)))
     return out
 
 
-def _lw_rows(layer: _Layer, a: Tensor, g: Tensor) -> Tensor:
+def _lw_rows(layer: _Layer, rec: "_Rec", g: Tensor) -> Tensor:
     """(n, oc, P_layer) per-sample Jacobian rows of one call for a chunk of outputs."""
-    parts = _lw_parts(layer, a, g)
+    parts = _lw_parts(layer, rec, g)
     return parts[0][1] if len(parts) == 1 else torch.cat([p for _, p in parts], dim=2)
 
 
@@ -434,16 +463,6 @@ class _Rec:
     z: Tensor          # module output, a node of the graph
     version: int       # src._version at call time, to detect later in-place writes
     norm: tuple | None = None   # BatchNorm: (running_mean, running_var, eps) used by the call
-
-    @property
-    def a(self) -> Tensor:
-        """The layer's per-sample input features: the input, or for BatchNorm x_hat."""
-        a = self.src.detach()
-        if self.norm is None:
-            return a
-        mean, var, eps = self.norm
-        shape = [1, -1] + [1] * (a.dim() - 2)
-        return (a - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
 
 
 @dataclass
@@ -956,7 +975,7 @@ def _run_layerwise_stream(c: _Ctx, plan: _Plan, K: Tensor, pbar) -> None:
     """Trace / diagonal kernels: per block pair one forward pass over both blocks, then per output
     one backward pass during which every layer's contribution is contracted as its gradient
     arrives (hooks on the layer outputs): memory ~ the forward graph + one layer at a time."""
-    fm, O, layers = c.fm, c.O, plan.layers
+    fm, layers = c.fm, plan.layers
     params = {n: p.detach().requires_grad_() for n, p in fm.params.items()}
     rows = _ranges(c.n1, plan.block)
     cols = rows if c.sym else _ranges(c.n2, plan.block)
@@ -990,7 +1009,7 @@ def _lw_stream_pair(c: _Ctx, layers: list[_Layer], params: dict[str, Tensor], x:
         li = rec.layer
         layer = layers[li]
         if layer.gram:                      # sum_ts (a1_t . a2_s)(g1_t . g2_s), J never formed
-            A, G = _gram_feats(layer, rec.a, g.unsqueeze(0))          # (N, T, k), (1, N, T, d)
+            A, G = _gram_feats(layer, rec.src.detach(), g.unsqueeze(0))          # (N, T, k), (1, N, T, d)
             G = G[0]
             T = A.shape[1]
             A1, G1 = A[:n1].reshape(n1 * T, -1), G[:n1].reshape(n1 * T, -1)
@@ -999,7 +1018,7 @@ def _lw_stream_pair(c: _Ctx, layers: list[_Layer], params: dict[str, Tensor], x:
                 aa_cache[li] = (A1 @ A2.T).view(n1, T, n2, T)
             val = (aa_cache[li] * (G1 @ G2.T).view(n1, T, n2, T)).sum((1, 3))
         else:
-            J = _lw_rows(layer, rec.a, g.unsqueeze(0))[:, 0]          # (N, P_layer)
+            J = _lw_rows(layer, rec, g.unsqueeze(0))[:, 0]          # (N, P_layer)
             if layer.calls > 1:                  # a module called several times: sum its calls
                 prev, seen = pending.pop(li, (None, 0))
                 J = J if prev is None else prev + J
@@ -1029,7 +1048,7 @@ def _run_layerwise_full(c: _Ctx, plan: _Plan, K: Tensor, pbar) -> None:
     def layer_rows(ctx, li, grads):                        # (n, O, P_layer), summed over calls
         rows = None
         for k in ctx.by_layer[li]:
-            j = _lw_rows(layers[li], ctx.recs[k].a, grads[k])
+            j = _lw_rows(layers[li], ctx.recs[k], grads[k])
             rows = j if rows is None else rows + j
         return rows
 
@@ -1043,8 +1062,8 @@ def _run_layerwise_full(c: _Ctx, plan: _Plan, K: Tensor, pbar) -> None:
             layer = layers[li]
             if layer.gram:                                   # T == 1: (a1 . a2 + 1)(g1 . g2)
                 k1, k2 = f1.by_layer[li][0], f2.by_layer[li][0]
-                A1, G1 = _gram_feats(layer, f1.recs[k1].a, g1[k1])      # (n1, 1, k), (O, n1, 1, d)
-                A2, G2 = (A1, G1) if same else _gram_feats(layer, f2.recs[k2].a, g2[k2])
+                A1, G1 = _gram_feats(layer, f1.recs[k1].src.detach(), g1[k1])      # (n1, 1, k), (O, n1, 1, d)
+                A2, G2 = (A1, G1) if same else _gram_feats(layer, f2.recs[k2].src.detach(), g2[k2])
                 aa = A1[:, 0] @ A2[:, 0].T                                         # (n1, n2)
                 gg = torch.einsum("oic,pjc->iojp", G1[:, :, 0], G2[:, :, 0])       # (n1,O,n2,O)
                 blk += (gg * aa[:, None, :, None]).to(torch.float64)
@@ -1091,7 +1110,7 @@ def _lw_selfcheck(c: _Ctx, layers: list[_Layer]) -> tuple[list[_Layer], list[str
         if r.layer in bad:
             return
         try:
-            for name, rows in _lw_parts(layers[r.layer], r.a, g.unsqueeze(0)):     # (n, 1, numel)
+            for name, rows in _lw_parts(layers[r.layer], r, g.unsqueeze(0)):     # (n, 1, numel)
                 rec_sum[name] += (w[:, o, None] * rows[:, 0]).sum(0)
         except RuntimeError:
             bad.add(r.layer)
@@ -1545,8 +1564,10 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
         it = torch.empty((), dtype=fm.dtype).element_size()
         m = s * (O if kind == NtkKind.TRACE else 1)            # vectors pushed through at once
         fixed = (m + 2) * P * it + 16 * n * (dim_cap + 2 * s)  # tangents, gradient; basis, A*basis
-        # per sample: the VJP's forward graph and backward wave, JVPs of O tangents at a time
-        per_sample = (2 * stats.saved_numel + 2 * min(m, O) * stats.saved_numel + 2 * m * O) * it
+        # per sample: the VJP's forward graph and backward wave; the JVPs (O tangents at a time)
+        # keep no graph, only a few layers' primal and tangent activations
+        per_sample = ((2 + min(m, O) / 2) * stats.saved_numel + 2 * m * O) * it
+        per_sample = int(per_sample)
         free = int(memory_budget_bytes) - fixed
         b = int(block_size) if block_size else (free // per_sample if free > 0 else 0)
         if b < 1:
