@@ -59,3 +59,31 @@ def test_ntk_across_checkpoints_of_a_run(tmp_path, capsys):
 def test_ntk_bad_input(tmp_path, capsys, argv, needle):
     code, out, err = cli(capsys, *argv, "--runs", str(tmp_path), "--quiet")
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, capsys):
+    import models
+
+    store = RunStore(tmp_path)
+    res = train(TrainConfig(model="tiny_add", epochs=1, limit_train=64, limit_test=20), store, quiet=True)
+    other = models.create_model("tiny_wrn", in_chans=1)
+    store.save_checkpoint(res.run_id, 9, {"model": other.state_dict(), "epoch": 9})
+    code, out, err = cli(capsys, "ntk", "--run", res.run_id, "--checkpoint", "9", "--n", "8",
+                         "--runs", str(tmp_path), "--quiet")
+    assert code == 2 and "does not fit model 'tiny_add'" in err and len(err.strip().splitlines()) == 1, err
+    assert out == ""
+
+
+def test_ntk_model_in_train_mode_is_left_unchanged(tmp_path):
+    """The job probes an eval-mode (BN-calibrated) copy; the trained model object is not touched."""
+    import torch
+    from probe.jobs import calibrate_batchnorm
+    import models
+
+    model = models.create_model("tiny_mul").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calibrated = calibrate_batchnorm(model, torch.randn(32, 1, 8, 8))
+    assert calibrated is not model and model.training and not calibrated.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    bn = next(m for m in calibrated.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))  # statistics came from data
