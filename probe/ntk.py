@@ -1424,7 +1424,7 @@ class _NtkOperator:
            a single cotangent v 1^T, would be a different kernel.
     For s vectors at once (block Lanczos) that is s (full) or s*O (trace) cotangents: the VJPs
     reuse one forward pass per block in a loop (vmapping cotangents hits slow batching rules of
-    the convolution backward on CPU); the JVPs are vmapped over chunks of at most O tangents.
+    the convolution backward on CPU); the JVPs run in a loop on CPU and are vmapped over chunks of at most O tangents elsewhere.
     """
 
     def __init__(self, fm: FunctionalModel, x: Tensor, kind: NtkKind, O: int, block: int,
@@ -1463,8 +1463,11 @@ class _NtkOperator:
 
             def push(t):
                 return jvp(lambda p: f(p, xb), (fm.params,), (t,))[1]
-            JU = torch.cat([vmap(push)({k: u[a:b] for k, u in U.items()})
-                            for a, b in _ranges(m, step)])                          # (m, b, O)
+            if fm.device.type == "cpu":  # a loop of JVPs beats vmap's batching rules on CPU (~2x)
+                JU = torch.stack([push({k: u[j] for k, u in U.items()}) for j in range(m)])  # (m, b, O)
+            else:
+                JU = torch.cat([vmap(push)({k: u[a:b] for k, u in U.items()})
+                                for a, b in _ranges(m, step)])                      # (m, b, O)
             if trace:
                 JU = JU.reshape(s, O, hi - lo, O).diagonal(dim1=1, dim2=3)          # (s, b, O)
                 out[lo:hi] = JU.sum(-1).T.to(torch.float64)
