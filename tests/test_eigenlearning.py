@@ -17,20 +17,8 @@ from probe.errors import UserError
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 256 x 256 float64 problems: on a shared 2-core machine, BLAS threads waiting on each other
-    # cost more than the arithmetic. threadpoolctl comes with scikit-learn (a project dependency).
-    try:
-        import threadpoolctl
-        limiter = threadpoolctl.threadpool_limits(1)
-    except ImportError:  # pragma: no cover
-        limiter = None
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-    if limiter is not None:
-        limiter.restore_original_limits()
+def _one_thread(one_thread):
+    """Tiny float64 problems: one thread (see conftest.one_thread)."""
 
 
 D = 8

@@ -36,21 +36,8 @@ KINDS = ["full", "trace", "diagonal"]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny float64 problems: with several threads on a shared 2-core machine, thread wake-ups cost
-    # more than the arithmetic (a 6x2x4x4 im2col takes 2 ms instead of 15 us). threadpoolctl (for
-    # numpy's BLAS) comes with scikit-learn, a project dependency.
-    try:
-        import threadpoolctl
-        limiter = threadpoolctl.threadpool_limits(1)
-    except ImportError:  # pragma: no cover
-        limiter = None
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-    if limiter is not None:
-        limiter.restore_original_limits()
+def _one_thread(one_thread):
+    """Tiny float64 problems: one thread (see conftest.one_thread)."""
 
 
 # ------------------------------------------------------------------------------------------------
