@@ -44,8 +44,8 @@ from torch.func import jacrev, jvp, vjp, vmap
 from probe._func import FunctionalModel, ParamFilter, eval_mode, functionalize
 from probe.errors import UserError
 
-__all__ = ["NtkKind", "NtkMethod", "NtkResult", "SpectrumResult", "LanczosResult", "empirical_ntk",
-           "ntk_spectrum", "ntk_topk_lanczos"]
+__all__ = ["NtkKind", "NtkMethod", "LanczosMethod", "NtkResult", "SpectrumResult", "LanczosResult",
+           "empirical_ntk", "ntk_spectrum", "ntk_topk_lanczos"]
 
 
 class NtkKind(str, Enum):
@@ -211,6 +211,8 @@ class LanczosResult:
     peak_memory_bytes: int
     block_vectors: int
     subspace_dim: int
+    method: str = "ntvp"
+    n_passes: int = 0
     notes: tuple[str, ...] = ()
 
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -225,7 +227,7 @@ class LanczosResult:
                 "n_matvecs": self.n_matvecs, "converged": self.converged,
                 "wall_time_s": self.wall_time_s, "peak_memory_bytes": self.peak_memory_bytes,
                 "block_vectors": self.block_vectors, "subspace_dim": self.subspace_dim,
-                "notes": list(self.notes)}
+                "method": self.method, "n_passes": self.n_passes, "notes": list(self.notes)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,6 +239,9 @@ _BWD_FP = 2.0        # a backward pass: input gradients + weight gradients
 _JVP_FP = 2.5        # a forward-mode pass: primal + tangent
 _VMAP_OVERHEAD = 1.5  # per-sample (vmapped) kernels vs one batched kernel, measured on CPU convs
 _LANCZOS_MAX_BLOCK = 512  # samples per block in the matrix-free operator (throughput, not memory)
+_GRAM_MAX_CHUNK = 32      # samples whose generic layer rows are formed at once (gram operator)
+_GRAM_BLOCK = 10          # default vectors per block of the gram operator
+_GRAM_ROW_BYTES = 6 << 20  # a block of weight rows formed at once (~6 MB: stays in the L3 cache)
 
 
 def _enum(cls, value, what: str):
@@ -382,11 +387,8 @@ def _conv_weight_rows(m: nn.Conv2d, a: Tensor, g: Tensor) -> Tensor:
     """
     n, G = a.shape[0], m.groups
     cin_g = a.shape[1] // G
-    if cin_g < 8:
-        U = _conv_patches(m, a)                                          # (n, C_in*k*k, D)
-        gg = g.reshape(n, G, -1, g.shape[2] * g.shape[3])                # (n, G, C_out/G, D)
-        jw = torch.matmul(gg, U.reshape(n, G, -1, U.shape[-1]).transpose(-1, -2))
-        return jw.reshape(n, -1)
+    if _conv_rows_by_patches(cin_g, g.shape[2] * g.shape[3], 1):
+        return _conv_weight_rows_all(m, a, g.unsqueeze(0))[:, 0]
     pads = _conv_pads(m)
     if pads[0] != pads[1] or pads[2] != pads[3]:
         a, pad = F.pad(a, pads), [0, 0]
@@ -398,6 +400,31 @@ def _conv_weight_rows(m: nn.Conv2d, a: Tensor, g: Tensor) -> Tensor:
         g.reshape((1, -1) + g.shape[2:]), a.reshape((1, -1) + a.shape[2:]), weight, None,
         list(m.stride), pad, list(m.dilation), False, [0, 0], n * G, [False, True, False])[1]
     return jw.reshape(n, -1)
+
+
+def _conv_rows_by_patches(cin_g: int, t: int, oc: int) -> bool:
+    """Per-sample conv weight gradients through the patch matrix and one batched matmul for all
+    ``oc`` outputs (rather than a batch-as-groups convolution backward per output): faster on CPU
+    for few input channels per group, few output positions ``t`` or several outputs at once
+    (measured 2-3x at 8x8 inputs with 10 outputs), and for one output at many positions slower."""
+    return cin_g < 8 or t <= 16 or oc >= 4
+
+
+def _conv_weight_rows_all(m: nn.Conv2d, a: Tensor, g: Tensor) -> Tensor:
+    """Per-sample weight gradients (n, oc, C_out * C_in/G * kh * kw) of one conv call for ``oc``
+    outputs at once: ``a`` (n, C_in, H, W) input, ``g`` (oc, n, C_out, H', W') output gradients.
+
+    sum over positions of g (x) patch: one batched matmul (n, G, oc*C_out/G, T) @ (n, G, T, dk)."""
+    oc, n, C = g.shape[:3]
+    G = m.groups
+    U = _conv_patches(m, a)                                              # (n, C_in*k*k, T)
+    T = U.shape[-1]
+    Ug = U.reshape(n, G, -1, T).transpose(-1, -2)                        # (n, G, T, dk)
+    gg = g.reshape(oc, n, G, C // G, T).permute(1, 2, 0, 3, 4).reshape(n, G, oc * (C // G), T)
+    jw = torch.matmul(gg, Ug).reshape(n, G, oc, C // G, -1)              # (n, G, oc, C/G, dk)
+    if G > 1:
+        jw = jw.transpose(1, 2)
+    return jw.reshape(n, oc, -1)
 
 
 def _lw_parts(layer: _Layer, rec: "_Rec", g: Tensor) -> list[tuple[str, Tensor]]:
@@ -420,7 +447,10 @@ def _lw_parts(layer: _Layer, rec: "_Rec", g: Tensor) -> list[tuple[str, Tensor]]
             out.append((layer.b, g4.sum(2).transpose(0, 1)))
     elif layer.kind == "conv":
         if layer.w:
-            jw = torch.stack([_conv_weight_rows(m, a, g[o]) for o in range(oc)], 1)  # (n, oc, p)
+            if _conv_rows_by_patches(a.shape[1] // m.groups, g.shape[-2] * g.shape[-1], oc):
+                jw = _conv_weight_rows_all(m, a, g)                                    # (n, oc, p)
+            else:
+                jw = torch.stack([_conv_weight_rows(m, a, g[o]) for o in range(oc)], 1)
             out.append((layer.w, jw))
         if layer.b:
             out.append((layer.b, g.reshape(oc, n, g.shape[2], -1).sum(-1).transpose(0, 1)))
@@ -1476,6 +1506,229 @@ class _NtkOperator:
         return out.cpu().numpy()
 
 
+class _GramOperator:
+    """P -> M P for M = J^T J, the parameter-space twin of the NTK, one data sweep per block.
+
+    J stacks per-sample Jacobian rows: for ``trace`` one row per sample, the outputs side by side
+    (N x O*P, so K_trace = J J^T = sum_o J_o J_o^T); for ``full`` one row per (sample, output)
+    (N*O x P). M = J^T J = sum_i J_i^T J_i has the NTK's non-zero eigenvalues, and, unlike
+    K v = J (J^T v), a block product needs only one pass over the data: per chunk of samples one
+    forward pass and O backward passes, then per sub-chunk the per-sample layer rows R (the
+    closed forms of :func:`_lw_parts`; parameters outside structured layers by ``vmap(jacrev)``)
+    are formed once and used twice, w = R P^T (the chunk's rows of J P) and M P += w^T R.
+
+    Parameter-space layout of a vector (s, F): per selected parameter tensor, in ``fm.params``
+    order, a block of O*numel (trace, output-major) or numel (full) elements.
+    """
+
+    def __init__(self, fm: FunctionalModel, x: Tensor, kind: NtkKind, O: int, layers: list[_Layer],
+                 fallback: Sequence[str], block: int, sub: int, pbar=None):
+        self.fm, self.x, self.kind, self.O, self.layers = fm, x, kind, O, layers
+        self.block, self.sub, self.pbar = max(1, block), max(1, sub), pbar
+        self.fallback = list(fallback)
+        width = O if kind == NtkKind.TRACE else 1
+        self.seg: dict[str, tuple[int, int]] = {}
+        off = 0
+        for name, p in fm.params.items():
+            self.seg[name] = (off, off + width * p.numel())
+            off += width * p.numel()
+        self.F = off
+        self.n_units = x.shape[0] * (1 if kind == NtkKind.TRACE else O)
+        self.sweeps = self.matvecs = 0
+        self.params = {n: p.detach().requires_grad_() for n, p in fm.params.items()}
+        if self.fallback:
+            sub_names = set(self.fallback)
+            rest = {n: p for n, p in fm.params.items() if n not in sub_names}
+
+            def f(ps, xi):
+                return fm.single({**rest, **ps}, xi)
+            self._jac = vmap(jacrev(f), in_dims=(None, 0))
+
+    def _fast(self, layer: _Layer) -> bool:
+        """Rows in cache-sized blocks of (sample, output): single-call Linear, ungrouped Conv2d and
+        BatchNorm; anything else goes through :func:`_lw_parts`."""
+        if layer.calls != 1:
+            return False
+        return layer.kind in ("linear", "bn") or (layer.kind == "conv" and layer.module.groups == 1)
+
+    def _chunks(self):
+        """Per block of samples: one forward pass, O backward passes; yields (lo, hi, records,
+        output gradients per record (O, b, ...))."""
+        fm, O, layers = self.fm, self.O, self.layers
+        for lo, hi in _ranges(self.x.shape[0], self.block):
+            xb = self.x[lo:hi]
+            recs, grads = [], []
+            if layers:
+                leaf = _input_leaf(xb)
+                ctx = _lw_forward(fm, self.params, leaf if leaf is not None else xb, layers)
+                zs = [r.z for r in ctx.recs]
+                per_out = [torch.autograd.grad(ctx.y[:, o].sum(), zs, retain_graph=o < O - 1,
+                                               allow_unused=True) for o in range(O)]
+                # per record, the O output gradients (b, ...); a layer output that no output
+                # depends on gets zeros
+                grads = [[g if g is not None else torch.zeros_like(z) for g in gs]
+                         for z, gs in zip(zs, zip(*per_out))]
+                # keep the layer inputs, let the graph go
+                recs = [_Rec(r.layer, r.src.detach(), None, 0, r.norm) for r in ctx.recs]
+                del ctx, zs, per_out
+            yield lo, hi, recs, grads
+            if self.pbar is not None:
+                self.pbar.update(hi - lo)
+
+    def _blocks(self, xb: Tensor, recs: list[_Rec], grads: list[list[Tensor]]):
+        """The chunk's rows of J as blocks: yields (o, c0, c1, s0, s1, R) with R (s1 - s0, c1 - c0)
+        the rows of samples s0:s1 for output o in columns c0:c1 of the parameter-space layout."""
+        O, layers, trace = self.O, self.layers, self.kind == NtkKind.TRACE
+        b = xb.shape[0]
+
+        def cols(name: str, o: int, numel: int) -> tuple[int, int]:
+            c0 = self.seg[name][0] + (o * numel if trace else 0)
+            return c0, c0 + numel
+
+        generic: dict[int, list[int]] = defaultdict(list)            # layer -> its records
+        for k, rec in enumerate(recs):
+            layer = layers[rec.layer]
+            if not self._fast(layer):
+                generic[rec.layer].append(k)
+                continue
+            a, gs = rec.src, grads[k]
+            if layer.kind == "bn":      # d/dw = sum_pos g * x_hat, d/db = sum_pos g
+                mean, var, eps = rec.norm
+                C = a.shape[1]
+                inv = torch.rsqrt(var + eps)
+                xhat = ((a.reshape(b, C, -1) - mean[:, None]) * inv[:, None])       # (b, C, pos)
+                for o in range(O):
+                    g = gs[o].reshape(b, C, -1)
+                    if layer.w is not None:
+                        yield (o, *cols(layer.w, o, C), 0, b, (g * xhat).sum(-1))
+                    if layer.b is not None:
+                        yield (o, *cols(layer.b, o, C), 0, b, g.sum(-1))
+                continue
+            if layer.kind == "conv":
+                A = _conv_patches(layer.module, a).transpose(1, 2)          # (b, T, D)
+            else:
+                A = a.reshape(b, -1, a.shape[-1])                           # (b, T, d_in)
+            numel = layer.module.weight.numel() if layer.w is not None else 0
+            m = int(min(b, max(4, _GRAM_ROW_BYTES // (max(numel, 1) * A.element_size()))))
+            for o in range(O):
+                if layer.kind == "conv":
+                    G = gs[o].reshape(b, gs[o].shape[1], -1)                # (b, C, T)
+                else:
+                    G = gs[o].reshape(b, -1, gs[o].shape[-1]).transpose(1, 2)   # (b, d_out, T)
+                if layer.w is not None:
+                    c0, c1 = cols(layer.w, o, numel)
+                    for s0, s1 in _ranges(b, m):
+                        yield o, c0, c1, s0, s1, torch.bmm(G[s0:s1], A[s0:s1]).reshape(s1 - s0, numel)
+                if layer.b is not None:                                     # bias: sum over positions
+                    yield (o, *cols(layer.b, o, G.shape[1]), 0, b, G.sum(-1))
+        for s0, s1 in _ranges(b, self.sub):
+            rows: dict[str, Tensor] = {}
+            for li, ks in generic.items():
+                for k in ks:
+                    rec = recs[k]
+                    part_rec = _Rec(rec.layer, rec.src[s0:s1], None, 0, rec.norm)
+                    g = torch.stack([gk[s0:s1] for gk in grads[k]])         # (O, m, ...)
+                    for name, part in _lw_parts(layers[li], part_rec, g):
+                        rows[name] = part if name not in rows else rows[name] + part
+            if self.fallback:
+                jac = self._jac({n: self.fm.params[n] for n in self.fallback}, xb[s0:s1])
+                for name in self.fallback:
+                    rows[name] = jac[name].reshape(s1 - s0, O, -1)
+            for name, R in rows.items():                                    # (m, O, numel)
+                for o in range(O):
+                    yield (o, *cols(name, o, R.shape[-1]), s0, s1, R[:, o])
+
+    def _unit_view(self, w: Tensor, o: int) -> Tensor:
+        """Rows of w (units, s) that belong to output o: all (trace) or every O-th (full)."""
+        return w if self.kind == NtkKind.TRACE else w.view(-1, self.O, w.shape[-1])[:, o]
+
+    def matmat(self, P: Tensor) -> Tensor:
+        """M P for P (s, F): rows are parameter-space vectors."""
+        out = torch.zeros_like(P)
+        self.sweeps += 1
+        self.matvecs += P.shape[0]
+        per = 1 if self.kind == NtkKind.TRACE else self.O
+        for lo, hi, recs, grads in self._chunks():
+            xb = self.x[lo:hi]
+            w = torch.zeros(((hi - lo) * per, P.shape[0]), dtype=P.dtype, device=P.device)
+            for o, c0, c1, s0, s1, R in self._blocks(xb, recs, grads):         # w = R P^T
+                self._unit_view(w, o)[s0:s1].addmm_(R, P[:, c0:c1].T)
+            for o, c0, c1, s0, s1, R in self._blocks(xb, recs, grads):         # M P += w^T R
+                out[:, c0:c1].addmm_(self._unit_view(w, o)[s0:s1].T, R)
+        return out
+
+    def rows_times(self, P: Tensor) -> Tensor:
+        """J P^T: (units, s), units = samples (trace) or (sample, output) sample-major (full)."""
+        per = 1 if self.kind == NtkKind.TRACE else self.O
+        out = torch.zeros((self.n_units, P.shape[0]), dtype=P.dtype, device=P.device)
+        for lo, hi, recs, grads in self._chunks():
+            w = out[lo * per:hi * per]
+            for o, c0, c1, s0, s1, R in self._blocks(self.x[lo:hi], recs, grads):
+                self._unit_view(w, o)[s0:s1].addmm_(R, P[:, c0:c1].T)
+        return out
+
+
+def _gram_lanczos(op: Callable[[Tensor], Tensor], F: int, k: int, s: int, max_dim: int, tol: float,
+                  gen: torch.Generator, dtype: torch.dtype, device: torch.device
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool, int, Tensor]:
+    """Block Lanczos with full reorthogonalisation for the top-k eigenpairs of a symmetric PSD
+    operator on R^F whose vectors are too long to keep twice (parameter space).
+
+    Keeps the basis Q (dim x F, rows) and the exact projection T = Q^T M Q (float64, dim x dim),
+    filled one block column at a time as M Q_j arrives, but not M Q itself: every earlier M Q_i
+    lies in span(Q) (its remainder became the next block), so M Q = Q T + W E^T with W the last
+    block's remainder (orthogonalised twice, "twice is enough"), and a Ritz pair (theta, Q y) has
+    residual ||M Q y - theta Q y|| = ||W^T y_last|| exactly. Blocks have s vectors, so an
+    eigenvalue of multiplicity up to s is resolved; directions that vanish (an invariant subspace)
+    are replaced by random ones. Returns (theta desc (k,), Ritz coefficients (dim, k) on the basis
+    rows, residual norms (k,), converged, dim, basis (dim, F)).
+    """
+    def orth(W: Tensor, B: Tensor) -> Tensor:
+        for _ in range(2):
+            W = W - (W @ B.T) @ B
+        return W
+
+    def orthonormal_rows(W: Tensor, B: Tensor) -> Tensor:
+        scale_w = float(W.abs().max()) if W.numel() else 0.0
+        W = orth(W, B)
+        weak = W.norm(dim=1) <= 1e-8 * max(scale_w, 1e-300)
+        if bool(weak.any()):                                    # invariant subspace found
+            fresh = torch.randn((int(weak.sum()), F), generator=gen, dtype=dtype).to(device)
+            W[weak] = orth(fresh, B)
+        Qr = torch.linalg.qr(W.T)[0].T
+        return torch.linalg.qr(orth(Qr, B).T)[0].T
+
+    max_dim = min(max_dim, F)
+    basis = torch.empty((max_dim, F), dtype=dtype, device=device)
+    T = np.zeros((max_dim, max_dim))
+    Q = orthonormal_rows(torch.randn((s, F), generator=gen, dtype=dtype).to(device), basis[:0])
+    dim, scale = 0, 0.0
+    while True:
+        bs = Q.shape[0]
+        basis[dim:dim + bs] = Q
+        MQ = op(Q)                                                        # (bs, F)
+        dim += bs
+        B = basis[:dim]
+        C = (B @ MQ.T).to(torch.float64).cpu().numpy()                   # (dim, bs)
+        T[:dim, dim - bs:dim] = C
+        T[dim - bs:dim, :dim] = C.T
+        Tt = T[:dim, :dim]
+        Tt = 0.5 * (Tt + Tt.T)
+        evals, S = np.linalg.eigh(Tt)
+        order = np.argsort(evals)[::-1][:k]
+        theta, Sk = evals[order], S[:, order]
+        scale = max(scale, float(np.abs(evals).max()), 1e-300)
+        W = orth(MQ - torch.as_tensor(C.T, dtype=dtype, device=device) @ B, B)   # (bs, F)
+        G = (W @ W.T).to(torch.float64).cpu().numpy()
+        last = Sk[dim - bs:dim]                                           # (bs, k)
+        res = np.sqrt(np.maximum(np.einsum("ik,ij,jk->k", last, G, last), 0.0))
+        converged = dim >= F or (dim >= k and bool((res <= tol * scale).all()))
+        step = min(s, F - dim, max_dim - dim)
+        if converged or step <= 0:
+            return theta, Sk, res, converged, dim, basis[:dim]
+        Q = orthonormal_rows(W[:step] if step < bs else W, B)
+
+
 def _block_lanczos(op, n: int, k: int, s: int, max_dim: int, tol: float, rng: np.random.Generator,
                    pbar) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool, int]:
     """Block Lanczos with full reorthogonalisation for the top-k eigenpairs of a symmetric op.
@@ -1521,61 +1774,202 @@ def _block_lanczos(op, n: int, k: int, s: int, max_dim: int, tol: float, rng: np
         basis = np.concatenate([basis, Q], axis=1)
 
 
+class LanczosMethod(str, Enum):
+    """The operator :func:`ntk_topk_lanczos` iterates. N samples, O outputs, P parameters, s
+    vectors per block, [FP] one sample's forward pass."""
+
+    AUTO = "auto"
+    """``gram`` when the model is built from Linear/Conv2d/BatchNorm layers (others through
+    ``vmap(jacrev)``), treats samples independently and its Lanczos basis fits the budget;
+    ``ntvp`` otherwise."""
+    GRAM = "gram"
+    """Block Lanczos on M = J^T J in parameter space (:class:`_GramOperator`): same non-zero
+    eigenvalues as K = J J^T, and one pass over the data per block of s vectors -- one forward
+    and O backward passes per sample, its layer rows R formed once in closed form, then two
+    matrix products (R P^T, then w^T R). Time per block ~N*(1 + 2*O)*[FP] + 4*s*N*O*P (trace);
+    memory (Krylov dim + 4*s) * O*P for the parameter-space basis plus a block of samples."""
+    NTVP = "ntvp"
+    """Block Lanczos on K in sample space, K v = J (J^T v) by VJPs then JVPs (:class:`_NtkOperator`):
+    two passes over the data per block and O VJPs + O JVPs per vector and sample (trace), time
+    ~5*s*N*O*[FP] per block; memory O(s*O*P + N*max_dim). Works for any model, also one that
+    couples samples."""
+
+
+def _default_block(method: "LanczosMethod", k: int) -> int:
+    # gram: one data pass per block, so larger blocks amortise the O backward passes; about 10
+    # vectors was the fastest to converge top-20 on ResNet-20 kernels (benchmarks/bench_ntk.py).
+    # ntvp: every vector costs its own VJPs and JVPs: single-vector Lanczos needs fewest.
+    return min(k, _GRAM_BLOCK) if method == LanczosMethod.GRAM else 1
+
+
+def _plan_gram(c: _Ctx, layers: list[_Layer], fallback: list[str], k: int, s: int, dim_cap: int,
+               n_units: int, block_size: int | None) -> _Plan:
+    """Memory plan of :class:`_GramOperator` + :func:`_gram_lanczos`: basis and blocks in parameter
+    space, then the largest sample blocks that fit (``block``: forward graph and O output gradients
+    per sample; ``chunk``: samples whose layer rows are formed at once)."""
+    it, O, S, P = c.itemsize, c.O, c.stats.saved_numel, c.fm.n_params
+    F = P * (O if c.kind == NtkKind.TRACE else 1)
+    plan = _Plan(NtkMethod.LAYERWISE, False)
+    sum_out = sum(layer.out_numel for layer in layers)
+    clones = sum(layer.out_numel for layer in layers if layer.inplace_out)
+    unf = max([layer.unfold_numel for layer in layers] + [0])
+    per_sample = (2 * S + clones + O * sum_out + O) * it                # block: graph + O gradients
+    per_row = (2 * O * P + unf) * it                                    # chunk: rows (+ one copy)
+    work_min = per_sample + per_row
+
+    def fixed(d: int) -> int:
+        return (d + 4 * s) * F * it + 8 * d * d
+
+    dims = dim_cap
+    if fixed(dims) + work_min > c.budget:                               # shrink the Krylov space
+        fit = (c.budget - work_min - 8 * dims * dims) // (F * it) - 4 * s
+        dims = int(fit // s * s) if fit > 0 else 0
+    need_dims = min(F, -(-k // s) * s + s)
+    if dims < need_dims:
+        plan.reason = (f"the parameter-space basis needs {_mib(fixed(need_dims) + work_min)} for "
+                       f"{need_dims} vectors of {F} elements")
+        plan.min_bytes = fixed(need_dims) + work_min
+        return plan
+    free = c.budget - fixed(dims)
+    chunk = int(max(1, min(_GRAM_MAX_CHUNK, (free // 3) // per_row)))
+    if block_size:
+        block = int(block_size)
+    else:
+        block = int(max(chunk, min(_LANCZOS_MAX_BLOCK, (free - chunk * per_row) // per_sample)))
+    chunk = min(chunk, block)
+    plan.__dict__.update(feasible=True, block=min(block, c.n1), chunk=chunk,
+                         peak_bytes=fixed(dims) + block * per_sample + chunk * per_row,
+                         layers=layers, n_blocks=dims,
+                         schedule=f"blocks of {min(block, c.n1)} samples, rows of {chunk} at once")
+    plan.groups = [list(fallback)]
+    return plan
+
+
 def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind | str = "trace",
+                     method: LanczosMethod | str = "auto",
                      param_filter: ParamFilter = None, dtype: torch.dtype | str | None = None,
                      device: torch.device | str | None = None, memory_budget_bytes: int = 2 ** 30,
-                     block_size: int | None = None, block_vectors: int = 1, max_dim: int | None = None,
-                     tol: float | None = None, return_eigenvectors: bool = False, seed: int = 0,
+                     block_size: int | None = None, block_vectors: int | None = None,
+                     max_dim: int | None = None, tol: float | None = None,
+                     return_eigenvectors: bool = False, seed: int = 0,
                      progress: bool = False) -> LanczosResult:
     """Top-k eigenvalues of the empirical NTK of ``model`` on ``x`` without forming the kernel.
 
-    Block Lanczos (``block_vectors`` = s vectors per step, full reorthogonalisation, float64
-    Lanczos vectors) over the operator v -> K v of :class:`_NtkOperator`: per vector one VJP and
-    one JVP (full) or O of each (trace), over blocks of ``block_size`` samples. Memory
-    O(s*O*P + block*A*O + N*max_dim), no N x N array. Plain Lanczos (s=1) sees each eigenvalue
-    once: for an eigenvalue of multiplicity m among the top k use s >= m (e.g. a kernel restricted
-    to the last layer, kron(H H^T, I_O), needs s >= O with ``kind="full"``).
+    Block Lanczos (``block_vectors`` = s vectors per step, full reorthogonalisation) over one of
+    two operators (:class:`LanczosMethod`): ``gram``, M = J^T J in parameter space, one pass over
+    the data per block (per-sample layer rows in closed form); or ``ntvp``, K v = J (J^T v) by
+    VJPs and JVPs in sample space. ``auto`` takes ``gram`` when it applies and fits
+    ``memory_budget_bytes``. Neither forms an N x N array. Plain Lanczos (s=1) sees each
+    eigenvalue once: for an eigenvalue of multiplicity m among the top k use s >= m (e.g. a kernel
+    restricted to the last layer, kron(H H^T, I_O), needs s >= O with ``kind="full"``). ``s``
+    defaults to min(k, 10) for ``gram`` and 1 for ``ntvp``.
 
-    Convergence: every top-k Ritz residual ||K y - theta y|| <= tol * theta_max; the eigenvalue
-    error is then at most the residual, and about residual^2 / gap for separated eigenvalues.
-    ``tol`` defaults to 1e-8 for float64 and 1e-5 in lower precision, where the operator's own
-    rounding (~1e-6 theta_max in float32) puts a floor under the residuals. ``max_dim`` caps the
-    Krylov dimension (default max(10k, 100), at most N or N*O); when reached, ``converged`` is
-    False and a note says so. ``kind``: ``trace`` (N x N) or ``full`` (N*O x N*O, sample-major
-    eigenvectors).
+    Convergence: every top-k Ritz residual (||K y - theta y||, or for ``gram`` ||M p - theta p||,
+    p in parameter space) <= tol * theta_max; the eigenvalue error is then at most the residual,
+    and about residual^2 / gap for separated eigenvalues. ``tol`` defaults to 1e-8 for float64
+    and 1e-5 in lower precision, where the operator's own rounding (~1e-6 theta_max in float32)
+    puts a floor under the residuals. ``max_dim`` caps the Krylov dimension (default
+    max(10k, 100)); when reached, ``converged`` is False and a note says so. ``kind``: ``trace``
+    (N x N) or ``full`` (N*O x N*O, sample-major eigenvectors). ``return_eigenvectors`` costs
+    ``gram`` one more pass (y = J p / sqrt(theta)). ``block_size`` forces the samples per pass.
     """
     t0 = time.perf_counter()
     kind = _enum(NtkKind, kind, "NTK kind")
+    method = _enum(LanczosMethod, method, "Lanczos method")
     if kind == NtkKind.DIAGONAL:
         raise UserError("ntk_topk_lanczos supports kind='trace' or 'full'; for one output's kernel use "
                         "param_filter/a model head with that output")
+    for name, val in (("block_vectors", block_vectors), ("block_size", block_size), ("max_dim", max_dim)):
+        if val is not None and int(val) < 1:
+            raise UserError(f"{name} must be a positive integer, got {val!r}")
+    if memory_budget_bytes is None or memory_budget_bytes <= 0:
+        raise UserError(f"memory_budget_bytes must be positive, got {memory_budget_bytes!r}")
     fm = functionalize(model, param_filter=param_filter, dtype=dtype, device=device)
     notes = []
     if any(m.training for m in model.modules()):
         notes.append("model was in train mode: evaluated in eval mode; modes restored")
     with eval_mode(model):
         x, _, _ = _prepare_inputs(fm, x, None)
-        stats = _measure(fm, x[:1].clone(), [])
+        couples = _couples_samples(model)
+        layers = _find_layers(fm) if not couples else []
+        stats = _measure(fm, x[:1].clone(), layers)
         O, N, P = stats.n_outputs, x.shape[0], fm.n_params
         n = N * (O if kind == NtkKind.FULL else 1)
         k = int(k)
         if not 1 <= k <= n:
             raise UserError(f"k must be between 1 and {n} (the kernel's size), got {k}")
-        s = max(1, min(int(block_vectors), k))
-        dim_cap = min(n, int(max_dim) if max_dim else max(10 * k, 100))
-        dim_cap = max(dim_cap, min(n, k + s))
         if tol is None:
             tol = 1e-8 if fm.dtype == torch.float64 else 1e-5
         it = torch.empty((), dtype=fm.dtype).element_size()
+        budget = int(memory_budget_bytes)
+        act_bytes = max(1, 3 * stats.saved_numel * it)
+        _check_finite(fm, x, max(1, min(N, max(budget // 2, act_bytes) // act_bytes)), "x")
+
+        gram = None
+        if method in (LanczosMethod.AUTO, LanczosMethod.GRAM):
+            if couples:
+                gram = _Plan(NtkMethod.LAYERWISE, False, reason="the model has BatchNorm without "
+                             "running statistics (samples are coupled in eval mode)")
+            else:
+                c = _Ctx(fm, kind, x, x, True, stats, it, budget)
+                good, bad = _lw_selfcheck(c, [lay for lay in layers if lay.calls > 0])
+                covered = {nm for lay in good for nm in lay.names}
+                fallback = [nm for nm in fm.params if nm not in covered]
+                s = max(1, min(int(block_vectors or _default_block(LanczosMethod.GRAM, k)), k))
+                F = P * (O if kind == NtkKind.TRACE else 1)
+                # M has rank <= n: n + s vectors (one random block, then range(J^T)) span it all
+                cap = min(int(max_dim) if max_dim else max(10 * k, 100), n + s)
+                cap = F if cap >= F else max(cap // s * s, min(F, -(-k // s) * s + s))
+                gram = _plan_gram(c, good, fallback, k, s, cap, n, block_size)
+                if bad and gram.feasible:
+                    notes.append(f"gram: {len(bad)} parameter tensor(s) failed the closed-form check "
+                                 f"and use vmap(jacrev)")
+                if gram.feasible and gram.n_blocks < cap:
+                    notes.append(f"gram: Krylov dimension capped at {gram.n_blocks} by the memory budget")
+            if method == LanczosMethod.GRAM and not gram.feasible:
+                raise UserError(f"method='gram' cannot run: {gram.reason}; raise memory_budget_bytes "
+                                f"(budget {_mib(budget)}) or use method='ntvp'")
+        if gram is not None and gram.feasible:
+            plan = gram
+            gen = torch.Generator().manual_seed(int(seed))
+            sweeps_max = -(-plan.n_blocks // s) + (1 if return_eigenvectors else 0)
+            with _progress(N * sweeps_max, f"ntk lanczos ({kind.value}, gram, {s} vectors/pass)",
+                           progress) as pbar:
+                op = _GramOperator(fm, x, kind, O, plan.layers, plan.groups[0], plan.block, plan.chunk,
+                                   pbar)
+                theta, Sk, res, converged, dim, basis = _gram_lanczos(
+                    op.matmat, op.F, k, s, plan.n_blocks, tol, gen, fm.dtype, fm.device)
+                Y = None
+                if return_eigenvectors:                     # y = J p / ||J p||, p the Ritz vectors
+                    Pk = torch.as_tensor(Sk.T, dtype=fm.dtype, device=fm.device) @ basis   # (k, F)
+                    JY = op.rows_times(Pk).to(torch.float64).cpu().numpy()              # (n, k)
+                    Y = JY / np.maximum(np.linalg.norm(JY, axis=0), 1e-300)
+                del basis
+            if not converged:
+                notes.append(f"not converged within a Krylov dimension of {dim}: raise max_dim or "
+                             f"memory_budget_bytes (largest residual {res.max():.3g})")
+            return LanczosResult(eigenvalues=theta, eigenvectors=Y, residuals=res, n_matvecs=op.matvecs,
+                                 converged=bool(converged), kind=kind.value, n=N, n_outputs=O,
+                                 n_params=P, dtype=str(fm.dtype).replace("torch.", ""),
+                                 wall_time_s=time.perf_counter() - t0,
+                                 peak_memory_bytes=int(plan.peak_bytes), block_vectors=s,
+                                 subspace_dim=dim, method=LanczosMethod.GRAM.value,
+                                 n_passes=op.sweeps, notes=tuple(notes))
+        if gram is not None and method == LanczosMethod.AUTO:
+            notes.append(f"gram operator not used ({gram.reason}): VJP/JVP products instead")
+
+        s = max(1, min(int(block_vectors or _default_block(LanczosMethod.NTVP, k)), k))
+        dim_cap = min(n, int(max_dim) if max_dim else max(10 * k, 100))
+        dim_cap = max(dim_cap, min(n, k + s))
         m = s * (O if kind == NtkKind.TRACE else 1)            # vectors pushed through at once
         fixed = (m + 2) * P * it + 16 * n * (dim_cap + 2 * s)  # tangents, gradient; basis, A*basis
         # per sample: the VJP's forward graph and backward wave; the JVPs (O tangents at a time)
         # keep no graph, only a few layers' primal and tangent activations
         per_sample = ((2 + min(m, O) / 2) * stats.saved_numel + 2 * m * O) * it
         per_sample = int(per_sample)
-        free = int(memory_budget_bytes) - fixed
+        free = budget - fixed
         b = int(block_size) if block_size else (free // per_sample if free > 0 else 0)
-        if b < 1:
+        if b < 1 or free < per_sample:
             need = fixed + per_sample
             raise UserError(f"matrix-free NTK needs at least {_mib(need)} (tangents {m} x P={P}, "
                             f"Lanczos basis, one sample's activations) but memory_budget_bytes is "
@@ -1583,11 +1977,9 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
         # beyond a few hundred samples per block the passes get memory-bound (measured on CPU:
         # 2000-sample blocks ~1.4x slower per sample than 250-500)
         b = min(b, N, _LANCZOS_MAX_BLOCK) if not block_size else min(b, N)
-        act_bytes = max(1, 3 * stats.saved_numel * it)
-        _check_finite(fm, x, max(1, min(N, max(free, act_bytes) // act_bytes)), "x")
-        op = _NtkOperator(fm, x, kind, O, b, per_sample=_couples_samples(model))
+        op = _NtkOperator(fm, x, kind, O, b, per_sample=couples)
         rng = np.random.default_rng(seed)
-        with _progress(dim_cap, f"ntk lanczos ({kind.value})", progress) as pbar:
+        with _progress(dim_cap, f"ntk lanczos ({kind.value}, ntvp)", progress) as pbar:
             theta, Y, res, converged, dim = _block_lanczos(op.matmat, n, k, s, dim_cap, tol, rng, pbar)
     if not converged:
         notes.append(f"not converged within a Krylov dimension of {dim}: raise max_dim "
@@ -1598,4 +1990,5 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
                          dtype=str(fm.dtype).replace("torch.", ""),
                          wall_time_s=time.perf_counter() - t0,
                          peak_memory_bytes=int(fixed + b * per_sample), block_vectors=s,
-                         subspace_dim=dim, notes=tuple(notes))
+                         subspace_dim=dim, method=LanczosMethod.NTVP.value,
+                         n_passes=2 * -(-op.matvecs // s), notes=tuple(notes))
