@@ -27,15 +27,20 @@ contraction) -- by each method's wall time, and compares it with a measured floa
 (2048 x 2048, best of 5) on the same threads. Kernels are checked against ``ours`` (max relative
 difference).
 
-The ``--lanczos-n`` part runs ``ntk_topk_lanczos`` (top-20 eigenvalues of the trace kernel) on
-N random 1x8x8 inputs with the same architecture (1 input channel) and reports time, memory and
-matrix-vector products.
+The ``--lanczos-n`` part runs ``ntk_topk_lanczos`` (top-20 eigenvalues of the trace kernel,
+``method="gram"``, float32, tol 1e-5 * lambda_max) on N random 1x8x8 inputs with the same
+architecture (1 input channel) and reports time, peak memory, vectors and passes over the data;
+next to it, the baseline ``method="ntvp"`` (VJP/JVP products, the library's previous operator):
+its measured seconds per Lanczos vector at the same N, times the vectors it needs (from the
+``--lanczos-compare-n`` run, else 40). ``--lanczos-compare-n`` runs both end to end at a smaller N
+and checks that their eigenvalues agree.
 
 Targets: trace kernel at N=256 at least 3x faster than ``vmap_jacrev`` with at most 25% of its
 extra memory; top-20 Lanczos eigenvalues at N=10,000 within 15 minutes and 4 GB.
 
     python benchmarks/bench_ntk.py [--n 64 256] [--methods ours naive vmap_jacrev vmap_jacrev_once]
-                                   [--budget-gib 2] [--repeats 1] [--lanczos-n 10000] [--json]
+                                   [--budget-gib 2] [--repeats 1] [--lanczos-n 10000]
+                                   [--lanczos-compare-n 500] [--json]
 """
 from __future__ import annotations
 
@@ -228,17 +233,34 @@ def worker_matmul(args) -> dict:
 
 
 def worker_lanczos(args) -> dict:
+    """One full top-20 run of ``ntk_topk_lanczos`` with ``--lanczos-method``."""
     from probe.ntk import ntk_topk_lanczos
     model, x = build(args.n, 8, in_chans=1)
     base = _rss_mb()
     t0 = time.perf_counter()
-    res = ntk_topk_lanczos(model, x, k=20, kind="trace", memory_budget_bytes=int(args.budget_gib * 2 ** 30),
+    res = ntk_topk_lanczos(model, x, k=20, kind="trace", method=args.lanczos_method,
+                           memory_budget_bytes=int(args.budget_gib * 2 ** 30),
                            block_vectors=args.block_vectors, tol=args.tol, progress=not args.json)
-    return {"wall_s": time.perf_counter() - t0, "rss_base_mb": base, "rss_peak_mb": _rss_mb(),
-            "n_matvecs": res.n_matvecs, "converged": res.converged, "subspace_dim": res.subspace_dim,
-            "eigenvalues": res.eigenvalues.tolist(),
+    return {"method": res.method, "wall_s": time.perf_counter() - t0, "rss_base_mb": base,
+            "rss_peak_mb": _rss_mb(), "n_matvecs": res.n_matvecs, "n_passes": res.n_passes,
+            "block_vectors": res.block_vectors, "converged": res.converged,
+            "subspace_dim": res.subspace_dim, "eigenvalues": res.eigenvalues.tolist(),
             "max_rel_residual": float(res.residuals.max() / res.eigenvalues[0]),
-            "planned_peak_mb": res.peak_memory_bytes / 2 ** 20}
+            "planned_peak_mb": res.peak_memory_bytes / 2 ** 20, "notes": list(res.notes)}
+
+
+def worker_matvec(args) -> dict:
+    """Seconds per Lanczos vector of the VJP/JVP operator (``ntvp``) at N: one product K v."""
+    from probe._func import eval_mode, functionalize
+    from probe.ntk import NtkKind, _LANCZOS_MAX_BLOCK, _NtkOperator
+    model, x = build(args.n, 8, in_chans=1)
+    fm = functionalize(model)
+    with eval_mode(model):
+        op = _NtkOperator(fm, x, NtkKind.TRACE, 10, min(args.n, _LANCZOS_MAX_BLOCK))
+        v = np.random.default_rng(0).standard_normal((args.n, 1))
+        t0 = time.perf_counter()
+        op.matmat(v)
+        return {"s_per_vector": time.perf_counter() - t0}
 
 
 def spawn(argv: list[str]) -> dict:
@@ -260,10 +282,15 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--no-flops", action="store_true")
     ap.add_argument("--lanczos-n", type=int, default=0, help="N for the top-20 Lanczos run (0: skip)")
-    ap.add_argument("--block-vectors", type=int, default=1)
+    ap.add_argument("--block-vectors", type=int, default=None,
+                    help="Lanczos block size (default: the library's per method)")
+    ap.add_argument("--lanczos-compare-n", type=int, default=0,
+                    help="also run both Lanczos operators end to end at this N (0: skip)")
+    ap.add_argument("--lanczos-only", action="store_true", help="skip the kernel comparison")
+    ap.add_argument("--lanczos-method", default="gram", help=argparse.SUPPRESS)
     ap.add_argument("--tol", type=float, default=None, help="Lanczos tolerance (default: the library's)")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--worker", choices=METHODS + ["matmul", "lanczos"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=METHODS + ["matmul", "lanczos", "matvec"], help=argparse.SUPPRESS)
     ap.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--save", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -274,6 +301,8 @@ def main(argv=None) -> int:
             out = worker_matmul(args)
         elif args.worker == "lanczos":
             out = worker_lanczos(args)
+        elif args.worker == "matvec":
+            out = worker_matvec(args)
         elif args.flops:
             out = worker_flops(args)
         else:
@@ -285,8 +314,10 @@ def main(argv=None) -> int:
     env = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
            "load_avg_start": os.getloadavg()}
     peak = spawn(["--worker", "matmul"])["gflops"]
+    if args.lanczos_only:
+        args.n = []
     flop_methods = sorted(set(args.methods) | {"naive"})
-    flop_fit = {} if args.no_flops else {m: spawn(["--worker", m, "--flops"] + common)
+    flop_fit = {} if (args.no_flops or args.lanczos_only) else {m: spawn(["--worker", m, "--flops"] + common)
                                          for m in flop_methods}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -324,11 +355,34 @@ def main(argv=None) -> int:
                             "cpu_speedup": best[m]["cpu_s"] / best["ours"]["cpu_s"],
                             "memory_ratio": best["ours"]["extra_mb"] / max(best[m]["extra_mb"], 1e-9)})
     lanczos = None
-    if args.lanczos_n:
-        lanczos = spawn(["--worker", "lanczos", "--n", str(args.lanczos_n), "--budget-gib", "4",
-                         "--block-vectors", str(args.block_vectors), "--json"]
-                        + ([] if args.tol is None else ["--tol", str(args.tol)]))
-        lanczos["n"] = args.lanczos_n
+    if args.lanczos_n or args.lanczos_compare_n:
+        lanczos = {"runs": []}
+
+        def lz(n, method):
+            argv = ["--worker", "lanczos", "--n", str(n), "--budget-gib", "4", "--json",
+                    "--lanczos-method", method]
+            if args.block_vectors:
+                argv += ["--block-vectors", str(args.block_vectors)]
+            if args.tol is not None:
+                argv += ["--tol", str(args.tol)]
+            r = spawn(argv)
+            r.update(n=n)
+            lanczos["runs"].append(r)
+            return r
+        if args.lanczos_compare_n:           # both operators end to end, same N, same inputs
+            a, b = lz(args.lanczos_compare_n, "gram"), lz(args.lanczos_compare_n, "ntvp")
+            ea, eb = np.array(a["eigenvalues"]), np.array(b["eigenvalues"])
+            lanczos["compare"] = {"n": args.lanczos_compare_n, "speedup": b["wall_s"] / a["wall_s"],
+                                  "max_rel_eig_diff": float(np.max(np.abs(ea - eb) / eb))}
+        if args.lanczos_n:
+            ours = lz(args.lanczos_n, "gram")
+            per_vec = spawn(["--worker", "matvec", "--n", str(args.lanczos_n), "--json"])["s_per_vector"]
+            # the baseline needs as many vectors as in the end-to-end comparison (or 40, the count
+            # measured for it at N=10,000 before) -- an estimate, labelled as such
+            count = next((r["n_matvecs"] for r in lanczos["runs"] if r["method"] == "ntvp"), 40)
+            lanczos["baseline_at_n"] = {"n": args.lanczos_n, "s_per_vector": per_vec, "vectors": count,
+                                        "estimated_wall_s": per_vec * count,
+                                        "estimated_speedup": per_vec * count / ours["wall_s"]}
     report = {"env": env, "matmul_peak_gflops": peak, "rows": rows, "summary": summary,
               "lanczos": lanczos}
     if args.json:
@@ -348,10 +402,21 @@ def main(argv=None) -> int:
         print(f"N={s['n']}: ours vs {s['baseline']}: {s['speedup']:.2f}x faster (wall), "
               f"{s['cpu_speedup']:.2f}x (CPU time), {100 * s['memory_ratio']:.0f}% of its extra memory")
     if lanczos:
-        print(f"Lanczos top-20 trace eigenvalues, N={lanczos['n']} 1x8x8 inputs: {lanczos['wall_s']:.0f} s, "
-              f"peak {lanczos['rss_peak_mb']:.0f} MB (extra {lanczos['rss_peak_mb'] - lanczos['rss_base_mb']:.0f}), "
-              f"{lanczos['n_matvecs']} matvecs, converged={lanczos['converged']}, "
-              f"max residual/lambda_1 {lanczos['max_rel_residual']:.1e}")
+        for r in lanczos["runs"]:
+            print(f"Lanczos top-20 trace eigenvalues, {r['method']:>4}, N={r['n']} 1x8x8 inputs: "
+                  f"{r['wall_s']:.0f} s ({r['wall_s'] / 60:.1f} min), peak RSS {r['rss_peak_mb']:.0f} MB "
+                  f"(extra {r['rss_peak_mb'] - r['rss_base_mb']:.0f}), {r['n_matvecs']} vectors in "
+                  f"{r['n_passes']} passes over the data (blocks of {r['block_vectors']}), "
+                  f"converged={r['converged']}, max residual/lambda_1 {r['max_rel_residual']:.1e}")
+        c = lanczos.get("compare")
+        if c:
+            print(f"N={c['n']}: gram vs ntvp end to end: {c['speedup']:.2f}x faster; eigenvalues agree "
+                  f"to {c['max_rel_eig_diff']:.1e} (max relative difference)")
+        bl = lanczos.get("baseline_at_n")
+        if bl:
+            print(f"N={bl['n']}: ntvp baseline measured {bl['s_per_vector']:.1f} s per vector; x "
+                  f"{bl['vectors']} vectors = {bl['estimated_wall_s'] / 60:.1f} min estimated, "
+                  f"{bl['estimated_speedup']:.1f}x the time of gram (estimate)")
     return 0
 
 

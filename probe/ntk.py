@@ -240,7 +240,7 @@ _JVP_FP = 2.5        # a forward-mode pass: primal + tangent
 _VMAP_OVERHEAD = 1.5  # per-sample (vmapped) kernels vs one batched kernel, measured on CPU convs
 _LANCZOS_MAX_BLOCK = 512  # samples per block in the matrix-free operator (throughput, not memory)
 _GRAM_MAX_CHUNK = 32      # samples whose generic layer rows are formed at once (gram operator)
-_GRAM_BLOCK = 10          # default vectors per block of the gram operator
+_GRAM_BLOCK = 20          # default vectors per block of the gram operator
 _GRAM_ROW_BYTES = 6 << 20  # a block of weight rows formed at once (~6 MB: stays in the L3 cache)
 
 
@@ -1668,65 +1668,93 @@ class _GramOperator:
         return out
 
 
+def _dot64(A: Tensor, B: Tensor, chunk: int = 1 << 16) -> Tensor:
+    """A @ B^T (rows of A against rows of B) accumulated in float64 over column chunks: inner
+    products over millions of float32 elements would otherwise carry ~1e-5 relative error."""
+    if A.dtype == torch.float64 and B.dtype == torch.float64:
+        return A @ B.T
+    out = torch.zeros((A.shape[0], B.shape[0]), dtype=torch.float64, device=A.device)
+    for c0 in range(0, A.shape[1], chunk):
+        out += A[:, c0:c0 + chunk].double() @ B[:, c0:c0 + chunk].double().T
+    return out
+
+
 def _gram_lanczos(op: Callable[[Tensor], Tensor], F: int, k: int, s: int, max_dim: int, tol: float,
                   gen: torch.Generator, dtype: torch.dtype, device: torch.device
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool, int, Tensor]:
     """Block Lanczos with full reorthogonalisation for the top-k eigenpairs of a symmetric PSD
     operator on R^F whose vectors are too long to keep twice (parameter space).
 
-    Keeps the basis Q (dim x F, rows) and the exact projection T = Q^T M Q (float64, dim x dim),
-    filled one block column at a time as M Q_j arrives, but not M Q itself: every earlier M Q_i
-    lies in span(Q) (its remainder became the next block), so M Q = Q T + W E^T with W the last
-    block's remainder (orthogonalised twice, "twice is enough"), and a Ritz pair (theta, Q y) has
-    residual ||M Q y - theta Q y|| = ||W^T y_last|| exactly. Blocks have s vectors, so an
-    eigenvalue of multiplicity up to s is resolved; directions that vanish (an invariant subspace)
-    are replaced by random ones. Returns (theta desc (k,), Ritz coefficients (dim, k) on the basis
-    rows, residual norms (k,), converged, dim, basis (dim, F)).
+    Keeps the basis Q (dim x F, rows, in ``dtype``) and the exact projection T = Q^T M Q (float64,
+    dim x dim), filled one block column at a time as M Q_j arrives, but not M Q itself: every
+    earlier M Q_i lies in span(Q) (its remainder became the next block), so M Q = Q T + W E^T with
+    W the last block's remainder (orthogonalised twice, "twice is enough"), and a Ritz pair
+    (theta, Q y) has residual ||M Q y - theta Q y|| = ||W^T y_last|| exactly. Inner products are
+    accumulated in float64 (:func:`_dot64`). Blocks have s vectors, so an eigenvalue of
+    multiplicity up to s is resolved; directions that vanish (an invariant subspace) are replaced
+    by random ones. Convergence is judged by the residuals alone: past the operator's rank the
+    Krylov space is spanned in exact arithmetic, but in float32 its small-eigenvalue directions
+    are lost to rounding, so a full dimension proves nothing. Returns (theta desc (k,), Ritz
+    coefficients (dim, k) on the basis rows, residual norms (k,), converged, dim, basis (dim, F)).
     """
-    def orth(W: Tensor, B: Tensor) -> Tensor:
+    def orth(W: Tensor, B: Tensor) -> Tensor:                  # in place, twice
         for _ in range(2):
-            W = W - (W @ B.T) @ B
+            if B.shape[0]:
+                W.addmm_(_dot64(W, B).to(W.dtype), B, alpha=-1)
         return W
 
+    def svqb(W: Tensor, floor: float) -> Tensor:
+        """Orthonormal rows spanning W's rows (those above ``floor`` in singular value), from the
+        eigendecomposition of the float64 Gram matrix (SVQB, Stathopoulos & Wu 2002): unlike a
+        float32 Householder QR over millions of elements, orthonormal to float32 rounding."""
+        lam, V = torch.linalg.eigh(_dot64(W, W))
+        keep = lam > floor ** 2
+        X = V[:, keep] / lam[keep].sqrt()                               # (bs, r) float64
+        return X.T.to(W.dtype) @ W
+
     def orthonormal_rows(W: Tensor, B: Tensor) -> Tensor:
-        scale_w = float(W.abs().max()) if W.numel() else 0.0
-        W = orth(W, B)
-        weak = W.norm(dim=1) <= 1e-8 * max(scale_w, 1e-300)
-        if bool(weak.any()):                                    # invariant subspace found
-            fresh = torch.randn((int(weak.sum()), F), generator=gen, dtype=dtype).to(device)
-            W[weak] = orth(fresh, B)
-        Qr = torch.linalg.qr(W.T)[0].T
-        return torch.linalg.qr(orth(Qr, B).T)[0].T
+        ref = float(W.norm(dim=1).max()) if W.numel() else 0.0
+        want = W.shape[0]
+        Q = svqb(orth(W, B), 1e-6 * max(ref, 1e-300))
+        while Q.shape[0] < want:                     # invariant subspace found: random directions
+            fresh = torch.randn((want - Q.shape[0], F), generator=gen, dtype=torch.float64)
+            fresh = orth(orth(fresh.to(device=device, dtype=dtype), B), Q)
+            Q = torch.cat([Q, svqb(fresh, 1e-3)])
+        return svqb(orth(Q, B), 0.5)                 # twice is enough
 
     max_dim = min(max_dim, F)
     basis = torch.empty((max_dim, F), dtype=dtype, device=device)
     T = np.zeros((max_dim, max_dim))
-    Q = orthonormal_rows(torch.randn((s, F), generator=gen, dtype=dtype).to(device), basis[:0])
+    start = torch.randn((s, F), generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    Q = orthonormal_rows(start, basis[:0])
+    del start
     dim, scale = 0, 0.0
     while True:
         bs = Q.shape[0]
         basis[dim:dim + bs] = Q
-        MQ = op(Q)                                                        # (bs, F)
+        del Q
+        W = op(basis[dim:dim + bs])                                       # M Q_j, (bs, F)
         dim += bs
         B = basis[:dim]
-        C = (B @ MQ.T).to(torch.float64).cpu().numpy()                   # (dim, bs)
-        T[:dim, dim - bs:dim] = C
-        T[dim - bs:dim, :dim] = C.T
+        C = _dot64(B, W)                                                  # (dim, bs) float64
+        T[:dim, dim - bs:dim] = C.cpu().numpy()
+        T[dim - bs:dim, :dim] = T[:dim, dim - bs:dim].T
         Tt = T[:dim, :dim]
-        Tt = 0.5 * (Tt + Tt.T)
-        evals, S = np.linalg.eigh(Tt)
+        evals, S = np.linalg.eigh(0.5 * (Tt + Tt.T))
         order = np.argsort(evals)[::-1][:k]
         theta, Sk = evals[order], S[:, order]
         scale = max(scale, float(np.abs(evals).max()), 1e-300)
-        W = orth(MQ - torch.as_tensor(C.T, dtype=dtype, device=device) @ B, B)   # (bs, F)
-        G = (W @ W.T).to(torch.float64).cpu().numpy()
+        W.addmm_(C.T.to(W.dtype), B, alpha=-1)                            # remainder of M Q_j
+        orth(W, B)
+        G = _dot64(W, W).cpu().numpy()
         last = Sk[dim - bs:dim]                                           # (bs, k)
         res = np.sqrt(np.maximum(np.einsum("ik,ij,jk->k", last, G, last), 0.0))
         converged = dim >= F or (dim >= k and bool((res <= tol * scale).all()))
         step = min(s, F - dim, max_dim - dim)
         if converged or step <= 0:
-            return theta, Sk, res, converged, dim, basis[:dim]
+            return theta, Sk, res, converged, dim, B
         Q = orthonormal_rows(W[:step] if step < bs else W, B)
+        del W
 
 
 def _block_lanczos(op, n: int, k: int, s: int, max_dim: int, tol: float, rng: np.random.Generator,
@@ -1796,8 +1824,8 @@ class LanczosMethod(str, Enum):
 
 
 def _default_block(method: "LanczosMethod", k: int) -> int:
-    # gram: one data pass per block, so larger blocks amortise the O backward passes; about 10
-    # vectors was the fastest to converge top-20 on ResNet-20 kernels (benchmarks/bench_ntk.py).
+    # gram: one data pass per block, and its matrix products are memory-bound (a block of 20 costs
+    # ~1.2x one of 10): 20 to 40 vectors were fastest for top-20 on ResNet-20 kernels (6-7 passes).
     # ntvp: every vector costs its own VJPs and JVPs: single-vector Lanczos needs fewest.
     return min(k, _GRAM_BLOCK) if method == LanczosMethod.GRAM else 1
 
@@ -1915,12 +1943,16 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
                 good, bad = _lw_selfcheck(c, [lay for lay in layers if lay.calls > 0])
                 covered = {nm for lay in good for nm in lay.names}
                 fallback = [nm for nm in fm.params if nm not in covered]
-                s = max(1, min(int(block_vectors or _default_block(LanczosMethod.GRAM, k)), k))
                 F = P * (O if kind == NtkKind.TRACE else 1)
-                # M has rank <= n: n + s vectors (one random block, then range(J^T)) span it all
-                cap = min(int(max_dim) if max_dim else max(10 * k, 100), n + s)
-                cap = F if cap >= F else max(cap // s * s, min(F, -(-k // s) * s + s))
-                gram = _plan_gram(c, good, fallback, k, s, cap, n, block_size)
+                first = max(1, min(int(block_vectors or _default_block(LanczosMethod.GRAM, k)), k))
+                # without a given block size, smaller blocks until the basis fits the budget
+                for s in ([first] if block_vectors else sorted({first, min(first, 10), min(first, 5),
+                                                                min(first, 2), 1}, reverse=True)):
+                    cap = int(max_dim) if max_dim else max(10 * k, 100)
+                    cap = F if cap >= F else max(cap // s * s, min(F, -(-k // s) * s + s))
+                    gram = _plan_gram(c, good, fallback, k, s, cap, n, block_size)
+                    if gram.feasible:
+                        break
                 if bad and gram.feasible:
                     notes.append(f"gram: {len(bad)} parameter tensor(s) failed the closed-form check "
                                  f"and use vmap(jacrev)")
