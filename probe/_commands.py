@@ -213,6 +213,7 @@ def cmd_ntk(args) -> Output:
         raise UserError("give --model NAME or --run RUN (e.g. `probe ntk --model mul_resnet`)")
     results = run_ntk_probe(_store(args), model=args.model, run=args.run, checkpoint=args.checkpoint,
                             data=args.data, n=args.n, kind=args.kind, method=args.method, topk=args.topk,
+                            lanczos_operator=args.lanczos_operator,
                             device=args.device, memory_budget_gb=args.memory_gb, seed=args.seed,
                             eigenlearning=not args.no_eigenlearning, quiet=args.quiet,
                             model_args=_parse_model_args(args.model_arg))
@@ -221,6 +222,10 @@ def cmd_ntk(args) -> Output:
         where = f"epoch {r['epoch']}" if r.get("epoch") is not None else "init"
         lines.append(f"{r['model']} ({where}), {r['kind']} NTK on {r['n']} {r['data']} samples, method "
                      f"{r['method']}, {r.get('wall_time_s', r.get('lanczos', {}).get('wall_time_s', 0)):.1f}s")
+        if "lanczos" in r:
+            lz = r["lanczos"]
+            lines.append(f"  Lanczos operator {lz['method']}: {lz['n_matvecs']} vectors in {lz['n_passes']} passes "
+                         f"over the data, converged={lz['converged']}")
         lines.append("  top eigenvalues: " + ", ".join(f"{v:.4g}" for v in r["top_eigenvalues"]))
         if "spectrum" in r:
             s = r["spectrum"]
@@ -245,6 +250,9 @@ def _reg_ntk(sub, common):
     p.add_argument("--kind", choices=["trace", "full", "diagonal"], default="trace")
     p.add_argument("--method", default="auto", help="auto | jacobian | ntvp | layerwise | lanczos")
     p.add_argument("--topk", type=int, default=10, help="eigenvalues to print / compute with lanczos")
+    p.add_argument("--lanczos-operator", choices=["auto", "gram", "ntvp"], default="auto",
+                   help="with --method lanczos: gram (parameter space, one data pass per block) or ntvp "
+                        "(VJP/JVP products); auto picks gram when it applies and fits --memory-gb")
     p.add_argument("--memory-gb", type=float, default=2.0, help="memory budget for the kernel computation")
     p.add_argument("--no-eigenlearning", action="store_true")
     p.set_defaults(func=cmd_ntk)

@@ -127,7 +127,8 @@ def _eigenlearning(K: np.ndarray, y: np.ndarray, num_classes: int, ns: list[int]
 
 def run_ntk_probe(store, *, model: str | None = None, run: str | None = None, checkpoint=None,
                   data: str | None = None, n: int = 128, kind: str = "trace", method: str = "auto",
-                  topk: int = 10, device: str = "auto", memory_budget_gb: float = 2.0, seed: int = 0,
+                  topk: int = 10, lanczos_operator: str = "auto", device: str = "auto",
+                  memory_budget_gb: float = 2.0, seed: int = 0,
                   eigenlearning: bool = True, trials: int = 10, dtype: str = "float64", quiet: bool = False,
                   save: bool = True, model_args: dict | None = None) -> list[dict]:
     """Empirical NTK spectra (and eigenlearning predictions) for each target; one catalog row each."""
@@ -149,8 +150,8 @@ def run_ntk_probe(store, *, model: str | None = None, run: str | None = None, ch
         summary: dict = {"model": target.model_name, "epoch": target.epoch, "data": target.data, "n": n,
                          "kind": kind}
         if method == "lanczos":
-            lz = ntk_topk_lanczos(target.model, x, k=topk, kind=kind, dtype=dtype, device=dev,
-                                  memory_budget_bytes=budget, seed=seed, progress=not quiet)
+            lz = ntk_topk_lanczos(target.model, x, k=topk, kind=kind, method=lanczos_operator, dtype=dtype,
+                                  device=dev, memory_budget_bytes=budget, seed=seed, progress=not quiet)
             arrays["eigenvalues"] = np.asarray(lz.eigenvalues)
             summary.update({"method": "lanczos", "lanczos": lz.summary(),
                             "top_eigenvalues": [float(v) for v in lz.eigenvalues[:topk]]})
@@ -178,6 +179,7 @@ def run_ntk_probe(store, *, model: str | None = None, run: str | None = None, ch
                 arrays["el_predicted"] = np.array([r["predicted_test_mse"] for r in el["rows"]])
                 arrays["el_measured"] = np.array([r["measured_test_mse"] for r in el["rows"]])
         params = {"n": n, "kind": kind, "method": method, "topk": topk, "data": target.data, "seed": seed,
+                  "lanczos_operator": lanczos_operator,
                   "dtype": dtype, "memory_budget_gb": memory_budget_gb}
         if save:
             summary["probe_id"] = store.add_probe("ntk", model=target.model_name, run_id=target.run_id,

@@ -1425,14 +1425,16 @@ def ntk_spectrum(K, y=None, *, floor: float | None = None) -> SpectrumResult:
         p = lam / tot
         nz = p[p > 0]
         erank = float(np.exp(-(nz * np.log(nz)).sum()))
-        pr = float(tot ** 2 / (lam ** 2).sum())
+        q = lam / lam[0]                  # scale-free: no overflow for lambda near 1e154
+        pr = float(q.sum() ** 2 / (q ** 2).sum())
     else:
         erank = pr = 0.0
     align = None
     if y is not None:
         Y = _targets(y, n)
-        num = float(np.trace(Y.T @ Ks @ Y))
-        den = float(np.linalg.norm(Ks) * np.linalg.norm(Y.T @ Y))
+        Kn = Ks / max(float(np.abs(Ks).max()), np.finfo(np.float64).tiny)   # alignment is scale-free
+        num = float(np.trace(Y.T @ Kn @ Y))
+        den = float(np.linalg.norm(Kn) * np.linalg.norm(Y.T @ Y))
         align = num / den if den > 0 else 0.0
     return SpectrumResult(eigenvalues=ev, condition_number=cond, effective_rank=erank,
                           participation_ratio=pr, alignment=align, floor=fl, n_below_floor=n_below,
@@ -1677,6 +1679,14 @@ def _dot64(A: Tensor, B: Tensor, chunk: int = 1 << 16) -> Tensor:
     for c0 in range(0, A.shape[1], chunk):
         out += A[:, c0:c0 + chunk].double() @ B[:, c0:c0 + chunk].double().T
     return out
+
+
+def _gram_layers(c: _Ctx, layers: list[_Layer]) -> tuple[list[_Layer], list[str], list[str]]:
+    """(structured layers that pass the closed-form self-check, parameter names left to
+    ``vmap(jacrev)``, names that failed the check)."""
+    good, bad = _lw_selfcheck(c, [lay for lay in layers if lay.calls > 0])
+    covered = {nm for lay in good for nm in lay.names}
+    return good, [nm for nm in c.fm.params if nm not in covered], bad
 
 
 def _gram_lanczos(op: Callable[[Tensor], Tensor], F: int, k: int, s: int, max_dim: int, tol: float,
@@ -1940,9 +1950,7 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
                              "running statistics (samples are coupled in eval mode)")
             else:
                 c = _Ctx(fm, kind, x, x, True, stats, it, budget)
-                good, bad = _lw_selfcheck(c, [lay for lay in layers if lay.calls > 0])
-                covered = {nm for lay in good for nm in lay.names}
-                fallback = [nm for nm in fm.params if nm not in covered]
+                good, fallback, bad = _gram_layers(c, layers)
                 F = P * (O if kind == NtkKind.TRACE else 1)
                 first = max(1, min(int(block_vectors or _default_block(LanczosMethod.GRAM, k)), k))
                 # without a given block size, smaller blocks until the basis fits the budget

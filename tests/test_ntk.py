@@ -465,6 +465,17 @@ def test_spectrum_of_a_diagonal_kernel():
     assert s.trace == pytest.approx(8.0) and s.n_below_floor == 0 and not s.notes
 
 
+def test_spectrum_summaries_are_scale_free_up_to_huge_eigenvalues():
+    # an untrained multiplicative net's kernel reaches 1e160 and more; lambda^2 overflows there
+    base = np.diag([1.0, 4.0, 2.0, 1.0])
+    for scale in (1e-150, 1e160, 1e300):
+        s = ntk_spectrum(scale * base, y=np.array([0, 1, 0, 1]))
+        assert s.participation_ratio == pytest.approx(64 / 22, rel=1e-13)
+        assert s.effective_rank == pytest.approx(2 ** 1.75, rel=1e-12)
+        assert s.condition_number == pytest.approx(4.0, rel=1e-13)
+        assert s.alignment == pytest.approx(ntk_spectrum(base, y=np.array([0, 1, 0, 1])).alignment, rel=1e-12)
+
+
 def test_spectrum_of_a_rank_one_kernel_and_alignment():
     u = np.array([1.0, -2.0, 0.5, 3.0])
     s = ntk_spectrum(np.outer(u, u), y=u)
@@ -538,3 +549,121 @@ def test_functional_model_helpers():
     with pytest.raises(RuntimeError):
         fm(fm.params, torch.randn(2, 5))
     assert_unchanged(model, snap)
+
+
+# ------------------------------------------------------------------------------------------------
+# The parameter-space (gram) Lanczos operator
+# ------------------------------------------------------------------------------------------------
+
+
+def _gram_operator(model, x, kind, block=4, chunk=2):
+    fm = functionalize(model, dtype=torch.float64)
+    with eval_mode(model):
+        x = fm.prepare(x)
+        layers = ntk_mod._find_layers(fm)
+        stats = ntk_mod._measure(fm, x[:1].clone(), layers)
+        c = ntk_mod._Ctx(fm, NtkKind(kind), x, x, True, stats, 8, 2 ** 30)
+        good, fallback, _ = ntk_mod._gram_layers(c, layers)
+    op = ntk_mod._GramOperator(fm, x, NtkKind(kind), stats.n_outputs, good, fallback, block, chunk)
+    return fm, op, fallback
+
+
+def _stacked_jacobian(fm, J, n, kind):
+    """The reference J (N*O, P) in the operator's layout: trace -> (N, O*P) with, per parameter
+    tensor, its O output blocks side by side; full -> J itself."""
+    if kind == "full":
+        return J
+    O = J.shape[0] // n
+    J3 = J.reshape(n, O, -1)
+    parts, off = [], 0
+    for p in fm.params.values():
+        parts.append(J3[:, :, off:off + p.numel()].reshape(n, -1))
+        off += p.numel()
+    return torch.cat(parts, dim=1)
+
+
+@pytest.mark.parametrize("name", ["mlp", "bn_cnn", "gated"])
+@pytest.mark.parametrize("kind", ["trace", "full"])
+def test_gram_operator_is_jt_j_and_its_rows(cases, name, kind):
+    # mlp: a module called twice (generic rows); bn_cnn: BatchNorm, grouped and asymmetric-padding
+    # convolutions; gated: GroupNorm and a free scalar through vmap(jacrev). Blocks of 4 samples,
+    # generic rows 2 at a time. Exact identities in float64: tolerance RTOL as for the kernels.
+    model, x1, _, J1, _ = cases[name]
+    snap = snapshot(model)
+    fm, op, fallback = _gram_operator(model, x1, kind)
+    assert (name == "gated") == bool(fallback)
+    Js = _stacked_jacobian(fm, J1, x1.shape[0], kind)
+    assert op.F == Js.shape[1] and op.n_units == Js.shape[0]
+    P = torch.randn(3, op.F, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with eval_mode(model):
+        MP, JP = op.matmat(P), op.rows_times(P)
+    want = (P @ Js.T) @ Js                                           # rows of (J^T J P^T)^T
+    np.testing.assert_allclose(MP.numpy(), want.numpy(), rtol=0, atol=RTOL * float(want.abs().max()))
+    np.testing.assert_allclose(JP.numpy(), (Js @ P.T).numpy(), rtol=0,
+                               atol=RTOL * float((Js @ P.T).abs().max()))
+    assert op.sweeps == 1 and op.matvecs == 3
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("method", ["gram", "ntvp"])
+def test_lanczos_methods_agree_with_dense_and_report_their_passes(cases, method):
+    model, x1, _, J1, _ = cases["bn_cnn"]
+    K = expected(J1, J1, 6, 6, "trace")
+    dense = np.linalg.eigvalsh(K)[::-1]
+    res = ntk_topk_lanczos(model, x1, k=3, method=method, dtype=torch.float64, block_vectors=2)
+    np.testing.assert_allclose(res.eigenvalues, dense[:3], rtol=1e-8)   # see the dense test above
+    assert res.method == method and res.summary()["method"] == method
+    # gram: one pass over the data per block; ntvp: a VJP pass and a JVP pass per block
+    assert res.n_passes == (res.n_matvecs // 2 if method == "gram" else res.n_matvecs)
+
+
+def test_lanczos_auto_picks_gram_and_falls_back_for_coupled_samples():
+    model = make_model("bn_cnn")
+    x = make_inputs("bn_cnn", 6, 0)
+    assert ntk_topk_lanczos(model, x, k=2, dtype=torch.float64).method == "gram"
+    coupled = make_model("bn_cnn")
+    coupled.bn1 = nn.BatchNorm2d(16, track_running_stats=False)   # batch statistics in eval mode
+    res = ntk_topk_lanczos(coupled, x, k=2, dtype=torch.float64)
+    assert res.method == "ntvp" and any("samples are coupled" in n for n in res.notes)
+    with pytest.raises(UserError, match="method='gram' cannot run: .*coupled"):
+        ntk_topk_lanczos(coupled, x, k=2, method="gram", dtype=torch.float64)
+
+
+def test_gram_budget_shrinks_the_block_or_refuses_before_running(monkeypatch):
+    model = make_model("bn_cnn")
+    x = make_inputs("bn_cnn", 8, 0)
+    P = sum(p.numel() for p in model.parameters())
+    F = 3 * P                                                    # trace layout, O = 3
+    # room for ~30 float64 parameter-space vectors: the default block of min(k, 20) = 4 fits
+    # no longer with a 100-vector Krylov cap, a smaller cap does
+    budget = 30 * F * 8 + 2 ** 20
+    res = ntk_topk_lanczos(model, x, k=4, dtype=torch.float64, memory_budget_bytes=budget)
+    assert res.method == "gram" and res.subspace_dim * F * 8 < budget
+    np.testing.assert_allclose(res.eigenvalues, ntk_topk_lanczos(model, x, k=4, dtype=torch.float64,
+                                                                method="ntvp").eigenvalues, rtol=1e-7)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the gram operator ran although its basis cannot fit")
+    monkeypatch.setattr(ntk_mod._GramOperator, "matmat", boom)
+    with pytest.raises(UserError, match=r"method='gram' cannot run: the parameter-space basis needs"):
+        ntk_topk_lanczos(model, x, k=4, method="gram", dtype=torch.float64,
+                         memory_budget_bytes=4 * F * 8)
+    res = ntk_topk_lanczos(model, x, k=4, dtype=torch.float64, memory_budget_bytes=4 * F * 8)
+    assert res.method == "ntvp" and any("gram operator not used" in n for n in res.notes)
+
+
+def test_gram_lanczos_in_float32_over_long_vectors_matches_float64():
+    # 272k parameters x 10 outputs: inner products over 2.7M float32 elements. A float32 QR or
+    # float32 dot products there lose ~1e-3 of orthogonality (the top Ritz value then came out
+    # 7e-5 too high, above lambda_max); with float64 accumulation and SVQB the float32 result
+    # agrees with a float64 dense kernel to float32 rounding of the model itself (rtol 1e-5).
+    from models import create_model
+    torch.manual_seed(0)
+    model = create_model("add_resnet", in_chans=1)
+    model.eval()
+    x = torch.randn(12, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    dense = np.linalg.eigvalsh(empirical_ntk(model, x, dtype=torch.float64).kernel)[::-1]
+    res = ntk_topk_lanczos(model, x, k=4, method="gram", memory_budget_bytes=2 ** 31)
+    assert res.dtype == "float32" and res.converged
+    np.testing.assert_allclose(res.eigenvalues, dense[:4], rtol=1e-5)
+    assert res.eigenvalues[0] <= dense[0] * (1 + 1e-6)          # a Ritz value never exceeds it
