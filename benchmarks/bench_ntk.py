@@ -1,8 +1,9 @@
 """Empirical NTK: ``probe.ntk`` against two baselines, wall time, peak memory and FLOP rate.
 
-Model: a ResNet-20-like CNN (3 stages x 3 basic blocks, widths 16/32/64, BatchNorm, global pool,
-linear head, O=10 outputs, ~0.27 M parameters) defined below, float32, eval mode, on random
-3x32x32 inputs. Kernel: the trace NTK (N x N) of x with itself. Methods:
+Models: the registry's ``add_resnet`` and ``mul_resnet`` (ResNet-20, 3 stages x 3 basic blocks,
+widths 16/32/64, BatchNorm, global pool, linear head, O=10 outputs, ~0.27 M parameters;
+``mul_resnet`` fuses ``bn(r) * bn_s(s)`` with both BN biases initialised at 1), float32, eval
+mode with BatchNorm statistics averaged over random data, on random 3x32x32 inputs. Kernel: the trace NTK (N x N) of x with itself. Methods:
 
 * ``ours``          ``empirical_ntk(model, x, kind="trace", method=--method, memory_budget_bytes=--budget)``
 * ``naive``         (a) one ``torch.autograd.grad`` call per (sample, output) filling J (N*O x P), then
@@ -28,8 +29,8 @@ contraction) -- by each method's wall time, and compares it with a measured floa
 difference).
 
 The ``--lanczos-n`` part runs ``ntk_topk_lanczos`` (top-20 eigenvalues of the trace kernel,
-``method="gram"``, float32, tol 1e-5 * lambda_max) on N random 1x8x8 inputs with the same
-architecture (1 input channel) and reports time, peak memory, vectors and passes over the data;
+``method="gram"``, float32, tol 1e-5 * lambda_max) on N random 1x8x8 inputs with each model
+(1 input channel) and reports time, peak memory, vectors and passes over the data;
 next to it, the baseline ``method="ntvp"`` (VJP/JVP products, the library's previous operator):
 its measured seconds per Lanczos vector at the same N, times the vectors it needs (from the
 ``--lanczos-compare-n`` run, else 40). ``--lanczos-compare-n`` runs both end to end at a smaller N
@@ -38,7 +39,7 @@ and checks that their eigenvalues agree.
 Targets: trace kernel at N=256 at least 3x faster than ``vmap_jacrev`` with at most 25% of its
 extra memory; top-20 Lanczos eigenvalues at N=10,000 within 15 minutes and 4 GB.
 
-    python benchmarks/bench_ntk.py [--n 64 256] [--methods ours naive vmap_jacrev vmap_jacrev_once]
+    python benchmarks/bench_ntk.py [--models add_resnet mul_resnet] [--n 64 256] [--methods ours naive vmap_jacrev vmap_jacrev_once]
                                    [--budget-gib 2] [--repeats 1] [--lanczos-n 10000]
                                    [--lanczos-compare-n 500] [--json]
 """
@@ -59,8 +60,6 @@ if __package__ in (None, ""):
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 METHODS = ["ours", "naive", "vmap_jacrev", "vmap_jacrev_once"]
 
@@ -68,49 +67,17 @@ METHODS = ["ours", "naive", "vmap_jacrev", "vmap_jacrev_once"]
 # --- the model -----------------------------------------------------------------------------------
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = None
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        h = F.relu(self.bn1(self.conv1(x)))
-        h = self.bn2(self.conv2(h))
-        return F.relu(h + (x if self.shortcut is None else self.shortcut(x)))
-
-
-class ResNet20(nn.Module):
-    def __init__(self, num_classes: int = 10, in_chans: int = 3, width: int = 16):
-        super().__init__()
-        self.stem = nn.Conv2d(in_chans, width, 3, 1, 1, bias=False)
-        self.bn = nn.BatchNorm2d(width)
-        blocks, cin = [], width
-        for stage, w in enumerate([width, 2 * width, 4 * width]):
-            for j in range(3):
-                blocks.append(BasicBlock(cin, w, 2 if (j == 0 and stage > 0) else 1))
-                cin = w
-        self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(cin, num_classes)
-
-    def forward(self, x):
-        h = F.relu(self.bn(self.stem(x)))
-        return self.fc(self.blocks(h).mean((2, 3)))
-
-
-def build(n: int, size: int, in_chans: int = 3, seed: int = 0):
+def build(name: str, n: int, size: int, in_chans: int = 3, seed: int = 0):
+    """The registry's ``name`` (``add_resnet`` / ``mul_resnet``: ResNet-20, widths 16/32/64, O=10)
+    in eval mode, with BatchNorm running statistics averaged over 256 random inputs (as ``probe
+    ntk`` does for a model at init; with PyTorch's (0, 1) defaults a multiplicative net's eval
+    outputs overflow float32)."""
+    from models import create_model
+    from probe.jobs import calibrate_batchnorm
     torch.manual_seed(seed)
-    model = ResNet20(in_chans=in_chans)
-    model.train()
-    with torch.no_grad():                    # non-trivial BatchNorm running statistics
-        for _ in range(3):
-            model(torch.randn(64, in_chans, size, size))
-    model.eval()
+    model = create_model(name, in_chans=in_chans, num_classes=10)
+    calib = torch.randn(256, in_chans, size, size, generator=torch.Generator().manual_seed(seed + 2))
+    model = calibrate_batchnorm(model, calib).eval()
     x = torch.randn(n, in_chans, size, size, generator=torch.Generator().manual_seed(seed + 1))
     return model, x
 
@@ -177,7 +144,7 @@ def _rss_mb() -> float:
 
 
 def worker_time(args) -> dict:
-    model, x = build(args.n, args.size)
+    model, x = build(args.model, args.n, args.size)
     base = _rss_mb()
     t0, c0 = time.perf_counter(), time.process_time()
     K, info = RUNNERS[args.worker](model, x, args)
@@ -210,7 +177,7 @@ def worker_flops(args) -> dict:
     ns = (4, 8, 16)
     counts = []
     for n in ns:
-        model, x = build(n, args.size)
+        model, x = build(args.model, n, args.size)
         counter = _flop_counter()
         with counter():
             RUNNERS[args.worker](model, x, args)
@@ -235,7 +202,7 @@ def worker_matmul(args) -> dict:
 def worker_lanczos(args) -> dict:
     """One full top-20 run of ``ntk_topk_lanczos`` with ``--lanczos-method``."""
     from probe.ntk import ntk_topk_lanczos
-    model, x = build(args.n, 8, in_chans=1)
+    model, x = build(args.model, args.n, 8, in_chans=1)
     base = _rss_mb()
     t0 = time.perf_counter()
     res = ntk_topk_lanczos(model, x, k=20, kind="trace", method=args.lanczos_method,
@@ -253,7 +220,7 @@ def worker_matvec(args) -> dict:
     """Seconds per Lanczos vector of the VJP/JVP operator (``ntvp``) at N: one product K v."""
     from probe._func import eval_mode, functionalize
     from probe.ntk import NtkKind, _LANCZOS_MAX_BLOCK, _NtkOperator
-    model, x = build(args.n, 8, in_chans=1)
+    model, x = build(args.model, args.n, 8, in_chans=1)
     fm = functionalize(model)
     with eval_mode(model):
         op = _NtkOperator(fm, x, NtkKind.TRACE, 10, min(args.n, _LANCZOS_MAX_BLOCK))
@@ -274,6 +241,7 @@ def spawn(argv: list[str]) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["add_resnet", "mul_resnet"])
     ap.add_argument("--n", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--size", type=int, default=32, help="input height/width")
@@ -282,6 +250,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--no-flops", action="store_true")
     ap.add_argument("--lanczos-n", type=int, default=0, help="N for the top-20 Lanczos run (0: skip)")
+    ap.add_argument("--lanczos-models", nargs="+", default=None,
+                    help="models for the Lanczos runs (default: --models)")
     ap.add_argument("--block-vectors", type=int, default=None,
                     help="Lanczos block size (default: the library's per method)")
     ap.add_argument("--lanczos-compare-n", type=int, default=0,
@@ -291,6 +261,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tol", type=float, default=None, help="Lanczos tolerance (default: the library's)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--worker", choices=METHODS + ["matmul", "lanczos", "matvec"], help=argparse.SUPPRESS)
+    ap.add_argument("--model", default="add_resnet", help=argparse.SUPPRESS)
     ap.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--save", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -314,75 +285,80 @@ def main(argv=None) -> int:
     env = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
            "load_avg_start": os.getloadavg()}
     peak = spawn(["--worker", "matmul"])["gflops"]
-    if args.lanczos_only:
-        args.n = []
+    ns = [] if args.lanczos_only else args.n
     flop_methods = sorted(set(args.methods) | {"naive"})
-    flop_fit = {} if (args.no_flops or args.lanczos_only) else {m: spawn(["--worker", m, "--flops"] + common)
-                                         for m in flop_methods}
-    rows = []
+    rows, summary = [], []
+    log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     with tempfile.TemporaryDirectory() as tmp:
-        for n in args.n:
-            kernels = {}
-            for rep in range(args.repeats):
-                for m in args.methods:            # interleaved repeats
-                    path = os.path.join(tmp, f"{m}_{n}.npy")
-                    r = spawn(["--worker", m, "--n", str(n), "--save", path] + common)
-                    r.update(method=m, n=n, repeat=rep, extra_mb=r["rss_peak_mb"] - r["rss_base_mb"])
-                    if flop_fit:
-                        own, ref = flop_fit[m], flop_fit["naive"]
-                        r["gflop_counted"] = (own["c"] + own["a"] * n + own["b"] * n * n) / 1e9
-                        r["gflop"] = (ref["c"] + ref["a"] * n + ref["b"] * n * n) / 1e9
-                        r["gflops_rate"] = r["gflop"] / r["wall_s"]
-                        r["pct_of_matmul_peak"] = 100 * r["gflops_rate"] / peak
-                    kernels[m] = np.load(path)
-                    rows.append(r)
-            ref = kernels.get("ours")
-            for r in rows:
-                if r["n"] == n and ref is not None:
-                    K = kernels[r["method"]]
-                    r["max_rel_diff_vs_ours"] = float(np.abs(K - ref).max() / np.abs(ref).max())
-    summary = []
-    for n in args.n:
-        best = {}
-        for m in args.methods:
-            rs = [r for r in rows if r["n"] == n and r["method"] == m]
-            best[m] = min(rs, key=lambda r: r["wall_s"])
-        for m in args.methods:
-            if m == "ours" or "ours" not in best:
-                continue
-            summary.append({"n": n, "baseline": m,
-                            "speedup": best[m]["wall_s"] / best["ours"]["wall_s"],
-                            "cpu_speedup": best[m]["cpu_s"] / best["ours"]["cpu_s"],
-                            "memory_ratio": best["ours"]["extra_mb"] / max(best[m]["extra_mb"], 1e-9)})
+        for name in args.models if ns else []:
+            mc = common + ["--model", name]
+            flop_fit = {} if args.no_flops else {m: spawn(["--worker", m, "--flops"] + mc)
+                                                 for m in flop_methods}
+            for n in ns:
+                kernels = {}
+                for rep in range(args.repeats):
+                    for m in args.methods:            # interleaved repeats
+                        log(f"{name} N={n} {m} (repeat {rep})")
+                        path = os.path.join(tmp, f"{name}_{m}_{n}.npy")
+                        r = spawn(["--worker", m, "--n", str(n), "--save", path] + mc)
+                        r.update(model=name, method=m, n=n, repeat=rep,
+                                 extra_mb=r["rss_peak_mb"] - r["rss_base_mb"])
+                        if flop_fit:
+                            own, ref = flop_fit[m], flop_fit["naive"]
+                            r["gflop_counted"] = (own["c"] + own["a"] * n + own["b"] * n * n) / 1e9
+                            r["gflop"] = (ref["c"] + ref["a"] * n + ref["b"] * n * n) / 1e9
+                            r["gflops_rate"] = r["gflop"] / r["wall_s"]
+                            r["pct_of_matmul_peak"] = 100 * r["gflops_rate"] / peak
+                        kernels[m] = np.load(path)
+                        rows.append(r)
+                ref = kernels.get("ours")
+                for r in rows:
+                    if r["n"] == n and r["model"] == name and ref is not None:
+                        K = kernels[r["method"]]
+                        r["max_rel_diff_vs_ours"] = float(np.abs(K - ref).max() / np.abs(ref).max())
+                best = {m: min((r for r in rows if r["model"] == name and r["n"] == n and r["method"] == m),
+                               key=lambda r: r["wall_s"]) for m in args.methods}
+                for m in args.methods:
+                    if m == "ours" or "ours" not in best:
+                        continue
+                    summary.append({"model": name, "n": n, "baseline": m,
+                                    "speedup": best[m]["wall_s"] / best["ours"]["wall_s"],
+                                    "cpu_speedup": best[m]["cpu_s"] / best["ours"]["cpu_s"],
+                                    "memory_ratio": best["ours"]["extra_mb"] / max(best[m]["extra_mb"], 1e-9)})
     lanczos = None
     if args.lanczos_n or args.lanczos_compare_n:
-        lanczos = {"runs": []}
+        lanczos = {"runs": [], "compare": [], "baseline_at_n": []}
 
-        def lz(n, method):
-            argv = ["--worker", "lanczos", "--n", str(n), "--budget-gib", "4", "--json",
+        def lz(name, n, method):
+            log(f"{name} Lanczos N={n} {method}")
+            argv = ["--worker", "lanczos", "--model", name, "--n", str(n), "--budget-gib", "4", "--json",
                     "--lanczos-method", method]
             if args.block_vectors:
                 argv += ["--block-vectors", str(args.block_vectors)]
             if args.tol is not None:
                 argv += ["--tol", str(args.tol)]
             r = spawn(argv)
-            r.update(n=n)
+            r.update(model=name, n=n)
             lanczos["runs"].append(r)
             return r
-        if args.lanczos_compare_n:           # both operators end to end, same N, same inputs
-            a, b = lz(args.lanczos_compare_n, "gram"), lz(args.lanczos_compare_n, "ntvp")
-            ea, eb = np.array(a["eigenvalues"]), np.array(b["eigenvalues"])
-            lanczos["compare"] = {"n": args.lanczos_compare_n, "speedup": b["wall_s"] / a["wall_s"],
-                                  "max_rel_eig_diff": float(np.max(np.abs(ea - eb) / eb))}
-        if args.lanczos_n:
-            ours = lz(args.lanczos_n, "gram")
-            per_vec = spawn(["--worker", "matvec", "--n", str(args.lanczos_n), "--json"])["s_per_vector"]
-            # the baseline needs as many vectors as in the end-to-end comparison (or 40, the count
-            # measured for it at N=10,000 before) -- an estimate, labelled as such
-            count = next((r["n_matvecs"] for r in lanczos["runs"] if r["method"] == "ntvp"), 40)
-            lanczos["baseline_at_n"] = {"n": args.lanczos_n, "s_per_vector": per_vec, "vectors": count,
-                                        "estimated_wall_s": per_vec * count,
-                                        "estimated_speedup": per_vec * count / ours["wall_s"]}
+        for name in args.lanczos_models or args.models:
+            if args.lanczos_compare_n:           # both operators end to end, same N, same inputs
+                a, b = lz(name, args.lanczos_compare_n, "gram"), lz(name, args.lanczos_compare_n, "ntvp")
+                ea, eb = np.array(a["eigenvalues"]), np.array(b["eigenvalues"])
+                lanczos["compare"].append({"model": name, "n": args.lanczos_compare_n,
+                                           "speedup": b["wall_s"] / a["wall_s"],
+                                           "max_rel_eig_diff": float(np.max(np.abs(ea - eb) / np.abs(eb)))})
+            if args.lanczos_n:
+                ours = lz(name, args.lanczos_n, "gram")
+                per_vec = spawn(["--worker", "matvec", "--model", name, "--n", str(args.lanczos_n),
+                                 "--json"])["s_per_vector"]
+                # the baseline needs as many vectors as in the end-to-end comparison (or 40, the count
+                # measured for it at N=10,000 before) -- an estimate, labelled as such
+                count = next((r["n_matvecs"] for r in lanczos["runs"]
+                              if r["method"] == "ntvp" and r["model"] == name), 40)
+                lanczos["baseline_at_n"].append({"model": name, "n": args.lanczos_n, "s_per_vector": per_vec,
+                                                 "vectors": count, "estimated_wall_s": per_vec * count,
+                                                 "estimated_speedup": per_vec * count / ours["wall_s"]})
     report = {"env": env, "matmul_peak_gflops": peak, "rows": rows, "summary": summary,
               "lanczos": lanczos}
     if args.json:
@@ -390,31 +366,30 @@ def main(argv=None) -> int:
         return 0
     print(f"threads={env['threads']} cpus={env['cpus']} torch={env['torch']} "
           f"load avg at start={env['load_avg_start'][0]:.2f}; float32 GEMM peak {peak:.1f} GFLOP/s")
-    print(f"{'N':>5} {'method':<17} {'wall s':>8} {'cpu s':>8} {'peak MB':>8} {'extra MB':>9} "
+    print(f"{'model':<11} {'N':>5} {'method':<17} {'wall s':>8} {'cpu s':>8} {'peak MB':>8} {'extra MB':>9} "
           f"{'counted':>8} {'GFLOP/s':>8} {'%peak':>6} {'rel diff':>9}  notes")
-    print(f"{'':>5} {'':<17} {'':>8} {'':>8} {'':>8} {'':>9} {'GFLOP':>8} {'useful':>8}")
+    print(f"{'':<11} {'':>5} {'':<17} {'':>8} {'':>8} {'':>8} {'':>9} {'GFLOP':>8} {'useful':>8}")
     for r in rows:
-        print(f"{r['n']:>5} {r['method']:<17} {r['wall_s']:>8.2f} {r['cpu_s']:>8.2f} {r['rss_peak_mb']:>8.0f} "
-              f"{r['extra_mb']:>9.0f} {r.get('gflop_counted', float('nan')):>8.1f} "
+        print(f"{r['model']:<11} {r['n']:>5} {r['method']:<17} {r['wall_s']:>8.2f} {r['cpu_s']:>8.2f} "
+              f"{r['rss_peak_mb']:>8.0f} {r['extra_mb']:>9.0f} {r.get('gflop_counted', float('nan')):>8.1f} "
               f"{r.get('gflops_rate', float('nan')):>8.1f} {r.get('pct_of_matmul_peak', float('nan')):>6.1f} "
               f"{r.get('max_rel_diff_vs_ours', float('nan')):>9.1e}  {r.get('schedule', '')}")
     for s in summary:
-        print(f"N={s['n']}: ours vs {s['baseline']}: {s['speedup']:.2f}x faster (wall), "
+        print(f"{s['model']} N={s['n']}: ours vs {s['baseline']}: {s['speedup']:.2f}x faster (wall), "
               f"{s['cpu_speedup']:.2f}x (CPU time), {100 * s['memory_ratio']:.0f}% of its extra memory")
     if lanczos:
         for r in lanczos["runs"]:
-            print(f"Lanczos top-20 trace eigenvalues, {r['method']:>4}, N={r['n']} 1x8x8 inputs: "
+            print(f"{r['model']}: Lanczos top-20 trace eigenvalues, {r['method']:>4}, N={r['n']} 1x8x8 inputs: "
                   f"{r['wall_s']:.0f} s ({r['wall_s'] / 60:.1f} min), peak RSS {r['rss_peak_mb']:.0f} MB "
                   f"(extra {r['rss_peak_mb'] - r['rss_base_mb']:.0f}), {r['n_matvecs']} vectors in "
                   f"{r['n_passes']} passes over the data (blocks of {r['block_vectors']}), "
-                  f"converged={r['converged']}, max residual/lambda_1 {r['max_rel_residual']:.1e}")
-        c = lanczos.get("compare")
-        if c:
-            print(f"N={c['n']}: gram vs ntvp end to end: {c['speedup']:.2f}x faster; eigenvalues agree "
-                  f"to {c['max_rel_eig_diff']:.1e} (max relative difference)")
-        bl = lanczos.get("baseline_at_n")
-        if bl:
-            print(f"N={bl['n']}: ntvp baseline measured {bl['s_per_vector']:.1f} s per vector; x "
+                  f"converged={r['converged']}, max residual/lambda_1 {r['max_rel_residual']:.1e}, "
+                  f"lambda_1 {r['eigenvalues'][0]:.4g}, lambda_20 {r['eigenvalues'][-1]:.4g}")
+        for c in lanczos["compare"]:
+            print(f"{c['model']} N={c['n']}: gram vs ntvp end to end: {c['speedup']:.2f}x faster; eigenvalues "
+                  f"agree to {c['max_rel_eig_diff']:.1e} (max relative difference)")
+        for bl in lanczos["baseline_at_n"]:
+            print(f"{bl['model']} N={bl['n']}: ntvp baseline measured {bl['s_per_vector']:.1f} s per vector; x "
                   f"{bl['vectors']} vectors = {bl['estimated_wall_s'] / 60:.1f} min estimated, "
                   f"{bl['estimated_speedup']:.1f}x the time of gram (estimate)")
     return 0

@@ -142,7 +142,7 @@ class NtkResult:
             "symmetric": self.symmetric, "n_blocks": self.n_blocks, "schedule": self.schedule,
             "bn_mode": self.bn_mode,
             "est_gflop": self.est_gflop, "param_filter": self.param_filter, "notes": list(self.notes),
-            "kernel_shape": list(k.shape), "kernel_fro": float(np.linalg.norm(k)),
+            "kernel_shape": list(k.shape), "kernel_fro": _fro(k),
             "kernel_trace": float(np.trace(k, axis1=-2, axis2=-1).sum()) if square else None,
         }
 
@@ -242,6 +242,12 @@ _LANCZOS_MAX_BLOCK = 512  # samples per block in the matrix-free operator (throu
 _GRAM_MAX_CHUNK = 32      # samples whose generic layer rows are formed at once (gram operator)
 _GRAM_BLOCK = 20          # default vectors per block of the gram operator
 _GRAM_ROW_BYTES = 6 << 20  # a block of weight rows formed at once (~6 MB: stays in the L3 cache)
+
+
+def _fro(a: np.ndarray) -> float:
+    """Frobenius norm without overflow for entries beyond 1e154."""
+    m = float(np.abs(a).max()) if a.size else 0.0
+    return m * float(np.linalg.norm(a / m)) if m > 0 and np.isfinite(m) else m
 
 
 def _enum(cls, value, what: str):
@@ -1149,11 +1155,12 @@ def _lw_selfcheck(c: _Ctx, layers: list[_Layer]) -> tuple[list[_Layer], list[str
 
     _lw_backward(ctx, leaf, range(O), on_grad)
     rtol = 1e-8 if fm.dtype == torch.float64 else 1e-3
-    scale = max([float(g.norm()) for g in ref.values()] + [1e-30])
+    scale = max([float(_norm64(g)) for g in ref.values()] + [1e-30])
     for li, layer in enumerate(layers):
         for n in layer.names:
-            err = float((rec_sum[n] - ref[n].reshape(-1)).norm())
-            if err > rtol * max(float(ref[n].norm()), 1e-6 * scale):
+            err = float(_norm64(rec_sum[n].double() - ref[n].reshape(-1).double()))
+            # written so that a non-finite error or reference fails the check
+            if not err <= rtol * max(float(_norm64(ref[n])), 1e-6 * scale):
                 bad.add(li)
     good = [layer for li, layer in enumerate(layers) if li not in bad]
     return good, [n for li in sorted(bad) for n in layers[li].names]
@@ -1670,6 +1677,12 @@ class _GramOperator:
         return out
 
 
+def _norm64(t: Tensor, dim: int | None = None) -> Tensor:
+    """Euclidean norm accumulated in float64: a float32 norm squares its entries in float32 and
+    overflows to inf beyond ~1.8e19 (Krylov vectors of a multiplicative network reach 1e25)."""
+    return torch.linalg.vector_norm(t, dim=dim, dtype=torch.float64)
+
+
 def _dot64(A: Tensor, B: Tensor, chunk: int = 1 << 16) -> Tensor:
     """A @ B^T (rows of A against rows of B) accumulated in float64 over column chunks: inner
     products over millions of float32 elements would otherwise carry ~1e-5 relative error."""
@@ -1723,7 +1736,7 @@ def _gram_lanczos(op: Callable[[Tensor], Tensor], F: int, k: int, s: int, max_di
         return X.T.to(W.dtype) @ W
 
     def orthonormal_rows(W: Tensor, B: Tensor) -> Tensor:
-        ref = float(W.norm(dim=1).max()) if W.numel() else 0.0
+        ref = float(torch.sqrt(torch.diagonal(_dot64(W, W)).max())) if W.numel() else 0.0
         want = W.shape[0]
         Q = svqb(orth(W, B), 1e-6 * max(ref, 1e-300))
         while Q.shape[0] < want:                     # invariant subspace found: random directions

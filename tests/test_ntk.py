@@ -667,3 +667,22 @@ def test_gram_lanczos_in_float32_over_long_vectors_matches_float64():
     assert res.dtype == "float32" and res.converged
     np.testing.assert_allclose(res.eigenvalues, dense[:4], rtol=1e-5)
     assert res.eigenvalues[0] <= dense[0] * (1 + 1e-6)          # a Ritz value never exceeds it
+
+
+def test_gram_lanczos_in_float32_survives_a_huge_kernel_scale():
+    # A multiplicative net's kernel reaches 1e28: its Krylov vectors then have norms beyond
+    # float32's sqrt(max) ~ 1.8e19. A float32 norm there is inf and made every new block look
+    # degenerate (top eigenvalue 1e4 too small, never converged). Scaling the head by 1e13
+    # multiplies the kernel by ~1e26 exactly; float32 agrees with the float64 dense kernel to
+    # float32 rounding of the model (rtol 1e-4, the tolerance of the float32 tests above).
+    model = make_model("bn_cnn")
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        head.weight.mul_(1e13)
+        head.bias.mul_(1e13)
+    x = make_inputs("bn_cnn", 8, 0)
+    dense = np.linalg.eigvalsh(empirical_ntk(model, x, dtype=torch.float64).kernel)[::-1]
+    assert dense[0] > 1e24
+    res = ntk_topk_lanczos(model, x, k=3, method="gram", dtype=torch.float32)
+    assert res.converged and res.method == "gram"
+    np.testing.assert_allclose(res.eigenvalues, dense[:3], rtol=1e-4)
