@@ -213,7 +213,8 @@ def worker_lanczos(args) -> dict:
             "block_vectors": res.block_vectors, "converged": res.converged,
             "subspace_dim": res.subspace_dim, "eigenvalues": res.eigenvalues.tolist(),
             "max_rel_residual": float(res.residuals.max() / res.eigenvalues[0]),
-            "planned_peak_mb": res.peak_memory_bytes / 2 ** 20, "notes": list(res.notes)}
+            "planned_peak_mb": res.peak_memory_bytes / 2 ** 20, "dtype": res.dtype,
+            "notes": list(res.notes)}
 
 
 def worker_matvec(args) -> dict:
@@ -232,7 +233,10 @@ def worker_matvec(args) -> dict:
 
 def spawn(argv: list[str]) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve())] + argv
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        tail = "\n".join(out.stderr.strip().splitlines()[-3:])
+        raise SystemExit(f"worker {' '.join(argv)} failed (exit {out.returncode}):\n{tail}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -246,7 +250,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--size", type=int, default=32, help="input height/width")
     ap.add_argument("--method", default="auto", help="probe.ntk method for 'ours'")
-    ap.add_argument("--budget-gib", type=float, default=1.0, help="memory_budget_bytes for ours, GiB")
+    ap.add_argument("--budget-gib", type=float, default=2.0,
+                    help="memory_budget_bytes for ours, GiB (default: the library's, 2 GiB)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--no-flops", action="store_true")
     ap.add_argument("--lanczos-n", type=int, default=0, help="N for the top-20 Lanczos run (0: skip)")
@@ -384,7 +389,9 @@ def main(argv=None) -> int:
                   f"(extra {r['rss_peak_mb'] - r['rss_base_mb']:.0f}), {r['n_matvecs']} vectors in "
                   f"{r['n_passes']} passes over the data (blocks of {r['block_vectors']}), "
                   f"converged={r['converged']}, max residual/lambda_1 {r['max_rel_residual']:.1e}, "
-                  f"lambda_1 {r['eigenvalues'][0]:.4g}, lambda_20 {r['eigenvalues'][-1]:.4g}")
+                  f"lambda_1 {r['eigenvalues'][0]:.4g}, lambda_20 {r['eigenvalues'][-1]:.4g}, {r['dtype']}")
+            for note in r["notes"]:
+                print(f"    note: {note}")
         for c in lanczos["compare"]:
             print(f"{c['model']} N={c['n']}: gram vs ntvp end to end: {c['speedup']:.2f}x faster; eigenvalues "
                   f"agree to {c['max_rel_eig_diff']:.1e} (max relative difference)")

@@ -27,6 +27,7 @@ back-propagated output gradient and the layer input; BatchNorm's affine Jacobian
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -46,6 +47,10 @@ from probe.errors import UserError
 
 __all__ = ["NtkKind", "NtkMethod", "LanczosMethod", "NtkResult", "SpectrumResult", "LanczosResult",
            "empirical_ntk", "ntk_spectrum", "ntk_topk_lanczos"]
+
+
+DEFAULT_MEMORY_BUDGET = 2 * 2 ** 30
+"""Default ``memory_budget_bytes`` (2 GiB, as ``probe ntk --memory-gb``)."""
 
 
 class NtkKind(str, Enum):
@@ -652,7 +657,9 @@ def _measure(fm: FunctionalModel, x0: Tensor, layers: Sequence[_Layer]) -> _Stat
                   flops=float(fc.get_total_flops()))
 
 
-def _check_finite(fm: FunctionalModel, x: Tensor, chunk: int, which: str) -> None:
+def _check_finite(fm: FunctionalModel, x: Tensor, chunk: int, which: str) -> float:
+    """Raise on non-finite model outputs; return the largest |output|."""
+    top = 0.0
     with torch.no_grad():
         for lo, hi in _ranges(x.shape[0], chunk):
             y = fm(fm.params, x[lo:hi])
@@ -660,6 +667,29 @@ def _check_finite(fm: FunctionalModel, x: Tensor, chunk: int, which: str) -> Non
                 bad = (~torch.isfinite(y.reshape(hi - lo, -1))).any(1).nonzero().flatten()
                 raise UserError(f"model outputs are not finite on the probe inputs ({which}, e.g. sample "
                                 f"{lo + int(bad[0])}); check the checkpoint and the input normalisation")
+            if y.numel():
+                top = max(top, float(y.abs().max()))
+    return top
+
+
+def _out_of_range(dtype: torch.dtype, y_max: float) -> bool:
+    """Whether outputs of size ``y_max`` put the kernel beyond ``dtype``'s range. The kernel
+    grows like the squared output times sum_theta (d log f / d theta)^2 (seen: 1e6 y_max^2 for a
+    multiplicative ResNet-20), so float32 is given up from outputs of ~1.8e12 on (sqrt of its
+    largest value, 1.8e19, times 1e-7)."""
+    return y_max > math.sqrt(torch.finfo(dtype).max) * 1e-7
+
+
+def _promotion_note(dtype: torch.dtype, y_max: float) -> str:
+    name = str(dtype).replace("torch.", "")
+    return (f"model outputs reach {y_max:.3g}: the kernel would overflow {name}, so it was computed "
+            f"in float64 (pass dtype= to choose)")
+
+
+def _overflow_error(dtype: torch.dtype, y_max: float, what: str) -> UserError:
+    name = str(dtype).replace("torch.", "")
+    hint = "pass dtype=torch.float64" if dtype != torch.float64 else "rescale the model or its inputs"
+    return UserError(f"the {what} overflowed {name} (model outputs reach {y_max:.3g}); {hint}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -1226,7 +1256,7 @@ def _fit_n(free: int, q: int, n2: int | None) -> int:
 
 def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
                   kind: NtkKind | str = "trace", method: NtkMethod | str = "auto",
-                  memory_budget_bytes: int = 2 ** 30, block_size: int | None = None,
+                  memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, block_size: int | None = None,
                   param_filter: ParamFilter = None, dtype: torch.dtype | str | None = None,
                   device: torch.device | str | None = None, progress: bool = False) -> NtkResult:
     """Empirical NTK of ``model`` between ``x1`` (N1, ...) and ``x2`` (N2, ...) (default: x1).
@@ -1289,9 +1319,16 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
                 f"without forming the kernel, or raise memory_budget_bytes")
         act_bytes = max(1, 3 * stats.saved_numel * itemsize)
         chunk = max(1, min(c.n1, free // act_bytes))
-        _check_finite(fm, x1, chunk, "x1")
+        y_max = _check_finite(fm, x1, chunk, "x1")
         if not sym:
-            _check_finite(fm, x2, chunk, "x2")
+            y_max = max(y_max, _check_finite(fm, x2, chunk, "x2"))
+        if dtype is None and fm.dtype != torch.float64 and _out_of_range(fm.dtype, y_max):
+            res = empirical_ntk(model, x1, x2, kind=kind, method=method,
+                                memory_budget_bytes=memory_budget_bytes, block_size=block_size,
+                                param_filter=param_filter, dtype=torch.float64, device=device,
+                                progress=progress)
+            return dataclasses.replace(res, wall_time_s=time.perf_counter() - t0,
+                                       notes=(_promotion_note(fm.dtype, y_max), *res.notes))
 
         plans: list[_Plan] = []
         if method in (NtkMethod.AUTO, NtkMethod.LAYERWISE):
@@ -1340,6 +1377,8 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
                     _run_jacobian(c, plan.fallback, names, K, pbar)
                     notes.append(f"layerwise: {len(names)} parameter tensor(s) outside "
                                  f"Linear/Conv2d/BatchNorm layers via the Jacobian path")
+    if not bool(torch.isfinite(K).all()):
+        raise _overflow_error(fm.dtype, y_max, f"{kind.value} kernel")
     if kind == NtkKind.FULL:
         K = K.reshape(c.n1 * c.O, c.n2 * c.O)
     if sym:   # exactly symmetric (blocks on the diagonal and NTVP columns carry rounding asymmetry)
@@ -1899,7 +1938,7 @@ def _plan_gram(c: _Ctx, layers: list[_Layer], fallback: list[str], k: int, s: in
 def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind | str = "trace",
                      method: LanczosMethod | str = "auto",
                      param_filter: ParamFilter = None, dtype: torch.dtype | str | None = None,
-                     device: torch.device | str | None = None, memory_budget_bytes: int = 2 ** 30,
+                     device: torch.device | str | None = None, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
                      block_size: int | None = None, block_vectors: int | None = None,
                      max_dim: int | None = None, tol: float | None = None,
                      return_eigenvectors: bool = False, seed: int = 0,
@@ -1954,7 +1993,24 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
         it = torch.empty((), dtype=fm.dtype).element_size()
         budget = int(memory_budget_bytes)
         act_bytes = max(1, 3 * stats.saved_numel * it)
-        _check_finite(fm, x, max(1, min(N, max(budget // 2, act_bytes) // act_bytes)), "x")
+        y_max = _check_finite(fm, x, max(1, min(N, max(budget // 2, act_bytes) // act_bytes)), "x")
+        if dtype is None and fm.dtype != torch.float64 and _out_of_range(fm.dtype, y_max):
+            res = ntk_topk_lanczos(model, x, k, kind=kind, method=method, param_filter=param_filter,
+                                   dtype=torch.float64, device=device,
+                                   memory_budget_bytes=memory_budget_bytes, block_size=block_size,
+                                   block_vectors=block_vectors, max_dim=max_dim, tol=tol,
+                                   return_eigenvectors=return_eigenvectors, seed=seed, progress=progress)
+            return dataclasses.replace(res, wall_time_s=time.perf_counter() - t0,
+                                       notes=(_promotion_note(fm.dtype, y_max), *res.notes))
+
+        def finite(op, what):
+            def checked(V):
+                W = op(V)
+                ok = bool(torch.isfinite(W).all()) if isinstance(W, Tensor) else bool(np.isfinite(W).all())
+                if not ok:
+                    raise _overflow_error(fm.dtype, y_max, what)
+                return W
+            return checked
 
         gram = None
         if method in (LanczosMethod.AUTO, LanczosMethod.GRAM):
@@ -1991,7 +2047,8 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
                 op = _GramOperator(fm, x, kind, O, plan.layers, plan.groups[0], plan.block, plan.chunk,
                                    pbar)
                 theta, Sk, res, converged, dim, basis = _gram_lanczos(
-                    op.matmat, op.F, k, s, plan.n_blocks, tol, gen, fm.dtype, fm.device)
+                    finite(op.matmat, "parameter-space operator J^T J"), op.F, k, s, plan.n_blocks, tol,
+                    gen, fm.dtype, fm.device)
                 Y = None
                 if return_eigenvectors:                     # y = J p / ||J p||, p the Ritz vectors
                     Pk = torch.as_tensor(Sk.T, dtype=fm.dtype, device=fm.device) @ basis   # (k, F)
@@ -2033,7 +2090,8 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
         op = _NtkOperator(fm, x, kind, O, b, per_sample=couples)
         rng = np.random.default_rng(seed)
         with _progress(dim_cap, f"ntk lanczos ({kind.value}, ntvp)", progress) as pbar:
-            theta, Y, res, converged, dim = _block_lanczos(op.matmat, n, k, s, dim_cap, tol, rng, pbar)
+            theta, Y, res, converged, dim = _block_lanczos(finite(op.matmat, "NTK-vector product"), n, k, s,
+                                                           dim_cap, tol, rng, pbar)
     if not converged:
         notes.append(f"not converged within a Krylov dimension of {dim}: raise max_dim "
                      f"(largest residual {res.max():.3g})")

@@ -686,3 +686,91 @@ def test_gram_lanczos_in_float32_survives_a_huge_kernel_scale():
     res = ntk_topk_lanczos(model, x, k=3, method="gram", dtype=torch.float32)
     assert res.converged and res.method == "gram"
     np.testing.assert_allclose(res.eigenvalues, dense[:3], rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# The registry's own models: fusion modules, pinned BatchNorm values, attention, gates
+# ------------------------------------------------------------------------------------------------
+
+ZOO = {
+    # multiplicative mean-1 fusion bn(r) * bn_s(s), both BN biases init 1
+    "tiny_mul": ("tiny_mul", {}),
+    # sig(bn[b fixed 0](r)) * bn[b fixed 1](s): BN biases re-imposed in forward, not parameters
+    "fmm08": ("cifar_resnet", {"depth": 8, "width": 4, "fusion": "fmm08"}),
+    # Triplet attention (pooling, conv, sigmoid Gate) on every residual branch
+    "tiny_triplet": ("tiny_triplet", {}),
+}
+
+
+@pytest.fixture(scope="module")
+def zoo_cases():
+    from models import create_model
+    from probe.jobs import calibrate_batchnorm
+    out = {}
+    for key, (name, kw) in ZOO.items():
+        torch.manual_seed(0)
+        model = create_model(name, in_chans=1, num_classes=3, **kw).double()
+        model = calibrate_batchnorm(model, torch.randn(32, 1, 8, 8, dtype=torch.float64,
+                                                       generator=torch.Generator().manual_seed(5)))
+        x = torch.randn(5, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+        out[key] = (model.train(), x, reference_jacobian(model, x))
+    return out
+
+
+@pytest.mark.parametrize("key", list(ZOO))
+@pytest.mark.parametrize("method", METHODS)
+def test_registry_models_kernels_match_reference(zoo_cases, key, method):
+    model, x, J = zoo_cases[key]
+    snap = snapshot(model)
+    full = expected(J, J, 5, 5, "full")
+    res = empirical_ntk(model, x, kind="full", method=method, dtype=torch.float64)
+    assert_kernel(res.kernel, full)
+    res = empirical_ntk(model, x, kind="trace", method=method, dtype=torch.float64)
+    assert_kernel(res.kernel, expected(J, J, 5, 5, "trace"))
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("key", list(ZOO))
+@pytest.mark.parametrize("method", ["gram", "ntvp"])
+def test_registry_models_lanczos_matches_dense(zoo_cases, key, method):
+    model, x, J = zoo_cases[key]
+    dense = np.linalg.eigvalsh(expected(J, J, 5, 5, "trace"))[::-1]
+    res = ntk_topk_lanczos(model, x, k=3, method=method, dtype=torch.float64, block_vectors=3)
+    assert res.converged and res.method == method
+    np.testing.assert_allclose(res.eigenvalues, dense[:3], rtol=1e-8)   # tol 1e-8 * lambda_max
+
+
+def _scaled_head_model(scale: float) -> nn.Module:
+    model = make_model("bn_cnn").float()
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        head.weight.mul_(scale)
+        head.bias.mul_(scale)
+    return model
+
+
+@pytest.mark.parametrize("method", ["auto", "jacobian", "ntvp", "layerwise"])
+def test_kernel_beyond_float32_range_is_computed_in_float64_or_refused(method):
+    # outputs of 1e20: the kernel (~1e40) is beyond float32's 3.4e38. Left to choose, the probe
+    # computes in float64 and says so; asked for float32, it refuses instead of returning inf.
+    model = _scaled_head_model(1e20)
+    x = make_inputs("bn_cnn", 4, 0).float()
+    ref = empirical_ntk(model, x, method=method, dtype=torch.float64)
+    assert np.isfinite(ref.kernel).all() and np.abs(ref.kernel).max() > 1e39
+    res = empirical_ntk(model, x, method=method)
+    assert res.dtype == "float64" and any("overflow float32" in n for n in res.notes)
+    np.testing.assert_allclose(res.kernel, ref.kernel, rtol=1e-12)     # the same float64 computation
+    with pytest.raises(UserError, match="kernel overflowed float32 .*pass dtype=torch.float64"):
+        empirical_ntk(model, x, method=method, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("method", ["gram", "ntvp"])
+def test_lanczos_beyond_float32_range_is_computed_in_float64_or_refused(method):
+    model = _scaled_head_model(1e20)
+    x = make_inputs("bn_cnn", 6, 0).float()
+    dense = np.linalg.eigvalsh(empirical_ntk(model, x, dtype=torch.float64).kernel)[::-1]
+    res = ntk_topk_lanczos(model, x, k=2, method=method, block_vectors=2)
+    assert res.dtype == "float64" and any("overflow float32" in n for n in res.notes)
+    np.testing.assert_allclose(res.eigenvalues, dense[:2], rtol=1e-8)
+    with pytest.raises(UserError, match="overflowed float32 .*pass dtype=torch.float64"):
+        ntk_topk_lanczos(model, x, k=2, method=method, dtype=torch.float32)
