@@ -29,7 +29,9 @@ contraction) -- by each method's wall time, and compares it with a measured floa
 difference).
 
 The ``--lanczos-n`` part runs ``ntk_topk_lanczos`` (top-20 eigenvalues of the trace kernel,
-``method="gram"``, float32, tol 1e-5 * lambda_max) on N random 1x8x8 inputs with each model
+``method="gram"``, the model's float32 unless its outputs put the kernel beyond float32's range
+(then float64, as the library decides), tol 1e-5 * lambda_max in float32 and 1e-8 in float64,
+memory budget ``--lanczos-budget-gib``, default 3) on N random 1x8x8 inputs with each model
 (1 input channel) and reports time, peak memory, vectors and passes over the data;
 next to it, the baseline ``method="ntvp"`` (VJP/JVP products, the library's previous operator):
 its measured seconds per Lanczos vector at the same N, times the vectors it needs (from the
@@ -39,8 +41,10 @@ and checks that their eigenvalues agree.
 Targets: trace kernel at N=256 at least 3x faster than ``vmap_jacrev`` with at most 25% of its
 extra memory; top-20 Lanczos eigenvalues at N=10,000 within 15 minutes and 4 GB.
 
-    python benchmarks/bench_ntk.py [--models add_resnet mul_resnet] [--n 64 256] [--methods ours naive vmap_jacrev vmap_jacrev_once]
+    python benchmarks/bench_ntk.py [--models add_resnet mul_resnet] [--n 64 256]
+                                   [--methods ours naive vmap_jacrev vmap_jacrev_once]
                                    [--budget-gib 2] [--repeats 1] [--lanczos-n 10000]
+                                   [--lanczos-models add_resnet mul_resnet] [--lanczos-budget-gib 3]
                                    [--lanczos-compare-n 500] [--json]
 """
 from __future__ import annotations
@@ -220,15 +224,17 @@ def worker_lanczos(args) -> dict:
 def worker_matvec(args) -> dict:
     """Seconds per Lanczos vector of the VJP/JVP operator (``ntvp``) at N: one product K v."""
     from probe._func import eval_mode, functionalize
-    from probe.ntk import NtkKind, _LANCZOS_MAX_BLOCK, _NtkOperator
+    from probe.ntk import NtkKind, _LANCZOS_MAX_BLOCK, _NtkOperator, _out_of_range
     model, x = build(args.model, args.n, 8, in_chans=1)
-    fm = functionalize(model)
+    with torch.no_grad():                 # the dtype ntk_topk_lanczos would run in
+        y_max = max(float(model(x[i:i + 500]).abs().max()) for i in range(0, args.n, 500))
+    fm = functionalize(model, dtype=torch.float64 if _out_of_range(torch.float32, y_max) else None)
     with eval_mode(model):
-        op = _NtkOperator(fm, x, NtkKind.TRACE, 10, min(args.n, _LANCZOS_MAX_BLOCK))
+        op = _NtkOperator(fm, fm.prepare(x), NtkKind.TRACE, 10, min(args.n, _LANCZOS_MAX_BLOCK))
         v = np.random.default_rng(0).standard_normal((args.n, 1))
         t0 = time.perf_counter()
         op.matmat(v)
-        return {"s_per_vector": time.perf_counter() - t0}
+        return {"s_per_vector": time.perf_counter() - t0, "dtype": str(fm.dtype)}
 
 
 def spawn(argv: list[str]) -> dict:
@@ -255,6 +261,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--no-flops", action="store_true")
     ap.add_argument("--lanczos-n", type=int, default=0, help="N for the top-20 Lanczos run (0: skip)")
+    ap.add_argument("--lanczos-budget-gib", type=float, default=3.0,
+                    help="memory_budget_bytes of the Lanczos runs, GiB (target: under 4 GB in all)")
     ap.add_argument("--lanczos-models", nargs="+", default=None,
                     help="models for the Lanczos runs (default: --models)")
     ap.add_argument("--block-vectors", type=int, default=None,
@@ -336,7 +344,8 @@ def main(argv=None) -> int:
 
         def lz(name, n, method):
             log(f"{name} Lanczos N={n} {method}")
-            argv = ["--worker", "lanczos", "--model", name, "--n", str(n), "--budget-gib", "4", "--json",
+            argv = ["--worker", "lanczos", "--model", name, "--n", str(n), "--budget-gib",
+                    str(args.lanczos_budget_gib), "--json",
                     "--lanczos-method", method]
             if args.block_vectors:
                 argv += ["--block-vectors", str(args.block_vectors)]
@@ -345,6 +354,7 @@ def main(argv=None) -> int:
             r = spawn(argv)
             r.update(model=name, n=n)
             lanczos["runs"].append(r)
+            log(json.dumps(r))                   # kept even if a later worker fails
             return r
         for name in args.lanczos_models or args.models:
             if args.lanczos_compare_n:           # both operators end to end, same N, same inputs

@@ -1935,6 +1935,19 @@ def _plan_gram(c: _Ctx, layers: list[_Layer], fallback: list[str], k: int, s: in
     return plan
 
 
+def _unresolved_note(theta: np.ndarray, res: np.ndarray, tol: float) -> list[str]:
+    """Convergence is relative to theta_max; a Ritz value is within its residual of an eigenvalue,
+    so those with residual above 1% of their own value are not resolved (a spectrum spread over
+    more orders of magnitude than 1/tol)."""
+    weak = np.flatnonzero(res > 1e-2 * np.abs(theta))
+    if not weak.size:
+        return []
+    return [f"{weak.size} of the top {theta.size} eigenvalues (from #{int(weak[0]) + 1}, below "
+            f"{float(np.abs(theta[weak[0]])):.3g}) are not resolved: their residuals exceed 1% of "
+            f"their value (tol={tol:g} is relative to lambda_max={float(theta[0]):.3g}); lower tol or "
+            f"use float64 for them"]
+
+
 def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind | str = "trace",
                      method: LanczosMethod | str = "auto",
                      param_filter: ParamFilter = None, dtype: torch.dtype | str | None = None,
@@ -2058,6 +2071,7 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
             if not converged:
                 notes.append(f"not converged within a Krylov dimension of {dim}: raise max_dim or "
                              f"memory_budget_bytes (largest residual {res.max():.3g})")
+            notes.extend(_unresolved_note(theta, res, tol))
             return LanczosResult(eigenvalues=theta, eigenvectors=Y, residuals=res, n_matvecs=op.matvecs,
                                  converged=bool(converged), kind=kind.value, n=N, n_outputs=O,
                                  n_params=P, dtype=str(fm.dtype).replace("torch.", ""),
@@ -2095,6 +2109,7 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
     if not converged:
         notes.append(f"not converged within a Krylov dimension of {dim}: raise max_dim "
                      f"(largest residual {res.max():.3g})")
+    notes.extend(_unresolved_note(theta, res, tol))
     return LanczosResult(eigenvalues=theta, eigenvectors=Y if return_eigenvectors else None,
                          residuals=res, n_matvecs=op.matvecs, converged=bool(converged),
                          kind=kind.value, n=N, n_outputs=O, n_params=P,

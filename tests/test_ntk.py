@@ -774,3 +774,16 @@ def test_lanczos_beyond_float32_range_is_computed_in_float64_or_refused(method):
     np.testing.assert_allclose(res.eigenvalues, dense[:2], rtol=1e-8)
     with pytest.raises(UserError, match="overflowed float32 .*pass dtype=torch.float64"):
         ntk_topk_lanczos(model, x, k=2, method=method, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("method", ["gram", "ntvp"])
+def test_lanczos_says_which_eigenvalues_a_loose_tolerance_leaves_unresolved(cases, method):
+    model, x1, _, J1, _ = cases["bn_cnn"]
+    loose = ntk_topk_lanczos(model, x1, k=4, method=method, dtype=torch.float64, tol=0.3,
+                             block_vectors=1)
+    weak = loose.residuals > 1e-2 * loose.eigenvalues
+    assert weak.any()                     # tol 0.3 * lambda_max leaves the smaller ones loose
+    note = [n for n in loose.notes if "not resolved" in n]
+    assert len(note) == 1 and note[0].startswith(f"{int(weak.sum())} of the top 4 eigenvalues")
+    tight = ntk_topk_lanczos(model, x1, k=4, method=method, dtype=torch.float64, block_vectors=1)
+    assert not any("not resolved" in n for n in tight.notes)
