@@ -686,6 +686,12 @@ def _promotion_note(dtype: torch.dtype, y_max: float) -> str:
             f"in float64 (pass dtype= to choose)")
 
 
+def _promoted(res, t0: float, dtype: torch.dtype, y_max: float):
+    """The float64 re-run's result, timed from the first call and carrying the reason."""
+    return dataclasses.replace(res, wall_time_s=time.perf_counter() - t0,
+                               notes=(_promotion_note(dtype, y_max), *res.notes))
+
+
 def _overflow_error(dtype: torch.dtype, y_max: float, what: str) -> UserError:
     name = str(dtype).replace("torch.", "")
     hint = "pass dtype=torch.float64" if dtype != torch.float64 else "rescale the model or its inputs"
@@ -1196,6 +1202,14 @@ def _lw_selfcheck(c: _Ctx, layers: list[_Layer]) -> tuple[list[_Layer], list[str
     return good, [n for li in sorted(bad) for n in layers[li].names]
 
 
+def _checked_layers(c: _Ctx, layers: list[_Layer]) -> tuple[list[_Layer], list[str], list[str]]:
+    """(structured layers that pass the closed-form self-check, parameter names left to the
+    generic ``vmap(jacrev)`` path, names that failed the check)."""
+    good, bad = _lw_selfcheck(c, [lay for lay in layers if lay.calls > 0])
+    covered = {nm for lay in good for nm in lay.names}
+    return good, [nm for nm in c.fm.params if nm not in covered], bad
+
+
 def _run_ntvp(c: _Ctx, plan: _Plan, K: Tensor, pbar) -> None:
     fm, O, params = c.fm, c.O, c.fm.params
     n2 = c.n2
@@ -1327,8 +1341,7 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
                                 memory_budget_bytes=memory_budget_bytes, block_size=block_size,
                                 param_filter=param_filter, dtype=torch.float64, device=device,
                                 progress=progress)
-            return dataclasses.replace(res, wall_time_s=time.perf_counter() - t0,
-                                       notes=(_promotion_note(fm.dtype, y_max), *res.notes))
+            return _promoted(res, t0, fm.dtype, y_max)
 
         plans: list[_Plan] = []
         if method in (NtkMethod.AUTO, NtkMethod.LAYERWISE):
@@ -1336,12 +1349,10 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
                 plans.append(_Plan(NtkMethod.LAYERWISE, False, reason="the model has BatchNorm "
                                    "without running statistics (samples are coupled in eval mode)"))
             else:
-                good, bad = _lw_selfcheck(c, [lay for lay in layers if lay.calls > 0])
+                good, fallback, bad = _checked_layers(c, layers)
                 if bad:
                     notes.append(f"layerwise: {len(bad)} parameter tensor(s) failed the closed-form "
                                  f"check and use the generic Jacobian path")
-                covered = {n for lay in good for n in lay.names}
-                fallback = [n for n in fm.params if n not in covered]
                 plans.append(_plan_layerwise(c, good, fallback, free, block_size))
         if method in (NtkMethod.AUTO, NtkMethod.JACOBIAN):
             plans.append(_plan_jacobian(c, list(fm.params), free, block_size))
@@ -1733,14 +1744,6 @@ def _dot64(A: Tensor, B: Tensor, chunk: int = 1 << 16) -> Tensor:
     return out
 
 
-def _gram_layers(c: _Ctx, layers: list[_Layer]) -> tuple[list[_Layer], list[str], list[str]]:
-    """(structured layers that pass the closed-form self-check, parameter names left to
-    ``vmap(jacrev)``, names that failed the check)."""
-    good, bad = _lw_selfcheck(c, [lay for lay in layers if lay.calls > 0])
-    covered = {nm for lay in good for nm in lay.names}
-    return good, [nm for nm in c.fm.params if nm not in covered], bad
-
-
 def _gram_lanczos(op: Callable[[Tensor], Tensor], F: int, k: int, s: int, max_dim: int, tol: float,
                   gen: torch.Generator, dtype: torch.dtype, device: torch.device
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool, int, Tensor]:
@@ -2013,8 +2016,7 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
                                    memory_budget_bytes=memory_budget_bytes, block_size=block_size,
                                    block_vectors=block_vectors, max_dim=max_dim, tol=tol,
                                    return_eigenvectors=return_eigenvectors, seed=seed, progress=progress)
-            return dataclasses.replace(res, wall_time_s=time.perf_counter() - t0,
-                                       notes=(_promotion_note(fm.dtype, y_max), *res.notes))
+            return _promoted(res, t0, fm.dtype, y_max)
 
         def finite(op, what):
             def checked(V):
@@ -2032,7 +2034,7 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
                              "running statistics (samples are coupled in eval mode)")
             else:
                 c = _Ctx(fm, kind, x, x, True, stats, it, budget)
-                good, fallback, bad = _gram_layers(c, layers)
+                good, fallback, bad = _checked_layers(c, layers)
                 F = P * (O if kind == NtkKind.TRACE else 1)
                 first = max(1, min(int(block_vectors or _default_block(LanczosMethod.GRAM, k)), k))
                 # without a given block size, smaller blocks until the basis fits the budget

@@ -563,7 +563,7 @@ def _gram_operator(model, x, kind, block=4, chunk=2):
         layers = ntk_mod._find_layers(fm)
         stats = ntk_mod._measure(fm, x[:1].clone(), layers)
         c = ntk_mod._Ctx(fm, NtkKind(kind), x, x, True, stats, 8, 2 ** 30)
-        good, fallback, _ = ntk_mod._gram_layers(c, layers)
+        good, fallback, _ = ntk_mod._checked_layers(c, layers)
     op = ntk_mod._GramOperator(fm, x, NtkKind(kind), stats.n_outputs, good, fallback, block, chunk)
     return fm, op, fallback
 
