@@ -220,6 +220,9 @@ def cmd_ntk(args) -> Output:
     lines = []
     for r in results:
         where = f"epoch {r['epoch']}" if r.get("epoch") is not None else "init"
+        if "error" in r:
+            lines.append(f"{r['model']} ({where}): failed: {r['error']}")
+            continue
         lines.append(f"{r['model']} ({where}), {r['kind']} NTK on {r['n']} {r['data']} samples, method "
                      f"{r['method']}, {r.get('wall_time_s', r.get('lanczos', {}).get('wall_time_s', 0)):.1f}s")
         if "lanczos" in r:

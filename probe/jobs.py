@@ -131,59 +131,83 @@ def run_ntk_probe(store, *, model: str | None = None, run: str | None = None, ch
                   memory_budget_gb: float = 2.0, seed: int = 0,
                   eigenlearning: bool = True, trials: int = 10, dtype: str = "float64", quiet: bool = False,
                   save: bool = True, model_args: dict | None = None) -> list[dict]:
-    """Empirical NTK spectra (and eigenlearning predictions) for each target; one catalog row each."""
-    from probe.ntk import empirical_ntk, ntk_spectrum, ntk_topk_lanczos
+    """Empirical NTK spectra (and eigenlearning predictions) for each target; one catalog row each.
+
+    Over several targets (``checkpoint="all"``) a target that fails with a :class:`UserError`
+    (e.g. a diverged checkpoint whose kernel overflows) becomes a result with an ``error`` and
+    the others go on; when every target fails, the first error is raised."""
     from probe.train import resolve_device
 
     dev = resolve_device(device)
     budget = int(memory_budget_gb * 2 ** 30)
-    results = []
+    results: list[dict] = []
+    errors: list[UserError] = []
     for target in iter_targets(store, model=model, run=run, checkpoint=checkpoint, data=data, seed=seed,
                                model_args=model_args):
-        x, y, num_classes = probe_inputs(target.data, n, seed=seed)
-        if not target.epoch:  # at initialisation: BN statistics from the probe data
-            target.model = calibrate_batchnorm(target.model, x)
-        label = f"{target.model_name}" + (f" epoch {target.epoch}" if target.run_id else " (init)")
-        if not quiet:
-            print(f"[ntk] {label}: {kind} kernel on {n} {target.data} samples ({method})", file=sys.stderr)
-        arrays: dict[str, np.ndarray] = {"labels": y.numpy()}
-        summary: dict = {"model": target.model_name, "epoch": target.epoch, "data": target.data, "n": n,
-                         "kind": kind}
-        if method == "lanczos":
-            lz = ntk_topk_lanczos(target.model, x, k=topk, kind=kind, method=lanczos_operator, dtype=dtype,
-                                  device=dev, memory_budget_bytes=budget, seed=seed, progress=not quiet)
-            arrays["eigenvalues"] = np.asarray(lz.eigenvalues)
-            summary.update({"method": "lanczos", "lanczos": lz.summary(),
-                            "top_eigenvalues": [float(v) for v in lz.eigenvalues[:topk]]})
-            if eigenlearning and not quiet:
-                print("[ntk] eigenlearning needs the whole spectrum: skipped with --method lanczos", file=sys.stderr)
-        else:
-            res = empirical_ntk(target.model, x, kind=kind, method=method, memory_budget_bytes=budget,
-                                dtype=dtype, device=dev, progress=not quiet)
-            K = res.kernel
-            summary.update(res.summary())
-            spec_kernel = K if kind != "diagonal" else K.sum(0)
-            yy = np.eye(num_classes)[y.numpy()] - 1.0 / num_classes if kind != "full" else None
-            spec = ntk_spectrum(spec_kernel, yy)
-            summary["spectrum"] = spec.summary()
-            summary["top_eigenvalues"] = [float(v) for v in spec.eigenvalues[:topk]]
-            arrays["kernel"] = K
-            arrays["eigenvalues"] = spec.eigenvalues
-            if eigenlearning and kind == "trace":
-                # per-output kernel: the trace kernel sums O output kernels
-                Kper = K / res.n_outputs
-                ns = sorted({max(2, n // 8), max(2, n // 4), max(2, n // 2)})
-                el = _eigenlearning(Kper, y.numpy(), num_classes, ns, trials, seed)
-                summary["eigenlearning"] = el
-                arrays["el_n"] = np.array([r["n"] for r in el["rows"]])
-                arrays["el_predicted"] = np.array([r["predicted_test_mse"] for r in el["rows"]])
-                arrays["el_measured"] = np.array([r["measured_test_mse"] for r in el["rows"]])
-        params = {"n": n, "kind": kind, "method": method, "topk": topk, "data": target.data, "seed": seed,
-                  "lanczos_operator": lanczos_operator,
-                  "dtype": dtype, "memory_budget_gb": memory_budget_gb}
-        if save:
-            summary["probe_id"] = store.add_probe("ntk", model=target.model_name, run_id=target.run_id,
-                                                  checkpoint_epoch=target.epoch, params=params, summary=summary,
-                                                  arrays=arrays)
-        results.append(summary)
+        try:
+            results.append(_ntk_target(store, target, n=n, kind=kind, method=method, topk=topk,
+                                       lanczos_operator=lanczos_operator, dev=dev, budget=budget,
+                                       memory_budget_gb=memory_budget_gb, seed=seed,
+                                       eigenlearning=eigenlearning, trials=trials, dtype=dtype,
+                                       quiet=quiet, save=save))
+        except UserError as e:
+            if not quiet:
+                print(f"[ntk] {target.model_name} epoch {target.epoch}: {e}", file=sys.stderr)
+            errors.append(e)
+            results.append({"model": target.model_name, "epoch": target.epoch, "data": target.data,
+                             "n": n, "kind": kind, "error": str(e)})
+    if errors and len(errors) == len(results):
+        raise errors[0]
     return results
+
+
+def _ntk_target(store, target: "ProbeTarget", *, n, kind, method, topk, lanczos_operator, dev, budget,
+                memory_budget_gb, seed, eigenlearning, trials, dtype, quiet, save) -> dict:
+    from probe.ntk import empirical_ntk, ntk_spectrum, ntk_topk_lanczos
+
+    x, y, num_classes = probe_inputs(target.data, n, seed=seed)
+    if not target.epoch:  # at initialisation: BN statistics from the probe data
+        target.model = calibrate_batchnorm(target.model, x)
+    label = f"{target.model_name}" + (f" epoch {target.epoch}" if target.run_id else " (init)")
+    if not quiet:
+        print(f"[ntk] {label}: {kind} kernel on {n} {target.data} samples ({method})", file=sys.stderr)
+    arrays: dict[str, np.ndarray] = {"labels": y.numpy()}
+    summary: dict = {"model": target.model_name, "epoch": target.epoch, "data": target.data, "n": n,
+                     "kind": kind}
+    if method == "lanczos":
+        lz = ntk_topk_lanczos(target.model, x, k=topk, kind=kind, method=lanczos_operator, dtype=dtype,
+                              device=dev, memory_budget_bytes=budget, seed=seed, progress=not quiet)
+        arrays["eigenvalues"] = np.asarray(lz.eigenvalues)
+        summary.update({"method": "lanczos", "lanczos": lz.summary(),
+                        "top_eigenvalues": [float(v) for v in lz.eigenvalues[:topk]]})
+        if eigenlearning and not quiet:
+            print("[ntk] eigenlearning needs the whole spectrum: skipped with --method lanczos", file=sys.stderr)
+    else:
+        res = empirical_ntk(target.model, x, kind=kind, method=method, memory_budget_bytes=budget,
+                            dtype=dtype, device=dev, progress=not quiet)
+        K = res.kernel
+        summary.update(res.summary())
+        spec_kernel = K if kind != "diagonal" else K.sum(0)
+        yy = np.eye(num_classes)[y.numpy()] - 1.0 / num_classes if kind != "full" else None
+        spec = ntk_spectrum(spec_kernel, yy)
+        summary["spectrum"] = spec.summary()
+        summary["top_eigenvalues"] = [float(v) for v in spec.eigenvalues[:topk]]
+        arrays["kernel"] = K
+        arrays["eigenvalues"] = spec.eigenvalues
+        if eigenlearning and kind == "trace":
+            # per-output kernel: the trace kernel sums O output kernels
+            Kper = K / res.n_outputs
+            ns = sorted({max(2, n // 8), max(2, n // 4), max(2, n // 2)})
+            el = _eigenlearning(Kper, y.numpy(), num_classes, ns, trials, seed)
+            summary["eigenlearning"] = el
+            arrays["el_n"] = np.array([r["n"] for r in el["rows"]])
+            arrays["el_predicted"] = np.array([r["predicted_test_mse"] for r in el["rows"]])
+            arrays["el_measured"] = np.array([r["measured_test_mse"] for r in el["rows"]])
+    params = {"n": n, "kind": kind, "method": method, "topk": topk, "data": target.data, "seed": seed,
+              "lanczos_operator": lanczos_operator,
+              "dtype": dtype, "memory_budget_gb": memory_budget_gb}
+    if save:
+        summary["probe_id"] = store.add_probe("ntk", model=target.model_name, run_id=target.run_id,
+                                              checkpoint_epoch=target.epoch, params=params, summary=summary,
+                                              arrays=arrays)
+    return summary

@@ -87,3 +87,28 @@ def test_ntk_model_in_train_mode_is_left_unchanged(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     bn = next(m for m in calibrated.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))  # statistics came from data
+
+
+def test_checkpoint_sweep_reports_a_diverged_checkpoint_and_keeps_the_others(tmp_path, capsys):
+    import torch
+    import models
+
+    store = RunStore(tmp_path)
+    res = train(TrainConfig(model="tiny_add", epochs=1, limit_train=64, limit_test=20), store, quiet=True)
+    blown = models.create_model("tiny_add", in_chans=1)
+    head = [n for n, m in blown.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    state = blown.state_dict()
+    state[f"{head}.weight"] = state[f"{head}.weight"] * 1e200     # float32: inf, as a diverged run
+    store.save_checkpoint(res.run_id, 2, {"model": state, "epoch": 2})
+    code, out, err = cli(capsys, "ntk", "--run", res.run_id, "--checkpoint", "all", "--n", "8",
+                         "--runs", str(tmp_path), "--json", "--quiet", "--no-eigenlearning")
+    assert code == 0, err
+    results = json.loads(out)["results"]
+    assert [r["epoch"] for r in results] == [0, 1, 2]
+    assert "error" not in results[0] and "error" not in results[1]
+    assert "outputs are not finite" in results[2]["error"] and "top_eigenvalues" not in results[2]
+    assert sorted(p["checkpoint_epoch"] for p in store.list_probes(run_id=res.run_id, kind="ntk")) == [0, 1]
+    # the diverged checkpoint alone: every target failed, a one-line error and exit 2
+    code, out, err = cli(capsys, "ntk", "--run", res.run_id, "--checkpoint", "2", "--n", "8",
+                         "--runs", str(tmp_path), "--quiet")
+    assert code == 2 and "outputs are not finite" in err and len(err.strip().splitlines()) == 1, err
