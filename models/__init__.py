@@ -6,7 +6,7 @@
 from models.gates import Gate, GateInfo, HSwish, find_gates
 from models.fusion import (BranchSpec, Fusion, FusionSpec, FusionSpecError, GateSpec, ParamMode,
                            PinnedBatchNorm2d, parse_fusion)
-from models._registry import (ModelConfigError, ModelNameError, accepted_kwargs, create_model, list_models,
+from models._registry import (ModelConfigError, ModelNameError, accepted_kwargs, create_model, is_factory_name, list_models,
                               model_entry, register_model)
 from models.seed_table import SEED_FUSIONS, SeedFusion, resolve_fusion, seed_fusion
 from models.families import CifarResNet, ResNet4, TinyMLP, WideResNet
@@ -22,7 +22,7 @@ __all__ = [
     "Gate", "GateInfo", "HSwish", "find_gates",
     "BranchSpec", "Fusion", "FusionSpec", "FusionSpecError", "GateSpec", "ParamMode", "PinnedBatchNorm2d",
     "parse_fusion", "resolve_fusion",
-    "ModelConfigError", "ModelNameError", "accepted_kwargs", "create_model", "list_models", "model_entry",
+    "ModelConfigError", "ModelNameError", "accepted_kwargs", "create_model", "is_factory_name", "list_models", "model_entry",
     "register_model", "count_parameters",
     "SEED_FUSIONS", "SeedFusion", "seed_fusion",
     "CifarResNet", "ResNet4", "TinyMLP", "WideResNet",

@@ -18,7 +18,7 @@ from torch import nn
 from models.fusion import FusionSpec, FusionSpecError, parse_fusion
 
 __all__ = ["ModelNameError", "ModelConfigError", "register_model", "create_model", "list_models",
-           "model_entry", "ModelEntry", "accepted_kwargs"]
+           "model_entry", "ModelEntry", "accepted_kwargs", "is_factory_name"]
 
 
 class ModelNameError(LookupError):
@@ -73,13 +73,28 @@ def model_entry(name: str) -> ModelEntry:
         raise ModelNameError(f"unknown model {name!r}{_close(name)}") from None
 
 
+def is_factory_name(name: str) -> bool:
+    """Whether ``name`` names a user factory (``package.module:factory``) rather than a registered model.
+
+    Building such a model imports and runs the named module: only do it for a name the user gave,
+    never for one read from stored content (a runs folder, a checkpoint).
+    """
+    return ":" in str(name)
+
+
 def _resolve(name: str) -> Callable[..., nn.Module]:
-    if ":" in name:
+    if is_factory_name(name):
         mod_name, _, attr = name.partition(":")
+        if not mod_name or not attr:
+            raise ModelNameError(f"model {name!r}: expected package.module:factory")
         try:
             mod = importlib.import_module(mod_name)
         except ImportError as e:
             raise ModelNameError(f"cannot import {mod_name!r} for model {name!r}: {e}") from None
+        except Exception as e:  # the user's module failed while importing
+            raise ModelNameError(f"importing {mod_name!r} for model {name!r} raised "
+                                 f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                                 ) from None
         fn = getattr(mod, attr, None)
         if not callable(fn):
             raise ModelNameError(f"{mod_name!r} has no callable {attr!r} (expected package.module:factory)")
@@ -89,7 +104,10 @@ def _resolve(name: str) -> Callable[..., nn.Module]:
 
 def accepted_kwargs(name: str) -> set[str] | None:
     """Keyword names the builder of ``name`` accepts (None when it takes ``**kwargs``)."""
-    sig = inspect.signature(_resolve(name))
+    try:
+        sig = inspect.signature(_resolve(name))
+    except (TypeError, ValueError):  # a callable without an inspectable signature
+        return None
     if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
         return None
     return {k for k, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
@@ -115,7 +133,11 @@ def create_model(name: str, **overrides) -> nn.Module:
     if "fusion" in overrides and isinstance(overrides["fusion"], str):
         from models.seed_table import resolve_fusion
         overrides["fusion"] = resolve_fusion(overrides["fusion"])
-    sig = inspect.signature(fn)
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        raise ModelNameError(f"model {name!r}: {type(fn).__name__} is not a model factory "
+                             "(expected a function returning an nn.Module)") from None
     accepted = ", ".join(sorted(k for k, p in sig.parameters.items() if p.kind is not p.VAR_KEYWORD))
     try:
         sig.bind(**overrides)
@@ -130,6 +152,11 @@ def create_model(name: str, **overrides) -> nn.Module:
                                f"(and those of its family)") from None
     except ValueError as e:
         raise ModelConfigError(f"model {name!r}: {e}") from None
+    except Exception as e:  # a user factory may raise anything, a builder given bad values too
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        what = "the factory" if is_factory_name(name) else "building it"
+        raise ModelConfigError(f"model {name!r}: {what} raised {type(e).__name__}"
+                               + (f": {first}" if first else "")) from None
     if not isinstance(model, nn.Module):
         raise ModelConfigError(f"model {name!r}: factory returned {type(model).__name__}, not an nn.Module")
     model.probe_config = {"name": name, "kwargs": _jsonable(dict(overrides))}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import sys
@@ -74,12 +75,29 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     return (UserError, ModelNameError, ModelConfigError, FusionSpecError)
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def run_command(func: Callable[[argparse.Namespace], Output], args: argparse.Namespace, prog: str) -> int:
+    """Run one subcommand: its output on stdout; a user error, a full disk or running out of memory
+    as one line on stderr with exit 2; Ctrl-C (or SIGTERM) as exit 130. Anything else is a bug and
+    keeps its traceback."""
     try:
         out = func(args)
     except user_error_types() as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"{prog}: error: {msg}", file=sys.stderr)
+        print(f"{prog}: error: {_first_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"{prog}: error: no space left on the device{where}; what was stored before is intact, "
+              "free some space and run the command again", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"{prog}: error: out of memory; use smaller sizes (fewer samples, a smaller batch or memory "
+              "budget)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -24,9 +24,17 @@ def _runs_arg(p: argparse.ArgumentParser) -> None:
                    help="runs root (default: $PROBE_RUNS or ./runs)")
 
 
-def _store(args):
+def _store(args, readonly: bool = False):
     from probe.store import RunStore
-    return RunStore(args.runs)
+    return RunStore(args.runs, readonly=True) if readonly else RunStore(args.runs)
+
+
+def _report_skipped(store) -> list[str]:
+    """Catalog rows a listing skipped as malformed: one line each on stderr, and returned for --json."""
+    skipped = list(getattr(store, "skipped", None) or [])
+    for line in skipped:
+        print(f"warning: {line}", file=sys.stderr)
+    return skipped
 
 
 # --- probe train -------------------------------------------------------------------------------
@@ -80,13 +88,36 @@ def train_config_from_args(args):
     return TrainConfig(**base)
 
 
+#: What ``--resume`` can honour besides the run itself: extend the epochs, move the device or the data files.
+_RESUME_FLAGS = ("epochs", "device", "data_root")
+
+
+def _resume_conflicts(args) -> list[str]:
+    flags = [flag for flag, (name, _) in _TRAIN_FLAGS.items()
+             if name not in _RESUME_FLAGS and getattr(args, name) is not None]
+    flags += [f"--{name.replace('_', '-')}" for name in ("preset", "model_arg")
+              if getattr(args, name) is not None]
+    flags += [f"--{name.replace('_', '-')}" for name in ("hflip", "amp", "nesterov", "rebuild_optimizer_each_epoch")
+              if getattr(args, name)]
+    return flags
+
+
 def cmd_train(args) -> Output:
     from probe.train import TrainingDiverged, resume, train
 
+    if not args.resume and (args.factory or args.trust_factory):
+        raise UserError("--factory / --trust-factory apply to --resume of a run built by a user factory; "
+                        "for a new run give the factory as --model package.module:factory")
+    if args.resume:
+        conflicts = _resume_conflicts(args)
+        if conflicts:
+            raise UserError(f"--resume continues run {args.resume} with its stored config; {', '.join(conflicts)} "
+                            f"cannot change on resume (only --epochs, --device and --data-root can be given)")
     store = _store(args)
     try:
         if args.resume:
-            result = resume(args.resume, store, quiet=args.quiet, epochs=args.epochs)
+            result = resume(args.resume, store, quiet=args.quiet, epochs=args.epochs, factory=args.factory,
+                            trust_factory=args.trust_factory, device=args.device, data_root=args.data_root)
         else:
             result = train(train_config_from_args(args), store, quiet=args.quiet)
     except TrainingDiverged as e:
@@ -104,20 +135,49 @@ def _pct(v) -> str:
 
 @_register
 def _reg_train(sub, common):
+    from probe.train import TrainConfig
+
     p = sub.add_parser("train", parents=[common], help="train a model into the run store")
+    defaults = TrainConfig(model="-").to_dict()
     for flag, (name, typ) in _TRAIN_FLAGS.items():
-        p.add_argument(flag, dest=name, type=typ, default=None)
+        p.add_argument(flag, dest=name, type=typ, default=None,
+                       help=_TRAIN_HELP.get(name, name.replace("_", " ")) + f" (default: {defaults[name]})")
     p.add_argument("--preset", help="fmm-caltech101 (the seed's WRN-16-10 recipe) or nku-cifar100")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                    help="extra model argument (JSON value), e.g. --model-arg width=8; repeatable")
     p.add_argument("--hflip", action="store_true", help="random horizontal flips (train split)")
     p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
-    p.add_argument("--nesterov", action="store_true")
+    p.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
     p.add_argument("--rebuild-optimizer-each-epoch", dest="rebuild_optimizer_each_epoch", action="store_true",
                    help="re-create SGD every epoch as the seed code did (resets momentum)")
-    p.add_argument("--resume", metavar="RUN", help="continue RUN (id, unique prefix or 'last') from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN", help="continue RUN (id, unique prefix or 'last') from its last "
+                   "checkpoint (or from the start when it has none) with its stored config")
+    _factory_args(p)
     _runs_arg(p)
     p.set_defaults(func=cmd_train)
+
+
+_TRAIN_HELP = {
+    "model": "registered model name (`probe models`) or package.module:factory",
+    "data": "data set: digits, synthetic, cifar10, cifar100, mnist, fashion-mnist, imagefolder, caltech101",
+    "data_root": "folder with the data set's local files (default: $PROBE_DATA or ./data)",
+    "fusion": "fusion spec, seed row id (fmm01..fmm59), add or mul",
+    "epochs": "number of epochs", "batch_size": "training batch size", "lr": "peak learning rate",
+    "momentum": "SGD momentum", "weight_decay": "SGD weight decay",
+    "schedule": "multistep:60,120,160:0.2 | step:30:0.1 | cosine | constant",
+    "label_smoothing": "label smoothing in [0, 1)", "mixup": "mixup Beta(alpha, alpha); 0 is off",
+    "crop_padding": "random-crop padding in pixels (train split)", "seed": "seed of init, data order, augmentation",
+    "device": "auto | cpu | cuda | cuda:N", "image_size": "square input side (default: the data set's own)",
+    "limit_train": "class-balanced subset of the train split", "limit_test": "class-balanced subset of the test split",
+}
+
+
+def _factory_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--factory", metavar="PKG.MODULE:FN", default=None,
+                   help="for a run built by a user factory: the factory to rebuild it with (a name stored in "
+                        "a runs folder is never imported)")
+    p.add_argument("--trust-factory", action="store_true",
+                   help="import the user factory named in the run's stored config (only for runs you trust)")
 
 
 # --- probe runs / show -------------------------------------------------------------------------
@@ -132,21 +192,42 @@ def _run_row(r: dict) -> dict:
 
 
 def cmd_runs(args) -> Output:
-    rows = [_run_row(r) for r in _store(args).list_runs(model=args.model, status=args.status)]
+    rebuilt = None
+    if args.rebuild_catalog:
+        from probe.store import RunStore, resolve_runs_root
+        rebuilt = RunStore.rebuild_catalog(resolve_runs_root(args.runs))
+    store = _store(args, readonly=not args.rebuild_catalog)
+    rows = [_run_row(r) for r in store.list_runs(model=args.model, status=args.status)]
+    skipped = _report_skipped(store)
     text = format_table(rows, [("run_id", "run"), ("model", "model"), ("data", "data"), ("status", "status"),
                                ("epochs", "epochs"), ("best_acc", "best"), ("final_acc", "final"),
                                ("train_time_s", "time s")], floatfmt="{:.2f}")
-    return Output({"runs": rows, "count": len(rows)}, text)
+    data = {"runs": rows, "count": len(rows), "skipped": skipped}
+    if rebuilt is not None:
+        data["rebuilt"] = rebuilt
+        text = _rebuilt_text(rebuilt) + "\n\n" + text
+    return Output(data, text)
+
+
+def _rebuilt_text(r: dict) -> str:
+    lines = [f"catalog rebuilt from the run folders: {r.get('runs', 0)} runs, {r.get('checkpoints', 0)} "
+             f"checkpoints, {r.get('metrics', 0)} metric rows, {r.get('probes', 0)} probes"]
+    if r.get("old_catalog"):
+        lines.append(f"the previous catalog was kept as {r['old_catalog']}")
+    for item in r.get("skipped") or []:
+        lines.append(f"  skipped: {item}")
+    return "\n".join(lines)
 
 
 def cmd_show(args) -> Output:
-    store = _store(args)
+    store = _store(args, readonly=True)
     run = store.get_run(args.run)
     metrics = store.get_metrics(run["run_id"])
     ckpts = [c["epoch"] for c in store.list_checkpoints(run["run_id"])]
     probes = [{k: p[k] for k in ("probe_id", "kind", "checkpoint_epoch", "created_at")}
               for p in store.list_probes(run_id=run["run_id"])]
-    data = {"run": run, "metrics": metrics, "checkpoints": ckpts, "probes": probes}
+    data = {"run": run, "metrics": metrics, "checkpoints": ckpts, "probes": probes,
+            "skipped": _report_skipped(store)}
     head = _run_row(run)
     text = "\n".join(f"{k:>12}: {v}" for k, v in head.items())
     if run.get("error"):
@@ -162,8 +243,12 @@ def cmd_show(args) -> Output:
 @_register
 def _reg_runs(sub, common):
     p = sub.add_parser("runs", parents=[common], help="list runs in the catalog")
-    p.add_argument("--model")
-    p.add_argument("--status", choices=["running", "finished", "failed", "interrupted"])
+    p.add_argument("--model", help="only runs of this model name (default: all)")
+    p.add_argument("--status", choices=["running", "finished", "failed", "interrupted"],
+                   help="only runs with this status (default: all)")
+    p.add_argument("--rebuild-catalog", action="store_true",
+                   help="rebuild catalog.sqlite from the run folders (the old catalog is kept beside it), "
+                        "then list")
     _runs_arg(p)
     p.set_defaults(func=cmd_runs)
     p = sub.add_parser("show", parents=[common], help="one run: config, per-epoch metrics, checkpoints, probes")
@@ -186,7 +271,7 @@ def cmd_demo(args) -> Output:
 def _reg_demo(sub, common):
     p = sub.add_parser("demo", parents=[common], help="the main job: train add_resnet and mul_resnet on digits and compare")
     p.add_argument("--quick", action="store_true", help="a couple of epochs on a subset (a smoke run)")
-    p.add_argument("--epochs", type=int, default=None, help="override the number of epochs")
+    p.add_argument("--epochs", type=int, default=None, help="override the number of epochs (default: 12, 2 with --quick)")
     _runs_arg(p)
     p.set_defaults(func=cmd_demo)
 
@@ -196,27 +281,50 @@ def _reg_demo(sub, common):
 
 def _target_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--model", help="a registered model (probed at its seeded initialisation)")
-    g.add_argument("--run", help="a run id, unique prefix or 'last'")
+    g.add_argument("--model", help="a registered model or package.module:factory (probed at its seeded "
+                                   "initialisation)")
+    g.add_argument("--run", help="a run id, unique prefix or 'last' (probed on the data it was trained on)")
     p.add_argument("--checkpoint", default=None, help="with --run: an epoch, last (default), init or all")
-    p.add_argument("--data", default=None, help="data set for a model given by name (default digits)")
+    p.add_argument("--data", default=None, help="data set for a model given by name (default: digits; a run "
+                                                "uses its own)")
+    p.add_argument("--data-root", default=None, metavar="DIR",
+                   help="folder with the data set's local files (default: $PROBE_DATA or ./data; a run uses the "
+                        "one it was trained with)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="square input side for a model given by name (default: the data set's own; a run uses "
+                        "its own)")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra model argument (with --model)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--seed", type=int, default=0)
+    _factory_args(p)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model init and the probe data (default: 0)")
     _runs_arg(p)
+
+
+def _target_kwargs(args) -> dict:
+    """The shared target flags, checked, as keyword arguments of a probe job."""
+    if args.model is None and args.run is None:
+        raise UserError(f"give --model NAME or --run RUN (e.g. `probe {args.command} --model mul_resnet`)")
+    if args.model is not None:
+        if args.checkpoint not in (None, "init"):
+            raise UserError("--checkpoint needs --run (a model given by name is probed at its initialisation)")
+        if args.factory is not None or args.trust_factory:
+            raise UserError("--factory / --trust-factory apply to --run; give a factory itself as --model "
+                            "package.module:factory")
+    elif args.model_arg:
+        raise UserError("--model-arg applies to --model; a run rebuilds its model from its stored config")
+    return dict(model=args.model, run=args.run, checkpoint=args.checkpoint, data=args.data,
+                data_root=args.data_root, image_size=args.image_size, device=args.device, seed=args.seed,
+                model_args=_parse_model_args(args.model_arg), factory=args.factory,
+                trust_factory=args.trust_factory)
 
 
 def cmd_ntk(args) -> Output:
     from probe.jobs import run_ntk_probe
 
-    if args.model is None and args.run is None:
-        raise UserError("give --model NAME or --run RUN (e.g. `probe ntk --model mul_resnet`)")
-    results = run_ntk_probe(_store(args), model=args.model, run=args.run, checkpoint=args.checkpoint,
-                            data=args.data, n=args.n, kind=args.kind, method=args.method, topk=args.topk,
-                            lanczos_operator=args.lanczos_operator,
-                            device=args.device, memory_budget_gb=args.memory_gb, seed=args.seed,
-                            eigenlearning=not args.no_eigenlearning, quiet=args.quiet,
-                            model_args=_parse_model_args(args.model_arg))
+    results = run_ntk_probe(_store(args), **_target_kwargs(args), n=args.n, kind=args.kind, method=args.method,
+                            topk=args.topk, lanczos_operator=args.lanczos_operator,
+                            memory_budget_gb=args.memory_gb, eigenlearning=not args.no_eigenlearning,
+                            quiet=args.quiet)
     lines = []
     for r in results:
         where = f"epoch {r['epoch']}" if r.get("epoch") is not None else "init"
@@ -250,12 +358,15 @@ def _reg_ntk(sub, common):
     p = sub.add_parser("ntk", parents=[common], help="empirical NTK spectrum and eigenlearning predictions")
     _target_args(p)
     p.add_argument("--n", type=int, default=128, help="number of probe inputs (default 128)")
-    p.add_argument("--kind", choices=["trace", "full", "diagonal"], default="trace")
-    p.add_argument("--method", default="auto", help="auto | jacobian | ntvp | layerwise | lanczos")
-    p.add_argument("--topk", type=int, default=10, help="eigenvalues to print / compute with lanczos")
+    p.add_argument("--kind", choices=["trace", "full", "diagonal"], default="trace",
+                   help="trace (N x N, summed over outputs), full (NO x NO) or diagonal (O x N x N) "
+                        "(default: trace)")
+    p.add_argument("--method", default="auto", help="auto | jacobian | ntvp | layerwise | lanczos (default: auto)")
+    p.add_argument("--topk", type=int, default=10, help="eigenvalues to print / compute with lanczos (default: 10)")
     p.add_argument("--lanczos-operator", choices=["auto", "gram", "ntvp"], default="auto",
                    help="with --method lanczos: gram (parameter space, one data pass per block) or ntvp "
                         "(VJP/JVP products); auto picks gram when it applies and fits --memory-gb")
-    p.add_argument("--memory-gb", type=float, default=2.0, help="memory budget for the kernel computation")
-    p.add_argument("--no-eigenlearning", action="store_true")
+    p.add_argument("--memory-gb", type=float, default=2.0, help="memory budget in GiB for the kernel computation (default: 2)")
+    p.add_argument("--no-eigenlearning", action="store_true",
+                   help="skip the eigenlearning predictions and the kernel-regression check")
     p.set_defaults(func=cmd_ntk)

@@ -76,13 +76,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame):  # SIGTERM ends a command like Ctrl-C: a run is marked interrupted
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
-    return run_command(args.func, args, f"probe {args.command}")
+    if threading.current_thread() is not threading.main_thread():
+        return run_command(args.func, args, f"probe {args.command}")
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return run_command(args.func, args, f"probe {args.command}")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

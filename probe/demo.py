@@ -19,7 +19,8 @@ DEMO_MODELS = ("add_resnet", "mul_resnet")
 
 def demo_config(model: str, *, quick: bool = False, epochs: int | None = None) -> TrainConfig:
     """The demo recipe: digits, SGD(0.9) lr 0.02 cosine, wd 5e-4, batch 64, seed 0, CPU or CUDA."""
-    return TrainConfig(model=model, data="digits", epochs=epochs or (2 if quick else 12), batch_size=64, lr=0.02,
+    return TrainConfig(model=model, data="digits", epochs=epochs if epochs is not None else (2 if quick else 12),
+                       batch_size=64, lr=0.02,
                        momentum=0.9, weight_decay=5e-4, schedule="cosine", seed=0,
                        limit_train=512 if quick else None)
 

@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from probe.errors import UserError
+from probe.errors import StoreError, UserError
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "PRESETS", "train", "resume", "lr_at",
-           "parse_schedule", "build_model", "load_run_model", "resolve_device", "evaluate"]
+           "parse_schedule", "build_model", "check_model", "model_name_for_run", "load_run_model",
+           "check_device", "resolve_device", "evaluate"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -65,23 +66,72 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        if not isinstance(d, dict):
+            raise UserError(f"a training config must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except TypeError as e:  # e.g. a stored config without "model"
+            raise UserError(f"training config is incomplete ({e})") from None
 
     def validate(self) -> "TrainConfig":
-        checks = [(self.epochs >= 1, "--epochs must be at least 1"),
-                  (self.batch_size >= 1, "--batch-size must be at least 1"),
-                  (self.lr > 0 and math.isfinite(self.lr), "--lr must be a positive number"),
-                  (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
-                  (self.weight_decay >= 0, "--weight-decay must be >= 0"),
-                  (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
-                  (self.mixup >= 0, "--mixup (alpha) must be >= 0"),
-                  (self.crop_padding >= 0, "--crop-padding must be >= 0")]
-        for ok, msg in checks:
+        """Check every field's type and range; raises :class:`UserError` naming the first bad one."""
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        def int_in(name, lo, hi, optional=False):
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            if not is_int(v) or not lo <= v <= hi:
+                raise UserError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
+
+        def num_in(name, lo, hi, *, lo_open=False, hi_open=False):
+            v = getattr(self, name)
+            ok = is_num(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
             if not ok:
-                raise UserError(msg)
+                interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+                raise UserError(f"{name} must be a finite number in {interval}, got {v!r}")
+
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise UserError(f"model must be a model name, got {self.model!r}")
+        for name in ("data", "schedule", "device"):
+            if not isinstance(getattr(self, name), str):
+                raise UserError(f"{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("data_root", "fusion"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise UserError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if not isinstance(self.model_kwargs, dict) or not all(isinstance(k, str) for k in self.model_kwargs):
+            raise UserError(f"model_kwargs must be a mapping of argument names, got {self.model_kwargs!r}")
+        for name in ("nesterov", "hflip", "rebuild_optimizer_each_epoch", "amp"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        int_in("epochs", 1, MAX_EPOCHS)
+        int_in("batch_size", 1, MAX_BATCH)
+        int_in("eval_batch_size", 1, MAX_BATCH)
+        num_in("lr", 0, MAX_LR, lo_open=True)
+        num_in("momentum", 0, 1, hi_open=True)
+        num_in("weight_decay", 0, 1)
+        num_in("label_smoothing", 0, 1, hi_open=True)
+        num_in("mixup", 0, 100)
+        int_in("crop_padding", 0, 64)
+        int_in("seed", 0, MAX_SEED)
+        int_in("image_size", 1, 1024, optional=True)
+        int_in("limit_train", 1, 10 ** 9, optional=True)
+        int_in("limit_test", 1, 10 ** 9, optional=True)
         parse_schedule(self.schedule)
+        check_device(self.device)
         return self
+
+
+#: Ranges accepted by :meth:`TrainConfig.validate`.
+MAX_EPOCHS = 100_000
+MAX_BATCH = 2 ** 20
+MAX_LR = 1000.0
+MAX_SEED = 2 ** 31 - 1
 
 
 # Presets reproduce the seed recipes (REFERENCES sections 1 and 2). CLI flags override them.
@@ -99,18 +149,27 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def parse_schedule(text: str) -> tuple[str, tuple]:
-    """``multistep:M1,M2,...:GAMMA`` | ``step:EVERY:GAMMA`` | ``cosine`` | ``constant``."""
-    parts = text.split(":")
+    """``multistep:M1,M2,...:GAMMA`` | ``step:EVERY:GAMMA`` | ``cosine`` | ``constant``.
+
+    Milestones are non-negative and increasing, ``EVERY`` positive, ``GAMMA`` a finite number in (0, 10].
+    """
+    parts = str(text).split(":")
     try:
         if parts[0] == "multistep" and len(parts) == 3:
-            return "multistep", (tuple(int(m) for m in parts[1].split(",") if m), float(parts[2]))
-        if parts[0] == "step" and len(parts) == 3 and int(parts[1]) > 0:
-            return "step", (int(parts[1]), float(parts[2]))
+            milestones, gamma = tuple(int(m) for m in parts[1].split(",") if m), float(parts[2])
+            if (all(m >= 0 for m in milestones) and list(milestones) == sorted(set(milestones))
+                    and math.isfinite(gamma) and 0 < gamma <= 10):
+                return "multistep", (milestones, gamma)
+        if parts[0] == "step" and len(parts) == 3:
+            every, gamma = int(parts[1]), float(parts[2])
+            if 0 < every <= MAX_EPOCHS and math.isfinite(gamma) and 0 < gamma <= 10:
+                return "step", (every, gamma)
         if parts[0] in ("cosine", "constant") and len(parts) == 1:
             return parts[0], ()
     except ValueError:
         pass
-    raise UserError(f"schedule {text!r}: expected multistep:60,120,160:0.2, step:30:0.1, cosine or constant")
+    raise UserError(f"schedule {text!r}: expected multistep:60,120,160:0.2 (increasing milestones), "
+                    "step:30:0.1, cosine or constant, with a factor in (0, 10]")
 
 
 def lr_at(config: TrainConfig, epoch: int) -> float:
@@ -130,37 +189,107 @@ def lr_at(config: TrainConfig, epoch: int) -> float:
 # --- pieces ------------------------------------------------------------------------------------
 
 
+def check_device(device: str) -> str:
+    """``device`` if it is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; raises :class:`UserError` otherwise."""
+    import re
+
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", device):
+        raise UserError(f"device {device!r}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
 def resolve_device(device: str) -> torch.device:
+    """The torch device for ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device!r}: expected auto, cpu or cuda[:N]") from None
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device} was asked for but no CUDA device is available; use cpu or auto")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UserError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return torch.device(device)
 
 
 def build_model(name: str, *, num_classes: int, in_chans: int, image_size: int | None = None,
                 fusion: str | None = None, model_kwargs: dict | None = None) -> nn.Module:
-    """``models.create_model`` with the data's classes / channels passed where the builder takes them."""
+    """``models.create_model`` with the data's classes / channels passed where the builder takes them.
+
+    A ``package.module:factory`` name imports and runs that module: pass only names the user gave
+    (a stored run goes through :func:`model_name_for_run` first)."""
     import models
 
     kw = dict(model_kwargs or {})
-    accepted = models.accepted_kwargs(name)
-    extra = {"num_classes": num_classes, "in_chans": in_chans, "image_size": image_size}
-    for key, value in extra.items():
-        open_kw = accepted is None and key != "image_size"  # image_size only where named explicitly
-        if value is not None and key not in kw and (open_kw or (accepted is not None and key in accepted)):
-            kw[key] = value
-    if fusion is not None:
-        if accepted is not None and "fusion" not in accepted:
-            raise UserError(f"model {name!r} has no fusion to set (--fusion applies to the residual families)")
-        kw["fusion"] = fusion
     try:
+        accepted = models.accepted_kwargs(name)
+        extra = {"num_classes": num_classes, "in_chans": in_chans, "image_size": image_size}
+        for key, value in extra.items():
+            open_kw = accepted is None and key != "image_size"  # image_size only where named explicitly
+            if value is not None and key not in kw and (open_kw or (accepted is not None and key in accepted)):
+                kw[key] = value
+        if fusion is not None:
+            if accepted is not None and "fusion" not in accepted:
+                raise UserError(f"model {name!r} has no fusion to set (a fusion applies to the residual families)")
+            kw["fusion"] = fusion
         return models.create_model(name, **kw)
     except (models.ModelNameError, models.ModelConfigError, models.FusionSpecError) as e:
         raise UserError(str(e)) from None
+
+
+def check_model(model: nn.Module, x: torch.Tensor, num_classes: int, name: str = "model") -> None:
+    """One forward on the probe batch ``x`` (eval mode, no gradients, RNG state kept) to check that
+    ``model`` has trainable parameters and returns float logits of shape ``(B, num_classes)``.
+
+    Raises :class:`UserError` naming what is wrong; the model is left as it was."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UserError(f"model {name!r} has no trainable parameters")
+    was_training = model.training
+    devices = [x.device] if x.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            model.eval()
+            out = model(x)
+    except Exception as e:  # a user model may raise anything
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"model {name!r} failed on a batch of shape {tuple(x.shape)}: "
+                        f"{type(e).__name__}{': ' + first if first else ''}") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor):
+        raise UserError(f"model {name!r} returned a {type(out).__name__}; it must return a tensor of "
+                        f"logits (batch, {num_classes})")
+    if tuple(out.shape) != (x.shape[0], num_classes):
+        raise UserError(f"model {name!r} returned shape {tuple(out.shape)} for a batch of {x.shape[0]} "
+                        f"inputs; expected ({x.shape[0]}, {num_classes}), one logit per class")
+    if not out.is_floating_point():
+        raise UserError(f"model {name!r} returned {out.dtype} logits; expected floating point")
+
+
+def model_name_for_run(run: dict, factory: str | None = None, trust_factory: bool = False) -> str:
+    """The model name to rebuild a stored run with, without trusting stored content.
+
+    A run of a registered model is rebuilt by its stored name. A run whose model came from a user
+    factory (``package.module:factory``) is rebuilt only with a factory the caller names again
+    (``factory``), or with the stored name when ``trust_factory`` is set: a stored name is data and
+    is never imported on its own."""
+    from models import is_factory_name
+
+    stored = (run.get("config") or {}).get("model")
+    if not isinstance(stored, str) or not stored:
+        raise UserError(f"run {run['run_id']} has no model name in its config")
+    if factory is not None:
+        if not is_factory_name(factory):
+            raise UserError(f"factory {factory!r}: expected package.module:factory")
+        if not is_factory_name(stored):
+            raise UserError(f"run {run['run_id']} is a registered model ({stored!r}); a factory applies only "
+                            "to runs built by a user factory")
+        return factory
+    if not is_factory_name(stored) or trust_factory:
+        return stored
+    raise UserError(f"run {run['run_id']} was built by the user factory {stored!r}; a name stored in a runs "
+                    "folder is never imported. If you trust that code, name the factory again "
+                    f"(--factory {stored}) or pass --trust-factory")
 
 
 def _top_k_correct(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5), check_finite: bool = False) -> list[torch.Tensor]:
@@ -264,172 +393,293 @@ def _progress(total: int, desc: str, quiet: bool):
 
 
 def train(config: TrainConfig, store=None, *, quiet: bool = False, run_id: str | None = None,
-          on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+          on_epoch: Callable[[dict], None] | None = None, model_name: str | None = None) -> TrainResult:
     """Train ``config`` into ``store`` (a :class:`probe.store.RunStore`), a new run unless ``run_id``
-    names one to continue (see :func:`resume`)."""
-    from probe.data import Augment, make_loader
+    names one to continue (see :func:`resume`; ``model_name`` then overrides the stored model name,
+    as checked by :func:`model_name_for_run`).
+
+    The run's status ends ``finished``; ``failed`` with a one-line reason after a non-finite loss or
+    weights (:class:`TrainingDiverged`), a full disk or any other error; ``interrupted`` after
+    ``KeyboardInterrupt``. Every exception is re-raised after the status is recorded."""
     from probe.store import RunStore
 
     config = config.validate()
     store = store if store is not None else RunStore()
     device = resolve_device(config.device)
+    resuming = run_id is not None
+    threads = torch.get_num_threads()
+    if resuming:  # the thread count of the original run: CPU reductions depend on it
+        stored = (store.get_run(run_id)["config"].get("resolved") or {}).get("num_threads")
+        if isinstance(stored, int) and not isinstance(stored, bool) and 1 <= stored <= 4096:
+            torch.set_num_threads(stored)
+    try:
+        return _train(config, store, device, quiet=quiet, run_id=run_id, on_epoch=on_epoch,
+                      model_name=model_name or config.model)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(config: TrainConfig, store, device: torch.device, *, quiet: bool, run_id: str | None,
+           on_epoch: Callable[[dict], None] | None, model_name: str) -> TrainResult:
+    from probe.data import Augment, make_loader
+
     data = _load_data(config)
     torch.manual_seed(config.seed)  # model init
-    model = build_model(config.model, num_classes=data.num_classes, in_chans=data.in_channels,
+    model = build_model(model_name, num_classes=data.num_classes, in_chans=data.in_channels,
                         image_size=data.image_size[0], fusion=config.fusion,
                         model_kwargs=config.model_kwargs).to(device)
+    check_model(model, data.x_train[:2].to(device), data.num_classes, model_name)
     loader_gen = torch.Generator().manual_seed(config.seed + 1)
     mix_rng = np.random.Generator(np.random.PCG64(config.seed + 2))
     opt = _make_optimizer(model, config, lr_at(config, 0))
-    start_epoch, best = 0, (None, None)
+    start_epoch, best_acc, best_epoch = 0, None, None
     if run_id is None:
         cfg = config.to_dict()
         cfg["resolved"] = {"model": model.probe_config, "data": data.describe(), "device": str(device),
-                           "torch": torch.__version__}
+                           "torch": torch.__version__, "num_threads": torch.get_num_threads()}
         run_id = store.new_run(config.model, config.data, cfg)
     else:
+        # Without a checkpoint the run restarts exactly as it began: the model was just built from
+        # the same seed and the global RNG stands where a new run's would.
         last = store.latest_checkpoint(run_id)
         if last is not None:
-            ckpt = store.load_checkpoint(run_id, last)
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            _set_rng_state(ckpt["rng"], loader_gen, mix_rng, device)
-            start_epoch = int(ckpt["epoch"])  # completed epochs
-            best = (ckpt.get("best_acc"), ckpt.get("best_epoch"))
-        else:
-            torch.manual_seed(config.seed)
+            start_epoch, best_acc, best_epoch = _restore(store, run_id, last, model, opt, loader_gen, mix_rng,
+                                                         device)
     store.update_run(run_id, status="running", error="")
-    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
-    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
-    augment = Augment(config.crop_padding, config.hflip)
-    loader = make_loader(x_train, y_train, config.batch_size, shuffle=True, generator=loader_gen, augment=augment)
-    use_amp = bool(config.amp)
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and device.type == "cuda")
-    prior = store.get_metrics(run_id)
-    train_time = sum(m.get("epoch_time_s") or 0.0 for m in prior if m["epoch"] < start_epoch)
-    best_acc, best_epoch = best
-    final_acc = None
-    for epoch in range(start_epoch, config.epochs):
-        lr = lr_at(config, epoch)
-        if config.rebuild_optimizer_each_epoch and epoch > start_epoch:
-            opt = _make_optimizer(model, config, lr)
-        _set_lr(opt, lr)
-        model.train()
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        c1 = torch.zeros((), dtype=torch.long, device=device)
-        c5 = torch.zeros((), dtype=torch.long, device=device)
-        seen = 0
-        bar = _progress(len(loader), f"{config.model} epoch {epoch + 1}/{config.epochs}", quiet)
-        for step, (xb, yb) in enumerate(loader):
-            if config.mixup > 0:
-                lam = float(mix_rng.beta(config.mixup, config.mixup))
-                perm = torch.randperm(xb.shape[0], generator=loader_gen).to(device)
-                xb = lam * xb + (1.0 - lam) * xb[perm]
-                yb2 = yb[perm]
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                logits = model(xb)
-                loss = F.cross_entropy(logits.float(), yb, label_smoothing=config.label_smoothing)
+    epoch = start_epoch
+    try:
+        x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+        x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+        augment = Augment(config.crop_padding, config.hflip)
+        loader = make_loader(x_train, y_train, config.batch_size, shuffle=True, generator=loader_gen,
+                             augment=augment)
+        use_amp = bool(config.amp)
+        amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and device.type == "cuda")
+        history = [m for m in store.get_metrics(run_id) if m["epoch"] <= start_epoch]
+        train_time = sum(m.get("epoch_time_s") or 0.0 for m in history)  # the sum of its epochs
+        final_acc = history[-1].get("test_top1") if history else None
+        for epoch in range(start_epoch, config.epochs):
+            lr = lr_at(config, epoch)
+            if config.rebuild_optimizer_each_epoch and epoch > start_epoch:
+                opt = _make_optimizer(model, config, lr)
+            _set_lr(opt, lr)
+            model.train()
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            c1 = torch.zeros((), dtype=torch.long, device=device)
+            c5 = torch.zeros((), dtype=torch.long, device=device)
+            seen = 0
+            bar = _progress(len(loader), f"{config.model} epoch {epoch + 1}/{config.epochs}", quiet)
+            for step, (xb, yb) in enumerate(loader):
                 if config.mixup > 0:
-                    loss = lam * loss + (1.0 - lam) * F.cross_entropy(
-                        logits.float(), yb2, label_smoothing=config.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            with torch.no_grad():
-                loss_sum += loss.detach().double() * xb.shape[0]
-                a, b = _top_k_correct(logits.detach(), yb)
-                c1 += a
-                c5 += b
-            seen += xb.shape[0]
-            if step % 50 == 49 or step == len(loader) - 1:
-                if not torch.isfinite(loss_sum):
-                    bar.close()
-                    msg = (f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; run {run_id} "
-                           f"marked failed, last good checkpoint: epoch {store.latest_checkpoint(run_id)}")
-                    store.update_run(run_id, status="failed", error=msg)
-                    raise TrainingDiverged(msg)
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}")
-            bar.update(1)
-        bar.close()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        epoch_time = time.perf_counter() - t0
-        train_time += epoch_time
-        test = evaluate(model, x_test, y_test, config.eval_batch_size, device)
-        row = {"train_loss": loss_sum.item() / seen, "train_top1": 100.0 * c1.item() / seen,
-               "train_top5": 100.0 * c5.item() / seen, "test_loss": test["loss"], "test_top1": test["top1"],
-               "test_top5": test["top5"], "lr": lr, "epoch_time_s": epoch_time}
-        final_acc = test["top1"]
-        if best_acc is None or test["top1"] > best_acc:
-            best_acc, best_epoch = test["top1"], epoch + 1
-        # metrics first, then the checkpoint: a resume re-runs at most this epoch and re-logs it
-        store.log_epoch(run_id, epoch + 1, **row)
-        store.save_checkpoint(run_id, epoch + 1, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-            "rng": _rng_state(loader_gen, mix_rng, device), "best_acc": best_acc, "best_epoch": best_epoch,
-            "model_config": model.probe_config})
-        store.update_run(run_id, summary={"best_acc": best_acc, "best_epoch": best_epoch, "final_acc": final_acc,
-                                          "epochs_done": epoch + 1, "train_time_s": train_time})
-        if on_epoch is not None:
-            on_epoch({"epoch": epoch + 1, **row})
-        if not quiet:
-            print(f"[{run_id}] epoch {epoch + 1}/{config.epochs}  train loss {row['train_loss']:.4f} "
-                  f"acc {row['train_top1']:.2f}  test loss {test['loss']:.4f} acc {test['top1']:.2f}  "
-                  f"lr {lr:.4g}  {epoch_time:.1f}s", file=sys.stderr)
-    metrics = store.get_metrics(run_id)
-    if final_acc is None and metrics:
-        final_acc = metrics[-1].get("test_top1")
-    store.update_run(run_id, status="finished", summary={"best_acc": best_acc, "best_epoch": best_epoch,
-                                                          "final_acc": final_acc, "epochs_done": config.epochs,
-                                                          "train_time_s": train_time})
+                    lam = float(mix_rng.beta(config.mixup, config.mixup))
+                    perm = torch.randperm(xb.shape[0], generator=loader_gen).to(device)
+                    xb = lam * xb + (1.0 - lam) * xb[perm]
+                    yb2 = yb[perm]
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    logits = model(xb)
+                    loss = F.cross_entropy(logits.float(), yb, label_smoothing=config.label_smoothing)
+                    if config.mixup > 0:
+                        loss = lam * loss + (1.0 - lam) * F.cross_entropy(
+                            logits.float(), yb2, label_smoothing=config.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                with torch.no_grad():
+                    loss_sum += loss.detach().double() * xb.shape[0]
+                    a, b = _top_k_correct(logits.detach(), yb)
+                    c1 += a
+                    c5 += b
+                seen += xb.shape[0]
+                if step % 50 == 49 or step == len(loader) - 1:
+                    what = (f"loss became {loss.item()}" if not torch.isfinite(loss_sum)
+                            else _nonfinite_weights(model, buffers=step == len(loader) - 1))
+                    if what:
+                        bar.close()
+                        raise TrainingDiverged(
+                            f"{what} at epoch {epoch + 1}, step {step + 1}; run {run_id} marked failed, "
+                            f"last good checkpoint: epoch {store.latest_checkpoint(run_id)}")
+                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}")
+                bar.update(1)
+            bar.close()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            epoch_time = time.perf_counter() - t0
+            train_time += epoch_time
+            test = evaluate(model, x_test, y_test, config.eval_batch_size, device)
+            row = {"train_loss": loss_sum.item() / seen, "train_top1": 100.0 * c1.item() / seen,
+                   "train_top5": 100.0 * c5.item() / seen, "test_loss": test["loss"], "test_top1": test["top1"],
+                   "test_top5": test["top5"], "lr": lr, "epoch_time_s": epoch_time}
+            final_acc = test["top1"]
+            if best_acc is None or test["top1"] > best_acc:
+                best_acc, best_epoch = test["top1"], epoch + 1
+            history.append({"epoch": epoch + 1, **row})
+            # metrics first, then the checkpoint: a resume re-runs at most this epoch and re-logs it
+            store.log_epoch(run_id, epoch + 1, **row)
+            store.save_checkpoint(run_id, epoch + 1, {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                "rng": _rng_state(loader_gen, mix_rng, device), "best_acc": best_acc, "best_epoch": best_epoch,
+                "model_config": model.probe_config, "metrics": history, "train_time_s": train_time})
+            store.update_run(run_id, summary={"best_acc": best_acc, "best_epoch": best_epoch,
+                                              "final_acc": final_acc, "epochs_done": epoch + 1,
+                                              "train_time_s": train_time})
+            if on_epoch is not None:
+                on_epoch({"epoch": epoch + 1, **row})
+            if not quiet:
+                print(f"[{run_id}] epoch {epoch + 1}/{config.epochs}  train loss {row['train_loss']:.4f} "
+                      f"acc {row['train_top1']:.2f}  test loss {test['loss']:.4f} acc {test['top1']:.2f}  "
+                      f"lr {lr:.4g}  {epoch_time:.1f}s", file=sys.stderr)
+        metrics = store.get_metrics(run_id)
+        if final_acc is None and metrics:
+            final_acc = metrics[-1].get("test_top1")
+        store.update_run(run_id, status="finished", summary={"best_acc": best_acc, "best_epoch": best_epoch,
+                                                              "final_acc": final_acc, "epochs_done": config.epochs,
+                                                              "train_time_s": train_time})
+    except KeyboardInterrupt:
+        _mark(store, run_id, "interrupted", lambda: f"interrupted during epoch {epoch + 1}; it resumes from "
+                                                    f"epoch {store.latest_checkpoint(run_id) or 0}")
+        raise
+    except BaseException as e:
+        _mark(store, run_id, "failed", _one_line(e))
+        raise
     return TrainResult(run_id, "finished", config.epochs, best_acc, best_epoch, final_acc, train_time, metrics,
                        str(store.root))
 
 
-def resume(run_ref: str, store=None, *, quiet: bool = False, epochs: int | None = None) -> TrainResult:
-    """Continue a run from its last checkpoint (optionally extending it to ``epochs``)."""
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, UserError) and text:
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _mark(store, run_id: str, status: str, error: str | Callable[[], str]) -> None:
+    """Best effort: record why a run stopped (the disk may be full; the original error wins)."""
+    try:
+        store.update_run(run_id, status=status, error=error() if callable(error) else error)
+    except Exception:  # noqa: BLE001 - the caller re-raises the error that stopped the run
+        pass
+
+
+def _nonfinite_weights(model: nn.Module, buffers: bool = False) -> str | None:
+    """``"weights became non-finite (first: NAME)"`` when a parameter (or a floating buffer) holds
+    NaN or inf, else ``None``."""
+    tensors = list(model.named_parameters())
+    if buffers:
+        tensors += [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+    for name, t in tensors:
+        if not bool(torch.isfinite(t).all()):
+            return f"weights became non-finite (first: {name})"
+    return None
+
+
+def _restore(store, run_id: str, epoch: int, model: nn.Module, opt: torch.optim.Optimizer,
+             loader_gen: torch.Generator, mix_rng: np.random.Generator, device: torch.device):
+    """Load checkpoint ``epoch`` into the training state; (completed epochs, best_acc, best_epoch).
+
+    A checkpoint that lacks a part or whose parts do not fit raises :class:`StoreError` naming it."""
+    ckpt = store.load_checkpoint(run_id, epoch)
+    where = f"checkpoint epoch {epoch} of run {run_id}"
+    if not isinstance(ckpt, dict):
+        raise StoreError(f"{where} is not a checkpoint dict; it cannot be resumed")
+    for key, kind in (("model", dict), ("optimizer", dict), ("rng", dict), ("epoch", int)):
+        if not isinstance(ckpt.get(key), kind):
+            raise StoreError(f"{where} has no valid {key!r} entry; it cannot be resumed (train the run again, "
+                             "or delete this checkpoint to resume from the one before)")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError, KeyError, ValueError) as e:
+        raise StoreError(f"{where} does not fit its model: {_one_line(e)}") from None
+    try:
+        opt.load_state_dict(ckpt["optimizer"])
+        _set_rng_state(ckpt["rng"], loader_gen, mix_rng, device)
+    except (RuntimeError, TypeError, KeyError, ValueError, IndexError, AttributeError) as e:
+        raise StoreError(f"{where} has a malformed optimizer or RNG state ({_one_line(e)}); "
+                         "it cannot be resumed") from None
+    best_acc, best_epoch = ckpt.get("best_acc"), ckpt.get("best_epoch")
+    if not (best_acc is None or isinstance(best_acc, (int, float))):
+        best_acc = None
+    if not (best_epoch is None or isinstance(best_epoch, int)):
+        best_epoch = None
+    return int(ckpt["epoch"]), best_acc, best_epoch
+
+
+def resume(run_ref: str, store=None, *, quiet: bool = False, epochs: int | None = None,
+           factory: str | None = None, trust_factory: bool = False, device: str | None = None,
+           data_root: str | None = None) -> TrainResult:
+    """Continue a run from its last checkpoint (from the start when it has none), optionally
+    extending it to ``epochs``, on another ``device`` or reading its data from another
+    ``data_root``; everything else comes from the stored config. A run built by a user factory
+    needs ``factory`` or ``trust_factory`` (see :func:`model_name_for_run`)."""
     from probe.store import RunStore
 
     store = store if store is not None else RunStore()
     run = store.get_run(run_ref)
-    config = TrainConfig.from_dict(run["config"])
+    name = model_name_for_run(run, factory, trust_factory)
+    config = TrainConfig.from_dict(run["config"]).validate()
+    if device is not None:
+        config = replace(config, device=check_device(device))
+    if data_root is not None:
+        config = replace(config, data_root=str(data_root))
+    done = (run["summary"] or {}).get("epochs_done") or 0
     if epochs is not None:
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or not done <= epochs <= MAX_EPOCHS:
+            raise UserError(f"epochs {epochs!r}: run {run['run_id']} has {done} epochs done; a resume can "
+                            f"keep or extend that, up to {MAX_EPOCHS}")
+        if epochs != config.epochs and parse_schedule(config.schedule)[0] == "cosine":
+            raise UserError(f"run {run['run_id']} uses a cosine schedule over {config.epochs} epochs; changing "
+                            "the number of epochs would change the learning rate of the epochs already trained")
         config = replace(config, epochs=epochs)
-    if run["status"] == "finished" and (epochs is None or epochs <= (run["summary"] or {}).get("epochs_done", 0)):
+    if run["status"] == "finished" and config.epochs <= done:
         metrics = store.get_metrics(run["run_id"])
         s = run["summary"] or {}
         return TrainResult(run["run_id"], "finished", s.get("epochs_done", len(metrics)), s.get("best_acc"),
                            s.get("best_epoch"), s.get("final_acc"), s.get("train_time_s", 0.0), metrics,
                            str(store.root))
-    return train(config, store, quiet=quiet, run_id=run["run_id"])
+    return train(config, store, quiet=quiet, run_id=run["run_id"], model_name=name)
 
 
 def load_run_model(store, run_ref: str, epoch: int | str | None = "last",
-                   device: str | torch.device = "cpu") -> tuple[nn.Module, dict, int | None]:
+                   device: str | torch.device = "cpu", *, factory: str | None = None,
+                   trust_factory: bool = False) -> tuple[nn.Module, dict, int | None]:
     """Rebuild a run's model and load a checkpoint (``"last"``, an epoch, or ``None``/``"init"`` for
-    the seeded initialisation). Returns (model in eval mode, run dict, epoch loaded)."""
+    the seeded initialisation). Returns (model in eval mode, run dict, epoch loaded).
+
+    A run built by a user factory needs ``factory`` or ``trust_factory`` (see
+    :func:`model_name_for_run`); a registered model is rebuilt by its stored name."""
     run = store.get_run(run_ref)
-    config = TrainConfig.from_dict(run["config"])
+    name = model_name_for_run(run, factory, trust_factory)
+    config = TrainConfig.from_dict(run["config"]).validate()
     data = (run["config"].get("resolved") or {}).get("data") or {}
-    if not data:
-        raise UserError(f"run {run['run_id']} has no resolved data description; it cannot rebuild its model")
-    in_chans, num_classes = int(data["in_channels"]), int(data["num_classes"])
-    image_size = int(data["image_size"][0])
+    try:
+        in_chans, num_classes = int(data["in_channels"]), int(data["num_classes"])
+        image_size = int(data["image_size"][0])
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise UserError(f"run {run['run_id']} has no valid resolved data description; it cannot rebuild "
+                        "its model") from None
+    if not (1 <= in_chans <= 4096 and 1 <= num_classes <= 10 ** 6 and 1 <= image_size <= 4096):
+        raise UserError(f"run {run['run_id']}: stored data shape out of range ({in_chans} channels, "
+                        f"{num_classes} classes, size {image_size})")
     torch.manual_seed(config.seed)
-    model = build_model(config.model, num_classes=num_classes, in_chans=in_chans, image_size=image_size,
+    model = build_model(name, num_classes=num_classes, in_chans=in_chans, image_size=image_size,
                         fusion=config.fusion, model_kwargs=config.model_kwargs)
     loaded = None
     if epoch not in (None, "init", 0):
+        if isinstance(epoch, str) and epoch.lower() in ("last", "latest"):
+            epoch = store.latest_checkpoint(run["run_id"])
+            if epoch is None:
+                raise UserError(f"run {run['run_id']} has no checkpoints")
         ckpt = store.load_checkpoint(run["run_id"], epoch)
+        where = f"checkpoint epoch {epoch} of run {run['run_id']}"
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+            raise StoreError(f"{where} has no valid 'model' entry; it cannot be loaded")
         try:
             model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()
-            raise UserError(f"checkpoint of run {run['run_id']} does not fit model {config.model!r}: "
-                            f"{first[1].strip() if len(first) > 1 else first[0]}") from None
-        loaded = int(ckpt["epoch"])
+        except (RuntimeError, TypeError, KeyError, ValueError) as e:
+            lines = str(e).strip().splitlines()
+            detail = lines[1].strip() if len(lines) > 1 else lines[0] if lines else type(e).__name__
+            raise UserError(f"{where} does not fit model {config.model!r}: {detail}") from None
+        loaded = int(epoch)
     return model.to(device).eval(), run, loaded
-

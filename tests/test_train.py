@@ -178,7 +178,7 @@ def test_train_cli_json_under_a_minute(tmp_path):
     (["--model", "tiny_ad", "--data", "digits"], "did you mean tiny_add"),
     (["--model", "tiny_add", "--data", "cifar10", "--data-root", "{tmp}/empty"], "data_batch_1"),
     (["--model", "tiny_add", "--data", "digits", "--schedule", "linear"], "schedule"),
-    (["--model", "tiny_add", "--data", "digits", "--epochs", "0"], "--epochs"),
+    (["--model", "tiny_add", "--data", "digits", "--epochs", "0"], "epochs must be"),
     (["--model", "tiny_add", "--fusion", "mul,r=xx"], "unknown or out of order"),
     (["--preset", "nope"], "unknown preset"),
     (["--resume", "nosuchrun"], "unknown run"),
