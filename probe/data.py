@@ -23,15 +23,21 @@ name               source and split                                             
 Splits of real data sets never depend on ``seed``; ``seed`` only drives ``synthetic``.  The CIFAR python
 format is a pickle: it is read with an allow-list unpickler that refuses anything a CIFAR batch does not
 need, without running it.  Every missing, truncated or malformed file raises :class:`DataError` with the
-expected on-disk layout.
+expected on-disk layout.  Reading is bounded, so that a hostile file cannot exhaust memory or time: file
+sizes are capped (``MAX_CIFAR_BATCH_BYTES``, ``MAX_CIFAR_META_BYTES``), an idx header is checked before its
+payload (``MAX_IDX_BYTES``) and a gzip stream is decompressed only as far as the header says, and a pickle
+is refused past ``MAX_PICKLE_OPS`` opcodes, ``MAX_PICKLE_DEPTH`` levels of nesting or
+``MAX_PICKLE_ELEMENTS`` elements (shared references counted each time they are reached).
 """
 from __future__ import annotations
 
 import difflib
 import gzip
+import io
 import math
 import os
 import pickle
+import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -309,32 +315,230 @@ def _load_synthetic(
 # --------------------------------------------------------------------------------------------------
 # CIFAR
 
+# Bounds on what the CIFAR readers accept, so that a hostile or corrupt file cannot exhaust memory or
+# time.  Real files: a CIFAR-10 batch is ~31 MB (python) / 30.7 MB (binary), CIFAR-100 train ~155 MB /
+# 153.7 MB, the meta files ~0.2-1.5 KB.  A Python 3 re-pickle of CIFAR-100 train at protocol 2 takes
+# ~500k opcodes (~200k at protocol 5) and holds ~150k container elements two levels deep.
+MAX_CIFAR_BATCH_BYTES = 2**28  # 256 MiB: one data batch file, binary or python
+MAX_CIFAR_META_BYTES = 2**20  # 1 MiB: batches.meta, meta, batches.meta.txt, fine_label_names.txt
+MAX_PICKLE_OPS = 2_000_000  # opcodes per pickle; each creates at most one small object
+MAX_PICKLE_DEPTH = 16  # container nesting (a batch: dict -> list -> bytes is 2)
+MAX_PICKLE_ELEMENTS = 4_000_000  # container elements visited, a shared container each time it is reached
 
-class _CifarUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the globals a CIFAR python batch refers to."""
 
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"): ("multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"): ("multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"): ("multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"): ("multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"): ("numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"): ("numeric", "_frombuffer"),
-    }
+class _Refused(pickle.UnpicklingError):
+    """Something a CIFAR batch never holds; refused without running or building it."""
+
+
+class _NdarrayRef:
+    """Stands for ``numpy.ndarray`` inside a pickle: only the guarded ``_reconstruct`` accepts it, so a
+    pickle cannot call ``numpy.ndarray(shape)`` (an uninitialised array of any size) itself."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        raise _Refused("refused a direct numpy.ndarray(...) call")
+
+
+def _plain_dtype(d: Any) -> np.dtype:
+    """A fresh canonical copy of a numeric dtype (bool, int, uint, float, complex).
+
+    Arrays and scalars are built with this copy, never with the pickle's own dtype object: a later BUILD
+    on that object (``dtype.__setstate__``) could otherwise change the flags or item size of an array
+    that already uses it.
+    """
+    if not isinstance(d, np.dtype):
+        raise _Refused(f"refused a {type(d).__name__} where a dtype belongs")
+    if d.kind not in "biufc" or d.fields is not None or d.subdtype is not None:
+        raise _Refused(f"refused dtype {d.str} (a CIFAR batch holds plain numeric arrays only)")
+    return np.dtype(d.str)
+
+
+def _guarded_dtype(obj: Any, align: Any = False, copy: Any = False) -> np.dtype:
+    # Only a type code such as 'u1' (what numpy writes), never a structured spec; and always a private copy
+    # (copy=True): a BUILD on the pickle's dtype must never reach numpy's shared singletons such as
+    # np.dtype('u1').  Messages name types and type codes only: repr() of a pickle's own objects can be
+    # exponentially long.
+    if type(obj) not in (str, bytes) or len(obj) > 64:
+        raise _Refused(f"refused numpy.dtype of a {type(obj).__name__} (numpy writes a short type code)")
+    d = np.dtype(obj, bool(align), True)
+    if d.hasobject:
+        raise _Refused(f"refused object dtype {d.str}")
+    return d
+
+
+def _guarded_numpy(name: str) -> Callable[..., Any]:
+    """The numpy pickle helpers a batch refers to, with their arguments checked first."""
+    if name == "_reconstruct":
+        real = _numpy_internal("multiarray", "_reconstruct")
+
+        def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+            # numpy always writes _reconstruct(ndarray, (0,), b'b'): an empty placeholder that the BUILD
+            # which follows fills.  Any other shape would only allocate uninitialised memory.
+            if subtype is not _NdarrayRef:
+                raise _Refused(f"refused _reconstruct of a {type(subtype).__name__}")
+            return real(np.ndarray, (0,), np.dtype("b"))
+
+        return _reconstruct
+    if name == "scalar":
+        real = _numpy_internal("multiarray", "scalar")
+
+        def scalar(dtype: Any, data: Any = None) -> Any:
+            d = _plain_dtype(dtype)
+            if not isinstance(data, bytes) or len(data) != d.itemsize:
+                raise _Refused(f"refused numpy scalar of {d} from {type(data).__name__}")
+            return real(d, data)
+
+        return scalar
+    if name == "_frombuffer":
+        real = _numpy_internal("numeric", "_frombuffer")
+
+        def _frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+            if not isinstance(buf, (bytes, bytearray)) or not _int_tuple(shape) or order not in ("C", "F"):
+                raise _Refused(f"refused _frombuffer over a {type(buf).__name__}")
+            return real(buf, _plain_dtype(dtype), shape, order)
+
+        return _frombuffer
+    raise _Refused(f"refused numpy.{name}")
+
+
+def _int_tuple(shape: Any) -> bool:
+    return type(shape) is tuple and all(type(n) is int and n >= 0 for n in shape)
+
+
+def _latin1_encode(obj: Any, encoding: Any = None, errors: Any = None) -> bytes:
+    """``_codecs.encode`` as Python 3 writes bytes at protocol <= 2: ``encode(str, 'latin1')``.  Other
+    codecs (punycode is quadratic, zlib/bz2 compress) are refused."""
+    if type(obj) is not str or encoding not in ("latin1", "latin-1") or errors not in (None, "strict"):
+        codec = repr(encoding[:40]) if type(encoding) is str else f"a {type(encoding).__name__}"
+        raise _Refused(f"refused _codecs.encode(<{type(obj).__name__}>, {codec})")
+    return obj.encode("latin-1")
+
+
+def _empty_bytes(*args: Any) -> bytes:
+    """``bytes()`` as Python 3 writes an empty bytes object at protocol <= 2 (e.g. an empty array's data);
+    ``bytes(n)`` would allocate ``n`` bytes."""
+    if args:
+        raise _Refused("refused bytes(...) with arguments")
+    return b""
+
+
+_CIFAR_GLOBALS: dict[tuple[str, str], Callable[[], Any]] = {
+    ("numpy", "ndarray"): lambda: _NdarrayRef,
+    ("numpy", "dtype"): lambda: _guarded_dtype,
+    ("_codecs", "encode"): lambda: _latin1_encode,  # bytes written by Python 3 at protocol <= 2
+    ("__builtin__", "bytes"): lambda: _empty_bytes,
+    ("builtins", "bytes"): lambda: _empty_bytes,
+    **{(f"numpy.{core}.{sub}", attr): (lambda attr=attr: _guarded_numpy(attr))
+       for core in ("core", "_core")
+       for sub, attr in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))},
+}
+
+
+def _count_opcode(load: Callable[[Any], None]) -> Callable[[Any], None]:
+    def op(self: _CifarUnpickler) -> None:
+        self._ops += 1
+        if self._ops > MAX_PICKLE_OPS:
+            raise _Refused(f"more than {MAX_PICKLE_OPS} pickle opcodes (MAX_PICKLE_OPS)")
+        load(self)
+
+    return op
+
+
+class _CifarUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """Unpickler that builds only what a CIFAR python batch holds, with every opcode counted.
+
+    It is the pure-Python unpickler, because the C one cannot be bounded: ``LONG_BINPUT 10**9`` (a
+    7-byte pickle) makes it allocate an 8 GB memo, 20 MB of ``EMPTY_LIST`` opcodes become 1.6 GB of
+    lists, and numpy's ``ndarray.__setstate__`` crashes the process on an object array whose list is
+    shorter than its shape.  Here: globals resolve only to the guarded numpy / codecs helpers above; at
+    most :data:`MAX_PICKLE_OPS` opcodes; memo indices below that; dict keys bytes or str (no int keys
+    built to collide in the hash table); no sets, no instance-building opcodes, and BUILD only on numpy
+    arrays (plain numeric dtypes) and dtypes.  Shared references (a few bytes each) can still describe
+    an exponentially large tree: :func:`_check_pickle_tree` walks the result with a budget.
+    """
+
+    def __init__(self, file: Any) -> None:
+        super().__init__(file, encoding="bytes")
+        self._ops = 0
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("numpy", "ndarray"):
-            return np.ndarray
-        if (module, name) == ("numpy", "dtype"):
-            return np.dtype
-        if (module, name) == ("_codecs", "encode"):  # bytes written by Python 3 at protocol <= 2
-            import codecs
+        make = _CIFAR_GLOBALS.get((module, name))
+        if make is None:
+            raise _Refused(f"refused global {module[:100]}.{name[:100]}")
+        return make()
 
-            return codecs.encode
-        target = self._ALLOWED.get((module, name))
-        if target is not None:
-            return _numpy_internal(*target)
-        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+    def _refuse(self) -> None:
+        raise _Refused("refused a set or an instance-building opcode (not part of a CIFAR batch)")
+
+    def _load_put(self) -> None:  # text PUT: an arbitrary integer, e.g. many that collide in the memo dict
+        i = int(self.readline()[:-1])
+        if not 0 <= i < MAX_PICKLE_OPS:
+            raise _Refused(f"memo index {i} outside [0, {MAX_PICKLE_OPS})")
+        self.memo[i] = self.stack[-1]
+
+    def _load_bytearray8(self) -> None:  # the stock one allocates the declared length before reading
+        (n,) = struct.unpack("<Q", self.read(8))
+        data = self.read(n)
+        if len(data) != n:
+            raise EOFError(f"BYTEARRAY8 declares {n} bytes, {len(data)} present")
+        self.append(bytearray(data))
+
+    def _check_dict(self, d: Any, keys: Any) -> None:
+        if type(d) is not dict:
+            raise _Refused(f"refused setting items on {type(d).__name__}")
+        for k in keys:
+            if type(k) not in (bytes, str):
+                raise _Refused(f"refused dict key of type {type(k).__name__} (CIFAR batches have bytes/str keys)")
+
+    def _load_setitem(self) -> None:
+        self._check_dict(self.stack[-3], (self.stack[-2],))
+        pickle._Unpickler.load_setitem(self)  # type: ignore[attr-defined]
+
+    def _load_setitems(self) -> None:
+        items = self.pop_mark()
+        self._check_dict(self.stack[-1], items[::2])
+        d = self.stack[-1]
+        for i in range(0, len(items), 2):
+            d[items[i]] = items[i + 1]
+
+    def _load_dict(self) -> None:
+        items = self.pop_mark()
+        self._check_dict({}, items[::2])
+        self.append({items[i]: items[i + 1] for i in range(0, len(items), 2)})
+
+    def _load_build(self) -> None:
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, np.dtype):
+            # (version, byte order, subarray, names, fields, item size, alignment, flags[, metadata]):
+            # a plain dtype has no subarray, names, fields or metadata.  The byte order is bytes in
+            # Python 2's files (a py2 str read with encoding="bytes").
+            if not (type(state) is tuple and len(state) in (8, 9) and type(state[1]) in (str, bytes)
+                    and state[2:5] == (None, None, None) and all(type(v) is int for v in state[5:8])
+                    and state[8:] in ((), (None,))):
+                raise _Refused("refused a dtype state other than a plain numeric dtype's")
+            inst.__setstate__(state)
+            if inst.hasobject:
+                raise _Refused("refused a dtype state that marks the dtype as holding objects")
+        elif type(inst) is np.ndarray:
+            # (version, shape, dtype, is_fortran, data) or (shape, dtype, is_fortran, data)
+            k = len(state) - 3 if type(state) is tuple else 0
+            if (k not in (1, 2) or (k == 2 and type(state[0]) is not int) or not _int_tuple(state[k - 1])
+                    or type(state[k + 1]) not in (bool, int) or type(state[k + 2]) not in (bytes, bytearray)):
+                raise _Refused("refused an ndarray state other than numpy's (shape, dtype, order, bytes)")
+            inst.__setstate__(state[:k] + (_plain_dtype(state[k]),) + state[k + 1:])
+        else:
+            raise _Refused(f"refused BUILD on {type(inst).__name__}")
+
+    dispatch = {code: _count_opcode(load)
+                for code, load in pickle._Unpickler.dispatch.items()}  # type: ignore[attr-defined]
+    for _code, _load in (
+        (pickle.PUT, _load_put), (pickle.BYTEARRAY8, _load_bytearray8), (pickle.SETITEM, _load_setitem),
+        (pickle.SETITEMS, _load_setitems), (pickle.DICT, _load_dict), (pickle.BUILD, _load_build),
+        (pickle.EMPTY_SET, _refuse), (pickle.ADDITEMS, _refuse), (pickle.FROZENSET, _refuse),
+        (pickle.INST, _refuse), (pickle.OBJ, _refuse), (pickle.NEWOBJ, _refuse), (pickle.NEWOBJ_EX, _refuse),
+    ):
+        dispatch[_code[0]] = _count_opcode(_load)
+    del _code, _load
 
 
 def _numpy_internal(submodule: str, attr: str) -> Any:
@@ -348,21 +552,89 @@ def _numpy_internal(submodule: str, attr: str) -> Any:
     raise pickle.UnpicklingError(f"numpy has no {submodule}.{attr}")
 
 
-def _safe_unpickle(path: Path, layout: str) -> Any:
+def _check_file_size(path: Path, size: int, limit: int, what: str, limit_name: str, expected: str) -> None:
+    if size > limit:
+        raise DataError(
+            f"{path}: {size} bytes, above the {limit}-byte limit for {what} ({limit_name}); refused "
+            f"without reading it. Expected {expected}"
+        )
+
+
+def _read_capped(path: Path, limit: int, what: str, limit_name: str, expected: str) -> bytes:
+    """The file's bytes, refused (before reading) when larger than ``limit`` bytes.
+
+    Exactly the size ``stat`` gives is read, so a file that grows meanwhile cannot make it read more.
+    """
     try:
         with open(path, "rb") as f:
-            return _CifarUnpickler(f, encoding="bytes").load()
+            size = os.fstat(f.fileno()).st_size
+            _check_file_size(path, size, limit, what, limit_name, expected)
+            return f.read(size)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e}). Expected {expected}") from None
+
+
+_READ_CHUNK = 2**20  # bytes per read where the length a file declares is not trusted
+
+
+def _read_upto(f: Any, n: int) -> bytes:
+    """At most ``n`` bytes from ``f``, read in chunks: memory grows with the data present, not with ``n``."""
+    chunks, got = [], 0
+    while got < n:
+        chunk = f.read(min(_READ_CHUNK, n - got))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _check_pickle_tree(obj: Any, path: Path, layout: str) -> None:
+    """Walk an unpickled object before anything else touches it: at most :data:`MAX_PICKLE_DEPTH` levels
+    of containers and :data:`MAX_PICKLE_ELEMENTS` elements, a shared container counted every time it is
+    reached (``L1 = [L0, L0], L2 = [L1, L1], ...`` is a few bytes per level but 2**k elements)."""
+    budget = MAX_PICKLE_ELEMENTS
+    containers = (list, tuple, dict)
+    todo = [(obj, 0)] if type(obj) in containers else []
+    while todo:
+        o, depth = todo.pop()
+        if depth >= MAX_PICKLE_DEPTH:
+            raise DataError(
+                f"{path}: nested too deeply (containers more than {MAX_PICKLE_DEPTH} levels deep, "
+                f"MAX_PICKLE_DEPTH); refused. Expected a CIFAR batch, a dict of flat lists and arrays: {layout}"
+            )
+        budget -= len(o)
+        if budget < 0:
+            raise DataError(
+                f"{path}: too many shared references (more than {MAX_PICKLE_ELEMENTS} container elements, "
+                f"a shared one counted each time it is reached, MAX_PICKLE_ELEMENTS); refused. Expected a "
+                f"CIFAR batch, a dict of flat lists and arrays: {layout}"
+            )
+        for v in (o.values() if type(o) is dict else o):  # dict keys are bytes/str (checked on load)
+            if type(v) in containers:
+                todo.append((v, depth + 1))
+
+
+def _safe_unpickle(path: Path, layout: str, *, meta: bool = False) -> Any:
+    """Unpickle a CIFAR python batch (or meta file) within the size, opcode and tree budgets."""
+    if meta:
+        blob = _read_capped(path, MAX_CIFAR_META_BYTES, "a CIFAR meta file", "MAX_CIFAR_META_BYTES", layout)
+    else:
+        blob = _read_capped(path, MAX_CIFAR_BATCH_BYTES, "a CIFAR batch", "MAX_CIFAR_BATCH_BYTES", layout)
+    try:
+        obj = _CifarUnpickler(io.BytesIO(blob)).load()
     except pickle.UnpicklingError as e:
         raise DataError(
             f"{path}: not a CIFAR python batch ({e}); refused without running it. Expected {layout}"
         ) from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as e:
+    except Exception as e:  # noqa: BLE001 - any failure to decode an untrusted file is a data error
         raise DataError(
             f"{path}: truncated or malformed CIFAR python batch ({type(e).__name__}: {e}). "
             f"Expected {layout}"
         ) from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e}). Expected {layout}") from None
+    del blob
+    _check_pickle_tree(obj, path, layout)
+    return obj
 
 
 def _dict_get(d: Any, key: str) -> Any:
@@ -374,10 +646,24 @@ def _dict_get(d: Any, key: str) -> Any:
 
 
 def _decode_names(names: Any) -> tuple[str, ...] | None:
-    if not isinstance(names, (list, tuple)):
+    """Class names from a meta file: a list of bytes or str; anything else means no names."""
+    if not isinstance(names, (list, tuple)) or not all(type(n) in (bytes, str) for n in names):
         return None
-    out = [n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in names]
-    return tuple(out)
+    return tuple(n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names)
+
+
+def _int_labels(labels: Any) -> np.ndarray | None:
+    """int64 ``(N,)`` from a flat list of integers or a 1-d integer array; None for anything else."""
+    if isinstance(labels, np.ndarray):
+        return labels.astype(np.int64) if labels.ndim == 1 and labels.dtype.kind in "iu" else None
+    if not isinstance(labels, (list, tuple)):
+        return None
+    if not all(type(v) is int or isinstance(v, np.integer) for v in labels):
+        return None
+    try:
+        return np.array(labels, dtype=np.int64).reshape(len(labels))
+    except (OverflowError, ValueError, TypeError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -447,10 +733,9 @@ def _find_cifar(spec: _CifarSpec, root: Path, fmt: str) -> tuple[str, Path]:
 
 def _read_cifar_binary(spec: _CifarSpec, path: Path) -> tuple[np.ndarray, np.ndarray]:
     record = spec.label_bytes + 3072
-    try:
-        raw = np.fromfile(path, dtype=np.uint8)
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e}). Expected {_cifar_layout(spec)}") from None
+    layout = _cifar_layout(spec)
+    raw = np.frombuffer(_read_capped(path, MAX_CIFAR_BATCH_BYTES, "a CIFAR batch", "MAX_CIFAR_BATCH_BYTES", layout),
+                        dtype=np.uint8)
     if raw.size == 0 or raw.size % record:
         label = "1 label byte" if spec.label_bytes == 1 else "coarse and fine label bytes"
         raise DataError(
@@ -473,16 +758,18 @@ def _read_cifar_python(spec: _CifarSpec, path: Path) -> tuple[np.ndarray, np.nda
         raise DataError(
             f"{path}: expected a dict with b'data' a uint8 array (N, 3072), got {got}. Expected {layout}"
         )
-    try:
-        labels = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError):
-        labels = None
-    if labels is None or labels.shape != (data.shape[0],):
+    if data.shape[0] == 0:
         raise DataError(
-            f"{path}: expected b'{spec.py_label_key}' with one label per image ({data.shape[0]}). "
-            f"Expected {layout}"
+            f"{path}: has 0 images (b'data' is 0 x 3072); a CIFAR batch holds at least one. Expected {layout}"
         )
-    return data.reshape(-1, 3, 32, 32), labels
+    y = _int_labels(labels)
+    if y is None or y.shape != (data.shape[0],):
+        got = f"{len(y)} labels" if y is not None else f"{type(labels).__name__}, not a flat list of integers"
+        raise DataError(
+            f"{path}: expected b'{spec.py_label_key}' with one integer label per image ({data.shape[0]}), "
+            f"got {got}. Expected {layout}"
+        )
+    return data.reshape(-1, 3, 32, 32), y
 
 
 def _cifar_class_names(spec: _CifarSpec, kind: str, folder: Path) -> tuple[str, ...]:
@@ -490,12 +777,16 @@ def _cifar_class_names(spec: _CifarSpec, kind: str, folder: Path) -> tuple[str, 
     if kind == "binary":
         meta = folder / spec.bin_meta
         if meta.is_file():
-            lines = [ln.strip() for ln in meta.read_text(errors="replace").splitlines()]
-            names = tuple(ln for ln in lines if ln)
+            text = _read_capped(
+                meta, MAX_CIFAR_META_BYTES, "a CIFAR meta file", "MAX_CIFAR_META_BYTES",
+                f"one class name per line; {_cifar_layout(spec)}",
+            ).decode("utf-8", "replace")
+            names = tuple(ln for ln in (ln.strip() for ln in text.splitlines()) if ln)
     else:
         meta = folder / spec.py_meta
         if meta.is_file():
-            names = _decode_names(_dict_get(_safe_unpickle(meta, _cifar_layout(spec)), spec.py_names_key))
+            batch = _safe_unpickle(meta, _cifar_layout(spec), meta=True)
+            names = _decode_names(_dict_get(batch, spec.py_names_key))
     if names is None or len(names) != spec.num_classes:
         names = CIFAR10_CLASSES if spec.name == "cifar10" else tuple(str(i) for i in range(spec.num_classes))
     return names
@@ -542,6 +833,9 @@ _IDX_FILES = {
     "test_x": "t10k-images-idx3-ubyte",
     "test_y": "t10k-labels-idx1-ubyte",
 }
+# Largest payload an idx header may declare: 2 GiB (MNIST train images are 47 MB, EMNIST byclass
+# 547 MB); the float32 copy the loader makes is four times as large.
+MAX_IDX_BYTES = 2**31
 _IDX_SUBDIRS = {"mnist": ("MNIST/raw", "mnist", "raw"), "fashion-mnist": ("FashionMNIST/raw", "fashion-mnist", "raw")}
 
 
@@ -579,38 +873,73 @@ def _find_idx(key: str, root: Path) -> dict[str, Path]:
 
 
 def _read_idx(path: Path, ndim: int, key: str) -> np.ndarray:
-    """Read an unsigned-byte idx file with ``ndim`` dimensions (3 for images, 1 for labels)."""
+    """Read an unsigned-byte idx file with ``ndim`` dimensions (3 for images, 1 for labels).
+
+    The header (4-byte magic ``0x0800 + ndim``, then one big-endian uint32 per dimension) is read and
+    checked first, from the decompressed stream for ``.gz``.  The payload is then read only up to one
+    byte past its declared size, in chunks, so neither a gzip bomb nor a header that declares more than
+    the file holds can make memory grow beyond the data actually present; an uncompressed file's size
+    is checked against its header before anything is read.
+    """
     gz = path.suffix == ".gz"
-    try:
-        if gz:
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            raw = path.read_bytes()
-    except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e}). Expected {_idx_layout(key)}") from None
     what = "decompressed " if gz else ""
+    layout = _idx_layout(key)
     expected_magic = 0x0800 + ndim
     header = 4 + 4 * ndim
-    if len(raw) < 4:
-        raise DataError(f"{path}: truncated: {len(raw)} {what}bytes, too short for an idx header")
-    magic = int.from_bytes(raw[:4], "big")
-    if magic != expected_magic:
+    noun = "images" if ndim == 3 else "labels"
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            head = _read_upto(f, header)
+            if len(head) < 4:
+                raise DataError(f"{path}: truncated: {len(head)} {what}bytes, too short for an idx header")
+            magic = int.from_bytes(head[:4], "big")
+            if magic != expected_magic:
+                raise DataError(
+                    f"{path}: bad magic number 0x{magic:08x}, expected 0x{expected_magic:08x} "
+                    f"(an idx{ndim} unsigned-byte file). Expected {layout}"
+                )
+            if len(head) < header:
+                raise DataError(
+                    f"{path}: truncated: {len(head)} {what}bytes, the idx{ndim} header alone is {header}"
+                )
+            dims = [int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+            shape = " x ".join(map(str, dims))
+            if dims[0] == 0:
+                raise DataError(
+                    f"{path}: has 0 {noun}; its header says {shape}, an idx{ndim} {noun} file needs at "
+                    f"least one. Expected {layout}"
+                )
+            if ndim == 3 and 0 in dims:
+                raise DataError(
+                    f"{path}: images of {dims[1]} x {dims[2]} pixels (header {shape}); expected at least "
+                    f"1 x 1, 28 x 28 for {key}. Expected {layout}"
+                )
+            payload = math.prod(dims)
+            if payload > MAX_IDX_BYTES:
+                raise DataError(
+                    f"{path}: header declares {shape} = {payload} bytes of {noun}, above the "
+                    f"{MAX_IDX_BYTES}-byte limit for an idx file (MAX_IDX_BYTES); refused without reading "
+                    f"it. Expected an idx{ndim} file of at most that size ({key} train: 60000 x 28 x 28 "
+                    f"images) in {layout}"
+                )
+            expected = header + payload
+            if gz:
+                body = _read_upto(f, payload + 1)  # one byte more means longer than its header says
+                n = header + len(body)
+            else:
+                n = os.fstat(f.fileno()).st_size  # checked before reading: then the payload is there
+                body = f.read(payload) if n == expected else b""
+                if n == expected:
+                    n = header + len(body)  # shorter only if the file shrank meanwhile
+    except (OSError, gzip.BadGzipFile, EOFError, zlib.error, MemoryError) as e:
+        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e}). Expected {layout}") from None
+    if n != expected:
+        state = "truncated" if n < expected else "longer than its header says"
+        found = f"at least {n}" if gz and n > expected else n  # the rest of a stream is never read
         raise DataError(
-            f"{path}: bad magic number 0x{magic:08x}, expected 0x{expected_magic:08x} "
-            f"(an idx{ndim} unsigned-byte file). Expected {_idx_layout(key)}"
+            f"{path}: {state}: expected {expected} {what}bytes ({header}-byte header + {shape}), found {found}"
         )
-    if len(raw) < header:
-        raise DataError(f"{path}: truncated: {len(raw)} {what}bytes, the idx{ndim} header alone is {header}")
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    expected = header + math.prod(dims)
-    if len(raw) != expected:
-        state = "truncated" if len(raw) < expected else "longer than its header says"
-        raise DataError(
-            f"{path}: {state}: expected {expected} {what}bytes ({header}-byte header + "
-            f"{' x '.join(map(str, dims))}), found {len(raw)}"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)  # (N, H, W) or (N,)
 
 
 def _load_idx(key: str, *, root, image_size, seed) -> DataSplits:
@@ -630,6 +959,12 @@ def _load_idx(key: str, *, root, image_size, seed) -> DataSplits:
 
     x_tr, y_tr = split("train")
     x_te, y_te = split("test")
+    if image_size is None and x_tr.shape[2:] != x_te.shape[2:]:
+        raise DataError(
+            f"{files['test_x']}: images of {x_te.shape[2]} x {x_te.shape[3]} pixels but {files['train_x']} "
+            f"has {x_tr.shape[2]} x {x_tr.shape[3]}; both splits need one size (28 x 28 for {key}), or "
+            f"give image_size to resize both"
+        )
     names = tuple(str(i) for i in range(10)) if key == "mnist" else FASHION_CLASSES
     return DataSplits(
         name=key,
@@ -671,13 +1006,17 @@ def _image_files(folder: Path) -> list[Path]:
 def _scan_tree(folder: Path, exclude: tuple[str, ...] = ()) -> tuple[list[str], list[Path], list[int]]:
     """Class-major listing: classes sorted by name, files sorted by name; empty class folders skipped."""
     classes, paths, labels = [], [], []
-    for d in _class_dirs(folder, exclude):
-        files = _image_files(d)
-        if not files:
-            continue
-        labels.extend([len(classes)] * len(files))
-        classes.append(d.name)
-        paths.extend(files)
+    d = folder
+    try:
+        for d in _class_dirs(folder, exclude):
+            files = _image_files(d)
+            if not files:
+                continue
+            labels.extend([len(classes)] * len(files))
+            classes.append(d.name)
+            paths.extend(files)
+    except OSError as e:
+        raise DataError(f"{d}: cannot list ({type(e).__name__}: {e})") from None
     return classes, paths, labels
 
 
@@ -744,6 +1083,11 @@ def _image_splits(
         extra = sorted(set(test_classes) - set(classes))
         if extra:
             raise DataError(f"{folder / 'test'}: classes {', '.join(extra)} have no training images")
+        if not te_paths:
+            raise DataError(
+                f"{folder / 'test'}: no class folders with images, so the test split would be empty. "
+                f"Expected {layout}"
+            )
         index = {c: i for i, c in enumerate(classes)}
         te_labels = [index[test_classes[j]] for j in te_local]
         source = f"image folders {folder}/train and {folder}/test"

@@ -293,6 +293,41 @@ def test_cifar_malformed_pickle(tmp_path):
         load_data("cifar100", root=tmp_path)
 
 
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_cifar_python_batch_with_no_rows(tmp_path, protocol):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar10_python(folder, np.random.default_rng(13))
+    empty = {b"data": np.zeros((0, 3072), np.uint8), b"labels": []}
+    (folder / "data_batch_2").write_bytes(pickle.dumps(empty, protocol=protocol))
+    with pytest.raises(DataError, match=r"data_batch_2: has 0 images \(b'data' is 0 x 3072\)"):
+        load_data("cifar10", root=tmp_path)
+    folder = tmp_path / "cifar-100-python"
+    write_cifar100_python(folder, np.random.default_rng(14))
+    (folder / "test").write_bytes(pickle.dumps({b"data": empty[b"data"], b"fine_labels": []}, protocol=protocol))
+    with pytest.raises(DataError, match="test: has 0 images"):
+        load_data("cifar100", root=folder)
+
+
+def test_cifar_file_size_caps(tmp_path, monkeypatch):
+    import probe.data
+
+    rng = np.random.default_rng(15)
+    write_cifar10_binary(tmp_path / "cifar-10-batches-bin", rng)
+    write_cifar10_python(tmp_path / "cifar-10-batches-py", rng)
+    with monkeypatch.context() as m:
+        m.setattr(probe.data, "MAX_CIFAR_BATCH_BYTES", 2 * 3073)  # the 2-record train batches fit, 3 do not
+        with pytest.raises(DataError, match=r"test_batch\.bin: 9219 bytes, above the 6146-byte limit for a "
+                                            r"CIFAR batch \(MAX_CIFAR_BATCH_BYTES\); refused without reading"):
+            load_data("cifar10", root=tmp_path, format="binary")
+        size = (tmp_path / "cifar-10-batches-py" / "data_batch_1").stat().st_size
+        with pytest.raises(DataError, match=f"data_batch_1: {size} bytes, above the 6146-byte limit"):
+            load_data("cifar10", root=tmp_path, format="python")
+    monkeypatch.setattr(probe.data, "MAX_CIFAR_META_BYTES", 10)
+    for fmt, meta in (("binary", "batches.meta.txt"), ("python", "batches.meta")):
+        with pytest.raises(DataError, match=f"{meta}: .* bytes, above the 10-byte limit .*MAX_CIFAR_META_BYTES"):
+            load_data("cifar10", root=tmp_path, format=fmt)
+
+
 # --------------------------------------------------------------------------------------------------
 # MNIST / Fashion-MNIST
 
@@ -367,6 +402,55 @@ def test_idx_bad_magic_and_count_mismatch(tmp_path):
     (tmp_path / "train-images-idx3-ubyte").write_bytes(_idx_bytes(images[:4]))
     with pytest.raises(DataError, match="4 images.*5 labels"):
         load_data("mnist", root=tmp_path)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_with_no_images_or_labels(tmp_path, gz):
+    write_idx(tmp_path, np.random.default_rng(16), gz=gz)
+    suffix = ".gz" if gz else ""
+    encode = gzip.compress if gz else (lambda b: b)
+    (tmp_path / f"train-images-idx3-ubyte{suffix}").write_bytes(encode(_idx_bytes(np.zeros((0, 28, 28)))))
+    with pytest.raises(DataError, match=f"train-images-idx3-ubyte{suffix}: has 0 images; its header says 0 x 28 x 28"):
+        load_data("mnist", root=tmp_path)
+    write_idx(tmp_path, np.random.default_rng(16), gz=gz)
+    (tmp_path / f"t10k-labels-idx1-ubyte{suffix}").write_bytes(encode(_idx_bytes(np.zeros((0,)))))
+    with pytest.raises(DataError, match=f"t10k-labels-idx1-ubyte{suffix}: has 0 labels"):
+        load_data("mnist", root=tmp_path)
+    write_idx(tmp_path, np.random.default_rng(16), gz=gz)
+    (tmp_path / f"t10k-images-idx3-ubyte{suffix}").write_bytes(encode(_idx_bytes(np.zeros((3, 28, 0)))))
+    with pytest.raises(DataError, match=f"t10k-images-idx3-ubyte{suffix}: images of 28 x 0 pixels"):
+        load_data("mnist", root=tmp_path)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_longer_than_header(tmp_path, gz):
+    write_idx(tmp_path, np.random.default_rng(17), gz=gz)
+    name = "t10k-labels-idx1-ubyte" + (".gz" if gz else "")
+    blob = _idx_bytes(np.zeros(3)) + b"\x00" * 7
+    (tmp_path / name).write_bytes(gzip.compress(blob) if gz else blob)
+    found = "at least 12" if gz else "18"
+    with pytest.raises(DataError, match=f"{name}: longer than its header says: expected 11 .*found {found}$"):
+        load_data("mnist", root=tmp_path)
+
+
+def test_idx_declared_size_cap(tmp_path, monkeypatch):
+    import probe.data
+
+    write_idx(tmp_path, np.random.default_rng(18), gz=True)
+    monkeypatch.setattr(probe.data, "MAX_IDX_BYTES", 5 * 28 * 28 - 1)
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: header declares 5 x 28 x 28 = 3920 bytes "
+                                        r"of images, above the 3919-byte limit .*\(MAX_IDX_BYTES\); refused"):
+        load_data("mnist", root=tmp_path)
+    monkeypatch.setattr(probe.data, "MAX_IDX_BYTES", 5 * 28 * 28)
+    assert load_data("mnist", root=tmp_path).x_train.shape == (5, 1, 28, 28)
+
+
+def test_idx_splits_of_different_image_sizes(tmp_path):
+    write_idx(tmp_path, np.random.default_rng(19))
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(_idx_bytes(np.zeros((3, 14, 14))))
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte: images of 14 x 14 pixels but .* has 28 x 28"):
+        load_data("mnist", root=tmp_path)
+    assert load_data("mnist", root=tmp_path, image_size=16).x_test.shape == (3, 1, 16, 16)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -449,6 +533,15 @@ def test_caltech101_preset(tmp_path):
     x_all = torch.cat([d.x_train, d.x_test])
     grey = x_all[torch.tensor([ids[i] for i in np.concatenate([tr, te])]) == 250]
     assert torch.equal(unnormalise(d, grey).round(), torch.full((1, 3, 64, 64), 250.0))
+
+
+def test_imagefolder_empty_test_split(tmp_path):
+    write_tree(tmp_path / "train", ["cat", "dog"], 2)
+    (tmp_path / "test" / "cat").mkdir(parents=True)
+    (tmp_path / "test" / "dog").mkdir()
+    (tmp_path / "test" / "dog" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match=r"test: no class folders with images, so the test split would be empty"):
+        load_data("imagefolder", root=tmp_path)
 
 
 def test_unreadable_image_names_file(tmp_path):
