@@ -6,22 +6,39 @@ Layout of a runs root (``--runs DIR``, else ``$PROBE_RUNS``, else ``./runs``)::
     <root>/runs/<run_id>/config.json            resolved training config, exactly get_run()["config"]
     <root>/runs/<run_id>/checkpoints/epoch_0007.pt   torch.save'd dict, loaded with weights_only=True
     <root>/probes/<probe_id>.npz                arrays of one probe result (runs or bare models alike)
+    <root>/probes/<probe_id>.json               sidecar: the probe's catalog row (params, summary, ...)
 
 Probe artifacts live in one flat ``probes/`` folder whether or not the probe belongs to a run, because
 a probe on an untrained model (``--model NAME``) has no run folder; the catalog row links it to its run.
 
 The catalog has five tables: ``schema_version`` (one row), ``runs``, ``metrics`` (one row per run and
 epoch), ``checkpoints`` (one row per run and epoch: path relative to the root, sha256, size) and
-``probes``. Paths stored in the catalog are relative to the root (POSIX separators), so a root can be
-moved or copied as a whole; the dicts this module returns carry absolute paths.
+``probes``. The files are the source of truth for what exists: :meth:`RunStore.rebuild_catalog`
+rebuilds a lost or damaged catalog from the run folders (config.json, checkpoints, whose dicts carry
+the summary and per-epoch ``metrics``) and the probe sidecars, keeping the old catalog aside.
+
+Threat model: a runs root may come from someone else, so everything in it is data. Run and probe ids
+must match ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}`` without ``..``; file paths are derived from the ids,
+never taken from the catalog (a stored path that differs is refused); every file is resolved before
+it is read or written and must stay inside the real root (symlinks leading out are refused); a
+foreign SQLite file is never altered; damaged rows, files and catalogs raise
+:class:`~probe.errors.StoreError` naming the file (listings skip bad rows and report them in
+``RunStore.skipped``), never a traceback or a wrong answer. Checkpoints load with
+``weights_only=True`` and probe arrays with ``allow_pickle=False``, after their sha256 and size match.
 
 Concurrency: every write is one short ``BEGIN IMMEDIATE`` transaction, the catalog is in WAL mode with
 a 30 s busy timeout, so several processes may train and probe into the same root at the same time.
 Connections are per process and per thread, opened lazily and re-opened after ``fork``.
+``RunStore(root, readonly=True)`` reads a root it may not write (a read-only mount, someone else's
+folder): it creates, migrates and cleans up nothing; when no writer has the catalog open (no
+-wal / -shm files) it reads the file as it is then (SQLite ``immutable=1``).
 
-Files are written atomically (temp file in the same folder, fsync, ``os.replace``, fsync of the folder):
-a reader sees the old file or the new one, never half of one. A checkpoint row is recorded only after
-its file is in place, with its sha256 and size, and both are checked on every load.
+Files are written atomically (temp file ``.<name>.<hex>.tmp`` in the same folder, held under an
+exclusive ``flock`` while written, fsync, ``os.replace``, fsync of the folder): a reader sees the old
+file or the new one, never half of one. Opening a store read-write removes the temp files of writers
+that died (their lock is free). A checkpoint row is recorded only after its file is in place, with
+its sha256 and size, and both are checked on every load. A full disk raises a StoreError and leaves
+the previous files and the catalog as they were.
 
 JSON convention: dicts stored in the catalog (config, summary, params, extra metrics) go through
 :func:`to_jsonable`: numpy / torch scalars and arrays become Python numbers and lists, and non-finite
@@ -37,6 +54,8 @@ import contextlib
 import dataclasses
 import difflib
 import enum
+import errno
+import functools
 import hashlib
 import io
 import json
@@ -50,15 +69,22 @@ import socket
 import sqlite3
 import threading
 import time
+import urllib.parse
 import zipfile
 from datetime import datetime, timezone
 from pathlib import Path, PurePath
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: temp files are not locked, none is swept
+    fcntl = None
 
 from probe.errors import StoreError, UserError
 
 __all__ = [
     "RunStore",
+    "rebuild_catalog",
     "resolve_runs_root",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -83,6 +109,7 @@ METRIC_COLUMNS = (
 CATALOG_NAME = "catalog.sqlite"
 BUSY_TIMEOUT_S = 30.0
 
+_SCHEMA_VERSION_TABLE = "CREATE TABLE schema_version (version INTEGER NOT NULL)"
 # Each entry brings the catalog from version i to i + 1 (list index i).
 _MIGRATIONS: list[list[str]] = [
     [
@@ -142,6 +169,19 @@ _MIGRATIONS: list[list[str]] = [
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
+_INSERT_RUN = ("INSERT INTO runs (run_id, model, data, created_at, updated_at, status, config_json,"
+               " summary_json, host, parent_run, notes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT_METRICS = (f"INSERT OR REPLACE INTO metrics (run_id, epoch, {', '.join(METRIC_COLUMNS)},"
+                   f" extra_json, logged_at) VALUES (?, ?, {', '.join('?' * len(METRIC_COLUMNS))}, ?, ?)")
+_INSERT_CHECKPOINT = ("INSERT OR REPLACE INTO checkpoints (run_id, epoch, path, sha256, size, created_at)"
+                      " VALUES (?, ?, ?, ?, ?, ?)")
+_INSERT_PROBE = ("INSERT INTO probes (probe_id, run_id, model, kind, checkpoint_epoch, created_at, status,"
+                 " params_json, summary_json, artifact, artifact_sha256, artifact_size)"
+                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+_REBUILD = ("rebuild it from the run folders with `probe runs --rebuild-catalog` or "
+            "RunStore.rebuild_catalog(root) (the old catalog is kept aside)")
+
 # Connections inherited through fork are kept alive here and never used or closed: closing them in
 # the child would drop the parent's POSIX locks on the catalog.
 _INHERITED_CONNECTIONS: list[sqlite3.Connection] = []
@@ -198,8 +238,41 @@ def _dumps(obj: Any) -> str:
     return json.dumps(to_jsonable(obj if obj is not None else {}), allow_nan=False)
 
 
-def _loads(text: str | None) -> Any:
-    return json.loads(text) if text else {}
+_BAD_JSON = object()  # what _json() returns for text that is not JSON
+
+
+def _json(text: Any) -> Any:
+    """Parsed JSON text from the catalog or a file; ``_BAD_JSON`` when it is not JSON."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            return _BAD_JSON
+    if not isinstance(text, str):
+        return _BAD_JSON
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return _BAD_JSON
+
+
+def _show(value: Any) -> str:
+    """A value for a one-line message (hostile text is escaped and cut)."""
+    if value is _BAD_JSON:
+        return "not valid JSON"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _why(e: BaseException) -> str:
+    """``Type: first line of the message`` of an exception, for a one-line error."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
+def _where(rel: str) -> str:
+    """A relative path for a message: as it is when plain, else quoted and escaped."""
+    return rel if rel.isascii() and rel.isprintable() and " " not in rel else _show(rel)
 
 
 def _now() -> str:
@@ -207,8 +280,13 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
+def _mtime_stamp(path: Path) -> str:
+    return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="microseconds")
+
+
 def _slug(text: str, fallback: str) -> str:
-    slug = re.sub(r"[^A-Za-z0-9_.]+", "_", str(text)).strip("._")[:40]
+    slug = re.sub(r"[^A-Za-z0-9_.]+", "_", str(text))
+    slug = re.sub(r"\.{2,}", ".", slug).strip("._")[:40].strip("._")
     return slug or fallback
 
 
@@ -221,12 +299,129 @@ def _metric_value(name: str, value: Any) -> float | None:
     return float(value)
 
 
+def _metric_values(metrics: Mapping[str, Any]) -> tuple:
+    """``(*METRIC_COLUMNS values, extra_json)`` for one epoch's metrics (see log_epoch)."""
+    metrics = dict(metrics)
+    cols = [_metric_value(name, metrics.pop(name, None)) for name in METRIC_COLUMNS]
+    return (*cols, _dumps(metrics))
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# ids and catalog rows
+
+_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _valid_id(value: Any) -> bool:
+    """A run or probe id: ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}`` and no ``..``: a plain file name."""
+    return isinstance(value, str) and _ID_PATTERN.fullmatch(value) is not None and ".." not in value
+
+
+def _check_id(value: Any, kind: str = "run") -> str:
+    if not _valid_id(value):
+        raise UserError(f"invalid {kind} id {_show(value)}: ids are 1-128 letters, digits, '.', '_' "
+                        "or '-', start with a letter or digit and hold no '..'")
+    return value
+
+
+def _checkpoint_rel(run_id: str, epoch: int) -> str:
+    return f"runs/{run_id}/checkpoints/epoch_{epoch:04d}.pt"
+
+
+def _probe_rel(probe_id: str, suffix: str = ".npz") -> str:
+    return f"probes/{probe_id}{suffix}"
+
+
+def _opt(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int
+
+
+def _is_count(v: Any) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _is_obj(v: Any) -> bool:
+    return isinstance(v, dict)
+
+
+def _is_status(v: Any) -> bool:
+    return isinstance(v, str) and v in STATUSES
+
+
+def _is_sha(v: Any) -> bool:
+    return isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None
+
+
+def _is_number(v: Any) -> bool:
+    return v is None or type(v) in (int, float)
+
+
+_RUN_FIELDS = {"run_id": _valid_id, "model": _is_str, "data": _opt(_is_str), "created_at": _is_str,
+               "updated_at": _is_str, "status": _is_status, "error": _opt(_is_str),
+               "host": _opt(_is_str), "parent_run": _opt(_is_str), "notes": _opt(_is_str),
+               "config": _is_obj, "summary": _is_obj}
+_CHECKPOINT_FIELDS = {"epoch": _is_count, "path": _is_str, "sha256": _is_sha, "size": _is_count,
+                      "created_at": _is_str}
+_METRIC_FIELDS = {"epoch": _is_int, **{c: _is_number for c in METRIC_COLUMNS}, "extra": _is_obj}
+#: A probe's fields, as in its sidecar ``probes/<probe_id>.json``.
+_PROBE_FIELDS = {"probe_id": _valid_id, "run_id": _opt(_valid_id), "model": _is_str, "kind": _is_str,
+                 "checkpoint_epoch": _opt(_is_int), "created_at": _is_str, "status": _is_status,
+                 "params": _is_obj, "summary": _is_obj, "artifact_sha256": _opt(_is_sha),
+                 "artifact_size": _opt(_is_count)}
+
+
+def _first_problem(values: Mapping[str, Any], spec: Mapping[str, Callable[[Any], bool]]) -> str | None:
+    for key, ok in spec.items():
+        if not ok(values.get(key)):
+            return f"{key} is {_show(values.get(key))}"
+    if "artifact_sha256" in spec and (values.get("artifact_sha256") is None) != \
+            (values.get("artifact_size") is None):
+        return "artifact_sha256 and artifact_size must be given together"
+    return None
+
+
+def _probe_params(p: Mapping[str, Any]) -> tuple:
+    """The values of :data:`_INSERT_PROBE` for validated probe fields ``p``."""
+    artifact = _probe_rel(p["probe_id"]) if p["artifact_sha256"] else None
+    return (p["probe_id"], p["run_id"], p["model"], p["kind"], p["checkpoint_epoch"], p["created_at"],
+            p["status"], _dumps(p["params"]), _dumps(p["summary"]), artifact, p["artifact_sha256"],
+            p["artifact_size"])
+
+
 # --------------------------------------------------------------------------------------------------
 # atomic file writes
+
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _no_space(what: Any) -> str:
+    return (f"no space left on device writing {what}; nothing stored was lost, "
+            "free space and resume / retry")
+
+
+@contextlib.contextmanager
+def _disk_errors(path: Path) -> Iterator[None]:
+    """OSError while writing ``path`` -> StoreError (no space / cannot write); FileExistsError passes."""
+    try:
+        yield
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno in _NO_SPACE:
+            raise StoreError(_no_space(path)) from None
+        raise StoreError(f"cannot write {path} ({e.strerror or e}); check the disk and the "
+                         "permissions of the runs root") from None
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -242,25 +437,47 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _temp_file(directory: Path, name: str) -> tuple[int, Path]:
+    """Create ``directory/.<name>.<hex>.tmp`` exclusively and hold an exclusive ``flock`` on it.
+
+    The lock tells the sweep of :class:`RunStore` that the writer is alive; it goes with the
+    process. A sweep may take the lock in the instant between creating and locking, and then
+    removes the file: so once locked, the file must still be there under its name, else another
+    name is tried. Mode 0o666 so that the umask applies as for a plain ``open()``.
+    """
+    while True:
+        tmp = directory / f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            continue
+        if fcntl is None:
+            return fd, tmp
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
+                return fd, tmp
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def _atomic_file(path: str | os.PathLike) -> Iterator[io.BufferedWriter]:
     """Yield a binary file; on clean exit it replaces ``path`` atomically, on error it vanishes."""
     path = Path(path)
     directory = path.parent
     directory.mkdir(parents=True, exist_ok=True)
-    while True:  # O_EXCL on a random name; mode 0o666 so the umask applies as for a plain open()
-        tmp = directory / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-            break
-        except FileExistsError:
-            continue
+    fd, tmp = _temp_file(directory, path.name)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)  # still locked: the sweep never sees an unlocked live temp file
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -297,20 +514,61 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def atomic_savez(path: str | os.PathLike, **arrays: Any) -> Path:
-    """``numpy.savez_compressed(path, **arrays)`` atomically; ``path`` is used exactly as given.
-
-    Object arrays are refused (they would need pickle to load back).
-    """
+def _savez(f: Any, arrays: Mapping[str, Any]) -> None:
     import numpy as np
 
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
     for k, v in arrays.items():
         if v.dtype.hasobject:
             raise TypeError(f"array {k!r} has dtype object; store numbers or strings only")
-    with _atomic_file(path) as f:
-        np.savez_compressed(f, **arrays)
-    return Path(path)
+    np.savez_compressed(f, **arrays)
+
+
+def atomic_savez(path: str | os.PathLike, **arrays: Any) -> Path:
+    """``numpy.savez_compressed(path, **arrays)`` atomically; ``path`` is used exactly as given.
+
+    Object arrays are refused (they would need pickle to load back).
+    """
+    buf = io.BytesIO()
+    _savez(buf, arrays)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------------------------------
+# reading untrusted files
+
+
+def _load_npz(data: bytes, path: Any) -> dict[str, Any]:
+    """The arrays of an .npz file's bytes; any defect raises StoreError naming ``path``.
+
+    Every member must be an .npy array whose header's shape and dtype fit the member's size, and
+    no member may claim more bytes than deflate can produce from it: a hostile header cannot make
+    us allocate a gigantic array.
+    """
+    import numpy as np
+    from numpy.lib import format as npy
+
+    headers = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0,
+               (3, 0): npy.read_array_header_2_0}  # 3.0 differs from 2.0 in the text encoding only
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            for info in zf.infolist():
+                ratio = 1100 if info.compress_type != zipfile.ZIP_STORED else 1
+                if info.file_size > ratio * info.compress_size + 1024:
+                    raise ValueError(f"member {info.filename!r} claims {info.file_size} bytes "
+                                     f"from {info.compress_size}")
+                with zf.open(info) as f:
+                    version = npy.read_magic(f)
+                    if version not in headers:
+                        raise ValueError(f"member {info.filename!r} has .npy version {version}")
+                    shape, _, dtype = headers[version](f)
+                    if math.prod(shape) * dtype.itemsize > info.file_size:
+                        raise ValueError(f"member {info.filename!r} declares a {shape} {dtype} array "
+                                         f"but holds {info.file_size} bytes")
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except Exception as e:  # noqa: BLE001 - whatever the defect, the file is unusable
+        raise StoreError(f"probe artifact {path} is corrupt ({_why(e)}); run the probe again") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,29 +590,69 @@ def _is_busy(exc: BaseException) -> bool:
     return "locked" in text or "busy" in text
 
 
+def _create_schema(con: sqlite3.Connection, version: int = 0) -> None:
+    """Bring a catalog from ``version`` (0: no tables) to :data:`SCHEMA_VERSION` (in the caller's
+    transaction)."""
+    if version == 0:
+        con.execute(_SCHEMA_VERSION_TABLE)
+    for step in range(version, SCHEMA_VERSION):
+        for statement in _MIGRATIONS[step]:
+            con.execute(statement)
+    con.execute("DELETE FROM schema_version")
+    con.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+
+
+@functools.lru_cache(maxsize=1)
+def _expected_columns() -> dict[str, frozenset[str]]:
+    """Table -> column names of a current catalog (built once in memory from the migrations)."""
+    con = sqlite3.connect(":memory:")
+    try:
+        _create_schema(con)
+        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {t: frozenset(r[1] for r in con.execute(f"PRAGMA table_info({t})")) for t in tables}
+    finally:
+        con.close()
+
+
 class RunStore:
     """Runs, per-epoch metrics, checkpoints and probe results under one runs root.
 
     ``RunStore(root)`` checks at once that the root is a writable folder (creating it if needed)
     and that ``catalog.sqlite`` is an SQLite catalog this code understands, creating or migrating
-    it; otherwise it raises :class:`~probe.errors.StoreError`. ``root=None`` means
-    :func:`resolve_runs_root` (``$PROBE_RUNS`` or ``./runs``).
+    it; otherwise it raises :class:`~probe.errors.StoreError`. It also removes temp files left by
+    writers that died. ``root=None`` means :func:`resolve_runs_root` (``$PROBE_RUNS`` or ``./runs``).
+
+    ``readonly=True`` opens the catalog read-only (``mode=ro``, or ``immutable=1`` while no writer
+    has it open) and creates, migrates and removes nothing; a root without a catalog reads as an
+    empty store. Every write then raises StoreError.
+
+    ``skipped`` holds one line per damaged row that the last listing (:meth:`list_runs`,
+    :meth:`list_probes`, :meth:`list_checkpoints`, :meth:`get_metrics`) left out.
 
     The object can be pickled (e.g. passed to a spawned process); the copy re-opens the catalog.
     """
 
-    def __init__(self, root: str | os.PathLike | None = None):
-        self.root = resolve_runs_root(root)
-        self.catalog_path = self.root / CATALOG_NAME
-        self._local = threading.local()
-        self._check_root()
+    def __init__(self, root: str | os.PathLike | None = None, *, readonly: bool = False):
+        self._attach(root, readonly)
         self._open_catalog()
 
+    def _attach(self, root: str | os.PathLike | None, readonly: bool) -> None:
+        """Everything of opening but the catalog: attributes, root checks, the temp-file sweep."""
+        self.root = resolve_runs_root(root)
+        self.catalog_path = self.root / CATALOG_NAME
+        self.readonly = bool(readonly)
+        self.skipped: list[str] = []
+        self._local = threading.local()
+        self._empty = False  # read-only store on a root without a catalog: an empty in-memory one
+        self._check_root()
+        if not self.readonly:
+            self._sweep()
+
     def __reduce__(self):
-        return (type(self), (str(self.root),))
+        return (functools.partial(type(self), readonly=self.readonly), (str(self.root),))
 
     def __repr__(self) -> str:
-        return f"RunStore({str(self.root)!r})"
+        return f"RunStore({str(self.root)!r}{', readonly=True' if self.readonly else ''})"
 
     def __enter__(self) -> "RunStore":
         return self
@@ -362,83 +660,230 @@ class RunStore:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    # ---- the root as a boundary ----------------------------------------------------------------
+
+    def _inside(self, rel: str) -> Path:
+        """``root / rel`` after checking that, symlinks resolved, it stays inside the real root.
+
+        Every file and folder of the store is reached through here before it is read or written.
+        The root itself may be a symlink (the user's choice); anything below it that leads out is
+        refused with a StoreError."""
+        path = self.root / rel
+        real_root = os.path.realpath(self.root)
+        real = os.path.realpath(path)
+        if os.path.commonpath([real, real_root]) != real_root:
+            raise StoreError(f"{path} leads outside the runs root {self.root} (to {real}) through a "
+                             "symlink; nothing was read or written there; replace the link by the "
+                             "real file or folder")
+        return path
+
+    def _require_writable(self) -> None:
+        if self.readonly:
+            raise StoreError(f"runs root {self.root} was opened read-only (readonly=True); nothing was "
+                             "written; open it without readonly to train or probe")
+
+    def _put(self, rel: str, data: bytes) -> Path:
+        """Write ``root/rel`` atomically (parents created); disk errors become StoreError."""
+        self._require_writable()
+        path = self._inside(rel)
+        with _disk_errors(path):
+            atomic_write_bytes(path, data)
+        return path
+
+    def _mkdir(self, rel: str, exist_ok: bool = True) -> Path:
+        self._require_writable()
+        path = self._inside(rel)
+        with _disk_errors(path):
+            path.mkdir(exist_ok=exist_ok)
+        return path
+
+    def _get(self, rel: str, what: str, size: int | None = None, sha256: str | None = None,
+             redo: str = "") -> bytes:
+        """The bytes of ``root/rel``; with ``size`` / ``sha256`` (from the catalog) they must match."""
+        path = self._inside(rel)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            listed = " although the catalog lists it" if size is not None else ""
+            raise StoreError(f"{what} {path} is missing{listed}; {redo}".rstrip("; ")) from None
+        except OSError as e:
+            raise StoreError(f"{what} {path} cannot be read ({e.strerror or e})") from None
+        if size is not None and (len(data) != size or _sha256(data) != sha256):
+            raise StoreError(f"{what} {path} is corrupt or truncated ({len(data)} bytes, sha256 "
+                             f"{_sha256(data)[:12]}..., catalog says {size} bytes, "
+                             f"{sha256[:12]}...); {redo}")
+        return data
+
+    def _sweep(self) -> None:
+        """Remove ``.*.tmp`` files of dead writers (their lock is free) in the root, ``probes/``,
+        ``runs/*/`` and ``runs/*/checkpoints/``; symlinked folders are not entered."""
+        if fcntl is None:
+            return
+        folders, runs = [self.root, self.root / "probes"], self.root / "runs"
+        with contextlib.suppress(OSError):
+            if not runs.is_symlink():
+                with os.scandir(runs) as entries:
+                    for e in entries:
+                        if e.is_dir(follow_symlinks=False):
+                            folders += [Path(e.path), Path(e.path) / "checkpoints"]
+        for folder in folders:
+            if not folder.is_dir() or folder.is_symlink():
+                continue
+            with contextlib.suppress(OSError), os.scandir(folder) as entries:
+                for e in entries:
+                    if e.name.startswith(".") and e.name.endswith(".tmp") and \
+                            e.is_file(follow_symlinks=False):
+                        self._remove_if_dead(e.path)
+
+    @staticmethod
+    def _remove_if_dead(path: str) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while the writer lives
+            os.unlink(path)  # still locked: see _temp_file
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
     # ---- opening -------------------------------------------------------------------------------
 
     def _check_root(self) -> None:
         root = self.root
         if root.exists() and not root.is_dir():
             raise StoreError(f"runs root {root} exists but is not a folder; pick another --runs DIR")
+        if self.readonly:
+            return
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StoreError(f"cannot create runs root {root} ({e.strerror or e}); "
                              "pick a writable --runs DIR") from None
         try:  # a real write: os.access is blind to read-only mounts and ACLs
-            probe = root / f".write-test-{os.getpid()}-{secrets.token_hex(4)}"
-            probe.write_bytes(b"")
+            fd, probe = _temp_file(root, "write-test")
+            os.close(fd)
             probe.unlink()
         except OSError as e:
-            raise StoreError(f"runs root {root} is not writable ({e.strerror or e}); "
-                             "pick a writable --runs DIR") from None
-        cat = self.catalog_path
-        if cat.exists() and not cat.is_file():
-            raise StoreError(f"catalog {cat} is not a file; move it away or pick another --runs DIR")
-        if cat.exists() and not os.access(cat, os.R_OK | os.W_OK):
-            raise StoreError(f"catalog {cat} is not readable and writable; fix its permissions "
-                             "or pick another --runs DIR")
+            if e.errno in _NO_SPACE:
+                raise StoreError(_no_space(f"runs root {root}")) from None
+            raise StoreError(f"runs root {root} is not writable (read-only: {e.strerror or e}); "
+                             "reading it works with RunStore(root, readonly=True); pick a writable "
+                             "--runs DIR to train or probe") from None
 
     def _open_catalog(self) -> None:
-        """Validate, configure and migrate the catalog (retrying while another process holds it)."""
+        """Validate, configure and migrate the catalog (retrying while another process holds it).
+
+        Nothing is changed before the file has been recognised as a catalog: a foreign SQLite
+        database is refused untouched, a damaged one is refused with a hint to rebuild it."""
+        cat = self.catalog_path
+        for suffix in ("", "-wal", "-shm"):
+            self._inside(CATALOG_NAME + suffix)
+        if cat.exists() and not cat.is_file():
+            raise StoreError(f"catalog {cat} is not a file; move it away or pick another --runs DIR")
+        need, what = (os.R_OK, "readable") if self.readonly else (os.R_OK | os.W_OK, "readable and writable")
+        if cat.exists() and not os.access(cat, need):
+            raise StoreError(f"catalog {cat} is not {what}; fix its permissions or pick another --runs DIR")
+        if not cat.exists():
+            self._refuse_lost_catalog()
+            if self.readonly:
+                self._empty = True
+                return
         deadline = time.monotonic() + BUSY_TIMEOUT_S
         while True:
             try:
                 con = self._connection()
-                self._check_version(con, self._read_version(con))
+                version = self._inspect(con)
+                if version == 0:  # no tables at all: ours to initialise, unless runs exist
+                    self._refuse_lost_catalog()
+                if self.readonly:
+                    if version == 0:
+                        self.close()
+                        self._empty = True
+                    elif version < SCHEMA_VERSION:
+                        raise StoreError(f"catalog {cat} has the older schema version {version}; "
+                                         "open it once without readonly to upgrade it")
+                    return
                 if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
                     mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                     if mode.lower() != "wal":
-                        raise StoreError(f"catalog {self.catalog_path} cannot use WAL mode "
+                        raise StoreError(f"catalog {cat} cannot use WAL mode "
                                          f"(got {mode}); put the runs root on a local disk")
-                self._migrate(con)
+                if version < SCHEMA_VERSION:
+                    self._migrate()
                 return
             except sqlite3.OperationalError as e:
                 if _is_busy(e) and time.monotonic() < deadline:
                     time.sleep(0.05)
                     continue
-                raise self._store_error(e) from None
+                self.close()
+                raise self._db_error(e) from None
             except sqlite3.DatabaseError as e:
                 self.close()
-                raise StoreError(f"catalog {self.catalog_path} is not an SQLite catalog ({e}); "
-                                 "move it away or pick another --runs DIR") from None
+                raise self._db_error(e) from None
+            except BaseException:
+                self.close()
+                raise
 
-    def _read_version(self, con: sqlite3.Connection) -> int:
-        has_table = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
-                                "AND name = 'schema_version'").fetchone()
-        if not has_table:
+    def _refuse_lost_catalog(self) -> None:
+        """An empty or missing catalog is only initialised when no run folder says it was lost."""
+        runs = self._inside("runs")
+        try:
+            with os.scandir(runs) as entries:
+                n = sum(1 for e in entries if e.is_dir() and os.path.isfile(Path(e.path, "config.json")))
+        except OSError:
+            n = 0
+        if n:
+            raise StoreError(f"catalog {self.catalog_path} is empty or missing but {runs} holds {n} run "
+                             f"folders; {_REBUILD}")
+
+    def _inspect(self, con: sqlite3.Connection) -> int:
+        """Schema version of the catalog, 0 for a database without tables; raises StoreError for a
+        foreign database, a bad version, a missing table or column and a failing quick_check.
+        Reads only."""
+        cat = self.catalog_path
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:
             return 0
-        row = con.execute("SELECT MAX(version) FROM schema_version").fetchone()
-        return int(row[0] or 0)
-
-    def _check_version(self, con: sqlite3.Connection, version: int) -> None:
+        foreign = StoreError(f"{cat} is an SQLite database but not a landscape-probe catalog (no valid "
+                             "schema_version table); it was not changed; move it away or pick another "
+                             "--runs DIR")
+        if "schema_version" not in tables:
+            raise foreign
+        try:
+            values = [r[0] for r in con.execute("SELECT version FROM schema_version")]
+        except sqlite3.OperationalError:
+            raise foreign from None
+        if len(values) != 1 or not _is_int(values[0]) or values[0] < 1:
+            raise StoreError(f"catalog {cat} has an invalid schema version "
+                             f"({', '.join(map(_show, values)) or 'no row'}); {_REBUILD}")
+        version = values[0]
         if version > SCHEMA_VERSION:
-            raise StoreError(f"catalog {self.catalog_path} has schema version {version} but this "
+            raise StoreError(f"catalog {cat} has schema version {version} but this "
                              f"landscape-probe knows up to {SCHEMA_VERSION}; upgrade landscape-probe")
+        if version == SCHEMA_VERSION:
+            for table, expected in _expected_columns().items():
+                have = {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
+                problem = (f"table {table} is missing" if not have else
+                           f"table {table} lacks column(s) {', '.join(sorted(expected - have))}"
+                           if expected - have else None)
+                if problem:
+                    raise StoreError(f"catalog {cat} is damaged ({problem}); {_REBUILD}")
+            check = [r[0] for r in con.execute("PRAGMA quick_check")]
+            if check != ["ok"]:
+                raise StoreError(f"catalog {cat} is damaged ({_show(check[0] if check else '')}); "
+                                 f"{_REBUILD}")
+        return version
 
-    def _migrate(self, con: sqlite3.Connection) -> None:
-        if self._read_version(con) == SCHEMA_VERSION:
-            return
+    def _migrate(self) -> None:
         with self._write() as con:
-            version = self._read_version(con)  # re-read under the write lock: another process
-            self._check_version(con, version)  # may have migrated meanwhile
-            if version == SCHEMA_VERSION:
-                return
-            if version == 0:
-                con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            for step in range(version, SCHEMA_VERSION):
-                for statement in _MIGRATIONS[step]:
-                    con.execute(statement)
-            con.execute("DELETE FROM schema_version")
-            con.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            version = self._inspect(con)  # re-read under the write lock: another process
+            if version == 0:              # may have migrated meanwhile
+                self._refuse_lost_catalog()
+            if version < SCHEMA_VERSION:
+                _create_schema(con, version)
 
     def _connection(self) -> sqlite3.Connection:
         """This process's and thread's connection, opened on first use and after a fork."""
@@ -448,8 +893,19 @@ class RunStore:
             return con
         if con is not None:
             _INHERITED_CONNECTIONS.append(con)
-        con = sqlite3.connect(self.catalog_path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                              check_same_thread=False)
+        if self._empty:
+            con = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            _create_schema(con)
+        else:
+            target, uri = str(self.catalog_path), False
+            if self.readonly:
+                target, uri = f"file:{urllib.parse.quote(target)}?mode=ro", True
+                # Without -wal / -shm no writer has the catalog open; a plain mode=ro reader would
+                # create them (and fail to on a read-only folder): read the file as it is instead.
+                if not all(Path(f"{self.catalog_path}{s}").exists() for s in ("-wal", "-shm")):
+                    target += "&immutable=1"
+            con = sqlite3.connect(target, uri=uri, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                  check_same_thread=False)
         con.row_factory = sqlite3.Row
         con.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         con.execute("PRAGMA foreign_keys = ON")
@@ -464,42 +920,74 @@ class RunStore:
             con.close()
         self._local.con = None
 
-    def _store_error(self, e: sqlite3.Error) -> StoreError:
+    def _db_error(self, e: sqlite3.Error) -> StoreError:
+        cat, text = self.catalog_path, str(e).lower()
         if _is_busy(e):
-            return StoreError(f"catalog {self.catalog_path} stayed locked by another process for "
+            return StoreError(f"catalog {cat} stayed locked by another process for "
                               f"over {BUSY_TIMEOUT_S:.0f} s; retry when it has finished")
-        return StoreError(f"catalog {self.catalog_path} cannot be used ({e}); "
-                          "check the disk and permissions of the runs root")
+        if "disk is full" in text:
+            return StoreError(_no_space(f"catalog {cat}"))
+        if "readonly" in text or "read-only" in text:
+            return StoreError(f"catalog {cat} cannot be written ({e}); to read it, open the runs root "
+                              "with readonly=True")
+        if "unable to open" in text or "i/o error" in text:
+            return StoreError(f"catalog {cat} cannot be used ({e}); check the disk and permissions "
+                              "of the runs root")
+        return StoreError(f"catalog {cat} is not an SQLite catalog or is damaged ({e}); {_REBUILD}")
+
+    @contextlib.contextmanager
+    def _sql(self) -> Iterator[None]:
+        """SQLite errors -> StoreError naming the catalog (integrity / programming errors pass)."""
+        try:
+            yield
+        except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
+            raise
+        except sqlite3.DatabaseError as e:
+            raise self._db_error(e) from None
+        except UnicodeEncodeError:
+            raise UserError("a name given is not valid text (undecodable bytes, e.g. from a command "
+                            "line in another encoding); retype it") from None
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One short write transaction, taking the write lock up front (``BEGIN IMMEDIATE``)."""
-        con = self._connection()
-        try:
+        self._require_writable()
+        with self._sql():
+            con = self._connection()
             con.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as e:
-            raise self._store_error(e) from None
-        try:
-            yield con
-            con.execute("COMMIT")
-        except BaseException:
-            if con.in_transaction:
-                con.execute("ROLLBACK")
-            raise
+            try:
+                yield con
+                con.execute("COMMIT")
+            except BaseException:
+                if con.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        con.execute("ROLLBACK")
+                raise
 
     def _read(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
-        try:
+        with self._sql():
             return self._connection().execute(sql, params).fetchall()
-        except sqlite3.OperationalError as e:
-            if _is_busy(e):
-                raise self._store_error(e) from None
-            raise
+
+    def _row_error(self, what: str, ident: Any, problem: str) -> StoreError:
+        return StoreError(f"{what} {ident} in catalog {self.catalog_path} is damaged ({problem}); "
+                          f"delete that row or {_REBUILD}")
+
+    def _listing(self, rows: list, convert: Callable[[Any], dict]) -> list[dict[str, Any]]:
+        """``convert`` each row; damaged ones are left out and reported in :attr:`skipped`."""
+        self.skipped = []
+        out = []
+        for row in rows:
+            try:
+                out.append(convert(row))
+            except StoreError as e:
+                self.skipped.append(str(e))
+        return out
 
     # ---- runs ----------------------------------------------------------------------------------
 
     def run_dir(self, run_id: str) -> Path:
         """Folder of a run (``<root>/runs/<run_id>``); ``run_id`` must be a full id."""
-        return self.root / "runs" / run_id
+        return self._inside(f"runs/{_check_id(run_id)}")
 
     def new_run(self, model: str, data: str | None, config: Mapping[str, Any] | None = None, *,
                 parent_run: str | None = None, notes: str | None = None) -> str:
@@ -510,29 +998,25 @@ class RunStore:
         ``runs/<run_id>/config.json``.
         """
         config_json = _dumps(config)
-        (self.root / "runs").mkdir(exist_ok=True)
+        self._mkdir("runs")
         while True:
             run_id = _run_id_for(model)
             try:
-                self.run_dir(run_id).mkdir()
+                folder = self._mkdir(f"runs/{run_id}", exist_ok=False)
                 break
             except FileExistsError:
                 continue
-        config_file = self.run_dir(run_id) / "config.json"
         try:
-            atomic_write_text(config_file, json.dumps(json.loads(config_json), indent=2) + "\n")
+            self._put(f"runs/{run_id}/config.json",
+                      (json.dumps(json.loads(config_json), indent=2) + "\n").encode())
             now = _now()
             with self._write() as con:
-                con.execute(
-                    "INSERT INTO runs (run_id, model, data, created_at, updated_at, status,"
-                    " config_json, summary_json, host, parent_run, notes)"
-                    " VALUES (?, ?, ?, ?, ?, 'running', ?, '{}', ?, ?, ?)",
-                    (run_id, str(model), data, now, now, config_json, socket.gethostname(),
-                     parent_run, notes))
+                con.execute(_INSERT_RUN, (run_id, str(model), data, now, now, "running", config_json,
+                                          "{}", socket.gethostname(), parent_run, notes))
         except BaseException:  # leave no folder without a catalog row
             with contextlib.suppress(OSError):
-                config_file.unlink(missing_ok=True)
-                self.run_dir(run_id).rmdir()
+                (folder / "config.json").unlink(missing_ok=True)
+                folder.rmdir()
             raise
         return run_id
 
@@ -541,13 +1025,16 @@ class RunStore:
                    notes: str | None = None) -> None:
         """Change a run's status, merge ``summary`` into its summary (key by key), set its error
         text or notes. Arguments left as ``None`` are not changed."""
+        _check_id(run_id)
         if status is not None and status not in STATUSES:
             raise UserError(f"unknown run status {status!r}; use one of {', '.join(STATUSES)}")
         with self._write() as con:
             row = con.execute("SELECT summary_json FROM runs WHERE run_id = ?", (run_id,)).fetchone()
             if row is None:
                 raise self._unknown_run(run_id)
-            merged = _loads(row["summary_json"])
+            merged = _json(row["summary_json"])
+            if not _is_obj(merged):
+                raise self._row_error("run", _show(run_id), f"summary is {_show(merged)}")
             merged.update(to_jsonable(dict(summary or {})))
             con.execute(
                 "UPDATE runs SET status = COALESCE(?, status), summary_json = ?,"
@@ -556,28 +1043,34 @@ class RunStore:
                 (status, _dumps(merged), error, notes, _now(), run_id))
 
     def resolve_run(self, ref: str) -> str:
-        """Full run id for a reference: a full id, a unique prefix, or ``"last"`` / ``"latest"``."""
+        """Full run id for a reference: a full id, a unique prefix, or ``"last"`` / ``"latest"``.
+
+        Catalog rows whose id is not a valid run id are never returned."""
         ref = str(ref).strip()
         if ref.lower() in ("last", "latest"):
-            rows = self._read("SELECT run_id FROM runs ORDER BY created_at DESC, rowid DESC LIMIT 1")
-            if not rows:
-                raise UserError(f"no runs yet in {self.root}; train one first (probe train ...)")
-            return rows[0]["run_id"]
+            rows = self._read("SELECT run_id FROM runs ORDER BY created_at DESC, rowid DESC")
+            for row in rows:
+                if _valid_id(row["run_id"]):
+                    return row["run_id"]
+            raise UserError(f"no runs yet in {self.root}; train one first (probe train ...)")
+        if not _valid_id(ref):
+            raise UserError(f"invalid run reference {_show(ref)}: give a run id, a unique prefix of "
+                            "one, or 'last' (ids hold letters, digits, '.', '_' and '-')")
         if self._read("SELECT 1 FROM runs WHERE run_id = ?", (ref,)):
             return ref
-        if ref:
-            rows = self._read("SELECT run_id FROM runs WHERE substr(run_id, 1, ?) = ?"
-                              " ORDER BY created_at", (len(ref), ref))
-            if len(rows) == 1:
-                return rows[0]["run_id"]
-            if len(rows) > 1:
-                shown = ", ".join(r["run_id"] for r in rows[:8])
-                raise UserError(f"run prefix {ref!r} matches {len(rows)} runs ({shown}); "
-                                "give more characters")
+        rows = [r for r in self._read("SELECT run_id FROM runs WHERE substr(run_id, 1, ?) = ?"
+                                      " ORDER BY created_at", (len(ref), ref)) if _valid_id(r["run_id"])]
+        if len(rows) == 1:
+            return rows[0]["run_id"]
+        if len(rows) > 1:
+            shown = ", ".join(r["run_id"] for r in rows[:8])
+            raise UserError(f"run prefix {ref!r} matches {len(rows)} runs ({shown}); "
+                            "give more characters")
         raise self._unknown_run(ref)
 
     def _unknown_run(self, ref: str) -> UserError:
-        ids = [r["run_id"] for r in self._read("SELECT run_id FROM runs ORDER BY created_at")]
+        ids = [r["run_id"] for r in self._read("SELECT run_id FROM runs ORDER BY created_at")
+               if _valid_id(r["run_id"])]
         if not ids:
             return UserError(f"unknown run {ref!r}: no runs yet in {self.root}")
         near = [i for i in ids if ref and ref in i][-5:]
@@ -588,20 +1081,28 @@ class RunStore:
     def _run_dict(self, row: sqlite3.Row) -> dict[str, Any]:
         out = {k: row[k] for k in ("run_id", "model", "data", "created_at", "updated_at", "status",
                                    "error", "host", "parent_run", "notes")}
-        out["config"] = _loads(row["config_json"])
-        out["summary"] = _loads(row["summary_json"])
-        out["path"] = str(self.run_dir(row["run_id"]))
+        out["config"] = _json(row["config_json"])
+        out["summary"] = _json(row["summary_json"])
+        problem = _first_problem(out, _RUN_FIELDS)
+        if problem:
+            raise self._row_error("run", _show(row["run_id"]), problem)
+        out["path"] = str(self.root / "runs" / row["run_id"])
         return out
 
     def get_run(self, ref: str) -> dict[str, Any]:
         """One run as a dict: ``run_id, model, data, created_at, updated_at, status, error, host,
         parent_run, notes, config, summary, path``. ``ref`` as in :meth:`resolve_run`; an unknown
-        reference raises :class:`~probe.errors.UserError` listing close matches."""
+        reference raises :class:`~probe.errors.UserError` listing close matches, a damaged row a
+        :class:`~probe.errors.StoreError`."""
         run_id = self.resolve_run(ref)
-        return self._run_dict(self._read("SELECT * FROM runs WHERE run_id = ?", (run_id,))[0])
+        rows = self._read("SELECT * FROM runs WHERE run_id = ?", (run_id,))
+        if not rows:
+            raise self._unknown_run(run_id)
+        return self._run_dict(rows[0])
 
     def list_runs(self, model: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
-        """All runs (newest first), optionally only those of one model name and / or status."""
+        """All runs (newest first), optionally only those of one model name and / or status.
+        Damaged rows are left out and reported in :attr:`skipped`."""
         sql, args = "SELECT * FROM runs WHERE 1", []
         if model is not None:
             sql += " AND model = ?"
@@ -610,7 +1111,7 @@ class RunStore:
             sql += " AND status = ?"
             args.append(status)
         rows = self._read(sql + " ORDER BY created_at DESC, rowid DESC", tuple(args))
-        return [self._run_dict(r) for r in rows]
+        return self._listing(rows, self._run_dict)
 
     # ---- metrics -------------------------------------------------------------------------------
 
@@ -618,32 +1119,33 @@ class RunStore:
         """Record one epoch's metrics. Names in :data:`METRIC_COLUMNS` get their own column, any
         other name is kept in ``extra_json``. Logging an epoch again replaces that row (a resumed run
         stays consistent)."""
+        _check_id(run_id)
         epoch = operator.index(epoch)
-        cols = {name: _metric_value(name, metrics.pop(name, None)) for name in METRIC_COLUMNS}
-        extra = _dumps(metrics)
+        values = _metric_values(metrics)
         now = _now()
         try:
             with self._write() as con:
-                con.execute(
-                    f"INSERT OR REPLACE INTO metrics (run_id, epoch, {', '.join(METRIC_COLUMNS)},"
-                    f" extra_json, logged_at) VALUES (?, ?, {', '.join('?' * len(METRIC_COLUMNS))},"
-                    " ?, ?)",
-                    (run_id, epoch, *cols.values(), extra, now))
+                con.execute(_INSERT_METRICS, (run_id, epoch, *values, now))
                 con.execute("UPDATE runs SET updated_at = ? WHERE run_id = ?", (now, run_id))
         except sqlite3.IntegrityError:
             raise self._unknown_run(run_id) from None
 
     def get_metrics(self, ref: str) -> list[dict[str, Any]]:
         """Per-epoch metrics of a run, ordered by epoch: one flat dict per epoch with ``epoch``, every
-        column of :data:`METRIC_COLUMNS` (``None`` where not logged) and the extra metrics."""
+        column of :data:`METRIC_COLUMNS` (``None`` where not logged) and the extra metrics.
+        Damaged rows are left out and reported in :attr:`skipped`."""
         run_id = self.resolve_run(ref)
+
+        def convert(r: sqlite3.Row) -> dict[str, Any]:
+            d = {"epoch": r["epoch"], **{c: r[c] for c in METRIC_COLUMNS}, "extra": _json(r["extra_json"])}
+            problem = _first_problem(d, _METRIC_FIELDS)
+            if problem:
+                raise self._row_error("metrics row", f"{run_id} epoch {_show(r['epoch'])}", problem)
+            d.update(d.pop("extra"))
+            return d
+
         rows = self._read("SELECT * FROM metrics WHERE run_id = ? ORDER BY epoch", (run_id,))
-        out = []
-        for r in rows:
-            d = {"epoch": r["epoch"], **{c: r[c] for c in METRIC_COLUMNS}}
-            d.update(_loads(r["extra_json"]))
-            out.append(d)
-        return out
+        return self._listing(rows, convert)
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
@@ -658,37 +1160,52 @@ class RunStore:
         """
         import torch
 
+        _check_id(run_id)
         epoch = operator.index(epoch)
+        if epoch < 0:
+            raise UserError(f"checkpoint epoch must be >= 0, got {epoch}")
         rows = self._read("SELECT config_json FROM runs WHERE run_id = ?", (run_id,))
         if not rows:
             raise self._unknown_run(run_id)
+        config = _json(rows[0]["config_json"])
+        if not _is_obj(config):
+            raise self._row_error("run", _show(run_id), f"config is {_show(config)}")
         state = dict(state)
         state.setdefault("run_id", run_id)
         state.setdefault("epoch", epoch)
-        state.setdefault("config", _loads(rows[0]["config_json"]))
+        state.setdefault("config", config)
         buf = io.BytesIO()
         torch.save(state, buf)
         data = buf.getvalue()
-        rel = PurePath("runs", run_id, "checkpoints", f"epoch_{epoch:04d}.pt")
-        path = atomic_write_bytes(self.root / rel, data)
+        rel = _checkpoint_rel(run_id, epoch)
+        path = self._put(rel, data)
         with self._write() as con:
-            con.execute("INSERT OR REPLACE INTO checkpoints (run_id, epoch, path, sha256, size,"
-                        " created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                        (run_id, epoch, rel.as_posix(), _sha256(data), len(data), _now()))
+            con.execute(_INSERT_CHECKPOINT, (run_id, epoch, rel, _sha256(data), len(data), _now()))
         return path
+
+    def _checkpoint_dict(self, run_id: str, r: sqlite3.Row) -> dict[str, Any]:
+        d = {k: r[k] for k in _CHECKPOINT_FIELDS}
+        ident = f"{run_id} epoch {_show(r['epoch'])}"
+        problem = _first_problem(d, _CHECKPOINT_FIELDS)
+        if problem is None and d["path"] != _checkpoint_rel(run_id, d["epoch"]):
+            problem = f"path {_show(d['path'])} is not {_checkpoint_rel(run_id, d['epoch'])}"
+        if problem:
+            raise self._row_error("checkpoint", ident, problem)
+        d["path"] = str(self.root / d["path"])
+        return d
 
     def list_checkpoints(self, ref: str) -> list[dict[str, Any]]:
         """Checkpoints of a run ordered by epoch: dicts ``epoch, path (absolute), sha256, size,
-        created_at``."""
+        created_at``. Damaged rows are left out and reported in :attr:`skipped`."""
         run_id = self.resolve_run(ref)
         rows = self._read("SELECT * FROM checkpoints WHERE run_id = ? ORDER BY epoch", (run_id,))
-        return [{"epoch": r["epoch"], "path": str(self.root / r["path"]), "sha256": r["sha256"],
-                 "size": r["size"], "created_at": r["created_at"]} for r in rows]
+        return self._listing(rows, functools.partial(self._checkpoint_dict, run_id))
 
     def latest_checkpoint(self, ref: str) -> int | None:
         """Highest checkpointed epoch of a run, or ``None`` when it has none."""
         run_id = self.resolve_run(ref)
-        row = self._read("SELECT MAX(epoch) AS e FROM checkpoints WHERE run_id = ?", (run_id,))[0]
+        row = self._read("SELECT MAX(epoch) AS e FROM checkpoints WHERE run_id = ?"
+                         " AND typeof(epoch) = 'integer' AND epoch >= 0", (run_id,))[0]
         return row["e"]
 
     def load_checkpoint(self, ref: str, epoch: int | str | None = None,
@@ -716,26 +1233,17 @@ class RunStore:
             have = [c["epoch"] for c in self.list_checkpoints(run_id)]
             raise UserError(f"run {run_id} has no checkpoint for epoch {epoch}; "
                             f"saved epochs: {have or 'none'}")
-        rec = rows[0]
-        path = self.root / rec["path"]
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise StoreError(f"checkpoint {path} is missing although the catalog lists it") from None
-        except OSError as e:
-            raise StoreError(f"checkpoint {path} cannot be read ({e.strerror or e})") from None
-        if len(data) != rec["size"] or _sha256(data) != rec["sha256"]:
-            raise StoreError(f"checkpoint {path} is corrupt or truncated ({len(data)} bytes, sha256 "
-                             f"{_sha256(data)[:12]}..., catalog says {rec['size']} bytes, "
-                             f"{rec['sha256'][:12]}...); re-save it or train again")
+        rec = self._checkpoint_dict(run_id, rows[0])
+        data = self._get(_checkpoint_rel(run_id, epoch), "checkpoint", rec["size"], rec["sha256"],
+                         "re-save it or train again")
+        path = rec["path"]
         try:
             return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
         except pickle.UnpicklingError:
             raise StoreError(f"checkpoint {path} was refused: it is not a plain tensor checkpoint "
                              "(its pickle asks for code or objects; nothing was run)") from None
-        except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError) as e:
-            raise StoreError(f"checkpoint {path} is corrupt or truncated "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        except Exception as e:  # noqa: BLE001 - whatever the defect, the file is unusable
+            raise StoreError(f"checkpoint {path} is corrupt or truncated ({_why(e)})") from None
 
     # ---- probes --------------------------------------------------------------------------------
 
@@ -745,66 +1253,81 @@ class RunStore:
                   arrays: Mapping[str, Any] | None = None, status: str = "finished") -> str:
         """Record one probe result and return its id (``YYYYmmdd-HHMMSS-<kind>-<model>-<8 hex>``).
 
-        ``arrays`` (name -> numpy array) are saved atomically to ``probes/<probe_id>.npz`` before
-        the row is written; ``params`` and ``summary`` go into the catalog as JSON. ``run_id`` is
-        ``None`` for a probe on a bare model; with a run, ``model`` defaults to the run's model.
+        ``arrays`` (name -> numpy array) are saved atomically to ``probes/<probe_id>.npz``, then
+        the sidecar ``probes/<probe_id>.json`` (the row's fields, for :meth:`rebuild_catalog`),
+        then the row is written; ``params`` and ``summary`` go into the catalog as JSON.
+        ``run_id`` is ``None`` for a probe on a bare model; with a run, ``model`` defaults to the
+        run's model.
         """
         if status not in STATUSES:
             raise UserError(f"unknown probe status {status!r}; use one of {', '.join(STATUSES)}")
         if run_id is not None:
-            rows = self._read("SELECT model FROM runs WHERE run_id = ?", (run_id,))
+            rows = self._read("SELECT model FROM runs WHERE run_id = ?", (_check_id(run_id),))
             if not rows:
                 raise self._unknown_run(run_id)
             model = model if model is not None else rows[0]["model"]
         if model is None:
             raise UserError("a probe needs a model name or a run")
-        params_json, summary_json = _dumps(params), _dumps(summary)
         probe_id = _probe_id_for(kind, model)
-        artifact = sha = size = None
-        if arrays:
-            rel = PurePath("probes", f"{probe_id}.npz")
-            atomic_savez(self.root / rel, **arrays)
-            data = (self.root / rel).read_bytes()
-            artifact, sha, size = rel.as_posix(), _sha256(data), len(data)
+        fields = {"probe_id": probe_id, "run_id": run_id, "model": str(model), "kind": str(kind),
+                  "checkpoint_epoch": None if checkpoint_epoch is None else operator.index(checkpoint_epoch),
+                  "created_at": _now(), "status": status, "params": json.loads(_dumps(params)),
+                  "summary": json.loads(_dumps(summary)), "artifact_sha256": None, "artifact_size": None}
+        written = []
         try:
+            if arrays:
+                buf = io.BytesIO()
+                _savez(buf, arrays)
+                data = buf.getvalue()
+                written.append(self._put(_probe_rel(probe_id), data))
+                fields.update(artifact_sha256=_sha256(data), artifact_size=len(data))
+            written.append(self._put(_probe_rel(probe_id, ".json"),
+                                     (json.dumps(fields, indent=2) + "\n").encode()))
             with self._write() as con:
-                con.execute(
-                    "INSERT INTO probes (probe_id, run_id, model, kind, checkpoint_epoch, created_at,"
-                    " status, params_json, summary_json, artifact, artifact_sha256, artifact_size)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (probe_id, run_id, str(model), str(kind),
-                     None if checkpoint_epoch is None else operator.index(checkpoint_epoch),
-                     _now(), status, params_json, summary_json, artifact, sha, size))
-        except sqlite3.IntegrityError:  # the run vanished meanwhile
-            if artifact:
+                con.execute(_INSERT_PROBE, _probe_params(fields))
+        except BaseException as e:  # leave no files without a row
+            for path in written:
                 with contextlib.suppress(OSError):
-                    (self.root / artifact).unlink()
-            raise self._unknown_run(str(run_id)) from None
+                    path.unlink()
+            if isinstance(e, sqlite3.IntegrityError):  # the run vanished meanwhile
+                raise self._unknown_run(str(run_id)) from None
+            raise
         return probe_id
 
-    def _probe_dict(self, row: sqlite3.Row) -> dict[str, Any]:
-        out = {k: row[k] for k in ("probe_id", "run_id", "model", "kind", "checkpoint_epoch",
-                                   "created_at", "status")}
-        out["params"] = _loads(row["params_json"])
-        out["summary"] = _loads(row["summary_json"])
-        out["artifact"] = str(self.root / row["artifact"]) if row["artifact"] else None
-        return out
+    def _probe_record(self, row: sqlite3.Row) -> tuple[dict[str, Any], str | None, int | None]:
+        """A validated probe row: (the dict get_probe returns, artifact sha256, artifact size)."""
+        d = {k: row[k] for k in _PROBE_FIELDS if k not in ("params", "summary")}
+        d["params"], d["summary"] = _json(row["params_json"]), _json(row["summary_json"])
+        problem = _first_problem(d, _PROBE_FIELDS)
+        expected = _probe_rel(d["probe_id"]) if problem is None and d["artifact_sha256"] else None
+        if problem is None and row["artifact"] != expected:
+            problem = f"artifact {_show(row['artifact'])} is not {_probe_rel(d['probe_id'])}"
+        if problem:
+            raise self._row_error("probe", _show(row["probe_id"]), problem)
+        sha, size = d.pop("artifact_sha256"), d.pop("artifact_size")
+        d["artifact"] = str(self.root / _probe_rel(d["probe_id"])) if sha else None
+        return d, sha, size
+
+    def _probe_row(self, probe_id: str) -> tuple[dict[str, Any], str | None, int | None]:
+        _check_id(probe_id, "probe")
+        rows = self._read("SELECT * FROM probes WHERE probe_id = ?", (probe_id,))
+        if not rows:
+            ids = [r["probe_id"] for r in self._read("SELECT probe_id FROM probes")
+                   if _valid_id(r["probe_id"])]
+            near = difflib.get_close_matches(probe_id, ids, n=5, cutoff=0.6)
+            hint = f"; close matches: {', '.join(near)}" if near else ""
+            raise UserError(f"unknown probe {probe_id!r} in {self.root}{hint}")
+        return self._probe_record(rows[0])
 
     def get_probe(self, probe_id: str) -> dict[str, Any]:
         """One probe row: ``probe_id, run_id, model, kind, checkpoint_epoch, created_at, status,
         params, summary, artifact`` (absolute path or ``None``)."""
-        rows = self._read("SELECT * FROM probes WHERE probe_id = ?", (probe_id,))
-        if not rows:
-            ids = [r["probe_id"] for r in self._read("SELECT probe_id FROM probes")]
-            near = difflib.get_close_matches(probe_id, ids, n=5, cutoff=0.6)
-            hint = f"; close matches: {', '.join(near)}" if near else ""
-            raise UserError(f"unknown probe {probe_id!r} in {self.root}{hint}")
-        return self._probe_dict(rows[0])
+        return self._probe_row(probe_id)[0]
 
     def list_probes(self, run_id: str | None = None, kind: str | None = None,
                     model: str | None = None) -> list[dict[str, Any]]:
         """Probe rows (oldest first), optionally of one run (a reference, see :meth:`resolve_run`),
-        kind and / or model name."""
+        kind and / or model name. Damaged rows are left out and reported in :attr:`skipped`."""
         sql, args = "SELECT * FROM probes WHERE 1", []
         if run_id is not None:
             sql += " AND run_id = ?"
@@ -816,34 +1339,206 @@ class RunStore:
             sql += " AND model = ?"
             args.append(model)
         rows = self._read(sql + " ORDER BY created_at, rowid", tuple(args))
-        return [self._probe_dict(r) for r in rows]
+        return self._listing(rows, lambda r: self._probe_record(r)[0])
 
     def load_probe_arrays(self, probe_id: str) -> dict[str, Any]:
         """The arrays saved with a probe (an empty dict when it saved none).
 
         Loaded with ``allow_pickle=False`` after checking size and sha256 against the catalog;
-        a missing, truncated or altered file raises :class:`~probe.errors.StoreError`.
+        a missing, truncated, altered or malformed file raises :class:`~probe.errors.StoreError`.
         """
-        import numpy as np
-
-        rec = self._read("SELECT artifact, artifact_sha256, artifact_size FROM probes"
-                         " WHERE probe_id = ?", (probe_id,))
-        if not rec:
-            self.get_probe(probe_id)  # raises the UserError with close matches
-        rec = rec[0]
-        if not rec["artifact"]:
+        d, sha, size = self._probe_row(probe_id)
+        if not sha:
             return {}
-        path = self.root / rec["artifact"]
+        data = self._get(_probe_rel(probe_id), "probe artifact", size, sha, "run the probe again")
+        return _load_npz(data, d["artifact"])
+
+    # ---- rebuilding the catalog ----------------------------------------------------------------
+
+    @classmethod
+    def rebuild_catalog(cls, root: str | os.PathLike | None = None) -> dict[str, Any]:
+        """Rebuild ``catalog.sqlite`` from the run folders and probe sidecars (the source of truth).
+
+        Runs come from ``runs/<id>/config.json`` (model and data from ``config["model"]`` /
+        ``config["data"]``); checkpoints from ``runs/<id>/checkpoints/epoch_NNNN.pt`` that load with
+        ``weights_only=True`` (sha256 and size recomputed); the highest such checkpoint gives the
+        summary (``best_acc``, ``best_epoch``, its epoch), the metrics table (its ``metrics`` list,
+        when present) and the status (``finished`` once its epoch reaches ``config["epochs"]``, else
+        ``interrupted``); probes come from ``probes/<id>.json`` with their ``.npz`` checked (a probe
+        whose run is gone keeps run_id ``None``). The new catalog is built in a temp file and renamed
+        in place; the old one (with its -wal / -shm) is moved to ``catalog.sqlite.broken-<UTC stamp>``,
+        never deleted. Run it while no other process uses the root.
+
+        Returns ``{"runs", "checkpoints", "metrics", "probes": counts restored, "skipped": [one line
+        per item left out, with the reason], "old_catalog": path or None, "catalog": path}``.
+        """
+        store = cls.__new__(cls)
+        store._attach(root, readonly=False)
+        for suffix in ("", "-wal", "-shm"):
+            store._inside(CATALOG_NAME + suffix)
+        fd, tmp = _temp_file(store.root, CATALOG_NAME)
         try:
-            data = path.read_bytes()
+            with _disk_errors(tmp):
+                con = sqlite3.connect(tmp, isolation_level=None)
+                try:
+                    con.execute("PRAGMA journal_mode = MEMORY")  # no journal file beside the temp
+                    con.execute("BEGIN")
+                    _create_schema(con)
+                    report = store._restore(con)
+                    con.execute("COMMIT")
+                finally:
+                    con.close()
+                os.fsync(fd)
+                report["old_catalog"] = store._move_catalog_aside()
+                os.replace(tmp, store.catalog_path)
+            _fsync_dir(store.root)
+        except sqlite3.Error as e:
+            raise StoreError(_no_space(tmp) if "disk is full" in str(e).lower() else
+                             f"cannot build the new catalog {tmp} ({e})") from None
+        finally:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        store._open_catalog()  # WAL mode, and a last check of what was built
+        store.close()
+        report["catalog"] = str(store.catalog_path)
+        return report
+
+    def _move_catalog_aside(self) -> str | None:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        aside = self.root / f"{CATALOG_NAME}.broken-{stamp}"
+        moved = None
+        for suffix in ("", "-wal", "-shm"):  # the same suffixes: SQLite finds the moved WAL again
+            src = Path(f"{self.catalog_path}{suffix}")
+            if src.exists() or src.is_symlink():
+                os.rename(src, f"{aside}{suffix}")
+                moved = str(aside)
+        return moved
+
+    def _restore(self, con: sqlite3.Connection) -> dict[str, Any]:
+        """Insert what the run folders and probe sidecars hold into the new catalog ``con``."""
+        report: dict[str, Any] = {"runs": 0, "checkpoints": 0, "metrics": 0, "probes": 0, "skipped": []}
+        skip = report["skipped"].append
+        restored = set()
+        for name in self._scan("runs", skip):
+            counts = self._restore_run(con, name, skip)
+            if counts is not None:
+                restored.add(name)
+                report["runs"] += 1
+                report["checkpoints"] += counts[0]
+                report["metrics"] += counts[1]
+        files = set(self._scan("probes", skip))
+        for file in sorted(files):
+            stem, suffix = os.path.splitext(file)
+            if suffix == ".npz" and f"{stem}.json" not in files:
+                skip(f"{_where('probes/' + file)}: no sidecar .json (written before sidecars); "
+                     "not restored")
+            elif suffix == ".json" and self._restore_probe(con, stem, restored, skip):
+                report["probes"] += 1
+        return report
+
+    def _restore_run(self, con: sqlite3.Connection, name: str,
+                     skip: Callable[[str], None]) -> tuple[int, int] | None:
+        """Insert the run folder ``runs/<name>``: (checkpoints, metrics rows), None if left out."""
+        import torch
+
+        folder = f"runs/{name}"
+        if not _valid_id(name):
+            skip(f"{_where(folder)}: not a valid run id; not restored")
+            return None
+        try:
+            if not self._inside(folder).is_dir():
+                return None
+            config = _json(self._get(f"{folder}/config.json", "run config"))
+        except StoreError as e:
+            skip(f"{folder}: {e}; not restored")
+            return None
+        if not _is_obj(config) or not _is_str(config.get("model")):
+            skip(f"{folder}/config.json: not a JSON object with a 'model' name; run not restored")
+            return None
+        checkpoints, best = [], None  # best: (epoch, what the summary needs of it, its time)
+        for file in self._scan(f"{folder}/checkpoints", skip):
+            m = re.fullmatch(r"epoch_(\d{4,})\.pt", file)
+            rel = f"{folder}/checkpoints/{file}"
+            if not m or _checkpoint_rel(name, int(m[1])) != rel:
+                continue
+            try:
+                data = self._get(rel, "checkpoint")
+                ck = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+                if not isinstance(ck, dict):
+                    raise TypeError(f"a {type(ck).__name__}, not a dict")
+            except Exception as e:  # noqa: BLE001 - any defect: leave this checkpoint out
+                skip(f"{rel}: does not load ({_why(e)}); not restored")
+                continue
+            epoch, stamp = int(m[1]), _mtime_stamp(self.root / rel)
+            checkpoints.append((name, epoch, rel, _sha256(data), len(data), stamp))
+            if best is None or epoch > best[0]:
+                best = (epoch, {k: ck[k] for k in ("best_acc", "best_epoch", "metrics") if k in ck}, stamp)
+        created = updated = _mtime_stamp(self.root / folder / "config.json")
+        metrics, summary, status = [], {}, "interrupted"
+        if best is not None:
+            epoch, kept, updated = best
+            for entry in kept.pop("metrics", None) or []:
+                try:
+                    entry = dict(entry)
+                    metrics.append((name, operator.index(entry.pop("epoch")), *_metric_values(entry), updated))
+                except Exception as e:  # noqa: BLE001 - a malformed entry is left out
+                    skip(f"{folder}: a metrics entry in checkpoint epoch {epoch} is malformed "
+                         f"({_why(e)}); left out")
+            metrics.sort(key=operator.itemgetter(1))
+            try:
+                summary = json.loads(_dumps(kept))
+            except TypeError:
+                skip(f"{folder}: best_acc / best_epoch of checkpoint epoch {epoch} are not numbers; left out")
+            summary["epochs_done"] = epoch
+            if metrics:
+                summary["final_acc"] = metrics[-1][2 + METRIC_COLUMNS.index("test_top1")]
+            epochs = config.get("epochs")
+            status = "finished" if _is_int(epochs) and epoch >= epochs else "interrupted"
+        data = config.get("data") if _is_str(config.get("data")) else None
+        con.execute(_INSERT_RUN, (name, config["model"], data, created, updated, status, _dumps(config),
+                                  _dumps(summary), None, None, None))
+        con.executemany(_INSERT_CHECKPOINT, checkpoints)
+        con.executemany(_INSERT_METRICS, metrics)
+        return len(checkpoints), len(metrics)
+
+    def _restore_probe(self, con: sqlite3.Connection, probe_id: str, runs: set[str],
+                       skip: Callable[[str], None]) -> bool:
+        """Insert the probe of the sidecar ``probes/<probe_id>.json`` if it and its arrays check out."""
+        rel = _where(_probe_rel(probe_id, ".json"))
+        try:
+            fields = _json(self._get(_probe_rel(probe_id, ".json"), "probe sidecar"))
+            problem = (_first_problem(fields, _PROBE_FIELDS) if _is_obj(fields) else
+                       f"not a JSON object ({_show(fields)})")
+            if problem is None and fields["probe_id"] != probe_id:
+                problem = f"probe_id {_show(fields['probe_id'])} is not the file's name"
+            if problem:
+                raise StoreError(problem)
+            if fields["artifact_sha256"]:
+                self._get(_probe_rel(probe_id), "probe artifact", fields["artifact_size"],
+                          fields["artifact_sha256"], "run the probe again")
+        except StoreError as e:
+            skip(f"{rel}: {e}; probe not restored")
+            return False
+        if fields["run_id"] not in runs:
+            fields["run_id"] = None
+        con.execute(_INSERT_PROBE, _probe_params(fields))
+        return True
+
+    def _scan(self, rel: str, skip: Callable[[str], None]) -> list[str]:
+        """Sorted names in the folder ``root/rel`` but temp files ([] when absent; a folder that
+        leads out of the root is reported to ``skip``)."""
+        try:
+            with os.scandir(self._inside(rel)) as entries:
+                return sorted(e.name for e in entries
+                              if not (e.name.startswith(".") and e.name.endswith(".tmp")))
+        except StoreError as e:
+            skip(f"{rel}: {e}")
+        except (FileNotFoundError, NotADirectoryError):
+            pass
         except OSError as e:
-            raise StoreError(f"probe artifact {path} cannot be read ({e.strerror or e})") from None
-        if len(data) != rec["artifact_size"] or _sha256(data) != rec["artifact_sha256"]:
-            raise StoreError(f"probe artifact {path} is corrupt or truncated ({len(data)} bytes, "
-                             f"catalog says {rec['artifact_size']}); run the probe again")
-        try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                return {k: npz[k] for k in npz.files}
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
-            raise StoreError(f"probe artifact {path} is corrupt or truncated "
-                             f"({type(e).__name__}); run the probe again") from None
+            skip(f"{rel}: cannot be listed ({e.strerror or e})")
+        return []
+
+
+rebuild_catalog = RunStore.rebuild_catalog
