@@ -16,3 +16,7 @@ class DataError(UserError):
 
 class StoreError(UserError):
     """A runs root or catalog that cannot be used (not writable, corrupt, wrong schema)."""
+
+
+class DiskFullError(StoreError):
+    """No space (or no inodes) left while writing to the runs root; what was stored before is intact."""

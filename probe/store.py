@@ -80,7 +80,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: temp files are not locked, none is swept
     fcntl = None
 
-from probe.errors import StoreError, UserError
+from probe.errors import DiskFullError, StoreError, UserError
 
 __all__ = [
     "RunStore",
@@ -107,6 +107,9 @@ METRIC_COLUMNS = (
     "lr", "epoch_time_s",
 )
 CATALOG_NAME = "catalog.sqlite"
+#: A file of zeros kept in the root so that a run's status can be written on a full disk.
+RESERVE_NAME = ".space-reserve"
+RESERVE_BYTES = 512 * 1024
 BUSY_TIMEOUT_S = 30.0
 
 _SCHEMA_VERSION_TABLE = "CREATE TABLE schema_version (version INTEGER NOT NULL)"
@@ -419,7 +422,7 @@ def _disk_errors(path: Path) -> Iterator[None]:
         raise
     except OSError as e:
         if e.errno in _NO_SPACE:
-            raise StoreError(_no_space(path)) from None
+            raise DiskFullError(_no_space(path)) from None
         raise StoreError(f"cannot write {path} ({e.strerror or e}); check the disk and the "
                          "permissions of the runs root") from None
 
@@ -635,6 +638,8 @@ class RunStore:
     def __init__(self, root: str | os.PathLike | None = None, *, readonly: bool = False):
         self._attach(root, readonly)
         self._open_catalog()
+        if not self.readonly:
+            self._keep_reserve()
 
     def _attach(self, root: str | os.PathLike | None, readonly: bool) -> None:
         """Everything of opening but the catalog: attributes, root checks, the temp-file sweep."""
@@ -714,6 +719,28 @@ class RunStore:
                              f"{sha256[:12]}...); {redo}")
         return data
 
+    def _keep_reserve(self) -> None:
+        """Keep ``.space-reserve`` (:data:`RESERVE_BYTES`) in the root, best effort: on a full disk
+        :meth:`record_stop` gives it up so that the catalog can still say why a run stopped."""
+        path = self.root / RESERVE_NAME
+        with contextlib.suppress(OSError):
+            if path.is_file() and not path.is_symlink() and path.stat().st_size >= RESERVE_BYTES:
+                return
+            atomic_write_bytes(self._inside(RESERVE_NAME), bytes(RESERVE_BYTES))
+
+    def record_stop(self, run_id: str, status: str, error: str) -> None:
+        """Set the status and the one-line reason of a run that stopped, even on a full disk: when
+        the catalog cannot grow, the space reserve is given up for this write (it is made again
+        the next time the root is opened with space to spare)."""
+        try:
+            self.update_run(run_id, status=status, error=error)
+        except DiskFullError:
+            reserve = self.root / RESERVE_NAME
+            if not reserve.is_file() or reserve.is_symlink():
+                raise
+            reserve.unlink()
+            self.update_run(run_id, status=status, error=error)
+
     def _sweep(self) -> None:
         """Remove ``.*.tmp`` files of dead writers (their lock is free) in the root, ``probes/``,
         ``runs/*/`` and ``runs/*/checkpoints/``; symlinked folders are not entered."""
@@ -768,7 +795,7 @@ class RunStore:
             probe.unlink()
         except OSError as e:
             if e.errno in _NO_SPACE:
-                raise StoreError(_no_space(f"runs root {root}")) from None
+                raise DiskFullError(_no_space(f"runs root {root}")) from None
             raise StoreError(f"runs root {root} is not writable (read-only: {e.strerror or e}); "
                              "reading it works with RunStore(root, readonly=True); pick a writable "
                              "--runs DIR to train or probe") from None
@@ -926,7 +953,7 @@ class RunStore:
             return StoreError(f"catalog {cat} stayed locked by another process for "
                               f"over {BUSY_TIMEOUT_S:.0f} s; retry when it has finished")
         if "disk is full" in text:
-            return StoreError(_no_space(f"catalog {cat}"))
+            return DiskFullError(_no_space(f"catalog {cat}"))
         if "readonly" in text or "read-only" in text:
             return StoreError(f"catalog {cat} cannot be written ({e}); to read it, open the runs root "
                               "with readonly=True")
@@ -1393,8 +1420,9 @@ class RunStore:
                 os.replace(tmp, store.catalog_path)
             _fsync_dir(store.root)
         except sqlite3.Error as e:
-            raise StoreError(_no_space(tmp) if "disk is full" in str(e).lower() else
-                             f"cannot build the new catalog {tmp} ({e})") from None
+            if "disk is full" in str(e).lower():
+                raise DiskFullError(_no_space(tmp)) from None
+            raise StoreError(f"cannot build the new catalog {tmp} ({e})") from None
         finally:
             os.close(fd)
             with contextlib.suppress(OSError):

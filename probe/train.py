@@ -445,9 +445,9 @@ def _train(config: TrainConfig, store, device: torch.device, *, quiet: bool, run
         if last is not None:
             start_epoch, best_acc, best_epoch = _restore(store, run_id, last, model, opt, loader_gen, mix_rng,
                                                          device)
-    store.update_run(run_id, status="running", error="")
     epoch = start_epoch
     try:
+        store.update_run(run_id, status="running", error="")
         x_train, y_train = data.x_train.to(device), data.y_train.to(device)
         x_test, y_test = data.x_test.to(device), data.y_test.to(device)
         augment = Augment(config.crop_padding, config.hflip)
@@ -558,7 +558,7 @@ def _one_line(e: BaseException) -> str:
 def _mark(store, run_id: str, status: str, error: str | Callable[[], str]) -> None:
     """Best effort: record why a run stopped (the disk may be full; the original error wins)."""
     try:
-        store.update_run(run_id, status=status, error=error() if callable(error) else error)
+        store.record_stop(run_id, status, error() if callable(error) else error)
     except Exception:  # noqa: BLE001 - the caller re-raises the error that stopped the run
         pass
 

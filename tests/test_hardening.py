@@ -424,3 +424,122 @@ def test_ctrl_c_marks_interrupted_and_a_crash_marks_failed_with_its_reason(tmp_p
     assert done.status == "finished" and [m["epoch"] for m in done.metrics] == [1, 2, 3]
     assert done.train_time_s == pytest.approx(sum(m["epoch_time_s"] for m in done.metrics), rel=1e-9)
     assert store.get_run(done.run_id)["status"] == "finished"
+
+
+def test_a_full_disk_fails_the_run_with_its_reason_and_it_resumes_exactly(tmp_path, capsys, mount, fill_disk):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount("-t", "tmpfs", "-o", "size=8m", "tmpfs", disk)
+    root = disk / "root"
+    config = TrainConfig(model="tiny_add", epochs=3, limit_train=64, limit_test=32, schedule="constant", seed=4)
+    filler: list[Path] = []
+
+    def fill_after_epoch_1(row):
+        if row["epoch"] == 1:
+            filler.extend(fill_disk(disk))
+
+    from probe.errors import DiskFullError
+
+    with pytest.raises(DiskFullError, match="no space left on device"):
+        train(config, RunStore(root), quiet=True, on_epoch=fill_after_epoch_1)
+    store = RunStore(root, readonly=True)
+    run = store.list_runs()[0]
+    assert run["status"] == "failed" and "no space left on device" in run["error"]
+    assert store.latest_checkpoint(run["run_id"]) == 1 and store.load_checkpoint(run["run_id"])["epoch"] == 1
+    assert not [p for p in root.rglob("*") if p.name.endswith(".tmp")]
+    # full again (the failed write and the space reserve gave some back): one line, and nothing changes
+    filler.extend(fill_disk(disk))
+    code, out, err = cli(capsys, "train", "--resume", run["run_id"], "--runs", root, "--quiet")
+    assert_one_line_exit_2(code, out, err, "no space left on device")
+    assert RunStore(root, readonly=True).latest_checkpoint(run["run_id"]) == 1
+    for f in set(filler):
+        f.unlink()
+    code, out, err = cli(capsys, "train", "--resume", run["run_id"], "--runs", root, "--quiet", "--json")
+    assert code == 0, err
+    ref = train(config, RunStore(tmp_path / "ref"), quiet=True)
+    got = RunStore(root, readonly=True).get_metrics(run["run_id"])
+    for a, b in zip(got, ref.metrics, strict=True):
+        assert all(a[k] == b[k] for k in ("train_loss", "test_loss", "test_top1", "lr")), (a, b)
+    assert RunStore(root, readonly=True).get_run(run["run_id"])["status"] == "finished"
+
+
+# --- corruption: clear errors, skipped rows, a rebuilt catalog -----------------------------------
+
+
+def test_runs_and_show_read_a_read_only_root(tmp_path, capsys, shared_run, mount):
+    src, run_id = shared_run
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mount("--bind", src, ro)
+    mount("-o", "remount,bind,ro", ro)
+    code, out, err = cli(capsys, "runs", "--runs", ro, "--json")
+    assert code == 0, err
+    assert [r["run_id"] for r in json.loads(out)["runs"]] == [run_id]
+    code, out, err = cli(capsys, "show", run_id, "--runs", ro, "--json")
+    assert code == 0 and len(json.loads(out)["metrics"]) == 2, err
+    code, out, err = cli(capsys, "train", "--model", "tiny_add", "--runs", ro, "--quiet")
+    assert_one_line_exit_2(code, out, err, "not writable")
+
+
+def test_a_malformed_row_is_skipped_with_a_warning(tmp_path, capsys):
+    root = tmp_path / "runs"
+    store = RunStore(root)
+    good = train(TrainConfig(model="tiny_add", epochs=1, limit_train=64, limit_test=32), store, quiet=True).run_id
+    bad = train(TrainConfig(model="tiny_add", epochs=1, limit_train=64, limit_test=32), store, quiet=True).run_id
+    con = sqlite3.connect(root / "catalog.sqlite")
+    con.execute("UPDATE runs SET config_json = '{not json' WHERE run_id = ?", (bad,))
+    con.commit()
+    con.close()
+    code, out, err = cli(capsys, "runs", "--runs", root, "--json")
+    assert code == 0, err
+    listed = json.loads(out)
+    assert [r["run_id"] for r in listed["runs"]] == [good]
+    assert len(listed["skipped"]) == 1 and bad in listed["skipped"][0]
+    assert err.startswith("warning:") and bad in err and len(err.strip().splitlines()) == 1
+    code, out, err = cli(capsys, "show", bad, "--runs", root)
+    assert_one_line_exit_2(code, out, err, bad)
+
+
+def test_a_checkpoint_without_its_model_entry_is_named(tmp_path, capsys):
+    root = tmp_path / "runs"
+    store = RunStore(root)
+    res = train(TrainConfig(model="tiny_add", epochs=1, limit_train=64, limit_test=32, schedule="constant"), store,
+                quiet=True)
+    state = store.load_checkpoint(res.run_id, 1)
+    del state["model"]
+    store.save_checkpoint(res.run_id, 1, state)  # a well-formed, checksummed file that lacks its weights
+    store.update_run(res.run_id, status="interrupted")
+    for argv in (["ntk", "--run", res.run_id, "--n", "8"], ["train", "--resume", res.run_id, "--epochs", "2"]):
+        code, out, err = cli(capsys, *argv, "--runs", root, "--quiet")
+        assert_one_line_exit_2(code, out, err, "no valid 'model' entry")
+
+
+def test_a_lost_catalog_is_refused_then_rebuilt_from_the_run_folders(tmp_path, capsys):
+    root = tmp_path / "runs"
+    store = RunStore(root)
+    done = train(TrainConfig(model="tiny_add", epochs=2, limit_train=64, limit_test=32), store, quiet=True)
+    code, out, err = cli(capsys, "ntk", "--run", done.run_id, "--n", "8", "--runs", root, "--quiet", "--json",
+                         "--no-eigenlearning")
+    assert code == 0, err
+    before = {"run": store.get_run(done.run_id), "metrics": store.get_metrics(done.run_id),
+              "probes": store.list_probes()}
+    store.close()
+    (root / "catalog.sqlite").write_bytes(b"")  # a 0-byte catalog beside the run folders
+    for name in ("catalog.sqlite-wal", "catalog.sqlite-shm"):
+        (root / name).unlink(missing_ok=True)
+    code, out, err = cli(capsys, "runs", "--runs", root)
+    assert_one_line_exit_2(code, out, err, "rebuild")
+    code, out, err = cli(capsys, "runs", "--rebuild-catalog", "--runs", root, "--json")
+    assert code == 0, err
+    rebuilt = json.loads(out)
+    assert rebuilt["rebuilt"]["runs"] == 1 and rebuilt["rebuilt"]["checkpoints"] == 2
+    assert rebuilt["rebuilt"]["probes"] == 1 and Path(rebuilt["rebuilt"]["old_catalog"]).exists()
+    store = RunStore(root)
+    run = store.get_run(done.run_id)
+    assert run["status"] == "finished" and run["config"] == before["run"]["config"]
+    assert run["summary"]["best_acc"] == before["run"]["summary"]["best_acc"]
+    assert store.get_metrics(done.run_id) == before["metrics"]  # restored from the last checkpoint
+    assert [p["probe_id"] for p in store.list_probes()] == [p["probe_id"] for p in before["probes"]]
+    probe_id = before["probes"][0]["probe_id"]
+    assert store.get_probe(probe_id)["summary"] == before["probes"][0]["summary"]
+    assert store.load_probe_arrays(probe_id)["kernel"].shape == (8, 8)

@@ -90,3 +90,38 @@ def test_sigkilled_run_resumes_exactly(tmp_path, mode, at, threads):
     assert done["train_time_s"] == pytest.approx(sum(m["epoch_time_s"] for m in metrics), rel=1e-9)
     assert done["best_acc"] == json.loads(ref.stdout)["best_acc"]
     assert store.get_run(run["run_id"])["status"] == "finished"
+
+
+def test_sigterm_marks_the_run_interrupted_and_it_resumes_exactly(tmp_path):
+    import signal
+    import time
+
+    argv = [sys.executable, "-m", "probe.cli", "train", "--model", "tiny_wrn", "--model-arg", "dropout=0.3",
+            "--epochs", "3", "--limit-train", "512", "--limit-test", "64", "--seed", "2", "--schedule", "constant",
+            "--quiet", "--json"]
+    proc = subprocess.Popen(argv + ["--runs", str(tmp_path / "term")], env=_env(1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline, store = time.time() + 120, None
+    while time.time() < deadline and proc.poll() is None:
+        if (tmp_path / "term" / "catalog.sqlite").exists():
+            store = store or RunStore(tmp_path / "term", readonly=True)
+            runs = store.list_runs()
+            if runs and store.latest_checkpoint(runs[0]["run_id"]):
+                break
+        time.sleep(0.02)
+    assert proc.poll() is None, "training ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines() == ["probe train: interrupted"], err
+    store = RunStore(tmp_path / "term")
+    run = store.list_runs()[0]
+    assert run["status"] == "interrupted" and "resumes from epoch" in run["error"]
+    resumed = subprocess.run([sys.executable, "-m", "probe.cli", "train", "--resume", run["run_id"], "--runs",
+                              str(tmp_path / "term"), "--quiet", "--json"], env=_env(1), capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    ref = subprocess.run(argv + ["--runs", str(tmp_path / "ref")], env=_env(1), capture_output=True, text=True,
+                         timeout=300)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    ref_store = RunStore(tmp_path / "ref")
+    _same_run(store, run["run_id"], ref_store, ref_store.list_runs()[0]["run_id"])

@@ -27,6 +27,7 @@ import pytest
 
 import probe.store as store_mod
 from probe.errors import StoreError, UserError
+from conftest import fill_disk
 from probe.store import RunStore
 
 
@@ -730,25 +731,6 @@ def test_readonly_store_changes_nothing(tmp_path):
     assert os.listdir(tmp_path / "bare") == []
 
 
-@pytest.fixture
-def mount(request):
-    """``mount(*args)`` as root (the last argument is the mount point); unmounted afterwards.
-    Skips the test where mounting is not possible."""
-    mounted: list[str] = []
-
-    def do(*args) -> None:
-        if not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("mount"):
-            pytest.skip("needs root and mount(8)")
-        r = subprocess.run(["mount", *map(str, args)], capture_output=True, text=True)
-        if r.returncode:
-            pytest.skip(f"mount {' '.join(map(str, args))} failed: {r.stderr.strip()}")
-        mounted.append(str(args[-1]))
-
-    yield do
-    for point in reversed(mounted):
-        subprocess.run(["umount", "-l", point], capture_output=True)
-
-
 def test_read_only_mount(tmp_path, mount):
     src, ro = tmp_path / "src", tmp_path / "ro"
     ids = _filled_root(src)
@@ -768,30 +750,7 @@ def test_read_only_mount(tmp_path, mount):
 # ---- 6. a full disk --------------------------------------------------------------------------
 
 
-def _fill(folder: Path, inodes: bool) -> list[Path]:
-    """Fill the file system of ``folder`` to the last byte, or use up its inodes with empty files."""
-    made: list[Path] = []
-    if inodes:
-        with pytest.raises(OSError) as err:
-            while True:
-                (folder / f"inode{len(made)}").touch()
-                made.append(folder / f"inode{len(made)}")
-        assert err.value.errno == errno.ENOSPC
-        return made
-    made.append(folder / "filler")
-    fd = os.open(made[0], os.O_WRONLY | os.O_CREAT)
-    try:
-        for chunk in (1 << 16, 4096, 1):
-            with pytest.raises(OSError) as err:
-                while True:
-                    os.write(fd, b"\0" * chunk)
-            assert err.value.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
-    return made
-
-
-def test_full_disk_loses_nothing(tmp_path, mount):
+def test_full_disk_loses_nothing(tmp_path, mount, fill_disk):
     import torch
 
     disk = tmp_path / "disk"
@@ -812,7 +771,7 @@ def test_full_disk_loses_nothing(tmp_path, mount):
         assert not [p for p in (disk / "root").rglob("*") if p.name.endswith(".tmp")]
 
     for inodes in (False, True):
-        filler = _fill(disk, inodes)
+        filler = fill_disk(disk, inodes)
         calls = [lambda: s.save_checkpoint(rid, 2, state),
                  lambda: s.add_probe("ntk", run_id=rid, params={}, summary={},
                                      arrays={"k": np.random.default_rng(0).random(50_000)}),
