@@ -123,6 +123,22 @@ def _jsonable(v):
     return v
 
 
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number"}
+
+
+def _same_kind(value, default) -> bool:
+    """Whether ``value`` fits a builder argument whose default is ``default`` (checked for bool, int
+    and float defaults only: a wrong type there fails deep inside a builder with an unclear message)."""
+    kind = type(default)
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return True
+
+
 def create_model(name: str, **overrides) -> nn.Module:
     """Build a registered model (or ``package.module:factory``) with keyword overrides.
 
@@ -143,6 +159,11 @@ def create_model(name: str, **overrides) -> nn.Module:
         sig.bind(**overrides)
     except TypeError as e:
         raise ModelConfigError(f"model {name!r}: {e}; accepted arguments: {accepted}") from None
+    for key, value in overrides.items():
+        param = sig.parameters.get(key)
+        if param is not None and not _same_kind(value, param.default):
+            raise ModelConfigError(f"model {name!r}: {key} must be {_KIND_NAMES[type(param.default)]} like its "
+                                   f"default {param.default!r}, got {value!r}")
     try:
         model = fn(**overrides)
     except FusionSpecError:

@@ -82,9 +82,12 @@ def _first_line(e: BaseException) -> str:
 def run_command(func: Callable[[argparse.Namespace], Output], args: argparse.Namespace, prog: str) -> int:
     """Run one subcommand: its output on stdout; a user error, a full disk or running out of memory
     as one line on stderr with exit 2; Ctrl-C (or SIGTERM) as exit 130. Anything else is a bug and
-    keeps its traceback."""
+    keeps its traceback. Python warnings are collected and shown one line each after a success."""
+    import warnings
+
     try:
-        out = func(args)
+        with warnings.catch_warnings(record=True) as caught:
+            out = func(args)
     except user_error_types() as e:
         print(f"{prog}: error: {_first_line(e)}", file=sys.stderr)
         return 2
@@ -102,6 +105,9 @@ def run_command(func: Callable[[argparse.Namespace], Output], args: argparse.Nam
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    if not getattr(args, "quiet", False):  # library warnings, one line each (dropped on an error: it says why)
+        for text in dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught):
+            print(f"{prog}: warning: {_first_line(RuntimeError(text))}", file=sys.stderr)
     if getattr(args, "json", False):
         sys.stdout.write(json.dumps(jsonable(out.data), allow_nan=False) + "\n")
     elif out.text:

@@ -232,9 +232,24 @@ def build_model(name: str, *, num_classes: int, in_chans: int, image_size: int |
             if accepted is not None and "fusion" not in accepted:
                 raise UserError(f"model {name!r} has no fusion to set (a fusion applies to the residual families)")
             kw["fusion"] = fusion
+        if not models.is_factory_name(name):  # sizes may come from a stored config: count them first
+            with torch.device("meta"):
+                size = sum(t.numel() for t in _tensors(models.create_model(name, **kw)))
+            if size > MAX_MODEL_ELEMENTS:
+                raise UserError(f"model {name!r} with {kw} would hold {size:.3g} parameter and buffer elements "
+                                f"(more than {MAX_MODEL_ELEMENTS:.3g}); refused")
         return models.create_model(name, **kw)
     except (models.ModelNameError, models.ModelConfigError, models.FusionSpecError) as e:
         raise UserError(str(e)) from None
+
+
+#: Most parameter and buffer elements a registered model may be built with (16 GiB of float32).
+MAX_MODEL_ELEMENTS = 2 ** 32
+
+
+def _tensors(model: nn.Module):
+    yield from model.parameters()
+    yield from model.buffers()
 
 
 def check_model(model: nn.Module, x: torch.Tensor, num_classes: int, name: str = "model") -> None:

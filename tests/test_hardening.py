@@ -543,3 +543,25 @@ def test_a_lost_catalog_is_refused_then_rebuilt_from_the_run_folders(tmp_path, c
     probe_id = before["probes"][0]["probe_id"]
     assert store.get_probe(probe_id)["summary"] == before["probes"][0]["summary"]
     assert store.load_probe_arrays(probe_id)["kernel"].shape == (8, 8)
+
+
+def test_a_wrongly_typed_model_argument_is_named(tmp_path, capsys):
+    code, out, err = cli(capsys, "train", "--model", "cifar_resnet", "--model-arg", "width=abc", "--epochs", "1",
+                         "--runs", tmp_path, "--quiet")
+    assert_one_line_exit_2(code, out, err, "width must be an integer like its default 16, got 'abc'")
+
+
+def test_warnings_do_not_break_the_one_line_error(tmp_path, capsys):
+    # a zero-channel model: torch warns while building it, then its forward fails
+    code, out, err = cli(capsys, "train", "--model", "tiny_add", "--model-arg", "in_chans=0", "--epochs", "1",
+                         "--runs", tmp_path, "--quiet")
+    assert_one_line_exit_2(code, out, err, "failed on a batch of shape (2, 1, 8, 8)")
+
+
+def test_a_stored_config_cannot_ask_for_a_giant_model(tmp_path, capsys, shared_run):
+    root = tmp_path / "runs"
+    res = train(TrainConfig(model="cifar_resnet", model_kwargs={"width": 2, "depth": 8}, epochs=1, limit_train=32,
+                            limit_test=16), RunStore(root), quiet=True)
+    _set_config(root, res.run_id, model_kwargs={"width": 10 ** 6, "depth": 8})
+    code, out, err = cli(capsys, "ntk", "--run", res.run_id, "--n", "8", "--runs", root, "--quiet")
+    assert_one_line_exit_2(code, out, err, "refused")
