@@ -30,8 +30,9 @@ Concurrency: every write is one short ``BEGIN IMMEDIATE`` transaction, the catal
 a 30 s busy timeout, so several processes may train and probe into the same root at the same time.
 Connections are per process and per thread, opened lazily and re-opened after ``fork``.
 ``RunStore(root, readonly=True)`` reads a root it may not write (a read-only mount, someone else's
-folder): it creates, migrates and cleans up nothing; when no writer has the catalog open (no
--wal / -shm files) it reads the file as it is then (SQLite ``immutable=1``).
+folder): it creates, migrates and cleans up nothing (SQLite may add the catalog's -wal / -shm
+files where the folder is writable); on a folder it cannot write, with no -wal / -shm there, it
+reads the file as it is (SQLite ``immutable=1``).
 
 Files are written atomically (temp file ``.<name>.<hex>.tmp`` in the same folder, held under an
 exclusive ``flock`` while written, fsync, ``os.replace``, fsync of the folder): a reader sees the old
@@ -625,9 +626,9 @@ class RunStore:
     it; otherwise it raises :class:`~probe.errors.StoreError`. It also removes temp files left by
     writers that died. ``root=None`` means :func:`resolve_runs_root` (``$PROBE_RUNS`` or ``./runs``).
 
-    ``readonly=True`` opens the catalog read-only (``mode=ro``, or ``immutable=1`` while no writer
-    has it open) and creates, migrates and removes nothing; a root without a catalog reads as an
-    empty store. Every write then raises StoreError.
+    ``readonly=True`` opens the catalog read-only (``mode=ro``, or ``immutable=1`` on a folder it
+    cannot write while no writer has the catalog open) and creates, migrates and removes nothing;
+    a root without a catalog reads as an empty store. Every write then raises StoreError.
 
     ``skipped`` holds one line per damaged row that the last listing (:meth:`list_runs`,
     :meth:`list_probes`, :meth:`list_checkpoints`, :meth:`get_metrics`) left out.
@@ -927,9 +928,13 @@ class RunStore:
             target, uri = str(self.catalog_path), False
             if self.readonly:
                 target, uri = f"file:{urllib.parse.quote(target)}?mode=ro", True
-                # Without -wal / -shm no writer has the catalog open; a plain mode=ro reader would
-                # create them (and fail to on a read-only folder): read the file as it is instead.
-                if not all(Path(f"{self.catalog_path}{s}").exists() for s in ("-wal", "-shm")):
+                # On a folder it cannot write (a read-only mount), a mode=ro reader of a WAL catalog
+                # needs -wal / -shm to exist already; without them no writer has the catalog open
+                # (none can create them either): read the file as it is. Where the folder is
+                # writable a writer may come at any time, so a live mode=ro reader is kept (SQLite
+                # may create the -wal / -shm files beside the catalog, which changes no data).
+                if not os.access(self.root, os.W_OK) and \
+                        not all(Path(f"{self.catalog_path}{s}").exists() for s in ("-wal", "-shm")):
                     target += "&immutable=1"
             con = sqlite3.connect(target, uri=uri, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                   check_same_thread=False)
