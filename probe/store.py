@@ -819,6 +819,8 @@ class RunStore:
             if self.readonly:
                 self._empty = True
                 return
+        side = [Path(f"{cat}{suffix}") for suffix in ("-wal", "-shm")]
+        made = [p for p in side if not p.exists()]  # a read-only reader may create them; see below
         deadline = time.monotonic() + BUSY_TIMEOUT_S
         while True:
             try:
@@ -846,14 +848,23 @@ class RunStore:
                 if _is_busy(e) and time.monotonic() < deadline:
                     time.sleep(0.05)
                     continue
-                self.close()
+                self._close_refused(made)
                 raise self._db_error(e) from None
             except sqlite3.DatabaseError as e:
-                self.close()
+                self._close_refused(made)
                 raise self._db_error(e) from None
             except BaseException:
-                self.close()
+                self._close_refused(made)
                 raise
+
+    def _close_refused(self, made: list[Path]) -> None:
+        """Close a catalog that was refused; a read-only reader cannot delete the -wal / -shm files
+        SQLite made for it, so those this open created go (a foreign file is left as it was)."""
+        self.close()
+        if self.readonly:
+            for path in made:
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
     def _refuse_lost_catalog(self) -> None:
         """An empty or missing catalog is only initialised when no run folder says it was lost."""
