@@ -925,9 +925,14 @@ class RunStore:
                 _create_schema(con, version)
 
     def _connection(self) -> sqlite3.Connection:
-        """This process's and thread's connection, opened on first use and after a fork."""
+        """This process's and thread's connection, opened on first use and after a fork.
+
+        A read-only store that found no catalog (or one without tables yet) looks again on each
+        use, so that it sees a catalog a writer creates later."""
         local = self._local
         con = getattr(local, "con", None)
+        if self._empty and con is not None and local.pid == os.getpid() and self._catalog_appeared():
+            con = None
         if con is not None and local.pid == os.getpid():
             return con
         if con is not None:
@@ -955,6 +960,19 @@ class RunStore:
         con.execute("PRAGMA synchronous = NORMAL")
         local.con, local.pid = con, os.getpid()
         return con
+
+    def _catalog_appeared(self) -> bool:
+        """For an empty read-only store: open the catalog if a writer has made one since (else stay
+        empty). True when the store now reads a real catalog."""
+        try:
+            if self.catalog_path.stat().st_size == 0:
+                return False
+        except OSError:
+            return False
+        self.close()
+        self._empty = False
+        self._open_catalog()  # empty again while the catalog has no tables yet
+        return not self._empty
 
     def close(self) -> None:
         """Close this thread's catalog connection (it re-opens on the next call)."""

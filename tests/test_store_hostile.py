@@ -807,3 +807,14 @@ def test_a_long_lived_reader_sees_what_a_writer_adds(tmp_path):
     writer.save_checkpoint(second, 1, {"w": np.ones(1)})
     assert [r["run_id"] for r in reader.list_runs()] == [second, first]
     assert reader.latest_checkpoint(second) == 1
+
+
+def test_a_reader_opened_before_the_catalog_sees_it_once_written(tmp_path):
+    reader = RunStore(tmp_path / "root", readonly=True)
+    assert reader.list_runs() == []
+    (tmp_path / "root").mkdir()
+    sqlite3.connect(tmp_path / "root" / "catalog.sqlite").close()  # a writer's first instant: no tables
+    assert reader.list_runs() == []
+    writer = RunStore(tmp_path / "root")
+    rid = writer.new_run("m", "d", {})
+    assert [r["run_id"] for r in reader.list_runs()] == [rid]
