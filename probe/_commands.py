@@ -140,9 +140,12 @@ def _reg_train(sub, common):
     p = sub.add_parser("train", parents=[common], help="train a model into the run store")
     defaults = TrainConfig(model="-").to_dict()
     for flag, (name, typ) in _TRAIN_FLAGS.items():
-        p.add_argument(flag, dest=name, type=typ, default=None,
-                       help=_TRAIN_HELP.get(name, name.replace("_", " ")) + f" (default: {defaults[name]})")
-    p.add_argument("--preset", help="fmm-caltech101 (the seed's WRN-16-10 recipe) or nku-cifar100")
+        text = _TRAIN_HELP.get(name, name.replace("_", " "))
+        if "default" not in text:
+            text += f" (default: {'none' if defaults[name] is None else defaults[name]})"
+        p.add_argument(flag, dest=name, type=typ, default=None, help=text)
+    p.add_argument("--preset", help="fmm-caltech101 (the seed's WRN-16-10 recipe) or nku-cifar100; flags given "
+                   "override it (default: none)")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                    help="extra model argument (JSON value), e.g. --model-arg width=8; repeatable")
     p.add_argument("--hflip", action="store_true", help="random horizontal flips (train split)")
@@ -158,17 +161,19 @@ def _reg_train(sub, common):
 
 
 _TRAIN_HELP = {
-    "model": "registered model name (`probe models`) or package.module:factory",
+    "model": "registered model name (`probe models`) or package.module:factory (required, unless by "
+             "default from --preset or --resume)",
     "data": "data set: digits, synthetic, cifar10, cifar100, mnist, fashion-mnist, imagefolder, caltech101",
     "data_root": "folder with the data set's local files (default: $PROBE_DATA or ./data)",
-    "fusion": "fusion spec, seed row id (fmm01..fmm59), add or mul",
+    "fusion": "fusion spec, seed row id (fmm01..fmm59), add or mul (default: the model's own)",
     "epochs": "number of epochs", "batch_size": "training batch size", "lr": "peak learning rate",
     "momentum": "SGD momentum", "weight_decay": "SGD weight decay",
     "schedule": "multistep:60,120,160:0.2 | step:30:0.1 | cosine | constant",
     "label_smoothing": "label smoothing in [0, 1)", "mixup": "mixup Beta(alpha, alpha); 0 is off",
     "crop_padding": "random-crop padding in pixels (train split)", "seed": "seed of init, data order, augmentation",
     "device": "auto | cpu | cuda | cuda:N", "image_size": "square input side (default: the data set's own)",
-    "limit_train": "class-balanced subset of the train split", "limit_test": "class-balanced subset of the test split",
+    "limit_train": "class-balanced subset of the train split (default: all)",
+    "limit_test": "class-balanced subset of the test split (default: all)",
 }
 
 
