@@ -1,4 +1,4 @@
-"""Empirical NTK: ``probe.ntk`` against two baselines, wall time, peak memory and FLOP rate.
+"""Empirical NTK: ``probe.probes.ntk`` against two baselines, wall time, peak memory and FLOP rate.
 
 Models: the registry's ``add_resnet`` and ``mul_resnet`` (ResNet-20, 3 stages x 3 basic blocks,
 widths 16/32/64, BatchNorm, global pool, linear head, O=10 outputs, ~0.27 M parameters;
@@ -77,7 +77,7 @@ def build(name: str, n: int, size: int, in_chans: int = 3, seed: int = 0):
     ntk`` does for a model at init; with PyTorch's (0, 1) defaults a multiplicative net's eval
     outputs overflow float32)."""
     from models import create_model
-    from probe.jobs import calibrate_batchnorm
+    from probe.functional import calibrate_batchnorm
     torch.manual_seed(seed)
     model = create_model(name, in_chans=in_chans, num_classes=10)
     calib = torch.randn(256, in_chans, size, size, generator=torch.Generator().manual_seed(seed + 2))
@@ -90,7 +90,7 @@ def build(name: str, n: int, size: int, in_chans: int = 3, seed: int = 0):
 
 
 def run_ours(model, x, args):
-    from probe.ntk import empirical_ntk
+    from probe.probes.ntk import empirical_ntk
     res = empirical_ntk(model, x, kind="trace", method=args.method,
                         memory_budget_bytes=int(args.budget_gib * 2 ** 30))
     return res.kernel, {"method_used": res.method, "schedule": res.schedule,
@@ -205,13 +205,13 @@ def worker_matmul(args) -> dict:
 
 def worker_lanczos(args) -> dict:
     """One full top-20 run of ``ntk_topk_lanczos`` with ``--lanczos-method``."""
-    from probe.ntk import ntk_topk_lanczos
+    from probe.probes.ntk import ntk_topk_lanczos
     model, x = build(args.model, args.n, 8, in_chans=1)
     base = _rss_mb()
     t0 = time.perf_counter()
     res = ntk_topk_lanczos(model, x, k=20, kind="trace", method=args.lanczos_method,
                            memory_budget_bytes=int(args.budget_gib * 2 ** 30),
-                           block_vectors=args.block_vectors, tol=args.tol, progress=not args.json)
+                           block_vectors=args.block_vectors, tol=args.tol)
     return {"method": res.method, "wall_s": time.perf_counter() - t0, "rss_base_mb": base,
             "rss_peak_mb": _rss_mb(), "n_matvecs": res.n_matvecs, "n_passes": res.n_passes,
             "block_vectors": res.block_vectors, "converged": res.converged,
@@ -223,8 +223,10 @@ def worker_lanczos(args) -> dict:
 
 def worker_matvec(args) -> dict:
     """Seconds per Lanczos vector of the VJP/JVP operator (``ntvp``) at N: one product K v."""
-    from probe._func import eval_mode, functionalize
-    from probe.ntk import NtkKind, _LANCZOS_MAX_BLOCK, _NtkOperator, _out_of_range
+    from probe.functional import eval_mode, functionalize
+    from probe.probes.ntk import NtkKind
+    from probe.probes.ntk._operators import _NtkOperator
+    from probe.probes.ntk._util import _LANCZOS_MAX_BLOCK, _out_of_range
     model, x = build(args.model, args.n, 8, in_chans=1)
     with torch.no_grad():                 # the dtype ntk_topk_lanczos would run in
         y_max = max(float(model(x[i:i + 500]).abs().max()) for i in range(0, args.n, 500))
@@ -255,7 +257,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--size", type=int, default=32, help="input height/width")
-    ap.add_argument("--method", default="auto", help="probe.ntk method for 'ours'")
+    ap.add_argument("--method", default="auto", help="probe.probes.ntk method for 'ours'")
     ap.add_argument("--budget-gib", type=float, default=2.0,
                     help="memory_budget_bytes for ours, GiB (default: the library's, 2 GiB)")
     ap.add_argument("--repeats", type=int, default=1)

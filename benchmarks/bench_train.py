@@ -69,7 +69,7 @@ def run_ours(model: str, args, device: torch.device, root: Path, epochs: int, ta
     try:
         _sync(device)
         t0 = time.perf_counter()
-        result = train(config, store, quiet=True, on_epoch=lambda _row: marks.append(time.perf_counter()))
+        result = train(config, store, on_epoch=lambda _row: marks.append(time.perf_counter()))
         _sync(device)
         wall = time.perf_counter() - t0
     finally:

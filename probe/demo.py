@@ -5,10 +5,9 @@ the experiment scripts can read it back.
 """
 from __future__ import annotations
 
-import sys
 import time
 
-from probe._cli_util import format_table
+from probe.cli._util import format_table
 from probe.errors import UserError
 from probe.train import TrainConfig, train
 
@@ -25,24 +24,26 @@ def demo_config(model: str, *, quick: bool = False, epochs: int | None = None) -
                        limit_train=512 if quick else None)
 
 
-def run_demo(runs: str | None = None, *, quick: bool = False, quiet: bool = False,
-             epochs: int | None = None) -> dict:
+def run_demo(runs: str | None = None, *, quick: bool = False, epochs: int | None = None,
+             progress=None, log=None, on_epoch=None) -> dict:
+    """Train the pair, probe both, and return ``{"data": ..., "text": ...}``. ``log(line)`` gets a
+    line per stage, ``on_epoch`` / ``progress`` go to the trainer and the probes."""
     from probe.store import RunStore
 
+    say = log or (lambda line: None)
     store = RunStore(runs)
     t0 = time.perf_counter()
     rows = []
     for name in DEMO_MODELS:
-        if not quiet:
-            print(f"== training {name} on digits ==", file=sys.stderr)
-        result = train(demo_config(name, quick=quick, epochs=epochs), store, quiet=quiet)
+        say(f"== training {name} on digits ==")
+        result = train(demo_config(name, quick=quick, epochs=epochs), store, on_epoch=on_epoch, progress=progress)
         run = store.get_run(result.run_id)
         rows.append({"model": name, "run_id": result.run_id,
                      "fusion": run["config"]["resolved"]["model"]["kwargs"].get("fusion")
                      or ("add,r=bn,s=id" if name == "add_resnet" else "mul,r=bn@b=init:1,s=bn@b=init:1"),
                      "best_acc": result.best_acc, "best_epoch": result.best_epoch, "final_acc": result.final_acc,
                      "train_time_s": result.train_time_s})
-    ntk_rows = _ntk_section(store, rows, n=32 if quick else 128, quiet=quiet)
+    ntk_rows = _ntk_section(store, rows, n=32 if quick else 128, say=say, progress=progress)
     table = format_table(rows, [("model", "model"), ("best_acc", "best top-1"), ("best_epoch", "at epoch"),
                                 ("final_acc", "final top-1"), ("train_time_s", "train s"), ("run_id", "run")],
                          floatfmt="{:.2f}")
@@ -64,21 +65,21 @@ def run_demo(runs: str | None = None, *, quick: bool = False, quiet: bool = Fals
             "text": text}
 
 
-def _ntk_section(store, rows: list[dict], *, n: int, quiet: bool) -> list[dict]:
-    from probe.jobs import run_ntk_probe
+def _ntk_section(store, rows: list[dict], *, n: int, say, progress) -> list[dict]:
+    from probe.jobs import run_probe
 
     out = []
     for row in rows:
         for when in ("init", "last"):
-            if not quiet:
-                print(f"== NTK of {row['model']} ({when}) ==", file=sys.stderr)
+            say(f"== NTK of {row['model']} ({when}) ==")
             try:
-                r = run_ntk_probe(store, run=row["run_id"], checkpoint=when, n=n, quiet=True, trials=10)[0]
+                outcome = run_probe(store, "ntk", {"trials": 10}, run=row["run_id"], checkpoint=when, n=n,
+                                    progress=progress)[0]
+                r = outcome.to_json()
             except UserError as e:  # e.g. a diverged model whose kernel is not finite: say so, go on
                 out.append({"model": row["model"], "when": when, "n_inputs": n, "lambda_max": None,
                             "error": str(e), "net_test_err": None if when == "init" else 100.0 - row["final_acc"]})
-                if not quiet:
-                    print(f"   NTK of {row['model']} ({when}) failed: {e}", file=sys.stderr)
+                say(f"   NTK of {row['model']} ({when}) failed: {e}")
                 continue
             el = r.get("eigenlearning", {}).get("rows", [])
             last = el[-1] if el else {}

@@ -11,7 +11,6 @@ last good checkpoint.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from probe.errors import StoreError, UserError
+from probe.probes.registry import Progress
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "PRESETS", "train", "resume", "lr_at",
            "parse_schedule", "build_model", "check_model", "model_name_for_run", "load_run_model",
@@ -398,20 +398,16 @@ def _load_data(config: TrainConfig):
                      limit_train=config.limit_train, limit_test=config.limit_test)
 
 
-def _progress(total: int, desc: str, quiet: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, disable=quiet, file=sys.stderr, dynamic_ncols=True)
-
-
 # --- the loop ----------------------------------------------------------------------------------
 
 
-def train(config: TrainConfig, store=None, *, quiet: bool = False, run_id: str | None = None,
-          on_epoch: Callable[[dict], None] | None = None, model_name: str | None = None) -> TrainResult:
+def train(config: TrainConfig, store=None, *, run_id: str | None = None,
+          on_epoch: Callable[[dict], None] | None = None, progress: Progress | None = None,
+          model_name: str | None = None) -> TrainResult:
     """Train ``config`` into ``store`` (a :class:`probe.store.RunStore`), a new run unless ``run_id``
     names one to continue (see :func:`resume`; ``model_name`` then overrides the stored model name,
-    as checked by :func:`model_name_for_run`).
+    as checked by :func:`model_name_for_run`). ``on_epoch(row)`` gets each epoch's metrics (with
+    ``run_id``, ``epoch`` and ``epochs``); ``progress(desc, step, steps)`` the steps of an epoch.
 
     The run's status ends ``finished``; ``failed`` with a one-line reason after a non-finite loss or
     weights (:class:`TrainingDiverged`), a full disk or any other error; ``interrupted`` after
@@ -428,14 +424,14 @@ def train(config: TrainConfig, store=None, *, quiet: bool = False, run_id: str |
         if isinstance(stored, int) and not isinstance(stored, bool) and 1 <= stored <= 4096:
             torch.set_num_threads(stored)
     try:
-        return _train(config, store, device, quiet=quiet, run_id=run_id, on_epoch=on_epoch,
+        return _train(config, store, device, run_id=run_id, on_epoch=on_epoch, progress=progress,
                       model_name=model_name or config.model)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(config: TrainConfig, store, device: torch.device, *, quiet: bool, run_id: str | None,
-           on_epoch: Callable[[dict], None] | None, model_name: str) -> TrainResult:
+def _train(config: TrainConfig, store, device: torch.device, *, run_id: str | None,
+           on_epoch: Callable[[dict], None] | None, progress: Progress | None, model_name: str) -> TrainResult:
     from probe.data import Augment, make_loader
 
     data = _load_data(config)
@@ -485,7 +481,7 @@ def _train(config: TrainConfig, store, device: torch.device, *, quiet: bool, run
             c1 = torch.zeros((), dtype=torch.long, device=device)
             c5 = torch.zeros((), dtype=torch.long, device=device)
             seen = 0
-            bar = _progress(len(loader), f"{config.model} epoch {epoch + 1}/{config.epochs}", quiet)
+            desc, steps = f"{config.model} epoch {epoch + 1}/{config.epochs}", len(loader)
             for step, (xb, yb) in enumerate(loader):
                 if config.mixup > 0:
                     lam = float(mix_rng.beta(config.mixup, config.mixup))
@@ -512,13 +508,11 @@ def _train(config: TrainConfig, store, device: torch.device, *, quiet: bool, run
                     what = (f"loss became {loss.item()}" if not torch.isfinite(loss_sum)
                             else _nonfinite_weights(model, buffers=step == len(loader) - 1))
                     if what:
-                        bar.close()
                         raise TrainingDiverged(
                             f"{what} at epoch {epoch + 1}, step {step + 1}; run {run_id} marked failed, "
                             f"last good checkpoint: epoch {store.latest_checkpoint(run_id)}")
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}")
-                bar.update(1)
-            bar.close()
+                if progress is not None:
+                    progress(desc, step + 1, steps)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             epoch_time = time.perf_counter() - t0
@@ -541,11 +535,7 @@ def _train(config: TrainConfig, store, device: torch.device, *, quiet: bool, run
                                               "final_acc": final_acc, "epochs_done": epoch + 1,
                                               "train_time_s": train_time})
             if on_epoch is not None:
-                on_epoch({"epoch": epoch + 1, **row})
-            if not quiet:
-                print(f"[{run_id}] epoch {epoch + 1}/{config.epochs}  train loss {row['train_loss']:.4f} "
-                      f"acc {row['train_top1']:.2f}  test loss {test['loss']:.4f} acc {test['top1']:.2f}  "
-                      f"lr {lr:.4g}  {epoch_time:.1f}s", file=sys.stderr)
+                on_epoch({"run_id": run_id, "epoch": epoch + 1, "epochs": config.epochs, **row})
         metrics = store.get_metrics(run_id)
         if final_acc is None and metrics:
             final_acc = metrics[-1].get("test_top1")
@@ -621,9 +611,9 @@ def _restore(store, run_id: str, epoch: int, model: nn.Module, opt: torch.optim.
     return int(ckpt["epoch"]), best_acc, best_epoch
 
 
-def resume(run_ref: str, store=None, *, quiet: bool = False, epochs: int | None = None,
-           factory: str | None = None, trust_factory: bool = False, device: str | None = None,
-           data_root: str | None = None) -> TrainResult:
+def resume(run_ref: str, store=None, *, epochs: int | None = None, factory: str | None = None,
+           trust_factory: bool = False, device: str | None = None, data_root: str | None = None,
+           on_epoch: Callable[[dict], None] | None = None, progress: Progress | None = None) -> TrainResult:
     """Continue a run from its last checkpoint (from the start when it has none), optionally
     extending it to ``epochs``, on another ``device`` or reading its data from another
     ``data_root``; everything else comes from the stored config. A run built by a user factory
@@ -653,14 +643,15 @@ def resume(run_ref: str, store=None, *, quiet: bool = False, epochs: int | None 
         return TrainResult(run["run_id"], "finished", s.get("epochs_done", len(metrics)), s.get("best_acc"),
                            s.get("best_epoch"), s.get("final_acc"), s.get("train_time_s", 0.0), metrics,
                            str(store.root))
-    return train(config, store, quiet=quiet, run_id=run["run_id"], model_name=name)
+    return train(config, store, run_id=run["run_id"], model_name=name, on_epoch=on_epoch, progress=progress)
 
 
 def load_run_model(store, run_ref: str, epoch: int | str | None = "last",
                    device: str | torch.device = "cpu", *, factory: str | None = None,
-                   trust_factory: bool = False) -> tuple[nn.Module, dict, int | None]:
+                   trust_factory: bool = False, init_seed: int | None = None) -> tuple[nn.Module, dict, int | None]:
     """Rebuild a run's model and load a checkpoint (``"last"``, an epoch, or ``None``/``"init"`` for
-    the seeded initialisation). Returns (model in eval mode, run dict, epoch loaded).
+    the seeded initialisation; ``init_seed`` replaces the run's seed for that initialisation).
+    Returns (model in eval mode, run dict, epoch loaded).
 
     A run built by a user factory needs ``factory`` or ``trust_factory`` (see
     :func:`model_name_for_run`); a registered model is rebuilt by its stored name."""
@@ -677,7 +668,7 @@ def load_run_model(store, run_ref: str, epoch: int | str | None = "last",
     if not (1 <= in_chans <= 4096 and 1 <= num_classes <= 10 ** 6 and 1 <= image_size <= 4096):
         raise UserError(f"run {run['run_id']}: stored data shape out of range ({in_chans} channels, "
                         f"{num_classes} classes, size {image_size})")
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed if init_seed is None else init_seed)
     model = build_model(name, num_classes=num_classes, in_chans=in_chans, image_size=image_size,
                         fusion=config.fusion, model_kwargs=config.model_kwargs)
     loaded = None

@@ -174,7 +174,7 @@ def test_conservation_law_sum_of_learnabilities_is_n(n):
 
 
 def test_conservation_law_on_a_tiny_ntk():
-    from probe.ntk import empirical_ntk
+    from probe.probes.ntk import empirical_ntk
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1)).double()
     x = torch.randn(10, 3, dtype=torch.float64)

@@ -121,7 +121,7 @@ def shared_run(tmp_path_factory):
     """One finished tiny run (2 epochs) that the bad-input cases refer to."""
     root = tmp_path_factory.mktemp("runs")
     res = train(TrainConfig(model="tiny_add", epochs=2, limit_train=64, limit_test=32, schedule="constant"),
-                RunStore(root), quiet=True)
+                RunStore(root))
     return root, res.run_id
 
 
@@ -140,7 +140,7 @@ def shared_run(tmp_path_factory):
 def test_a_stored_factory_name_is_never_imported(tmp_path, capsys, argv):
     root = tmp_path / "runs"
     res = train(TrainConfig(model="tiny_add", epochs=1, limit_train=64, limit_test=32, schedule="constant"),
-                RunStore(root), quiet=True)
+                RunStore(root))
     marker = tmp_path / "marker"
     _set_config(root, res.run_id, model="os:system", model_kwargs={"command": f"touch {marker}"})
     store = RunStore(root)
@@ -151,7 +151,7 @@ def test_a_stored_factory_name_is_never_imported(tmp_path, capsys, argv):
     with pytest.raises(UserError, match="never imported"):
         load_run_model(store, res.run_id)
     with pytest.raises(UserError, match="never imported"):
-        resume(res.run_id, store, quiet=True)
+        resume(res.run_id, store)
     assert not marker.exists()
 
 
@@ -313,8 +313,8 @@ BAD_WITH_RUN = [
     (["ntk", "--model", "tiny_add", "--device", "meta"], "device 'meta'"),
     (["ntk", "--model", "tiny_add", "--image-size", "0"], "image_size"),
     (["ntk", "--model", "tiny_add", "--method", "magic"], "magic"),
-    (["ntk", "--model", "tiny_add", "--kind", "bogus"], "invalid choice"),
-    (["ntk", "--model", "tiny_add", "--lanczos-operator", "bogus"], "invalid choice"),
+    (["ntk", "--model", "tiny_add", "--kind", "bogus"], "kind must be one of trace, full, diagonal"),
+    (["ntk", "--model", "tiny_add", "--lanczos-operator", "bogus"], "lanczos_operator must be one of"),
     (["ntk", "--model", "tiny_add", "--data", "cifar10", "--data-root", "{tmp}/nothing"], "cifar10 not found"),
     (["ntk", "--model", "tiny_ad"], "did you mean tiny_add"),
     (["ntk"], "give --model NAME or --run RUN"),
@@ -349,8 +349,7 @@ def test_runs_root_that_is_a_file(tmp_path, capsys):
 
 def test_a_run_is_probed_at_its_own_image_size(tmp_path, capsys):
     root = tmp_path / "runs"
-    res = train(TrainConfig(model="tiny_add", epochs=1, limit_train=64, limit_test=32, image_size=16), RunStore(root),
-                quiet=True)
+    res = train(TrainConfig(model="tiny_add", epochs=1, limit_train=64, limit_test=32, image_size=16), RunStore(root))
     code, out, err = cli(capsys, "ntk", "--run", res.run_id, "--n", "8", "--runs", root, "--quiet", "--json",
                          "--no-eigenlearning")
     assert code == 0, err
@@ -358,7 +357,7 @@ def test_a_run_is_probed_at_its_own_image_size(tmp_path, capsys):
     assert probe["params"]["image_size"] == 16
     # the probe saw 16x16 inputs: the same kernel as computed by hand on the run's own data
     from probe.data import load_data
-    from probe.ntk import empirical_ntk
+    from probe.probes.ntk import empirical_ntk
 
     model, _, _ = load_run_model(RunStore(root), res.run_id)
     x = load_data("digits", image_size=16, limit_train=8).x_train
@@ -413,14 +412,14 @@ def test_ctrl_c_marks_interrupted_and_a_crash_marks_failed_with_its_reason(tmp_p
         return on_epoch
 
     with pytest.raises(KeyboardInterrupt):
-        train(config, store, quiet=True, on_epoch=stop(KeyboardInterrupt()))
+        train(config, store, on_epoch=stop(KeyboardInterrupt()))
     run = store.list_runs()[0]
     assert run["status"] == "interrupted" and "resumes from epoch 1" in run["error"]
     with pytest.raises(RuntimeError):
-        train(config, store, quiet=True, on_epoch=stop(RuntimeError("disk controller on fire")))
+        train(config, store, on_epoch=stop(RuntimeError("disk controller on fire")))
     run = store.list_runs()[0]
     assert run["status"] == "failed" and run["error"] == "RuntimeError: disk controller on fire"
-    done = resume(store.list_runs()[1]["run_id"], store, quiet=True)  # the interrupted one
+    done = resume(store.list_runs()[1]["run_id"], store)  # the interrupted one
     assert done.status == "finished" and [m["epoch"] for m in done.metrics] == [1, 2, 3]
     assert done.train_time_s == pytest.approx(sum(m["epoch_time_s"] for m in done.metrics), rel=1e-9)
     assert store.get_run(done.run_id)["status"] == "finished"
@@ -441,7 +440,7 @@ def test_a_full_disk_fails_the_run_with_its_reason_and_it_resumes_exactly(tmp_pa
     from probe.errors import DiskFullError
 
     with pytest.raises(DiskFullError, match="no space left on device"):
-        train(config, RunStore(root), quiet=True, on_epoch=fill_after_epoch_1)
+        train(config, RunStore(root), on_epoch=fill_after_epoch_1)
     store = RunStore(root, readonly=True)
     run = store.list_runs()[0]
     assert run["status"] == "failed" and "no space left on device" in run["error"]
@@ -456,7 +455,7 @@ def test_a_full_disk_fails_the_run_with_its_reason_and_it_resumes_exactly(tmp_pa
         f.unlink()
     code, out, err = cli(capsys, "train", "--resume", run["run_id"], "--runs", root, "--quiet", "--json")
     assert code == 0, err
-    ref = train(config, RunStore(tmp_path / "ref"), quiet=True)
+    ref = train(config, RunStore(tmp_path / "ref"))
     got = RunStore(root, readonly=True).get_metrics(run["run_id"])
     for a, b in zip(got, ref.metrics, strict=True):
         assert all(a[k] == b[k] for k in ("train_loss", "test_loss", "test_top1", "lr")), (a, b)
@@ -484,8 +483,8 @@ def test_runs_and_show_read_a_read_only_root(tmp_path, capsys, shared_run, mount
 def test_a_malformed_row_is_skipped_with_a_warning(tmp_path, capsys):
     root = tmp_path / "runs"
     store = RunStore(root)
-    good = train(TrainConfig(model="tiny_add", epochs=1, limit_train=64, limit_test=32), store, quiet=True).run_id
-    bad = train(TrainConfig(model="tiny_add", epochs=1, limit_train=64, limit_test=32), store, quiet=True).run_id
+    good = train(TrainConfig(model="tiny_add", epochs=1, limit_train=64, limit_test=32), store).run_id
+    bad = train(TrainConfig(model="tiny_add", epochs=1, limit_train=64, limit_test=32), store).run_id
     con = sqlite3.connect(root / "catalog.sqlite")
     con.execute("UPDATE runs SET config_json = '{not json' WHERE run_id = ?", (bad,))
     con.commit()
@@ -503,8 +502,7 @@ def test_a_malformed_row_is_skipped_with_a_warning(tmp_path, capsys):
 def test_a_checkpoint_without_its_model_entry_is_named(tmp_path, capsys):
     root = tmp_path / "runs"
     store = RunStore(root)
-    res = train(TrainConfig(model="tiny_add", epochs=1, limit_train=64, limit_test=32, schedule="constant"), store,
-                quiet=True)
+    res = train(TrainConfig(model="tiny_add", epochs=1, limit_train=64, limit_test=32, schedule="constant"), store)
     state = store.load_checkpoint(res.run_id, 1)
     del state["model"]
     store.save_checkpoint(res.run_id, 1, state)  # a well-formed, checksummed file that lacks its weights
@@ -517,7 +515,7 @@ def test_a_checkpoint_without_its_model_entry_is_named(tmp_path, capsys):
 def test_a_lost_catalog_is_refused_then_rebuilt_from_the_run_folders(tmp_path, capsys):
     root = tmp_path / "runs"
     store = RunStore(root)
-    done = train(TrainConfig(model="tiny_add", epochs=2, limit_train=64, limit_test=32), store, quiet=True)
+    done = train(TrainConfig(model="tiny_add", epochs=2, limit_train=64, limit_test=32), store)
     code, out, err = cli(capsys, "ntk", "--run", done.run_id, "--n", "8", "--runs", root, "--quiet", "--json",
                          "--no-eigenlearning")
     assert code == 0, err
@@ -561,7 +559,7 @@ def test_warnings_do_not_break_the_one_line_error(tmp_path, capsys):
 def test_a_stored_config_cannot_ask_for_a_giant_model(tmp_path, capsys, shared_run):
     root = tmp_path / "runs"
     res = train(TrainConfig(model="cifar_resnet", model_kwargs={"width": 2, "depth": 8}, epochs=1, limit_train=32,
-                            limit_test=16), RunStore(root), quiet=True)
+                            limit_test=16), RunStore(root))
     _set_config(root, res.run_id, model_kwargs={"width": 10 ** 6, "depth": 8})
     code, out, err = cli(capsys, "ntk", "--run", res.run_id, "--n", "8", "--runs", root, "--quiet")
     assert_one_line_exit_2(code, out, err, "refused")

@@ -38,7 +38,7 @@ def test_ntk_by_model_name_stores_kernel_and_prediction(tmp_path, capsys):
 
 def test_ntk_across_checkpoints_of_a_run(tmp_path, capsys):
     store = RunStore(tmp_path)
-    res = train(TrainConfig(model="tiny_add", epochs=2, limit_train=128, limit_test=50), store, quiet=True)
+    res = train(TrainConfig(model="tiny_add", epochs=2, limit_train=128, limit_test=50), store)
     code, out, err = cli(capsys, "ntk", "--run", res.run_id, "--checkpoint", "all", "--n", "16",
                          "--runs", str(tmp_path), "--json", "--quiet", "--no-eigenlearning")
     assert code == 0, err
@@ -65,7 +65,7 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, capsys):
     import models
 
     store = RunStore(tmp_path)
-    res = train(TrainConfig(model="tiny_add", epochs=1, limit_train=64, limit_test=20), store, quiet=True)
+    res = train(TrainConfig(model="tiny_add", epochs=1, limit_train=64, limit_test=20), store)
     other = models.create_model("tiny_wrn", in_chans=1)
     store.save_checkpoint(res.run_id, 9, {"model": other.state_dict(), "epoch": 9})
     code, out, err = cli(capsys, "ntk", "--run", res.run_id, "--checkpoint", "9", "--n", "8",
@@ -77,7 +77,7 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, capsys):
 def test_ntk_model_in_train_mode_is_left_unchanged(tmp_path):
     """The job probes an eval-mode (BN-calibrated) copy; the trained model object is not touched."""
     import torch
-    from probe.jobs import calibrate_batchnorm
+    from probe.functional import calibrate_batchnorm
     import models
 
     model = models.create_model("tiny_mul").train()
@@ -94,7 +94,7 @@ def test_checkpoint_sweep_reports_a_diverged_checkpoint_and_keeps_the_others(tmp
     import models
 
     store = RunStore(tmp_path)
-    res = train(TrainConfig(model="tiny_add", epochs=1, limit_train=64, limit_test=20), store, quiet=True)
+    res = train(TrainConfig(model="tiny_add", epochs=1, limit_train=64, limit_test=20), store)
     blown = models.create_model("tiny_add", in_chans=1)
     head = [n for n, m in blown.named_modules() if isinstance(m, torch.nn.Linear)][-1]
     state = blown.state_dict()

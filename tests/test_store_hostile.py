@@ -6,7 +6,6 @@ answer; a lost catalog can be rebuilt from the run folders; a full disk loses no
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
@@ -27,7 +26,6 @@ import pytest
 
 import probe.store as store_mod
 from probe.errors import StoreError, UserError
-from conftest import fill_disk
 from probe.store import RunStore
 
 

@@ -46,7 +46,7 @@ def test_lr_schedules():
 
 def test_train_logs_metrics_checkpoints_best_and_final(tmp_path):
     store = RunStore(tmp_path)
-    res = train(TrainConfig(model="tiny_add", epochs=3, lr=0.05, limit_train=256, limit_test=100), store, quiet=True)
+    res = train(TrainConfig(model="tiny_add", epochs=3, lr=0.05, limit_train=256, limit_test=100), store)
     assert res.status == "finished" and res.epochs_done == 3
     rows = store.get_metrics(res.run_id)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
@@ -157,7 +157,7 @@ def test_nan_loss_stops_marks_failed_keeps_last_good_checkpoint(tmp_path, monkey
     state = store.load_checkpoint(run["run_id"], "last")["model"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     with pytest.raises(TrainingDiverged):
-        train(TrainConfig(model="nanmod:factory", epochs=3, limit_train=512), store, quiet=True)
+        train(TrainConfig(model="nanmod:factory", epochs=3, limit_train=512), store)
 
 
 def test_train_cli_json_under_a_minute(tmp_path):
@@ -201,7 +201,7 @@ def test_runs_root_not_writable(tmp_path, capsys):
 
 def test_tampered_checkpoint_is_refused_on_resume(tmp_path, capsys):
     store = RunStore(tmp_path)
-    res = train(TrainConfig(model="tiny_add", epochs=1, limit_train=128, limit_test=50), store, quiet=True)
+    res = train(TrainConfig(model="tiny_add", epochs=1, limit_train=128, limit_test=50), store)
     ckpt = Path(store.list_checkpoints(res.run_id)[0]["path"])
     payload = tmp_path / "pwned"
 
@@ -249,7 +249,7 @@ def test_runs_show_and_quick_demo(tmp_path, capsys):
 
 def test_presets_reproduce_seed_recipes():
     from probe.cli import build_parser
-    from probe._commands import train_config_from_args
+    from probe.cli.commands import train_config_from_args
 
     args = build_parser().parse_args(["train", "--preset", "fmm-caltech101", "--epochs", "5"])
     c = train_config_from_args(args)
@@ -267,5 +267,5 @@ def test_presets_reproduce_seed_recipes():
 def test_amp_and_optimizer_rebuild_run(tmp_path):
     store = RunStore(tmp_path)
     res = train(TrainConfig(model="tiny_mul", epochs=2, limit_train=128, limit_test=50, amp=True,
-                            rebuild_optimizer_each_epoch=True, label_smoothing=0.1), store, quiet=True)
+                            rebuild_optimizer_each_epoch=True, label_smoothing=0.1), store)
     assert res.status == "finished" and all(m["train_loss"] is not None for m in res.metrics)

@@ -1,4 +1,4 @@
-"""Subcommands beyond models / fusions: train, runs, show, demo (and the probes).
+"""Subcommands beyond models / fusions: train, runs, show, demo (the probes: :mod:`probe.cli.probes`).
 
 Each ``register(sub, common)`` adds one subparser; each ``cmd_*`` parses, calls the library,
 saves, and returns an :class:`probe._cli_util.Output`.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from probe._cli_util import Output, format_table
+from probe.cli._util import Output, format_table
 from probe.errors import UserError
 
 REGISTER: list = []
@@ -113,20 +113,34 @@ def cmd_train(args) -> Output:
         if conflicts:
             raise UserError(f"--resume continues run {args.resume} with its stored config; {', '.join(conflicts)} "
                             f"cannot change on resume (only --epochs, --device and --data-root can be given)")
+    from probe.cli.probes import TqdmProgress
+
     store = _store(args)
+    progress = TqdmProgress(args.quiet)
+    log = None if args.quiet else _epoch_line
     try:
         if args.resume:
-            result = resume(args.resume, store, quiet=args.quiet, epochs=args.epochs, factory=args.factory,
-                            trust_factory=args.trust_factory, device=args.device, data_root=args.data_root)
+            result = resume(args.resume, store, epochs=args.epochs, factory=args.factory,
+                            trust_factory=args.trust_factory, device=args.device, data_root=args.data_root,
+                            on_epoch=log, progress=progress)
         else:
-            result = train(train_config_from_args(args), store, quiet=args.quiet)
+            result = train(train_config_from_args(args), store, on_epoch=log, progress=progress)
     except TrainingDiverged as e:
         raise UserError(str(e)) from None
+    finally:
+        progress.close()
     data = result.summary()
     text = (f"run {result.run_id}: best test top-1 {_pct(result.best_acc)} (epoch {result.best_epoch}), "
             f"final {_pct(result.final_acc)}, {result.train_time_s:.1f}s training\n"
             f"stored under {result.runs_root}; `probe show {result.run_id}` for the curves")
     return Output(data, text)
+
+
+def _epoch_line(row: dict) -> None:
+    """One line per epoch on stderr (the CLI's rendering of the trainer's ``on_epoch``)."""
+    print(f"[{row['run_id']}] epoch {row['epoch']}/{row['epochs']}  train loss {row['train_loss']:.4f} "
+          f"acc {row['train_top1']:.2f}  test loss {row['test_loss']:.4f} acc {row['test_top1']:.2f}  "
+          f"lr {row['lr']:.4g}  {row['epoch_time_s']:.1f}s", file=sys.stderr)
 
 
 def _pct(v) -> str:
@@ -268,7 +282,15 @@ def _reg_runs(sub, common):
 def cmd_demo(args) -> Output:
     from probe.demo import run_demo
 
-    result = run_demo(args.runs, quick=args.quick, quiet=args.quiet, epochs=args.epochs)
+    from probe.cli.probes import TqdmProgress
+
+    progress = TqdmProgress(args.quiet)
+    try:
+        result = run_demo(args.runs, quick=args.quick, epochs=args.epochs, progress=progress,
+                          log=None if args.quiet else (lambda line: print(line, file=sys.stderr)),
+                          on_epoch=None if args.quiet else _epoch_line)
+    finally:
+        progress.close()
     return Output(result["data"], result["text"])
 
 
@@ -279,99 +301,3 @@ def _reg_demo(sub, common):
     p.add_argument("--epochs", type=int, default=None, help="override the number of epochs (default: 12, 2 with --quick)")
     _runs_arg(p)
     p.set_defaults(func=cmd_demo)
-
-
-# --- probe ntk ---------------------------------------------------------------------------------
-
-
-def _target_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--model", help="a registered model or package.module:factory (probed at its seeded "
-                                   "initialisation)")
-    g.add_argument("--run", help="a run id, unique prefix or 'last' (probed on the data it was trained on)")
-    p.add_argument("--checkpoint", default=None, help="with --run: an epoch, last (default), init or all")
-    p.add_argument("--data", default=None, help="data set for a model given by name (default: digits; a run "
-                                                "uses its own)")
-    p.add_argument("--data-root", default=None, metavar="DIR",
-                   help="folder with the data set's local files (default: $PROBE_DATA or ./data; a run uses the "
-                        "one it was trained with)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="square input side for a model given by name (default: the data set's own; a run uses "
-                        "its own)")
-    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra model argument (with --model)")
-    _factory_args(p)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model init and the probe data (default: 0)")
-    _runs_arg(p)
-
-
-def _target_kwargs(args) -> dict:
-    """The shared target flags, checked, as keyword arguments of a probe job."""
-    if args.model is None and args.run is None:
-        raise UserError(f"give --model NAME or --run RUN (e.g. `probe {args.command} --model mul_resnet`)")
-    if args.model is not None:
-        if args.checkpoint not in (None, "init"):
-            raise UserError("--checkpoint needs --run (a model given by name is probed at its initialisation)")
-        if args.factory is not None or args.trust_factory:
-            raise UserError("--factory / --trust-factory apply to --run; give a factory itself as --model "
-                            "package.module:factory")
-    elif args.model_arg:
-        raise UserError("--model-arg applies to --model; a run rebuilds its model from its stored config")
-    return dict(model=args.model, run=args.run, checkpoint=args.checkpoint, data=args.data,
-                data_root=args.data_root, image_size=args.image_size, device=args.device, seed=args.seed,
-                model_args=_parse_model_args(args.model_arg), factory=args.factory,
-                trust_factory=args.trust_factory)
-
-
-def cmd_ntk(args) -> Output:
-    from probe.jobs import run_ntk_probe
-
-    results = run_ntk_probe(_store(args), **_target_kwargs(args), n=args.n, kind=args.kind, method=args.method,
-                            topk=args.topk, lanczos_operator=args.lanczos_operator,
-                            memory_budget_gb=args.memory_gb, eigenlearning=not args.no_eigenlearning,
-                            quiet=args.quiet)
-    lines = []
-    for r in results:
-        where = f"epoch {r['epoch']}" if r.get("epoch") is not None else "init"
-        if "error" in r:
-            lines.append(f"{r['model']} ({where}): failed: {r['error']}")
-            continue
-        lines.append(f"{r['model']} ({where}), {r['kind']} NTK on {r['n']} {r['data']} samples, method "
-                     f"{r['method']}, {r.get('wall_time_s', r.get('lanczos', {}).get('wall_time_s', 0)):.1f}s")
-        if "lanczos" in r:
-            lz = r["lanczos"]
-            lines.append(f"  Lanczos operator {lz['method']}: {lz['n_matvecs']} vectors in {lz['n_passes']} passes "
-                         f"over the data, converged={lz['converged']}")
-        lines.append("  top eigenvalues: " + ", ".join(f"{v:.4g}" for v in r["top_eigenvalues"]))
-        if "spectrum" in r:
-            s = r["spectrum"]
-            lines.append(f"  condition number {s['condition_number']:.4g}   effective rank {s['effective_rank']:.4g}"
-                         f"   kernel-target alignment {s['alignment'] if s['alignment'] is None else round(s['alignment'], 4)}")
-        if "eigenlearning" in r:
-            lines.append("  eigenlearning (kernel regression with this NTK, centred one-hot targets):")
-            lines.append("    " + format_table(r["eigenlearning"]["rows"], [
-                ("n", "n"), ("predicted_test_mse", "predicted test MSE"), ("measured_test_mse", "measured KRR"),
-                ("measured_test_mse_std", "+-"), ("predicted_learnability", "pred. learnability"),
-                ("measured_learnability", "meas. learnability")]).replace("\n", "\n    "))
-        if r.get("probe_id"):
-            lines.append(f"  stored as probe {r['probe_id']}")
-    return Output({"results": results, "count": len(results)}, "\n".join(lines))
-
-
-@_register
-def _reg_ntk(sub, common):
-    p = sub.add_parser("ntk", parents=[common], help="empirical NTK spectrum and eigenlearning predictions")
-    _target_args(p)
-    p.add_argument("--n", type=int, default=128, help="number of probe inputs (default 128)")
-    p.add_argument("--kind", choices=["trace", "full", "diagonal"], default="trace",
-                   help="trace (N x N, summed over outputs), full (NO x NO) or diagonal (O x N x N) "
-                        "(default: trace)")
-    p.add_argument("--method", default="auto", help="auto | jacobian | ntvp | layerwise | lanczos (default: auto)")
-    p.add_argument("--topk", type=int, default=10, help="eigenvalues to print / compute with lanczos (default: 10)")
-    p.add_argument("--lanczos-operator", choices=["auto", "gram", "ntvp"], default="auto",
-                   help="with --method lanczos: gram (parameter space, one data pass per block) or ntvp "
-                        "(VJP/JVP products); auto picks gram when it applies and fits --memory-gb")
-    p.add_argument("--memory-gb", type=float, default=2.0, help="memory budget in GiB for the kernel computation (default: 2)")
-    p.add_argument("--no-eigenlearning", action="store_true",
-                   help="skip the eigenlearning predictions and the kernel-regression check")
-    p.set_defaults(func=cmd_ntk)

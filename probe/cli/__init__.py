@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from probe._cli_util import OneLineParser, Output, format_table, run_command
+from probe.cli._util import OneLineParser, Output, format_table, run_command
 
 __all__ = ["main", "build_parser"]
 
@@ -70,9 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parse", metavar="SPEC", help="parse one fusion name or id and print its formula")
     p.set_defaults(func=cmd_fusions)
 
-    from probe import _commands  # noqa: F401  (later subcommands register themselves)
-    for register in getattr(_commands, "REGISTER", []):
+    from probe.cli import commands, probes
+
+    for register in commands.REGISTER:
         register(sub, common)
+    probes.register_probe_commands(sub, common)
     return parser
 
 

@@ -6,7 +6,7 @@ import errno
 import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from probe.errors import UserError

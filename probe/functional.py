@@ -32,7 +32,7 @@ from probe.errors import UserError
 ParamFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 
 __all__ = ["FunctionalModel", "ParamFilter", "eval_mode", "functionalize", "flatten_params",
-           "unflatten_like", "select_param_names"]
+           "unflatten_like", "select_param_names", "calibrate_batchnorm"]
 
 
 @contextmanager
@@ -193,3 +193,27 @@ def unflatten_like(vec: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]
         out[name] = vec[start:start + p.numel()].reshape(p.shape)
         start += p.numel()
     return out
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> nn.Module:
+    """A copy of ``model`` whose BatchNorm running statistics are the (cumulative) averages over
+    ``x``. A model at initialisation has running stats (0, 1) that describe no data: in eval mode
+    its BNs would not normalise, and a multiplicative network's outputs explode. Probes of models
+    at init therefore use statistics estimated on the probe data; trained checkpoints keep theirs.
+    """
+    import copy
+
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return model
+    m2 = copy.deepcopy(model)
+    for bn in (b for b in m2.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)):
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average
+    m2.train()
+    for i in range(0, x.shape[0], batch_size):
+        m2(x[i:i + batch_size])
+    for bn, orig in zip((b for b in m2.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)), bns):
+        bn.momentum = orig.momentum
+    return m2.eval()

@@ -1,0 +1,174 @@
+"""One generic subcommand per registered probe.
+
+The shared target flags (``--model | --run [--checkpoint EPOCH|last|init|all] --data --data-root
+--image-size --n --seed --device --runs``, user-factory flags, ``--html``) are defined here once;
+a probe's own flags come from its parameters dataclass: a field ``foo_bar`` becomes
+``--foo-bar`` (a bool defaulting to true becomes ``--no-foo-bar``), with its help text, default
+and choices.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from probe.cli._util import Output
+from probe.cli.commands import _factory_args, _parse_model_args, _runs_arg, _store
+from probe.errors import UserError
+
+__all__ = ["register_probe_commands", "TqdmProgress"]
+
+
+class TqdmProgress:
+    """The library's ``progress(desc, done, total)`` callback rendered as tqdm bars on stderr (one
+    bar per description; silent with ``--quiet``)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bars: dict = {}
+
+    def __call__(self, desc: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        bar = self.bars.get(desc)
+        if bar is None or bar.total != total:
+            if bar is not None:
+                bar.close()
+            bar = self.bars[desc] = tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+            self.bars.pop(desc, None)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()
+
+
+def _target_args(p: argparse.ArgumentParser, default_n: int) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--model", help="a registered model or package.module:factory (probed at its seeded "
+                                   "initialisation)")
+    g.add_argument("--run", help="a run id, unique prefix or 'last' (probed on the data it was trained on)")
+    p.add_argument("--checkpoint", default=None,
+                   help="with --run: an epoch, last, init or all (default: last)")
+    p.add_argument("--data", default=None, help="data set for a model given by name (default: digits; a run "
+                                                "uses its own)")
+    p.add_argument("--data-root", default=None, metavar="DIR",
+                   help="folder with the data set's local files (default: $PROBE_DATA or ./data; a run uses the "
+                        "one it was trained with)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="square input side for a model given by name (default: the data set's own; a run uses "
+                        "its own)")
+    p.add_argument("--n", type=int, default=default_n, help=f"number of probe inputs (default: {default_n})")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra model argument (with --model)")
+    _factory_args(p)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model init and the probe data (default: 0)")
+    p.add_argument("--html", metavar="PATH", default=None,
+                   help="also write the probe's figure as a standalone page (plotly.js embedded)")
+    _runs_arg(p)
+
+
+def _target_kwargs(args) -> dict:
+    """The shared target flags, checked, as keyword arguments of :func:`probe.jobs.run_probe`."""
+    if args.model is None and args.run is None:
+        raise UserError(f"give --model NAME or --run RUN (e.g. `probe {args.command} --model mul_resnet`)")
+    if args.model is not None:
+        if args.checkpoint not in (None, "init"):
+            raise UserError("--checkpoint needs --run (a model given by name is probed at its initialisation)")
+        if args.factory is not None or args.trust_factory:
+            raise UserError("--factory / --trust-factory apply to --run; give a factory itself as --model "
+                            "package.module:factory")
+    elif args.model_arg:
+        raise UserError("--model-arg applies to --model; a run rebuilds its model from its stored config")
+    return dict(model=args.model, run=args.run, checkpoint=args.checkpoint, data=args.data,
+                data_root=args.data_root, image_size=args.image_size, n=args.n, device=args.device,
+                seed=args.seed, model_args=_parse_model_args(args.model_arg), factory=args.factory,
+                trust_factory=args.trust_factory)
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return "--" + f.name.replace("_", "-")
+
+
+def _add_param_flags(p: argparse.ArgumentParser, params: type) -> None:
+    from probe.probes.registry import param_fields
+
+    for f in param_fields(params):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text, choices = f.metadata["help"], f.metadata.get("choices")
+        if isinstance(default, bool):
+            if default:
+                p.add_argument("--no-" + f.name.replace("_", "-"), dest=f"param_{f.name}", action="store_false",
+                               default=True, help=f"turn off: {text}")
+            else:
+                p.add_argument(_flag(f), dest=f"param_{f.name}", action="store_true", default=False,
+                               help=f"{text} (default: off)")
+            continue
+        kind = type(default) if isinstance(default, (int, float, str)) else str
+        # choices are checked with the other values (one-line error naming the option), not by argparse
+        shown = f"one of {', '.join(map(str, choices))}; " if choices else ""
+        p.add_argument(_flag(f), dest=f"param_{f.name}", type=kind, default=default, metavar=f.name.upper(),
+                       help=f"{text} ({shown}default: {default})")
+
+
+def _param_values(args, params: type) -> dict:
+    return {f.name: getattr(args, f"param_{f.name}") for f in dataclasses.fields(params)}
+
+
+def _where(info: dict) -> str:
+    if info.get("run_id") is None:
+        return "init"
+    return "init" if not info.get("epoch") else f"epoch {info['epoch']}"
+
+
+def _command(spec):
+    def run(args) -> Output:
+        from probe.jobs import figure_entries, run_probe
+
+        kwargs = _target_kwargs(args)
+        progress = TqdmProgress(args.quiet)
+        try:
+            outcomes = run_probe(_store(args), spec, _param_values(args, spec.params), progress=progress, **kwargs)
+        finally:
+            progress.close()
+        lines = []
+        for o in outcomes:
+            head = f"{o.info['model']} ({_where(o.info)})"
+            if o.error is not None:
+                lines.append(f"{head}: failed: {o.error}")
+                continue
+            lines.append(head)
+            lines += ["  " + line for line in o.result.text().splitlines()]
+            if o.info.get("probe_id"):
+                lines.append(f"  stored as probe {o.info['probe_id']}")
+        data = {"results": [o.to_json() for o in outcomes], "count": len(outcomes)}
+        entries = figure_entries(outcomes)
+        if args.html and spec.figure is not None and entries:
+            from probe.figures import write_html
+
+            try:
+                path = write_html(spec.figure(entries), args.html)
+            except OSError as e:
+                raise UserError(f"cannot write {args.html} ({e.strerror or e})") from None
+            data["html"] = str(path)
+            lines.append(f"figure: {path}")
+        return Output(data, "\n".join(lines))
+
+    return run
+
+
+def register_probe_commands(sub, common) -> None:
+    """Add one subcommand per registered probe."""
+    from probe.probes.registry import get_probe, list_probes
+
+    for name in list_probes():
+        spec = get_probe(name)
+        p = sub.add_parser(name, parents=[common], help=spec.help, description=spec.description or spec.help)
+        _target_args(p, spec.default_n)
+        _add_param_flags(p, spec.params)
+        p.set_defaults(func=_command(spec))

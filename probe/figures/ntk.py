@@ -1,0 +1,48 @@
+"""NTK figures: spectra on log-log axes, several targets overlaid; condition number and effective
+rank across a run's checkpoints."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from probe.figures._common import PALETTE, entry_label
+
+__all__ = ["ntk_spectrum_figure", "ntk_across_training"]
+
+
+def ntk_spectrum_figure(entries: Sequence[tuple[dict, Any]]):
+    """Eigenvalue against rank (log-log), one line per ``(info, NTK result)`` entry; non-positive
+    eigenvalues (round-off of a PSD kernel) are left out of the log axis."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for i, (info, result) in enumerate(entries):
+        ev = np.sort(np.asarray(result.eigenvalues, dtype=np.float64))[::-1]
+        keep = ev > 0
+        fig.add_trace(go.Scatter(x=np.arange(1, ev.size + 1)[keep], y=ev[keep], mode="lines+markers",
+                                 name=entry_label(info), line=dict(color=PALETTE[i % len(PALETTE)]),
+                                 marker=dict(size=4)))
+    fig.update_layout(title="NTK spectrum", xaxis=dict(title="rank", type="log"),
+                      yaxis=dict(title="eigenvalue", type="log", exponentformat="power"),
+                      template="plotly_white", legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+def ntk_across_training(entries: Sequence[tuple[dict, Any]]):
+    """Condition number and effective rank against the checkpoint epoch (kernel methods only)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    rows = sorted(((info.get("epoch") or 0, result.summary().get("spectrum") or {}) for info, result in entries),
+                  key=lambda t: t[0])
+    epochs = [e for e, s in rows if s]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("condition number", "effective rank"))
+    fig.add_trace(go.Scatter(x=epochs, y=[s["condition_number"] for _, s in rows if s], mode="lines+markers",
+                             name="condition number"), row=1, col=1)
+    fig.add_trace(go.Scatter(x=epochs, y=[s["effective_rank"] for _, s in rows if s], mode="lines+markers",
+                             name="effective rank"), row=1, col=2)
+    fig.update_yaxes(type="log", row=1, col=1)
+    fig.update_xaxes(title="epoch")
+    fig.update_layout(title="NTK across training", template="plotly_white", showlegend=False)
+    return fig

@@ -1,0 +1,126 @@
+"""The one target runner every probe goes through.
+
+:func:`run_probe` resolves the targets (a model by name, a run at a checkpoint, or every checkpoint
+of a run), loads the probe data once per sweep (the run's own data settings), estimates BatchNorm
+statistics on it for a model at initialisation, calls the probe's ``compute`` and stores each result
+as one catalog row of the probe's kind. Over several targets a target that fails with a
+:class:`UserError` becomes an :class:`Outcome` with an ``error`` and the sweep goes on; when every
+target fails, the first error is raised.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from probe.errors import UserError
+from probe.functional import calibrate_batchnorm
+from probe.jobs.targets import MAX_PROBE_INPUTS, iter_targets, probe_inputs
+from probe.probes.registry import Probe, ProbeContext, Progress, get_probe, make_params, params_dict
+
+__all__ = ["Outcome", "run_probe", "load_result", "figure_entries"]
+
+
+@dataclass
+class Outcome:
+    """One target of a probe command: ``info`` (model, run_id, epoch, data, n and, once stored,
+    probe_id) and either ``result`` (the probe's result object) or ``error`` (one line)."""
+
+    info: dict
+    result: Any = None
+    error: str | None = None
+    params: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        """The JSON entry of this target: its info, then the result's summary (or the error)."""
+        out = dict(self.info)
+        if self.result is not None:
+            out.update(self.result.summary())
+            if "probe_id" in self.info:
+                out["probe_id"] = self.info["probe_id"]
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+def _check_seed_n(n: int, seed: int) -> None:
+    from probe.train import MAX_SEED
+
+    for name, value, lo, hi in (("n", n, 2, MAX_PROBE_INPUTS), ("seed", seed, 0, MAX_SEED)):
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise UserError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+
+
+def run_probe(store, probe: str | Probe, params: Any = None, *, model: str | None = None,
+              run: str | None = None, checkpoint=None, data: str | None = None,
+              data_root: str | None = None, image_size: int | None = None, n: int | None = None,
+              seed: int = 0, device: str = "auto", model_args: dict | None = None,
+              factory: str | None = None, trust_factory: bool = False, save: bool = True,
+              progress: Progress | None = None) -> list[Outcome]:
+    """Run a registered probe on its targets and store one catalog row per target.
+
+    ``probe``: a registered name or :class:`Probe`; ``params``: its parameters object, a dict of
+    options, or ``None`` for the defaults. Targets: ``model`` (a registered name or
+    ``package.module:factory``, at its seeded initialisation, on ``data`` / ``data_root`` /
+    ``image_size``, default digits) or ``run`` at ``checkpoint`` (an epoch, ``last`` (default),
+    ``init`` or ``all``, on the data the run was trained on; a run built by a user factory needs
+    ``factory`` or ``trust_factory``). ``n`` probe inputs (default: the probe's), drawn class-balanced
+    and deterministically from the probe's split; ``seed`` seeds the model init (by name) and the
+    probe. Returns one :class:`Outcome` per target, in order."""
+    from probe.train import resolve_device
+
+    spec = probe if isinstance(probe, Probe) else get_probe(probe)
+    if params is None or isinstance(params, dict):
+        params = make_params(spec.params, dict(params or {}))
+    elif not isinstance(params, spec.params):
+        raise UserError(f"probe {spec.name!r} takes {spec.params.__name__}, got {type(params).__name__}")
+    n = spec.default_n if n is None else n
+    _check_seed_n(n, seed)
+    dev = resolve_device(device)
+    stored_params = {**params_dict(params), "n": n, "seed": seed}
+    outcomes: list[Outcome] = []
+    errors: list[UserError] = []
+    inputs = None  # loaded once per sweep: every target of one command reads the same data
+    for target in iter_targets(store, model=model, run=run, checkpoint=checkpoint, data=data, seed=seed,
+                               model_args=model_args, data_root=data_root, image_size=image_size,
+                               factory=factory, trust_factory=trust_factory):
+        info = {"model": target.model_name, "run_id": target.run_id, "epoch": target.epoch,
+                "data": target.data, "n": n}
+        spec_data = target.data_spec
+        params_row = {**stored_params, "data": target.data,
+                      "data_root": spec_data.root if spec_data else None,
+                      "image_size": spec_data.image_size if spec_data else None}
+        try:
+            if inputs is None:
+                inputs = probe_inputs(spec_data or target.data, n, split=spec.split, seed=seed)
+            x, y, num_classes = inputs
+            model_ = calibrate_batchnorm(target.model, x) if not target.epoch else target.model
+            ctx = ProbeContext(model=model_, x=x, y=y, num_classes=num_classes, device=dev, seed=seed,
+                               model_name=target.model_name, data=target.data, run_id=target.run_id,
+                               epoch=target.epoch,
+                               lr=target.lr, progress=progress, rebuild=target.rebuild)
+            result = spec.compute(ctx, params)
+        except UserError as e:
+            errors.append(e)
+            outcomes.append(Outcome(info, error=str(e).strip().splitlines()[0] if str(e).strip() else
+                                    type(e).__name__, params=params_row))
+            continue
+        if save:
+            info["probe_id"] = store.add_probe(spec.name, model=target.model_name, run_id=target.run_id,
+                                               checkpoint_epoch=target.epoch, params=params_row,
+                                               summary=result.summary(), arrays=result.arrays())
+        outcomes.append(Outcome(info, result=result, params=params_row))
+    if errors and len(errors) == len(outcomes):
+        raise errors[0]
+    return outcomes
+
+
+def load_result(store, probe_id: str) -> tuple[dict, Any]:
+    """A stored probe row and its result object, rebuilt by its probe's ``result.from_store``."""
+    row = store.get_probe(probe_id)
+    spec = get_probe(row["kind"])
+    return row, spec.result.from_store(row["summary"], store.load_probe_arrays(probe_id))
+
+
+def figure_entries(outcomes: Sequence[Outcome]) -> list[tuple[dict, Any]]:
+    """The ``(info, result)`` pairs a probe's figure builder takes, from the successful outcomes."""
+    return [(o.info, o.result) for o in outcomes if o.result is not None]

@@ -1,0 +1,25 @@
+"""Inner products and norms accumulated in float64, for vectors stored in any precision."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["norm64", "dot64"]
+
+
+def norm64(t: Tensor, dim: int | None = None) -> Tensor:
+    """Euclidean norm accumulated in float64: a float32 norm squares its entries in float32 and
+    overflows to inf beyond ~1.8e19 (Krylov vectors of a multiplicative network reach 1e25)."""
+    return torch.linalg.vector_norm(t, dim=dim, dtype=torch.float64)
+
+
+def dot64(A: Tensor, B: Tensor, chunk: int = 1 << 16) -> Tensor:
+    """A @ B^T (rows of A (m, n) against rows of B (p, n), -> (m, p) float64) accumulated in float64
+    over column chunks: inner products over millions of float32 elements would otherwise carry
+    ~1e-5 relative error."""
+    if A.dtype == torch.float64 and B.dtype == torch.float64:
+        return A @ B.T
+    out = torch.zeros((A.shape[0], B.shape[0]), dtype=torch.float64, device=A.device)
+    for c0 in range(0, A.shape[1], chunk):
+        out += A[:, c0:c0 + chunk].double() @ B[:, c0:c0 + chunk].double().T
+    return out

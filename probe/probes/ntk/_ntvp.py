@@ -1,0 +1,44 @@
+"""The ``ntvp`` method: NTK-vector products, a VJP per kernel column then JVPs over the row
+samples; no Jacobian is stored (see :class:`~probe.probes.ntk.NtkMethod`)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.func import jvp, vjp, vmap
+
+from probe.probes.ntk._plan import _Ctx, _Plan
+from probe.probes.ntk._util import _ranges
+from probe.probes.ntk.results import NtkKind
+
+
+def _run_ntvp(c: _Ctx, plan: _Plan, K: Tensor, pbar) -> None:
+    """Fill K (zeros), ``plan.chunk`` columns (sample j, output b) at a time: their parameter
+    tangents d f_b(x2_j) / d theta by vmapped VJPs, then JVPs over blocks of ``plan.block`` rows."""
+    fm, O, params = c.fm, c.O, c.fm.params
+    n2 = c.n2
+    col_j = torch.arange(n2, device=K.device).repeat_interleave(O)
+    col_o = torch.arange(O, device=K.device).repeat(n2)
+    eye = torch.eye(O, dtype=fm.dtype, device=c.x1.device)
+
+    def vjp_one(xj, e):                      # d f_e(x_j) / d theta as a parameter dict
+        _, fn = vjp(lambda p: fm.single(p, xj), params)
+        return fn(e)[0]
+
+    tangents = vmap(vjp_one)
+    for lo, hi in _ranges(n2 * O, plan.chunk):
+        js, os_ = col_j[lo:hi], col_o[lo:hi]
+        U = tangents(c.x2[js.to(c.x2.device)], eye[os_.to(eye.device)])               # (c, ...)
+        ar = torch.arange(hi - lo, device=K.device)
+        for r in _ranges(c.n1, plan.block):
+            xb = c.x1[r[0]:r[1]]
+
+            def push(t):
+                return jvp(lambda p: fm.batched(p, xb), (params,), (t,))[1]
+            JV = vmap(push)(U).to(torch.float64)                                       # (c, b, O)
+            if c.kind == NtkKind.FULL:
+                K[r[0]:r[1], :, js, os_] = JV.permute(1, 2, 0)
+            elif c.kind == NtkKind.TRACE:
+                K[r[0]:r[1]].index_add_(1, js, JV[ar, :, os_].T)
+            else:
+                K[os_, r[0]:r[1], js] = JV[ar, :, os_]
+            pbar.update(1)

@@ -1,0 +1,267 @@
+"""The two NTK operators of the matrix-free top-k, as :class:`probe.linalg.SymmetricOperator`.
+
+Both have the NTK's non-zero eigenvalues; they differ in the space they act on:
+
+* :class:`_NtkOperator` (``ntvp``): K itself in sample space, ``size`` N (trace) or N*O (full,
+  sample-major), vectors float64 (short: N or N*O elements), K v = J (J^T v) by VJPs then JVPs
+  in the model's dtype, accumulated in float64.
+* :class:`_GramOperator` (``gram``): M = J^T J in parameter space, ``size`` O*P (trace) or P
+  (full), vectors in the model's dtype (long: a float64 basis of millions of elements would
+  double the memory), one pass over the data per block.
+
+Both follow the interface's column convention, ``matmat(V)`` for V (size, b) -> (size, b).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from torch.func import jacrev, jvp, vjp, vmap
+
+from probe.autodiff import (LayerCall, StructuredLayer, conv_patches, input_leaf, per_sample_grad_parts,
+                            record_forward)
+from probe.functional import FunctionalModel
+from probe.probes.ntk._util import _GRAM_ROW_BYTES, _ranges
+from probe.probes.ntk.results import NtkKind
+
+
+class _NtkOperator:
+    """V -> K V for the trace (N) or full (N*O, sample-major) NTK, by VJP then JVP, sample blocks.
+
+    A :class:`probe.linalg.SymmetricOperator` in sample space: ``size`` N (trace) or N*O (full),
+    vectors float64 on the model's device; they are cast to the model's dtype as cotangents and
+    the products come back accumulated in float64.
+    Full:  u = J^T v (one VJP per block, summed), K v = J u (one JVP per block).
+    Trace: K_trace = sum_o J_o J_o^T with J_o (N, P) the Jacobian of output o, so
+           K_trace v = sum_o J_o u_o with u_o = J_o^T v: the VJP with cotangent v e_o^T for each o
+           and the JVP of each u_o keeping only output o. Note that (sum_o J_o)(sum_o J_o)^T v,
+           a single cotangent v 1^T, would be a different kernel.
+    For s vectors at once (block Lanczos) that is s (full) or s*O (trace) cotangents: the VJPs
+    reuse one forward pass per block in a loop (vmapping cotangents hits slow batching rules of
+    the convolution backward on CPU); the JVPs run in a loop on CPU and are vmapped over chunks
+    of at most O tangents elsewhere.
+    """
+
+    def __init__(self, fm: FunctionalModel, x: Tensor, kind: NtkKind, O: int, block: int,
+                 per_sample: bool = False):
+        self.fm, self.x, self.kind, self.O, self.block = fm, x, kind, O, block
+        self.size = x.shape[0] * (O if kind == NtkKind.FULL else 1)
+        self.dtype = torch.float64
+        self.device = fm.device
+        self.matvecs = 0
+        # a model that couples samples (BatchNorm without running statistics) is evaluated one
+        # sample at a time, as in empirical_ntk; otherwise the plain batched forward is faster
+        self.f = fm.batched if per_sample else (lambda p, xb: fm(p, xb).reshape(xb.shape[0], -1))
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """K V for V (size, s) (a tensor or array); returns (size, s) float64."""
+        fm, O, N, f = self.fm, self.O, self.x.shape[0], self.f
+        s = V.shape[1]
+        self.matvecs += s
+        Vt = torch.as_tensor(V, dtype=fm.dtype, device=fm.device).T.contiguous()   # (s, size) rows
+        eye = torch.eye(O, dtype=fm.dtype, device=fm.device)
+        trace = self.kind == NtkKind.TRACE
+        m = s * O if trace else s                      # cotangents / tangents
+        U = {k: torch.zeros((m,) + p.shape, dtype=p.dtype, device=p.device)
+             for k, p in fm.params.items()}
+        for lo, hi in _ranges(N, self.block):
+            xb = self.x[lo:hi]
+            _, fn = vjp(lambda p: f(p, xb), fm.params)
+            for j in range(m):
+                if trace:                              # v_{j // O} e_{j % O}^T
+                    cot = Vt[j // O, lo:hi, None] * eye[j % O]
+                else:
+                    cot = Vt[j, lo * O:hi * O].reshape(hi - lo, O)
+                for k, g in fn(cot)[0].items():
+                    U[k][j] += g
+        out = torch.empty((N if trace else N * O, s), dtype=torch.float64, device=fm.device)
+        step = O if trace else max(1, O)
+        for lo, hi in _ranges(N, self.block):
+            xb = self.x[lo:hi]
+
+            def push(t):
+                return jvp(lambda p: f(p, xb), (fm.params,), (t,))[1]
+            if fm.device.type == "cpu":  # a loop of JVPs beats vmap's batching rules on CPU (~2x)
+                JU = torch.stack([push({k: u[j] for k, u in U.items()}) for j in range(m)])  # (m, b, O)
+            else:
+                JU = torch.cat([vmap(push)({k: u[a:b] for k, u in U.items()})
+                                for a, b in _ranges(m, step)])                      # (m, b, O)
+            if trace:
+                JU = JU.reshape(s, O, hi - lo, O).diagonal(dim1=1, dim2=3)          # (s, b, O)
+                out[lo:hi] = JU.sum(-1).T.to(torch.float64)
+            else:
+                out[lo * O:hi * O] = JU.reshape(s, -1).T.to(torch.float64)
+        return out
+
+
+class _GramOperator:
+    """V -> M V for M = J^T J, the parameter-space twin of the NTK, one data sweep per block.
+
+    A :class:`probe.linalg.SymmetricOperator` in parameter space: ``size`` F = O*P (trace) or P
+    (full), vectors in the model's dtype on its device (``F`` and ``size`` are the same number).
+
+    J stacks per-sample Jacobian rows: for ``trace`` one row per sample, the outputs side by side
+    (N x O*P, so K_trace = J J^T = sum_o J_o J_o^T); for ``full`` one row per (sample, output)
+    (N*O x P). M = J^T J = sum_i J_i^T J_i has the NTK's non-zero eigenvalues, and, unlike
+    K v = J (J^T v), a block product needs only one pass over the data: per chunk of samples one
+    forward pass and O backward passes, then per sub-chunk the per-sample layer rows R (the
+    closed forms of :func:`probe.autodiff.per_sample_grad_parts`; parameters outside structured
+    layers by ``vmap(jacrev)``) are formed once and used twice, w = R V (the chunk's rows of J V)
+    and M V += R^T w. Internally the s vectors are the rows of P = V^T (s, F), contiguous when V
+    is the transposed view of a row basis as the Lanczos solver passes it.
+
+    Parameter-space layout of a vector (F,): per selected parameter tensor, in ``fm.params``
+    order, a block of O*numel (trace, output-major) or numel (full) elements.
+    """
+
+    def __init__(self, fm: FunctionalModel, x: Tensor, kind: NtkKind, O: int, layers: list[StructuredLayer],
+                 fallback: Sequence[str], block: int, sub: int, pbar=None):
+        self.fm, self.x, self.kind, self.O, self.layers = fm, x, kind, O, layers
+        self.block, self.sub, self.pbar = max(1, block), max(1, sub), pbar
+        self.fallback = list(fallback)
+        width = O if kind == NtkKind.TRACE else 1
+        self.seg: dict[str, tuple[int, int]] = {}
+        off = 0
+        for name, p in fm.params.items():
+            self.seg[name] = (off, off + width * p.numel())
+            off += width * p.numel()
+        self.F = self.size = off
+        self.dtype, self.device = fm.dtype, fm.device
+        self.n_units = x.shape[0] * (1 if kind == NtkKind.TRACE else O)
+        self.sweeps = self.matvecs = 0
+        self.params = {n: p.detach().requires_grad_() for n, p in fm.params.items()}
+        if self.fallback:
+            sub_names = set(self.fallback)
+            rest = {n: p for n, p in fm.params.items() if n not in sub_names}
+
+            def f(ps, xi):
+                return fm.single({**rest, **ps}, xi)
+            self._jac = vmap(jacrev(f), in_dims=(None, 0))
+
+    def _fast(self, layer: StructuredLayer) -> bool:
+        """Rows in cache-sized blocks of (sample, output): single-call Linear, ungrouped Conv2d and
+        BatchNorm; anything else goes through :func:`per_sample_grad_parts`."""
+        if layer.calls != 1:
+            return False
+        return layer.kind in ("linear", "bn") or (layer.kind == "conv" and layer.module.groups == 1)
+
+    def _chunks(self):
+        """Per block of samples: one forward pass, O backward passes; yields (lo, hi, records,
+        output gradients per record (O, b, ...))."""
+        fm, O, layers = self.fm, self.O, self.layers
+        for lo, hi in _ranges(self.x.shape[0], self.block):
+            xb = self.x[lo:hi]
+            recs, grads = [], []
+            if layers:
+                leaf = input_leaf(xb)
+                ctx = record_forward(fm, self.params, leaf if leaf is not None else xb, layers)
+                zs = [r.z for r in ctx.recs]
+                per_out = [torch.autograd.grad(ctx.y[:, o].sum(), zs, retain_graph=o < O - 1,
+                                               allow_unused=True) for o in range(O)]
+                # per record, the O output gradients (b, ...); a layer output that no output
+                # depends on gets zeros
+                grads = [[g if g is not None else torch.zeros_like(z) for g in gs]
+                         for z, gs in zip(zs, zip(*per_out))]
+                # keep the layer inputs, let the graph go
+                recs = [LayerCall(r.layer, r.src.detach(), None, 0, r.norm) for r in ctx.recs]
+                del ctx, zs, per_out
+            yield lo, hi, recs, grads
+            if self.pbar is not None:
+                self.pbar.update(hi - lo)
+
+    def _blocks(self, xb: Tensor, recs: list[LayerCall], grads: list[list[Tensor]]):
+        """The chunk's rows of J as blocks: yields (o, c0, c1, s0, s1, R) with R (s1 - s0, c1 - c0)
+        the rows of samples s0:s1 for output o in columns c0:c1 of the parameter-space layout."""
+        O, layers, trace = self.O, self.layers, self.kind == NtkKind.TRACE
+        b = xb.shape[0]
+
+        def cols(name: str, o: int, numel: int) -> tuple[int, int]:
+            c0 = self.seg[name][0] + (o * numel if trace else 0)
+            return c0, c0 + numel
+
+        generic: dict[int, list[int]] = defaultdict(list)            # layer -> its records
+        for k, rec in enumerate(recs):
+            layer = layers[rec.layer]
+            if not self._fast(layer):
+                generic[rec.layer].append(k)
+                continue
+            a, gs = rec.src, grads[k]
+            if layer.kind == "bn":      # d/dw = sum_pos g * x_hat, d/db = sum_pos g
+                mean, var, eps = rec.norm
+                C = a.shape[1]
+                inv = torch.rsqrt(var + eps)
+                xhat = ((a.reshape(b, C, -1) - mean[:, None]) * inv[:, None])       # (b, C, pos)
+                for o in range(O):
+                    g = gs[o].reshape(b, C, -1)
+                    if layer.w is not None:
+                        yield (o, *cols(layer.w, o, C), 0, b, (g * xhat).sum(-1))
+                    if layer.b is not None:
+                        yield (o, *cols(layer.b, o, C), 0, b, g.sum(-1))
+                continue
+            if layer.kind == "conv":
+                A = conv_patches(layer.module, a).transpose(1, 2)          # (b, T, D)
+            else:
+                A = a.reshape(b, -1, a.shape[-1])                           # (b, T, d_in)
+            numel = layer.module.weight.numel() if layer.w is not None else 0
+            m = int(min(b, max(4, _GRAM_ROW_BYTES // (max(numel, 1) * A.element_size()))))
+            for o in range(O):
+                if layer.kind == "conv":
+                    G = gs[o].reshape(b, gs[o].shape[1], -1)                # (b, C, T)
+                else:
+                    G = gs[o].reshape(b, -1, gs[o].shape[-1]).transpose(1, 2)   # (b, d_out, T)
+                if layer.w is not None:
+                    c0, c1 = cols(layer.w, o, numel)
+                    for s0, s1 in _ranges(b, m):
+                        yield o, c0, c1, s0, s1, torch.bmm(G[s0:s1], A[s0:s1]).reshape(s1 - s0, numel)
+                if layer.b is not None:                                     # bias: sum over positions
+                    yield (o, *cols(layer.b, o, G.shape[1]), 0, b, G.sum(-1))
+        for s0, s1 in _ranges(b, self.sub):
+            rows: dict[str, Tensor] = {}
+            for li, ks in generic.items():
+                for k in ks:
+                    rec = recs[k]
+                    part_rec = LayerCall(rec.layer, rec.src[s0:s1], None, 0, rec.norm)
+                    g = torch.stack([gk[s0:s1] for gk in grads[k]])         # (O, m, ...)
+                    for name, part in per_sample_grad_parts(layers[li], part_rec, g):
+                        rows[name] = part if name not in rows else rows[name] + part
+            if self.fallback:
+                jac = self._jac({n: self.fm.params[n] for n in self.fallback}, xb[s0:s1])
+                for name in self.fallback:
+                    rows[name] = jac[name].reshape(s1 - s0, O, -1)
+            for name, R in rows.items():                                    # (m, O, numel)
+                for o in range(O):
+                    yield (o, *cols(name, o, R.shape[-1]), s0, s1, R[:, o])
+
+    def _unit_view(self, w: Tensor, o: int) -> Tensor:
+        """Rows of w (units, s) that belong to output o: all (trace) or every O-th (full)."""
+        return w if self.kind == NtkKind.TRACE else w.view(-1, self.O, w.shape[-1])[:, o]
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """M V for V (F, s); returns (F, s), the transposed view of a contiguous (s, F) array."""
+        P = V.T                                                            # (s, F) rows
+        out = torch.zeros((P.shape[0], self.F), dtype=P.dtype, device=P.device)
+        self.sweeps += 1
+        self.matvecs += P.shape[0]
+        per = 1 if self.kind == NtkKind.TRACE else self.O
+        for lo, hi, recs, grads in self._chunks():
+            xb = self.x[lo:hi]
+            w = torch.zeros(((hi - lo) * per, P.shape[0]), dtype=P.dtype, device=P.device)
+            for o, c0, c1, s0, s1, R in self._blocks(xb, recs, grads):         # w = R V
+                self._unit_view(w, o)[s0:s1].addmm_(R, P[:, c0:c1].T)
+            for o, c0, c1, s0, s1, R in self._blocks(xb, recs, grads):         # (M V)^T += w^T R
+                out[:, c0:c1].addmm_(self._unit_view(w, o)[s0:s1].T, R)
+        return out.T
+
+    def rows_times(self, V: Tensor) -> Tensor:
+        """J V for V (F, s): (units, s), units = samples (trace) or (sample, output) sample-major
+        (full)."""
+        P = V.T                                                            # (s, F) rows
+        per = 1 if self.kind == NtkKind.TRACE else self.O
+        out = torch.zeros((self.n_units, P.shape[0]), dtype=P.dtype, device=P.device)
+        for lo, hi, recs, grads in self._chunks():
+            w = out[lo * per:hi * per]
+            for o, c0, c1, s0, s1, R in self._blocks(self.x[lo:hi], recs, grads):
+                self._unit_view(w, o)[s0:s1].addmm_(R, P[:, c0:c1].T)
+        return out

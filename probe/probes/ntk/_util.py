@@ -1,0 +1,136 @@
+"""Small helpers of the NTK probe: cost-model constants, ranges, inputs, finiteness and overflow."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from probe.errors import UserError
+from probe.functional import FunctionalModel
+
+DEFAULT_MEMORY_BUDGET = 2 * 2 ** 30
+"""Default ``memory_budget_bytes`` (2 GiB, as ``probe ntk --memory-gb``)."""
+
+# Cost-model constants (multiples of one sample's forward FLOPs [FP]):
+_BWD_FP = 2.0        # a backward pass: input gradients + weight gradients
+_JVP_FP = 2.5        # a forward-mode pass: primal + tangent
+_VMAP_OVERHEAD = 1.5  # per-sample (vmapped) kernels vs one batched kernel, measured on CPU convs
+_LANCZOS_MAX_BLOCK = 512  # samples per block in the matrix-free operator (throughput, not memory)
+_GRAM_MAX_CHUNK = 32      # samples whose generic layer rows are formed at once (gram operator)
+_GRAM_BLOCK = 20          # default vectors per block of the gram operator
+_GRAM_ROW_BYTES = 6 << 20  # a block of weight rows formed at once (~6 MB: stays in the L3 cache)
+
+
+def _fro(a: np.ndarray) -> float:
+    """Frobenius norm without overflow for entries beyond 1e154."""
+    m = float(np.abs(a).max()) if a.size else 0.0
+    return m * float(np.linalg.norm(a / m)) if m > 0 and np.isfinite(m) else m
+
+
+def _enum(cls, value, what: str):
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(str(value).lower())
+    except ValueError:
+        choices = ", ".join(m.value for m in cls)
+        raise UserError(f"unknown {what} {value!r}; choose one of: {choices}") from None
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _ranges(n: int, b: int) -> list[tuple[int, int]]:
+    b = max(1, int(b))
+    return [(i, min(n, i + b)) for i in range(0, n, b)]
+
+
+class _progress:
+    """Counts units of work and reports them as ``progress(desc, done, total)`` (the library's
+    progress callback, see :data:`probe.probes.registry.Progress`; ``None`` is silent)."""
+
+    def __init__(self, total: int, desc: str, progress=None):
+        self.total, self.desc, self.report, self.done = int(total), desc, progress, 0
+
+    def __enter__(self) -> "_progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.report is not None and exc[0] is None and self.done < self.total:
+            self.report(self.desc, self.total, self.total)  # finished early (converged, fewer blocks)
+
+    def update(self, k: int = 1) -> None:
+        self.done = min(self.total, self.done + int(k))
+        if self.report is not None:
+            self.report(self.desc, self.done, self.total)
+
+
+def _couples_samples(model: nn.Module) -> bool:
+    """True when the eval-mode forward mixes samples (BatchNorm without running statistics)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+               for m in model.modules())
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._NormBase) for m in model.modules())
+
+
+def _check_finite(fm: FunctionalModel, x: Tensor, chunk: int, which: str) -> float:
+    """Raise on non-finite model outputs; return the largest |output|."""
+    top = 0.0
+    with torch.no_grad():
+        for lo, hi in _ranges(x.shape[0], chunk):
+            y = fm(fm.params, x[lo:hi])
+            if not torch.isfinite(y).all():
+                bad = (~torch.isfinite(y.reshape(hi - lo, -1))).any(1).nonzero().flatten()
+                raise UserError(f"model outputs are not finite on the probe inputs ({which}, e.g. sample "
+                                f"{lo + int(bad[0])}); check the checkpoint and the input normalisation")
+            if y.numel():
+                top = max(top, float(y.abs().max()))
+    return top
+
+
+def _out_of_range(dtype: torch.dtype, y_max: float) -> bool:
+    """Whether outputs of size ``y_max`` put the kernel beyond ``dtype``'s range. The kernel
+    grows like the squared output times sum_theta (d log f / d theta)^2 (seen: 1e6 y_max^2 for a
+    multiplicative ResNet-20), so float32 is given up from outputs of ~1.8e12 on (sqrt of its
+    largest value, 1.8e19, times 1e-7)."""
+    return y_max > math.sqrt(torch.finfo(dtype).max) * 1e-7
+
+
+def _promotion_note(dtype: torch.dtype, y_max: float) -> str:
+    name = str(dtype).replace("torch.", "")
+    return (f"model outputs reach {y_max:.3g}: the kernel would overflow {name}, so it was computed "
+            f"in float64 (pass dtype= to choose)")
+
+
+def _promoted(res, t0: float, dtype: torch.dtype, y_max: float):
+    """The float64 re-run's result, timed from the first call and carrying the reason."""
+    return dataclasses.replace(res, wall_time_s=time.perf_counter() - t0,
+                               notes=(_promotion_note(dtype, y_max), *res.notes))
+
+
+def _overflow_error(dtype: torch.dtype, y_max: float, what: str) -> UserError:
+    name = str(dtype).replace("torch.", "")
+    hint = "pass dtype=torch.float64" if dtype != torch.float64 else "rescale the model or its inputs"
+    return UserError(f"the {what} overflowed {name} (model outputs reach {y_max:.3g}); {hint}")
+
+
+def _prepare_inputs(fm: FunctionalModel, x1, x2) -> tuple[Tensor, Tensor, bool]:
+    x1 = fm.prepare(x1)
+    if x1.dim() < 1 or x1.shape[0] < 1:
+        raise UserError(f"x1 must have a leading sample axis with at least one sample, got shape "
+                        f"{tuple(x1.shape)}")
+    if x2 is None:
+        return x1, x1, True
+    x2 = fm.prepare(x2)
+    if x2.dim() != x1.dim() or x2.shape[1:] != x1.shape[1:] or x2.shape[0] < 1:
+        raise UserError(f"x2 samples have shape {tuple(x2.shape[1:])} but x1 samples "
+                        f"{tuple(x1.shape[1:])}; both must be (N, ...) with the same sample shape")
+    return x1, x2, False
+

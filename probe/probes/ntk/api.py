@@ -1,0 +1,426 @@
+"""The public functions of the NTK probe: the kernel, its spectrum, and the matrix-free top-k.
+
+:func:`empirical_ntk` plans (:mod:`._plan`) and runs one of the kernel methods (:mod:`._jacobian`,
+:mod:`._ntvp`, :mod:`._layerwise`); :func:`ntk_spectrum` summarises a kernel with
+:mod:`probe.linalg.spectrum`; :func:`ntk_topk_lanczos` runs :func:`probe.linalg.block_lanczos` on
+one of the two NTK operators (:mod:`._operators`).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from probe.autodiff import find_structured_layers as _find_layers
+from probe.errors import UserError
+from probe.functional import ParamFilter, eval_mode, functionalize
+from probe.linalg import CallableOperator, SymmetricOperator, block_lanczos, dense_eigenvalues, spectrum_stats
+from probe.probes.ntk._blocks import _block_shape
+from probe.probes.ntk._jacobian import _run_jacobian
+from probe.probes.ntk._layerwise import _run_layerwise
+from probe.probes.ntk._ntvp import _run_ntvp
+from probe.probes.ntk._operators import _GramOperator, _NtkOperator
+from probe.probes.ntk._plan import (_checked_layers, _Ctx, _default_block, _fit_n, _measure, _Plan,
+                                    _plan_gram, _plan_jacobian, _plan_layerwise, _plan_ntvp)
+from probe.probes.ntk._util import (_LANCZOS_MAX_BLOCK, DEFAULT_MEMORY_BUDGET, _check_finite,
+                                    _couples_samples, _enum, _has_batchnorm, _mib, _out_of_range,
+                                    _overflow_error, _prepare_inputs, _progress, _promoted)
+from probe.probes.ntk.results import (LanczosMethod, LanczosResult, NtkKind, NtkMethod, NtkResult,
+                                      SpectrumResult)
+
+__all__ = ["empirical_ntk", "ntk_spectrum", "ntk_topk_lanczos"]
+
+
+# --------------------------------------------------------------------------------------------
+# The kernel
+# --------------------------------------------------------------------------------------------
+
+
+def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
+                  kind: NtkKind | str = "trace", method: NtkMethod | str = "auto",
+                  memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, block_size: int | None = None,
+                  param_filter: ParamFilter = None, dtype: torch.dtype | str | None = None,
+                  device: torch.device | str | None = None, progress=None) -> NtkResult:
+    """Empirical NTK of ``model`` between ``x1`` (N1, ...) and ``x2`` (N2, ...) (default: x1).
+
+    ``kind`` and the axis conventions: the :mod:`probe.probes.ntk` docstring. ``param_filter``
+    restricts the kernel to a parameter group (the other parameters are held fixed). The model is
+    evaluated in eval mode and is not modified.
+
+    Memory and cost model (``method="auto"``): one forward pass of one sample measures the
+    activations saved for the backward pass (A, per sample) and the forward FLOPs [FP] (matmul
+    and conv FLOPs, ``FlopCounterMode``). Each method gets a plan -- the largest blocks of samples
+    whose peak working set (kernel + the Jacobians / activations it holds at once) fits the
+    budget -- and an estimated cost, with q = 1 (trace), O (diagonal), O^2 (full):
+
+    * jacobian:  1.5 * E * (1 + 2*O) * [FP] + 2 * N1 * N2 * q * P, where E counts per-sample
+      Jacobian evaluations (N when all fit at once, more when column blocks are recomputed);
+    * layerwise: S * (1 + 2*O) * [FP] + sum over layers of 2 * N1 * N2 * q * P_layer (or the
+      Gram cost), S the samples pushed through forward/backward passes, plus the jacobian cost
+      of any parameter outside structured layers;
+    * ntvp:      1.5 * N2 * O * (3 + 2.5 * N1) * [FP].
+
+    (1.5: per-sample vmapped kernels against batched ones.) ``auto`` takes the cheapest plan that
+    fits ``memory_budget_bytes``: in practice ``layerwise`` for CNNs/MLPs built from
+    Linear/Conv2d/BatchNorm, ``jacobian`` for other models (blocked by samples, then by parameter
+    groups as the budget shrinks), ``ntvp`` when not even one sample's O*P Jacobian fits. The
+    chosen plan is reported in ``result.schedule`` and ``result.est_gflop``. When the kernel
+    itself or every method's smallest working set exceeds the budget a :class:`UserError` says so
+    before anything large is allocated, with the N that would fit and what to use instead.
+    ``block_size`` forces the number of samples per block (for tests and tuning).
+
+    Raises :class:`UserError` for unknown kind/method, mismatched inputs, parameter filters that
+    select nothing, non-finite model outputs and impossible budgets.
+    """
+    t0 = time.perf_counter()
+    kind = _enum(NtkKind, kind, "NTK kind")
+    method = _enum(NtkMethod, method, "NTK method")
+    if memory_budget_bytes is None or memory_budget_bytes <= 0:
+        raise UserError(f"memory_budget_bytes must be positive, got {memory_budget_bytes!r}")
+    if block_size is not None and int(block_size) < 1:
+        raise UserError(f"block_size must be a positive integer, got {block_size!r}")
+    fm = functionalize(model, param_filter=param_filter, dtype=dtype, device=device)
+    notes: list[str] = []
+    if any(m.training for m in model.modules()):
+        notes.append("model was in train mode: evaluated in eval mode (BatchNorm running statistics, "
+                     "dropout off); the model's modes are restored")
+    with eval_mode(model):
+        x1, x2, sym = _prepare_inputs(fm, x1, x2)
+        layers = _find_layers(fm) if not _couples_samples(model) else []
+        stats = _measure(fm, x1[:1].clone(), layers)
+        itemsize = torch.empty((), dtype=fm.dtype).element_size()
+        c = _Ctx(fm, kind, x1, x2, sym, stats, itemsize, int(memory_budget_bytes))
+        free = c.budget - c.kernel_bytes
+        if free <= 0:
+            fit = _fit_n(c.budget // 2, c.q, None if sym else c.n2)
+            raise UserError(
+                f"the {kind.value} kernel for N1={c.n1}, N2={c.n2}, O={c.O} alone needs "
+                f"{_mib(c.kernel_bytes)} (float64) but memory_budget_bytes is {_mib(c.budget)}; "
+                f"at most N1={fit} samples fit with half the budget left for the work. Use fewer "
+                f"samples, kind='trace' (N x N), ntk_topk_lanczos(...) for the top eigenvalues "
+                f"without forming the kernel, or raise memory_budget_bytes")
+        act_bytes = max(1, 3 * stats.saved_numel * itemsize)
+        chunk = max(1, min(c.n1, free // act_bytes))
+        y_max = _check_finite(fm, x1, chunk, "x1")
+        if not sym:
+            y_max = max(y_max, _check_finite(fm, x2, chunk, "x2"))
+        if dtype is None and fm.dtype != torch.float64 and _out_of_range(fm.dtype, y_max):
+            res = empirical_ntk(model, x1, x2, kind=kind, method=method,
+                                memory_budget_bytes=memory_budget_bytes, block_size=block_size,
+                                param_filter=param_filter, dtype=torch.float64, device=device,
+                                progress=progress)
+            return _promoted(res, t0, fm.dtype, y_max)
+
+        plans: list[_Plan] = []
+        if method in (NtkMethod.AUTO, NtkMethod.LAYERWISE):
+            if _couples_samples(model):
+                plans.append(_Plan(NtkMethod.LAYERWISE, False, reason="the model has BatchNorm "
+                                   "without running statistics (samples are coupled in eval mode)"))
+            else:
+                good, fallback, bad = _checked_layers(c, layers)
+                if bad:
+                    notes.append(f"layerwise: {len(bad)} parameter tensor(s) failed the closed-form "
+                                 f"check and use the generic Jacobian path")
+                plans.append(_plan_layerwise(c, good, fallback, free, block_size))
+        if method in (NtkMethod.AUTO, NtkMethod.JACOBIAN):
+            plans.append(_plan_jacobian(c, list(fm.params), free, block_size))
+        if method in (NtkMethod.AUTO, NtkMethod.NTVP):
+            plans.append(_plan_ntvp(c, free, block_size))
+        feasible = [p for p in plans if p.feasible]
+        if not feasible:
+            need = min(p.min_bytes for p in plans if p.min_bytes > 0) if any(
+                p.min_bytes > 0 for p in plans) else 0
+            best = min((p for p in plans if p.min_bytes > 0), key=lambda p: p.min_bytes, default=None)
+            fit = _fit_n(c.budget - need, c.q, None if sym else c.n2)
+            why = "; ".join(f"{p.method.value}: {p.reason}" for p in plans)
+            hint = (f"method={best.method.value!r} needs memory_budget_bytes >= "
+                    f"{_mib(need + c.kernel_bytes)} for this N" if best else "raise memory_budget_bytes")
+            fits = (f"with this budget at most N={fit} samples fit" if fit >= 1 else
+                    "with this budget not even one sample fits")
+            raise UserError(f"no NTK method fits memory_budget_bytes={_mib(c.budget)} (kernel "
+                            f"{_mib(c.kernel_bytes)}): {why}. {hint}; {fits}")
+        plan = min(feasible, key=lambda p: p.cost)
+
+        K = torch.zeros(_block_shape(kind, c.n1, c.n2, c.O), dtype=torch.float64, device=fm.device)
+        total = plan.n_blocks + (plan.fallback.n_blocks if plan.fallback else 0)
+        with _progress(total, f"ntk {kind.value} ({plan.method.value})", progress) as pbar:
+            if plan.method == NtkMethod.JACOBIAN:
+                _run_jacobian(c, plan, list(fm.params), K, pbar)
+            elif plan.method == NtkMethod.NTVP:
+                _run_ntvp(c, plan, K, pbar)
+            else:
+                _run_layerwise(c, plan, K, pbar)
+                if plan.fallback is not None:
+                    names = [n for n in fm.params if n not in {m for lay in plan.layers
+                                                                for m in lay.names}]
+                    _run_jacobian(c, plan.fallback, names, K, pbar)
+                    notes.append(f"layerwise: {len(names)} parameter tensor(s) outside "
+                                 f"Linear/Conv2d/BatchNorm layers via the Jacobian path")
+    if not bool(torch.isfinite(K).all()):
+        raise _overflow_error(fm.dtype, y_max, f"{kind.value} kernel")
+    if kind == NtkKind.FULL:
+        K = K.reshape(c.n1 * c.O, c.n2 * c.O)
+    if sym:   # exactly symmetric (blocks on the diagonal and NTVP columns carry rounding asymmetry)
+        K = 0.5 * (K + K.transpose(-1, -2))
+    kernel = K.cpu().numpy()
+    bn_mode = "eval" if _has_batchnorm(model) else "none"
+    return NtkResult(kernel=kernel, kind=kind.value, method=plan.method.value, n1=c.n1, n2=c.n2,
+                     n_outputs=c.O, n_params=fm.n_params, dtype=str(fm.dtype).replace("torch.", ""),
+                     wall_time_s=time.perf_counter() - t0,
+                     peak_memory_bytes=int(plan.peak_bytes + c.kernel_bytes), symmetric=sym,
+                     n_blocks=plan.n_blocks + (plan.fallback.n_blocks if plan.fallback else 0),
+                     schedule=plan.schedule, bn_mode=bn_mode, est_gflop=plan.flops / 1e9,
+                     param_filter=None if param_filter is None else repr(param_filter),
+                     notes=tuple(notes))
+
+
+# --------------------------------------------------------------------------------------------
+# Spectrum
+# --------------------------------------------------------------------------------------------
+
+
+def _targets(y, n_rows: int) -> np.ndarray:
+    """Labels/targets as an (n_rows, C) float64 matrix (see :func:`ntk_spectrum`)."""
+    y = np.asarray(y.detach().cpu() if isinstance(y, Tensor) else y)
+    if y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
+        classes, idx = np.unique(y, return_inverse=True)
+        Y = np.zeros((y.size, classes.size))
+        Y[np.arange(y.size), idx] = 1.0
+        Y -= Y.mean(0, keepdims=True)
+    else:
+        Y = y.astype(np.float64).reshape(y.shape[0], -1)
+    if Y.shape[0] == n_rows:
+        return Y
+    if Y.size == n_rows:                       # (N, O) targets against a full (N*O) kernel
+        return Y.reshape(n_rows, 1)
+    raise UserError(f"targets with {Y.shape[0]} rows do not match a kernel with {n_rows} rows")
+
+
+def ntk_spectrum(K, y=None, *, floor: float | None = None) -> SpectrumResult:
+    """Eigenvalues and spectrum summaries of a symmetric PSD kernel (float64 throughout).
+
+    ``K``: (n, n) array/tensor, or an :class:`NtkResult` of kind ``trace`` or ``full`` (for
+    ``diagonal`` pass ``result.kernel[a]``). The kernel is symmetrised, (K + K^T)/2, to remove
+    rounding asymmetry before ``eigvalsh``.
+
+    * ``eigenvalues``: descending.
+    * ``floor``: eigenvalues at or below it are numerically zero; default n * eps * lambda_max
+      (the rounding level of an eigen-solver in float64).
+    * ``condition_number``: lambda_max / smallest eigenvalue above the floor; when some eigenvalues
+      are below the floor the kernel is near-singular, ``n_below_floor`` counts them and a note
+      says so (the condition number then describes the well-determined part only).
+    * ``effective_rank``: exp(entropy of lambda / sum lambda) (Roy & Vetterli 2007), negatives
+      clipped to 0; ``participation_ratio``: (sum lambda)^2 / sum lambda^2.
+      (These three: :func:`probe.linalg.spectrum_stats`.)
+    * ``alignment`` (kernel-target alignment, Cristianini et al. 2002):
+      <K, Y Y^T>_F / (||K||_F ||Y Y^T||_F). ``y`` integer class labels (N,) become one-hot,
+      centred per class column; float targets (N,) or (N, C) are used as given; against a
+      ``full`` kernel (N*O rows), (N, O) targets are flattened sample-major.
+    """
+    if isinstance(K, NtkResult):
+        if K.kind == NtkKind.DIAGONAL.value:
+            raise UserError("ntk_spectrum needs a square kernel: pass result.kernel[a] for output a of "
+                            "a diagonal kernel, or compute kind='trace'")
+        K = K.kernel
+    K = np.asarray(K.detach().cpu() if isinstance(K, Tensor) else K, dtype=np.float64)
+    if K.ndim != 2 or K.shape[0] != K.shape[1] or K.shape[0] == 0:
+        raise UserError(f"ntk_spectrum needs a square (n, n) kernel, got shape {K.shape}")
+    if not np.isfinite(K).all():
+        raise UserError("the kernel has non-finite entries; recompute it in float64")
+    n = K.shape[0]
+    Ks = 0.5 * (K + K.T)
+    ev = dense_eigenvalues(K)                                        # of Ks, descending
+    stats = spectrum_stats(ev, floor=floor, name="kernel")
+    align = None
+    if y is not None:
+        Y = _targets(y, n)
+        Kn = Ks / max(float(np.abs(Ks).max()), np.finfo(np.float64).tiny)   # alignment is scale-free
+        num = float(np.trace(Y.T @ Kn @ Y))
+        den = float(np.linalg.norm(Kn) * np.linalg.norm(Y.T @ Y))
+        align = num / den if den > 0 else 0.0
+    return SpectrumResult(eigenvalues=ev, condition_number=stats.condition_number,
+                          effective_rank=stats.effective_rank,
+                          participation_ratio=stats.participation_ratio, alignment=align,
+                          floor=stats.floor, n_below_floor=stats.n_below_floor,
+                          trace=float(np.trace(Ks)), notes=stats.notes)
+
+
+# --------------------------------------------------------------------------------------------
+# Matrix-free top-k
+# --------------------------------------------------------------------------------------------
+
+
+def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind | str = "trace",
+                     method: LanczosMethod | str = "auto",
+                     param_filter: ParamFilter = None, dtype: torch.dtype | str | None = None,
+                     device: torch.device | str | None = None,
+                     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+                     block_size: int | None = None, block_vectors: int | None = None,
+                     max_dim: int | None = None, tol: float | None = None,
+                     return_eigenvectors: bool = False, seed: int = 0,
+                     progress=None) -> LanczosResult:
+    """Top-k eigenvalues of the empirical NTK of ``model`` on ``x`` without forming the kernel.
+
+    Block Lanczos (``block_vectors`` = s vectors per step, full reorthogonalisation) over one of
+    two operators (:class:`LanczosMethod`): ``gram``, M = J^T J in parameter space, one pass over
+    the data per block (per-sample layer rows in closed form); or ``ntvp``, K v = J (J^T v) by
+    VJPs and JVPs in sample space. ``auto`` takes ``gram`` when it applies and fits
+    ``memory_budget_bytes``. Neither forms an N x N array. Plain Lanczos (s=1) sees each
+    eigenvalue once: for an eigenvalue of multiplicity m among the top k use s >= m (e.g. a kernel
+    restricted to the last layer, kron(H H^T, I_O), needs s >= O with ``kind="full"``). ``s``
+    defaults to min(k, 20) for ``gram`` and 1 for ``ntvp``. Both operators run the one solver,
+    :func:`probe.linalg.block_lanczos`.
+
+    Convergence: every top-k Ritz residual (||K y - theta y||, or for ``gram`` ||M p - theta p||,
+    p in parameter space) <= tol * theta_max; the eigenvalue error is then at most the residual,
+    and about residual^2 / gap for separated eigenvalues. ``tol`` defaults to 1e-8 for float64
+    and 1e-5 in lower precision, where the operator's own rounding (~1e-6 theta_max in float32)
+    puts a floor under the residuals. ``max_dim`` caps the Krylov dimension (default
+    max(10k, 100)); when reached, ``converged`` is False and a note says so. ``kind``: ``trace``
+    (N x N) or ``full`` (N*O x N*O, sample-major eigenvectors). ``return_eigenvectors`` costs
+    ``gram`` one more pass (y = J p / sqrt(theta)). ``block_size`` forces the samples per pass.
+    """
+    t0 = time.perf_counter()
+    kind = _enum(NtkKind, kind, "NTK kind")
+    method = _enum(LanczosMethod, method, "Lanczos method")
+    if kind == NtkKind.DIAGONAL:
+        raise UserError("ntk_topk_lanczos supports kind='trace' or 'full'; for one output's kernel use "
+                        "param_filter/a model head with that output")
+    for name, val in (("block_vectors", block_vectors), ("block_size", block_size), ("max_dim", max_dim)):
+        if val is not None and int(val) < 1:
+            raise UserError(f"{name} must be a positive integer, got {val!r}")
+    if memory_budget_bytes is None or memory_budget_bytes <= 0:
+        raise UserError(f"memory_budget_bytes must be positive, got {memory_budget_bytes!r}")
+    fm = functionalize(model, param_filter=param_filter, dtype=dtype, device=device)
+    notes = []
+    if any(m.training for m in model.modules()):
+        notes.append("model was in train mode: evaluated in eval mode; modes restored")
+    with eval_mode(model):
+        x, _, _ = _prepare_inputs(fm, x, None)
+        couples = _couples_samples(model)
+        layers = _find_layers(fm) if not couples else []
+        stats = _measure(fm, x[:1].clone(), layers)
+        O, N, P = stats.n_outputs, x.shape[0], fm.n_params
+        n = N * (O if kind == NtkKind.FULL else 1)
+        k = int(k)
+        if not 1 <= k <= n:
+            raise UserError(f"k must be between 1 and {n} (the kernel's size), got {k}")
+        if tol is None:
+            tol = 1e-8 if fm.dtype == torch.float64 else 1e-5
+        it = torch.empty((), dtype=fm.dtype).element_size()
+        budget = int(memory_budget_bytes)
+        act_bytes = max(1, 3 * stats.saved_numel * it)
+        y_max = _check_finite(fm, x, max(1, min(N, max(budget // 2, act_bytes) // act_bytes)), "x")
+        if dtype is None and fm.dtype != torch.float64 and _out_of_range(fm.dtype, y_max):
+            res = ntk_topk_lanczos(model, x, k, kind=kind, method=method, param_filter=param_filter,
+                                   dtype=torch.float64, device=device,
+                                   memory_budget_bytes=memory_budget_bytes, block_size=block_size,
+                                   block_vectors=block_vectors, max_dim=max_dim, tol=tol,
+                                   return_eigenvectors=return_eigenvectors, seed=seed, progress=progress)
+            return _promoted(res, t0, fm.dtype, y_max)
+
+        gram = None
+        if method in (LanczosMethod.AUTO, LanczosMethod.GRAM):
+            if couples:
+                gram = _Plan(NtkMethod.LAYERWISE, False, reason="the model has BatchNorm without "
+                             "running statistics (samples are coupled in eval mode)")
+            else:
+                c = _Ctx(fm, kind, x, x, True, stats, it, budget)
+                good, fallback, bad = _checked_layers(c, layers)
+                F = P * (O if kind == NtkKind.TRACE else 1)
+                first = max(1, min(int(block_vectors or _default_block(LanczosMethod.GRAM, k)), k))
+                # without a given block size, smaller blocks until the basis fits the budget
+                for s in ([first] if block_vectors else sorted({first, min(first, 10), min(first, 5),
+                                                                min(first, 2), 1}, reverse=True)):
+                    cap = int(max_dim) if max_dim else max(10 * k, 100)
+                    cap = F if cap >= F else max(cap // s * s, min(F, -(-k // s) * s + s))
+                    gram = _plan_gram(c, good, fallback, k, s, cap, n, block_size)
+                    if gram.feasible:
+                        break
+                if bad and gram.feasible:
+                    notes.append(f"gram: {len(bad)} parameter tensor(s) failed the closed-form check "
+                                 f"and use vmap(jacrev)")
+                if gram.feasible and gram.n_blocks < cap:
+                    notes.append(f"gram: Krylov dimension capped at {gram.n_blocks} by the memory budget")
+            if method == LanczosMethod.GRAM and not gram.feasible:
+                raise UserError(f"method='gram' cannot run: {gram.reason}; raise memory_budget_bytes "
+                                f"(budget {_mib(budget)}) or use method='ntvp'")
+        if gram is not None and gram.feasible:
+            plan = gram
+            sweeps_max = -(-plan.n_blocks // s) + (1 if return_eigenvectors else 0)
+            with _progress(N * sweeps_max, f"ntk lanczos ({kind.value}, gram, {s} vectors/pass)",
+                           progress) as pbar:
+                op = _GramOperator(fm, x, kind, O, plan.layers, plan.groups[0], plan.block, plan.chunk,
+                                   pbar)
+                # a parameter space smaller than k holds only F non-zero eigenvalues
+                eig = block_lanczos(_finite(op, fm.dtype, y_max, "parameter-space operator J^T J"),
+                                    min(k, op.size), block_size=s, max_dim=plan.n_blocks, tol=tol,
+                                    seed=seed, return_vectors=return_eigenvectors)
+                Y = None
+                if return_eigenvectors:                     # y = J p / ||J p||, p the Ritz vectors
+                    JY = op.rows_times(eig.vectors).to(torch.float64).cpu().numpy()      # (n, k)
+                    Y = JY / np.maximum(np.linalg.norm(JY, axis=0), 1e-300)
+            if not eig.converged:
+                notes.append(f"not converged within a Krylov dimension of {eig.dim}: raise max_dim or "
+                             f"memory_budget_bytes (largest residual {eig.residuals.max():.3g})")
+            notes.extend(eig.notes)
+            return LanczosResult(eigenvalues=eig.eigenvalues, eigenvectors=Y, residuals=eig.residuals,
+                                 n_matvecs=op.matvecs, converged=eig.converged, kind=kind.value, n=N,
+                                 n_outputs=O, n_params=P, dtype=str(fm.dtype).replace("torch.", ""),
+                                 wall_time_s=time.perf_counter() - t0,
+                                 peak_memory_bytes=int(plan.peak_bytes), block_vectors=s,
+                                 subspace_dim=eig.dim, method=LanczosMethod.GRAM.value,
+                                 n_passes=op.sweeps, notes=tuple(notes))
+        if gram is not None and method == LanczosMethod.AUTO:
+            notes.append(f"gram operator not used ({gram.reason}): VJP/JVP products instead")
+
+        s = max(1, min(int(block_vectors or _default_block(LanczosMethod.NTVP, k)), k))
+        dim_cap = min(n, int(max_dim) if max_dim else max(10 * k, 100))
+        dim_cap = max(dim_cap, min(n, k + s))
+        m = s * (O if kind == NtkKind.TRACE else 1)            # vectors pushed through at once
+        # tangents, gradient; the float64 basis, ~4 blocks of work and the projection T
+        fixed = (m + 2) * P * it + 8 * (n * (dim_cap + 4 * s) + dim_cap ** 2)
+        # per sample: the VJP's forward graph and backward wave; the JVPs (O tangents at a time)
+        # keep no graph, only a few layers' primal and tangent activations
+        per_sample = ((2 + min(m, O) / 2) * stats.saved_numel + 2 * m * O) * it
+        per_sample = int(per_sample)
+        free = budget - fixed
+        b = int(block_size) if block_size else (free // per_sample if free > 0 else 0)
+        if b < 1 or free < per_sample:
+            need = fixed + per_sample
+            raise UserError(f"matrix-free NTK needs at least {_mib(need)} (tangents {m} x P={P}, "
+                            f"Lanczos basis, one sample's activations) but memory_budget_bytes is "
+                            f"{_mib(memory_budget_bytes)}; raise it or use block_vectors=1")
+        # beyond a few hundred samples per block the passes get memory-bound (measured on CPU:
+        # 2000-sample blocks ~1.4x slower per sample than 250-500)
+        b = min(b, N, _LANCZOS_MAX_BLOCK) if not block_size else min(b, N)
+        op = _NtkOperator(fm, x, kind, O, b, per_sample=couples)
+        with _progress(dim_cap, f"ntk lanczos ({kind.value}, ntvp)", progress) as pbar:
+            eig = block_lanczos(_finite(op, fm.dtype, y_max, "NTK-vector product"), k, block_size=s,
+                                max_dim=dim_cap, tol=tol, seed=seed, return_vectors=return_eigenvectors,
+                                progress=pbar.update)
+    if not eig.converged:
+        notes.append(f"not converged within a Krylov dimension of {eig.dim}: raise max_dim "
+                     f"(largest residual {eig.residuals.max():.3g})")
+    notes.extend(eig.notes)
+    Y = eig.vectors.cpu().numpy() if return_eigenvectors else None                 # (n, k) float64
+    return LanczosResult(eigenvalues=eig.eigenvalues, eigenvectors=Y, residuals=eig.residuals,
+                         n_matvecs=op.matvecs, converged=eig.converged, kind=kind.value, n=N,
+                         n_outputs=O, n_params=P, dtype=str(fm.dtype).replace("torch.", ""),
+                         wall_time_s=time.perf_counter() - t0,
+                         peak_memory_bytes=int(fixed + b * per_sample), block_vectors=s,
+                         subspace_dim=eig.dim, method=LanczosMethod.NTVP.value,
+                         n_passes=2 * -(-op.matvecs // s), notes=tuple(notes))
+
+
+def _finite(op: SymmetricOperator, dtype: torch.dtype, y_max: float, what: str) -> CallableOperator:
+    """``op`` with every product checked: a non-finite one raises the overflow error (the kernel
+    left ``dtype``'s range) instead of feeding inf/nan to the solver."""
+    def checked(V: Tensor) -> Tensor:
+        W = op.matmat(V)
+        if not bool(torch.isfinite(W).all()):
+            raise _overflow_error(dtype, y_max, what)
+        return W
+    return CallableOperator(checked, op.size, dtype=op.dtype, device=op.device)

@@ -1,0 +1,170 @@
+"""The NTK probe: empirical kernel spectra of a target and eigenlearning predictions, registered
+with the probe framework (``probe ntk``)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from probe.errors import UserError
+from probe.probes.registry import Probe, ProbeContext, register
+
+__all__ = ["NTKParams", "NTKProbeResult", "compute"]
+
+
+@dataclass(frozen=True)
+class NTKParams:
+    """Options of ``probe ntk``."""
+
+    kind: str = field(default="trace", metadata={
+        "help": "trace (N x N, summed over outputs), full (NO x NO) or diagonal (O x N x N)",
+        "choices": ("trace", "full", "diagonal")})
+    method: str = field(default="auto", metadata={
+        "help": "kernel method, or lanczos for matrix-free top-k eigenvalues",
+        "choices": ("auto", "jacobian", "ntvp", "layerwise", "lanczos")})
+    topk: int = field(default=10, metadata={"help": "eigenvalues to print / compute with lanczos"})
+    lanczos_operator: str = field(default="auto", metadata={
+        "help": "with method lanczos: gram (parameter space, one data pass per block) or ntvp (VJP/JVP "
+                "products); auto picks gram when it applies and fits the memory budget",
+        "choices": ("auto", "gram", "ntvp")})
+    memory_gb: float = field(default=2.0, metadata={"help": "memory budget in GiB for the kernel computation"})
+    eigenlearning: bool = field(default=True, metadata={
+        "help": "eigenlearning predictions and the kernel-regression check (trace kernels)"})
+    trials: int = field(default=10, metadata={"help": "kernel-regression trials per training-set size"})
+    dtype: str = field(default="float64", metadata={"help": "kernel dtype", "choices": ("float32", "float64")})
+
+    def __post_init__(self):
+        for name, lo, hi in (("topk", 1, 100_000), ("trials", 1, 10_000)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise UserError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
+        m = self.memory_gb
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or not 1e-6 <= m <= 1e6:
+            raise UserError(f"memory budget must be a number of GiB in [1e-6, 1e6], got {m!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class NTKProbeResult:
+    """The stored NTK result: the summary the catalog and ``--json`` show, and its arrays
+    (``labels``, ``eigenvalues``, ``kernel`` unless Lanczos, ``el_n`` / ``el_predicted`` /
+    ``el_measured`` with eigenlearning)."""
+
+    data: dict
+    array_data: dict
+
+    def summary(self) -> dict:
+        return dict(self.data)
+
+    def arrays(self) -> dict:
+        return dict(self.array_data)
+
+    @classmethod
+    def from_store(cls, summary: dict, arrays: dict) -> "NTKProbeResult":
+        return cls(dict(summary), {k: np.asarray(v) for k, v in arrays.items()})
+
+    @property
+    def eigenvalues(self) -> np.ndarray:
+        return np.asarray(self.array_data["eigenvalues"])
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, NTKProbeResult):
+            return NotImplemented
+        from probe.store import to_jsonable
+
+        return (to_jsonable(self.data) == to_jsonable(other.data) and self.array_data.keys() == other.array_data.keys()
+                and all(np.array_equal(self.array_data[k], other.array_data[k]) for k in self.array_data))
+
+    def text(self) -> str:
+        from probe.cli._util import format_table
+
+        r = self.data
+        wall = r.get("wall_time_s", r.get("lanczos", {}).get("wall_time_s", 0.0)) or 0.0
+        lines = [f"{r['kind']} NTK on {r['n']} {r.get('data', '')} samples, method {r['method']}, {wall:.1f}s"]
+        if "lanczos" in r:
+            lz = r["lanczos"]
+            lines.append(f"Lanczos operator {lz['method']}: {lz['n_matvecs']} vectors in {lz['n_passes']} passes "
+                         f"over the data, converged={lz['converged']}")
+        lines.append("top eigenvalues: " + ", ".join(f"{v:.4g}" for v in r["top_eigenvalues"]))
+        if "spectrum" in r:
+            s = r["spectrum"]
+            align = s["alignment"] if s["alignment"] is None else round(s["alignment"], 4)
+            lines.append(f"condition number {s['condition_number']:.4g}   effective rank "
+                         f"{s['effective_rank']:.4g}   kernel-target alignment {align}")
+        if "eigenlearning" in r:
+            lines.append("eigenlearning (kernel regression with this NTK, centred one-hot targets):")
+            lines.append("  " + format_table(r["eigenlearning"]["rows"], [
+                ("n", "n"), ("predicted_test_mse", "predicted test MSE"), ("measured_test_mse", "measured KRR"),
+                ("measured_test_mse_std", "+-"), ("predicted_learnability", "pred. learnability"),
+                ("measured_learnability", "meas. learnability")]).replace("\n", "\n  "))
+        lines += [f"note: {note}" for note in r.get("notes", [])]
+        return "\n".join(lines)
+
+
+def _eigenlearning(K: np.ndarray, y: np.ndarray, num_classes: int, ns: list[int], trials: int, seed: int) -> dict:
+    from probe.eigenlearning import kernel_regression_mse, predict_from_kernel
+
+    Y = np.eye(num_classes)[y] - 1.0 / num_classes  # centred one-hot (M, C)
+    curve = predict_from_kernel(K, Y, ns)
+    rows = []
+    for i, n in enumerate(ns):
+        meas = kernel_regression_mse(K, Y, n, trials=trials, rng=seed + i)
+        rows.append({"n": int(n), "predicted_test_mse": float(curve.test_mse[i]),
+                     "measured_test_mse": meas.test_mse, "measured_test_mse_std": meas.test_mse_std,
+                     "predicted_learnability": float(curve.target_learnability[i]),
+                     "measured_learnability": meas.learnability, "kappa": float(curve.kappa[i]),
+                     "e0": float(curve.e0[i])})
+    return {"targets": "centred one-hot", "rows": rows}
+
+
+def compute(ctx: ProbeContext, p: NTKParams) -> NTKProbeResult:
+    """Kernel (or Lanczos top-k) on the context's inputs, its spectrum and eigenlearning."""
+    from probe.probes.ntk import empirical_ntk, ntk_spectrum, ntk_topk_lanczos
+
+    x, y, n = ctx.x, ctx.y, int(ctx.x.shape[0])
+    budget = int(p.memory_gb * 2 ** 30)
+    arrays: dict[str, np.ndarray] = {"labels": y.numpy()}
+    summary: dict = {"model": ctx.model_name, "epoch": ctx.epoch, "data": ctx.data, "n": n, "kind": p.kind}
+    if p.method == "lanczos":
+        lz = ntk_topk_lanczos(ctx.model, x, k=p.topk, kind=p.kind, method=p.lanczos_operator, dtype=p.dtype,
+                              device=ctx.device, memory_budget_bytes=budget, seed=ctx.seed, progress=ctx.progress)
+        arrays["eigenvalues"] = np.asarray(lz.eigenvalues)
+        summary.update({"method": "lanczos", "lanczos": lz.summary(),
+                        "top_eigenvalues": [float(v) for v in lz.eigenvalues[:p.topk]]})
+        if p.eigenlearning:
+            summary["notes"] = ["eigenlearning needs the whole spectrum: skipped with method lanczos"]
+        return NTKProbeResult(summary, arrays)
+    res = empirical_ntk(ctx.model, x, kind=p.kind, method=p.method, memory_budget_bytes=budget, dtype=p.dtype,
+                        device=ctx.device, progress=ctx.progress)
+    K = res.kernel
+    summary.update(res.summary())
+    spec_kernel = K if p.kind != "diagonal" else K.sum(0)
+    yy = np.eye(ctx.num_classes)[y.numpy()] - 1.0 / ctx.num_classes if p.kind != "full" else None
+    spec = ntk_spectrum(spec_kernel, yy)
+    summary["spectrum"] = spec.summary()
+    summary["top_eigenvalues"] = [float(v) for v in spec.eigenvalues[:p.topk]]
+    arrays["kernel"] = K
+    arrays["eigenvalues"] = spec.eigenvalues
+    if p.eigenlearning and p.kind == "trace":
+        Kper = K / res.n_outputs  # per-output kernel: the trace kernel sums O output kernels
+        ns = sorted({max(2, n // 8), max(2, n // 4), max(2, n // 2)})
+        el = _eigenlearning(Kper, y.numpy(), ctx.num_classes, ns, p.trials, ctx.seed)
+        summary["eigenlearning"] = el
+        arrays["el_n"] = np.array([r["n"] for r in el["rows"]])
+        arrays["el_predicted"] = np.array([r["predicted_test_mse"] for r in el["rows"]])
+        arrays["el_measured"] = np.array([r["measured_test_mse"] for r in el["rows"]])
+    return NTKProbeResult(summary, arrays)
+
+
+def _figure(entries):
+    from probe.figures.ntk import ntk_spectrum_figure
+
+    return ntk_spectrum_figure(entries)
+
+
+NTK_PROBE = register(Probe(
+    name="ntk", help="empirical NTK spectrum and eigenlearning predictions", params=NTKParams,
+    result=NTKProbeResult, compute=compute, figure=_figure, default_n=128,
+    description="Empirical neural tangent kernel of the target on n probe inputs: its spectrum (float64), "
+                "condition number, effective rank, kernel-target alignment, and eigenlearning predictions of "
+                "kernel regression checked against kernel regression with the same kernel."))

@@ -1,0 +1,213 @@
+"""Options and result types of the NTK probe: kinds, methods, and the frozen result dataclasses."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+from probe.errors import UserError
+from probe.probes.ntk._util import _fro
+
+__all__ = ["NtkKind", "NtkMethod", "LanczosMethod", "NtkResult", "SpectrumResult", "LanczosResult"]
+
+
+class NtkKind(str, Enum):
+    """Which kernel to form (see the :mod:`probe.probes.ntk` docstring for the axis conventions)."""
+
+    FULL = "full"
+    """(N1*O, N2*O), sample-major; memory N1*N2*O^2 float64."""
+    TRACE = "trace"
+    """(N1, N2), summed over outputs; memory N1*N2 float64."""
+    DIAGONAL = "diagonal"
+    """(O, N1, N2), one kernel per output; memory O*N1*N2 float64."""
+
+
+class NtkMethod(str, Enum):
+    """How the kernel is computed. N = N1 + N2 samples, O outputs, P parameters, [FP] one forward
+    pass of one sample, A the activations saved for the backward pass of one sample."""
+
+    AUTO = "auto"
+    """Pick the cheapest method whose memory plan fits ``memory_budget_bytes`` (cost model in
+    :func:`empirical_ntk`)."""
+    JACOBIAN = "jacobian"
+    """Per-sample Jacobians by ``vmap(jacrev)`` on blocks of samples, contracted block pair by block
+    pair. Time N*(1 + 2*O)*[FP] + N1*N2*O*P (trace, diagonal) or N1*N2*O^2*P (full); memory
+    N*O*P when every Jacobian fits, otherwise 2*b*O*P for blocks of b samples (Jacobians of
+    column blocks are then recomputed once per row block) or, below one sample, per parameter
+    group."""
+    NTVP = "ntvp"
+    """NTK-vector products: one VJP per column (sample j, output b) gives the parameter tangent
+    d f_b(x2_j)/d theta, one JVP over the row samples gives a whole kernel column. No Jacobian is
+    stored. Time ~N2*O*(3 + 2.5*N1)*[FP]; memory c*P + c*b*A for c columns and b rows at once."""
+    LAYERWISE = "layerwise"
+    """Structured per-layer contraction, no vmap. One batched forward pass over a block pair, then
+    per output one backward pass; as the gradient g at a Linear/Conv2d/BatchNorm output arrives,
+    that layer's per-sample Jacobian is rebuilt from (layer input, g) -- a sum over positions of
+    outer products, or sum g * x_hat for BatchNorm -- and contracted into the kernel before the
+    next layer's gradient exists. Layers with few positions T are contracted without forming
+    it, through the Gram identity sum_ts (a_it . a_js)(g_it . g_js) (cost T^2*(d_in + d_out)
+    instead of d_in*d_out per sample pair). Time ~N*(1 + 2*O)*[FP] + N1*N2*O*P; memory per sample
+    ~2A + one layer's Jacobian row and input patches, instead of O*P (``full`` keeps all O
+    output gradients per layer). Parameters elsewhere (or failing the built-in exactness
+    self-check) go through ``jacobian``. Needs a model whose eval-mode forward treats samples
+    independently."""
+
+
+class LanczosMethod(str, Enum):
+    """The operator :func:`ntk_topk_lanczos` iterates. N samples, O outputs, P parameters, s
+    vectors per block, [FP] one sample's forward pass."""
+
+    AUTO = "auto"
+    """``gram`` when the model is built from Linear/Conv2d/BatchNorm layers (others through
+    ``vmap(jacrev)``), treats samples independently and its Lanczos basis fits the budget;
+    ``ntvp`` otherwise."""
+    GRAM = "gram"
+    """Block Lanczos on M = J^T J in parameter space (:class:`_GramOperator`): same non-zero
+    eigenvalues as K = J J^T, and one pass over the data per block of s vectors -- one forward
+    and O backward passes per sample, its layer rows R formed once in closed form, then two
+    matrix products (R P^T, then w^T R). Time per block ~N*(1 + 2*O)*[FP] + 4*s*N*O*P (trace);
+    memory (Krylov dim + 4*s) * O*P for the parameter-space basis plus a block of samples."""
+    NTVP = "ntvp"
+    """Block Lanczos on K in sample space, K v = J (J^T v) by VJPs then JVPs (:class:`_NtkOperator`):
+    two passes over the data per block and O VJPs + O JVPs per vector and sample (trace), time
+    ~5*s*N*O*[FP] per block; memory O(s*O*P + N*max_dim). Works for any model, also one that
+    couples samples."""
+
+
+@dataclass(frozen=True, eq=False)
+class NtkResult:
+    """An empirical NTK with the metadata needed to interpret and store it.
+
+    ``kernel`` is float64 numpy, shaped per ``kind`` (:mod:`probe.probes.ntk` docstring).
+    ``peak_memory_bytes`` is the planner's estimate of the probe's peak working set (kernel
+    included), not a measurement.
+    """
+
+    kernel: np.ndarray
+    kind: str
+    method: str
+    n1: int
+    n2: int
+    n_outputs: int
+    n_params: int
+    dtype: str
+    wall_time_s: float
+    peak_memory_bytes: int
+    symmetric: bool
+    n_blocks: int
+    schedule: str = ""
+    bn_mode: str = "eval"
+    est_gflop: float = 0.0
+    param_filter: str | None = None
+    notes: tuple[str, ...] = ()
+
+    def full_axes(self) -> np.ndarray:
+        """The ``full`` kernel as a (N1, O, N2, O) view."""
+        if self.kind != NtkKind.FULL.value:
+            raise UserError(f"full_axes() needs kind='full', this kernel is {self.kind!r}")
+        return self.kernel.reshape(self.n1, self.n_outputs, self.n2, self.n_outputs)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Arrays for the store's ``.npz``."""
+        return {"kernel": self.kernel}
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able metadata (everything but the kernel) plus the kernel's trace and norm."""
+        k = self.kernel
+        square = k.shape[-1] == k.shape[-2]
+        return {
+            "probe": "ntk", "kind": self.kind, "method": self.method, "n1": self.n1, "n2": self.n2,
+            "n_outputs": self.n_outputs, "n_params": self.n_params, "dtype": self.dtype,
+            "wall_time_s": self.wall_time_s, "peak_memory_bytes": self.peak_memory_bytes,
+            "symmetric": self.symmetric, "n_blocks": self.n_blocks, "schedule": self.schedule,
+            "bn_mode": self.bn_mode,
+            "est_gflop": self.est_gflop, "param_filter": self.param_filter, "notes": list(self.notes),
+            "kernel_shape": list(k.shape), "kernel_fro": _fro(k),
+            "kernel_trace": float(np.trace(k, axis1=-2, axis2=-1).sum()) if square else None,
+        }
+
+    @classmethod
+    def from_store(cls, arrays: dict[str, np.ndarray], summary: dict[str, Any]) -> "NtkResult":
+        """Rebuild from :meth:`to_arrays` / :meth:`summary` output."""
+        names = {f for f in cls.__dataclass_fields__} - {"kernel", "notes"}
+        kw = {k: summary[k] for k in names if k in summary}
+        return cls(kernel=np.asarray(arrays["kernel"], dtype=np.float64),
+                   notes=tuple(summary.get("notes", ())), **kw)
+
+
+@dataclass(frozen=True, eq=False)
+class SpectrumResult:
+    """Spectrum summaries of a symmetric PSD kernel (see :func:`ntk_spectrum`)."""
+
+    eigenvalues: np.ndarray
+    condition_number: float
+    effective_rank: float
+    participation_ratio: float
+    alignment: float | None
+    floor: float
+    n_below_floor: int
+    trace: float
+    notes: tuple[str, ...] = ()
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"eigenvalues": self.eigenvalues}
+
+    def summary(self) -> dict[str, Any]:
+        ev = self.eigenvalues
+        return {"condition_number": self.condition_number, "effective_rank": self.effective_rank,
+                "participation_ratio": self.participation_ratio, "alignment": self.alignment,
+                "floor": self.floor, "n_below_floor": self.n_below_floor, "trace": self.trace,
+                "lambda_max": float(ev[0]) if ev.size else None,
+                "lambda_min": float(ev[-1]) if ev.size else None, "notes": list(self.notes)}
+
+    @classmethod
+    def from_store(cls, arrays: dict[str, np.ndarray], summary: dict[str, Any]) -> "SpectrumResult":
+        names = ("condition_number", "effective_rank", "participation_ratio", "alignment", "floor",
+                 "n_below_floor", "trace")
+        return cls(eigenvalues=np.asarray(arrays["eigenvalues"], dtype=np.float64),
+                   notes=tuple(summary.get("notes", ())), **{k: summary[k] for k in names})
+
+
+@dataclass(frozen=True, eq=False)
+class LanczosResult:
+    """Top-k eigenpairs of an NTK found matrix-free (see :func:`ntk_topk_lanczos`).
+
+    ``eigenvalues`` (k,) float64 descending; ``eigenvectors`` (N, k) or (N*O, k) sample-major, or
+    None; ``residuals`` the Ritz residual norms ||K y - theta y|| (the eigenvalue error is at most
+    this, and ~residual^2/gap for well separated eigenvalues).
+    """
+
+    eigenvalues: np.ndarray
+    eigenvectors: np.ndarray | None
+    residuals: np.ndarray
+    n_matvecs: int
+    converged: bool
+    kind: str
+    n: int
+    n_outputs: int
+    n_params: int
+    dtype: str
+    wall_time_s: float
+    peak_memory_bytes: int
+    block_vectors: int
+    subspace_dim: int
+    method: str = "ntvp"
+    n_passes: int = 0
+    notes: tuple[str, ...] = ()
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        out = {"eigenvalues": self.eigenvalues, "residuals": self.residuals}
+        if self.eigenvectors is not None:
+            out["eigenvectors"] = self.eigenvectors
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        return {"probe": "ntk_lanczos", "kind": self.kind, "n": self.n, "n_outputs": self.n_outputs,
+                "n_params": self.n_params, "dtype": self.dtype, "k": int(self.eigenvalues.size),
+                "n_matvecs": self.n_matvecs, "converged": self.converged,
+                "wall_time_s": self.wall_time_s, "peak_memory_bytes": self.peak_memory_bytes,
+                "block_vectors": self.block_vectors, "subspace_dim": self.subspace_dim,
+                "method": self.method, "n_passes": self.n_passes, "notes": list(self.notes)}
+

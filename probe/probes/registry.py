@@ -1,0 +1,175 @@
+"""The probe registry: a probe is one module, registered once.
+
+A probe module (``probe/probes/<name>.py`` or a small package) holds
+
+- a pure function over ``(model, data)`` that never mutates the model (the library API),
+- a frozen **parameters** dataclass: one field per probe option, each with a default and
+  ``metadata={"help": "...", "choices": (...)}``; ``__post_init__`` raises :class:`UserError` on a
+  bad value (messages name the field, never a CLI flag),
+- a frozen **result** dataclass with ``summary() -> dict`` (JSON-able: the catalog row and the
+  ``--json`` output), ``arrays() -> dict[str, np.ndarray]`` (the ``.npz`` artifact),
+  ``from_store(summary, arrays)`` (classmethod, the inverse: ``from_store(r.summary(), r.arrays())``
+  equals ``r``) and ``text() -> str`` (the lines the CLI prints),
+- a ``compute(ctx: ProbeContext, params) -> result`` adapter from the runner's context to the pure
+  function, and
+- one call ``register(Probe(...))``.
+
+Registering gives the probe its CLI subcommand (the shared target flags come from the runner, the
+probe's own flags from its parameters dataclass), its catalog kind (``Probe.name``), the
+``--checkpoint all`` sweep with a per-target error entry, ``--html`` through its figure builder
+(``probe/figures/``), and its explorer page. Nothing else needs to change to add a probe: the
+modules of :mod:`probe.probes` are discovered by :func:`load_probes`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from probe.errors import UserError
+
+__all__ = ["Probe", "ProbeContext", "ProbeResult", "Progress", "register", "get_probe", "list_probes",
+           "load_probes", "param_fields", "make_params", "params_dict"]
+
+#: ``progress(description, done, total)``: the library reports long work through this; the CLI
+#: renders it with tqdm on stderr. ``None`` means silent.
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class ProbeContext:
+    """What the runner hands a probe for one target (one model, at one checkpoint).
+
+    ``model`` must not be changed (parameters, buffers, modes, hooks): probes work on
+    ``torch.func.functional_call`` or on hooks they remove again. At initialisation its BatchNorm
+    statistics were estimated on ``x`` (on a copy). ``x`` are ``n`` seeded, class-balanced inputs
+    ``(N, C, H, W)`` (float32, CPU) of the target's data split, ``y`` their int64 labels ``(N,)``.
+    ``lr`` is the learning rate the run used at this checkpoint (``None`` for a model given by
+    name), for probes that relate gradients to step sizes.
+    """
+
+    model: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    num_classes: int
+    device: torch.device
+    seed: int
+    model_name: str
+    data: str = ""                      # the data set's name
+    run_id: str | None = None
+    epoch: int | None = None            # checkpoint epoch; 0 = initialisation of a run; None = by name
+    lr: float | None = None
+    progress: Progress | None = None
+    #: ``rebuild(seed)``: the same architecture freshly initialised from ``seed`` (for probes that
+    #: average over initialisations); ``None`` where the target cannot be rebuilt.
+    rebuild: Callable[[int], nn.Module] | None = None
+
+    @property
+    def at_init(self) -> bool:
+        return not self.epoch
+
+
+class ProbeResult(Protocol):
+    def summary(self) -> dict: ...
+    def arrays(self) -> dict[str, np.ndarray]: ...
+    def text(self) -> str: ...
+
+    @classmethod
+    def from_store(cls, summary: dict, arrays: dict) -> "ProbeResult": ...
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A registered probe.
+
+    ``figure(entries)`` builds one plotly figure from ``entries``, a list of ``(info, result)``
+    pairs: ``info`` a dict with ``model``, ``run_id``, ``epoch`` (the target) and ``probe_id``
+    (when stored), ``result`` the probe's result object; several entries are several models or
+    checkpoints overlaid or side by side.
+    """
+
+    name: str                                   # CLI subcommand and catalog kind
+    help: str                                   # one line for `probe --help`
+    params: type                                # frozen dataclass of the probe's own options
+    result: type                                # the result dataclass (has from_store)
+    compute: Callable[[ProbeContext, Any], Any]
+    figure: Callable[[Sequence[tuple[dict, Any]]], Any] | None = None
+    default_n: int = 128                        # probe inputs by default (--n)
+    split: str = "train"                        # which data split the inputs come from
+    description: str = ""                       # longer text for `probe NAME --help`
+
+
+_REGISTRY: dict[str, Probe] = {}
+
+
+def register(probe: Probe) -> Probe:
+    """Register ``probe`` under ``probe.name`` (once)."""
+    if not dataclasses.is_dataclass(probe.params):
+        raise TypeError(f"probe {probe.name!r}: params must be a dataclass")
+    if probe.name in _REGISTRY and _REGISTRY[probe.name] is not probe:
+        raise ValueError(f"probe {probe.name!r} is already registered")
+    _REGISTRY[probe.name] = probe
+    return probe
+
+
+def load_probes() -> None:
+    """Import every module of :mod:`probe.probes` (each registers its probe)."""
+    import probe.probes as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.name.startswith("_") and info.name != "registry":
+            importlib.import_module(f"probe.probes.{info.name}")
+
+
+def list_probes() -> list[str]:
+    """Names of the registered probes (sorted)."""
+    load_probes()
+    return sorted(_REGISTRY)
+
+
+def get_probe(name: str) -> Probe:
+    """The probe registered as ``name``; an unknown name lists the known ones."""
+    load_probes()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UserError(f"unknown probe {name!r}; probes: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def param_fields(params: type) -> list[dataclasses.Field]:
+    """The option fields of a parameters dataclass (every field must have a default and help)."""
+    out = []
+    for f in dataclasses.fields(params):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise TypeError(f"{params.__name__}.{f.name} needs a default")
+        if "help" not in f.metadata:
+            raise TypeError(f"{params.__name__}.{f.name} needs metadata={{'help': ...}}")
+        out.append(f)
+    return out
+
+
+def make_params(params: type, values: dict) -> Any:
+    """``params(**values)`` with unknown names refused and a bad value reported as a UserError."""
+    known = {f.name for f in dataclasses.fields(params)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    for f in dataclasses.fields(params):
+        choices = f.metadata.get("choices")
+        if f.name in values and choices is not None and values[f.name] not in choices:
+            raise UserError(f"{f.name} must be one of {', '.join(map(str, choices))}, got {values[f.name]!r}")
+    try:
+        return params(**values)
+    except TypeError as e:
+        raise UserError(str(e)) from None
+
+
+def params_dict(params: Any) -> dict:
+    """The options of a parameters object as a JSON-able dict (what the catalog stores)."""
+    return dataclasses.asdict(params)

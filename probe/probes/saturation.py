@@ -1,0 +1,737 @@
+"""Gate saturation: how far into the flat tails of their squashing functions the gates of a model sit.
+
+The seed's hypothesis is that the sigmoids of the multiplicative fusions saturate ("it feels like a
+learning rate that is too small"): a gate whose logits ``z`` sit at ``|z| >> 1`` passes almost no
+gradient, ``d sigma / dz = sigma (1 - sigma) -> 0``. For every gate of a model this probe streams
+the distribution of its input logits over a fixed batch and reports
+
+* ``frac_logit_sat``  fraction of finite logits with ``|z| > threshold`` (default 3),
+* ``frac_output_sat`` fraction of gate outputs ``g(z)`` outside the band ``[0.05, 0.95]``
+  (tanh: outside ``[-0.9, 0.9]``; hard sigmoid / hard swish: the gate part
+  ``h = relu6(z + 3) / 6`` outside ``[0.05, 0.95]``, i.e. ``|z| > 2.7``),
+* ``gain``           the mean local gain relative to the origin, ``E[g'(z) / g'(0)]``:
+  sigmoid ``sigma(z) sigma(-z) / (1/4)``, tanh ``1 - tanh(z)^2``, hard sigmoid / hard swish
+  (gate part) ``1`` inside ``(-3, 3)`` and ``0`` outside. 1 means "as steep as at z = 0", 0 means
+  "no gradient passes"; it is the factor by which saturation shrinks the effective learning rate
+  of everything upstream of the gate,
+* the logit ``mean`` and ``std`` (population, ``ddof = 0``), and a fixed-bin histogram of the logits:
+  ``bins`` equal bins ``[e_k, e_k+1)`` over ``[-hist_max, hist_max)``, an underflow count
+  (``z < -hist_max``) and an overflow count (``z >= hist_max``); columns ``[under, bins..., over]``.
+
+Everything is computed from the logits in float64 (the gate function is known per kind; since the
+gates are monotone and symmetric about their centre, "output outside the band" is the cut
+``|z| > log 19`` for sigmoid, ``|z| > log(19) / 2`` for tanh, ``|z| > 2.7`` for the hard gates), so
+the numbers do not depend on the model's rounding of the outputs near the band edges, and in-place
+gates are read before they overwrite their input.
+
+**Which gates.** Every :class:`models.Gate` (the toolkit's fusion sigmoids, SE, CBAM, Triplet,
+Coordinate Attention incl. the hard sigmoid inside its h_swish, NAM, the in-branch gate), every
+``nn.Sigmoid`` / ``nn.Tanh`` / ``nn.Hardsigmoid`` / ``nn.Hardswish`` module (forward pre-hooks read
+``inputs[0]``), and functional ``torch.sigmoid`` / ``torch.special.expit`` / ``torch.tanh`` /
+``F.hardsigmoid`` / ``F.hardswish`` calls and the ``Tensor.sigmoid`` / ``Tensor.tanh`` methods (and
+their in-place ``_`` variants) anywhere inside the model's forward, seen through a
+:class:`torch.overrides.TorchFunctionMode`. A functional call is attributed to the innermost module
+running at the time (a stack kept by pre/post hooks on every submodule) and named
+``<module path>:<function>#<k>``, ``k`` counting the calls of that function within one call of that
+module (the root module's path is ``""``, so a call in the model's own forward is ``:sigmoid#0``; a
+model that is itself a gate module is named ``"(root)"``); a gate module is named by its path. Calls
+inside a hooked gate module (``Gate.forward`` calls ``torch.sigmoid``) and gate modules nested
+inside another gate module are not counted again.
+Note that ``nn.Sigmoid`` / ``nn.Tanh`` used as plain activations (the Triplet ``activation="sigmoid"``
+option, the tanh MLP) multiply nothing but are reported too: they saturate the same way.
+
+**Grouping.** ``stage``: the gate's block, the module path up to and including the child of the
+first ``nn.Sequential`` / ``nn.ModuleList`` met walking down from the model (``layer1.0`` for
+``layer1.0.fusion.r.act``; ``block1.layer.0`` for a WRN written with ``block1.layer``); a gate
+outside any such container is staged by the model's top-level child it sits in, a call at the root
+by ``"(root)"``. ``role``: ``Gate.role`` where set (``fusion.r``, ``se.channel``, ``ca.h`` ...);
+otherwise ``<family>.module`` / ``<family>.functional`` inside a known attention or fusion module
+(family ``se``, ``cbam``, ``triplet``, ``ca``, ``nam``, ``fusion``, ``resgate``), else ``module`` /
+``functional``. ``group`` is the role's first dotted component (``fusion``, ``se``, ``cbam``,
+``triplet``, ``ca``, ``nam``, ``resgate``, ``module``, ``functional``). Aggregates (per stage, per
+kind, per group, model-wide) weight every finite logit equally.
+
+**Streaming.** The batch ``x`` is run in chunks of ``batch_size``; per gate only running counts,
+float64 sums (shifted by the gate's first slice mean, so the variance does not cancel) and an int64
+histogram are kept, and every logit tensor is reduced in flat slices of at most 2^18 (CPU) / 2^23 (GPU)
+elements, so the extra memory is a few slices, never a whole activation tensor. Non-finite logits are
+counted per gate (``nonfinite``) and excluded from every fraction, mean and histogram.
+
+The model is run in eval mode (every submodule's flag restored afterwards) under ``torch.no_grad``;
+when its parameters are not on ``device`` it runs through ``torch.func.functional_call`` on copies
+there. All hooks and the mode are removed afterwards, also when the forward raises.
+
+    >>> r = saturation(models.create_model("tiny_triplet"), torch.randn(64, 1, 8, 8))
+    >>> r.frac_output_sat          # (G,) per gate
+    >>> r.summary()["model"]       # model-wide numbers
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from models.attention import CBAM, NAM, SE, CoordAtt, TripletAttention
+from models.blocks import LastConv
+from models.fusion import Fusion
+from models.gates import Gate
+from probe.errors import UserError
+from probe.figures.saturation import saturation_figure
+from probe.probes.registry import Probe, ProbeContext, Progress, register
+
+__all__ = ["SaturationParams", "SaturationResult", "saturation", "compute", "GATE_KINDS", "OUTPUT_BANDS",
+           "NO_GATES_NOTE"]
+
+#: Kinds of gate this probe knows (``hard_swish`` reports its gate part ``relu6(z + 3) / 6``).
+GATE_KINDS = ("sigmoid", "tanh", "hard_sigmoid", "hard_swish")
+
+#: Per kind, the band of gate outputs that counts as *not* saturated (closed interval).
+OUTPUT_BANDS = {"sigmoid": (0.05, 0.95), "tanh": (-0.9, 0.9), "hard_sigmoid": (0.05, 0.95),
+                "hard_swish": (0.05, 0.95)}
+
+NO_GATES_NOTE = ("no gates found: use models.Gate, nn.Sigmoid/nn.Tanh/nn.Hardsigmoid/nn.Hardswish modules "
+                 "or torch.sigmoid/torch.tanh/F.hardsigmoid calls in the model's forward")
+
+# Module classes that are gates by themselves (models.Gate reads its own kind).
+_MODULE_KINDS: tuple[tuple[type, str], ...] = (
+    (nn.Sigmoid, "sigmoid"), (nn.Tanh, "tanh"), (nn.Hardsigmoid, "hard_sigmoid"), (nn.Hardswish, "hard_swish"))
+
+# Functional gates seen by the TorchFunctionMode: func -> (label used in the name, kind).
+_FUNCTIONS: dict[Any, tuple[str, str]] = {
+    torch.sigmoid: ("sigmoid", "sigmoid"),
+    torch.sigmoid_: ("sigmoid_", "sigmoid"),
+    torch.special.expit: ("expit", "sigmoid"),
+    torch.Tensor.sigmoid: ("Tensor.sigmoid", "sigmoid"),
+    torch.Tensor.sigmoid_: ("Tensor.sigmoid_", "sigmoid"),
+    torch.tanh: ("tanh", "tanh"),
+    torch.tanh_: ("tanh_", "tanh"),
+    torch.Tensor.tanh: ("Tensor.tanh", "tanh"),
+    torch.Tensor.tanh_: ("Tensor.tanh_", "tanh"),
+    F.hardsigmoid: ("hardsigmoid", "hard_sigmoid"),
+    F.hardswish: ("hardswish", "hard_swish"),
+}
+
+# Modules whose gates belong to one family (innermost match wins: CA inside TripletCA is "ca").
+_FAMILIES: tuple[tuple[type, str], ...] = (
+    (SE, "se"), (CBAM, "cbam"), (CoordAtt, "ca"), (TripletAttention, "triplet"), (NAM, "nam"),
+    (Fusion, "fusion"), (LastConv, "resgate"))
+
+# |z| beyond which g(z) leaves its band: sigmoid(z) > 0.95 <=> z > log 19, tanh(z) > 0.9 <=> z > log(19) / 2,
+# relu6(z + 3) / 6 > 0.95 <=> z > 2.7 (and symmetrically below).
+_BAND_CUTS = {"sigmoid": math.log(19.0), "tanh": 0.5 * math.log(19.0), "hard_sigmoid": 2.7, "hard_swish": 2.7}
+
+# Elements per reduction slice: bounds the temporaries (a few float64 / int64 copies of a slice).
+_SLICE_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 23}
+
+
+# --- parameters -------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+        raise UserError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+
+
+def _check_positive(name: str, value: Any, hi: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(value) or not 0 < value <= hi:
+        raise UserError(f"{name} must be a finite number in (0, {hi:g}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class SaturationParams:
+    """Options of the saturation probe."""
+
+    batch_size: int = field(default=128, metadata={
+        "help": "inputs per forward pass; statistics are streamed over the chunks, so this only bounds memory"})
+    bins: int = field(default=64, metadata={
+        "help": "number of equal logit-histogram bins between -hist_max and hist_max (plus under/overflow)"})
+    threshold: float = field(default=3.0, metadata={
+        "help": "logit cut: the fraction of logits with |z| above it is reported"})
+    hist_max: float = field(default=12.0, metadata={
+        "help": "half-width of the logit histogram's range (logits beyond it are counted as under/overflow)"})
+
+    def __post_init__(self):
+        _check_int("batch_size", self.batch_size, 1, 1 << 20)
+        _check_int("bins", self.bins, 1, 4096)
+        _check_positive("threshold", self.threshold, 1e6)
+        _check_positive("hist_max", self.hist_max, 1e6)
+
+
+# --- streaming statistics -----------------------------------------------------------------------
+
+
+def _flat_slices(z: Tensor, size: int):
+    """1-D views / copies of ``z`` with at most ``size`` elements each (copies only where ``z`` is not
+    contiguous, and then only one group of rows at a time)."""
+    if z.dim() == 0:
+        yield z.reshape(1)
+        return
+    if z.is_contiguous():
+        flat = z.view(-1)
+        for i in range(0, flat.numel(), size):
+            yield flat[i:i + size]
+        return
+    rows = max(1, size // max(1, z[0].numel()))
+    for i in range(0, z.shape[0], rows):
+        flat = z[i:i + rows].reshape(-1)
+        for j in range(0, flat.numel(), size):
+            yield flat[j:j + size]
+
+
+class _Acc:
+    """Running statistics of one gate.
+
+    Python ints ``count`` (finite logits) and ``nonfinite``, Python floats ``shift`` (``c``, the mean
+    of the gate's first finite slice) and ``s1 = sum (z - c)``; on the logits' device (reduced once at
+    the end) ``ints`` (2,) int64 = ``#{|z| > threshold}``, ``#{output outside the band}``,
+    ``floats`` (2,) float64 = ``sum (z - c)^2``, ``sum g'(z) / g'(0)``, and ``hist`` (bins + 2,) int64.
+
+    Per slice (float64): the band test is a cut on ``|z|`` (``|z| > log 19`` for sigmoid,
+    ``log(19) / 2`` for tanh, ``2.7`` for the hard gates: the same sets as ``g(z)`` outside its band,
+    the gates being monotone and odd about their centre); the gains use ``q = sigma(-|z|)`` (tanh:
+    ``sigma(-2|z|)``), ``sigma'(z) / sigma'(0) = 4 q (1 - q)`` and ``tanh'(z) = 4 q (1 - q)``, summed as
+    ``4 (sum q - q.q)`` with ``q <= 1/2`` (no cancellation however saturated); the histogram bins
+    are ``[e_k, e_k+1)`` with underflow ``z < -hist_max`` and overflow ``z >= hist_max``.
+    The slice sum doubles as the finiteness check: only a slice whose sum is not finite is
+    compacted to its finite values (and its non-finite ones counted).
+    """
+
+    def __init__(self, name: str, kind: str, path: str, source: str):
+        self.name, self.kind, self.path, self.source = name, kind, path, source
+        self.count = self.nonfinite = 0
+        self.shift: float | None = None
+        self.s1 = 0.0
+        self.ints: Tensor | None = None
+        self.floats: Tensor | None = None
+        self.hist: Tensor | None = None
+
+    def add(self, z: Tensor, *, threshold: float, bins: int, lo: float, hi: float) -> None:
+        z = z.detach()
+        size = _SLICE_ELEMENTS.get(z.device.type, _SLICE_ELEMENTS["cpu"])
+        cut = _BAND_CUTS[self.kind]
+        scale = bins / (hi - lo)
+        offset = 1.0 - lo * scale                                           # column of z: floor(z*scale + offset)
+        for flat in _flat_slices(z, size):
+            zd = flat.to(torch.float64)                                     # (n,) may alias z: never written
+            total = float(zd.sum())
+            if not math.isfinite(total):
+                zd = zd[torch.isfinite(zd)]                                 # (n_finite,)
+                self.nonfinite += flat.numel() - zd.numel()
+                total = float(zd.sum())
+            n = zd.numel()
+            if n == 0:
+                continue
+            if self.shift is None:
+                self.shift = total / n
+                self.ints = torch.zeros(2, dtype=torch.int64, device=zd.device)
+                self.floats = torch.zeros(2, dtype=torch.float64, device=zd.device)
+                self.hist = torch.zeros(bins + 2, dtype=torch.int64, device=zd.device)
+            self.count += n
+            self.s1 += total - n * self.shift
+            a = zd.abs()                                                    # (n,) |z|, a fresh buffer
+            big = (a > threshold).sum()
+            out = (a > cut).sum()
+            if self.kind == "sigmoid" or self.kind == "tanh":
+                q = a.mul_(-1.0 if self.kind == "sigmoid" else -2.0).sigmoid_()   # (n,) in (0, 1/2]
+                gain = (q.sum() - torch.dot(q, q)) * 4.0
+            else:                                                           # slope 1/6 inside (-3, 3): relative 1
+                gain = (a < 3.0).sum().to(torch.float64)
+            d = zd - self.shift                                             # (n,) fresh buffer
+            s2 = torch.dot(d, d)
+            col = torch.mul(zd, scale, out=d).add_(offset).floor_().clamp_(0, bins + 1)   # (n,) 0 .. bins+1
+            self.hist += torch.bincount(col.to(torch.int64), minlength=bins + 2)
+            self.ints += torch.stack([big, out])
+            self.floats += torch.stack([s2, gain])
+
+    def finish(self, bins: int) -> dict:
+        n = self.count
+        if n:
+            ints, floats = self.ints.cpu().tolist(), self.floats.cpu().tolist()
+            hist = self.hist.cpu().numpy().astype(np.int64)
+            m1 = self.s1 / n
+            mean, std, gain = self.shift + m1, math.sqrt(max(floats[0] / n - m1 * m1, 0.0)), floats[1] / n
+        else:                                                               # no finite logit at all
+            ints, hist = [0, 0], np.zeros(bins + 2, np.int64)
+            mean = std = gain = math.nan
+        return dict(count=n, nonfinite=self.nonfinite, n_logit_sat=ints[0], n_output_sat=ints[1],
+                    gain=gain, mean=mean, std=std, hist=hist)
+
+
+# --- hooks and the function mode -----------------------------------------------------------------
+
+
+class _Frame:
+    __slots__ = ("module", "path", "calls")
+
+    def __init__(self, module: nn.Module, path: str):
+        self.module, self.path, self.calls = module, path, {}
+
+
+class _Recorder:
+    """Shared state of the module hooks and the function mode for one :func:`saturation` call."""
+
+    def __init__(self, threshold: float, bins: int, hist_max: float):
+        self.threshold, self.bins, self.lo, self.hi = threshold, bins, -hist_max, hist_max
+        self.stack: list[_Frame] = []
+        self.gate_depth = 0          # > 0 while a hooked gate module runs: calls inside are not gates
+        self.busy = False            # our own statistics are running (module hooks run under the mode)
+        self.accs: dict[str, _Acc] = {}
+        self.ran: set[str] = set()   # paths of gate modules that were called
+
+    def record(self, name: str, kind: str, path: str, source: str, z: Any) -> None:
+        if not isinstance(z, Tensor) or not z.is_floating_point():
+            return
+        acc = self.accs.get(name)
+        if acc is None:
+            acc = self.accs[name] = _Acc(name, kind, path, source)
+        self.busy = True
+        try:
+            acc.add(z, threshold=self.threshold, bins=self.bins, lo=self.lo, hi=self.hi)
+        finally:
+            self.busy = False
+
+    def hooks(self, module: nn.Module, path: str, kind: str | None):
+        def pre(mod, args):
+            self.stack.append(_Frame(mod, path))
+            if kind is not None:
+                self.ran.add(path)
+                if self.gate_depth == 0 and not self.busy and args:
+                    self.record(path or "(root)", kind, path, "module", args[0])
+                self.gate_depth += 1
+
+        def post(mod, args, output):  # always_call: also runs when the forward raises
+            while self.stack:
+                if self.stack.pop().module is mod:
+                    break
+            if kind is not None:
+                self.gate_depth = max(0, self.gate_depth - 1)
+
+        return pre, post
+
+
+class _GateFunctionMode(TorchFunctionMode):
+    """Records the input of every functional gate call made outside a hooked gate module."""
+
+    def __init__(self, recorder: _Recorder):
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        rec = self.recorder
+        try:
+            spec = _FUNCTIONS.get(func)
+        except TypeError:  # an unhashable callable
+            spec = None
+        if spec is not None and rec.gate_depth == 0 and not rec.busy and rec.stack:
+            label, kind = spec
+            frame = rec.stack[-1]
+            k = frame.calls.get(label, 0)
+            frame.calls[label] = k + 1
+            z = args[0] if args else kwargs.get("input", kwargs.get("self"))
+            rec.record(f"{frame.path}:{label}#{k}", kind, frame.path, "functional", z)
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module):
+    """Every submodule in eval mode for the duration; each one's own flag restored afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        for m, _ in flags:
+            m.training = False
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _module_kind(m: nn.Module) -> str | None:
+    if isinstance(m, Gate):
+        return m.kind
+    for cls, kind in _MODULE_KINDS:
+        if isinstance(m, cls):
+            return kind
+    return None
+
+
+def _stage(modules: Mapping[str, nn.Module], path: str) -> str:
+    """The block a module path belongs to (see the module docstring)."""
+    if not path:
+        return "(root)"
+    parts = path.split(".")
+    for i in range(len(parts) - 1):
+        if isinstance(modules.get(".".join(parts[:i + 1])), (nn.Sequential, nn.ModuleList)):
+            return ".".join(parts[:i + 2])
+    return parts[0]
+
+
+def _role(modules: Mapping[str, nn.Module], path: str, source: str) -> str:
+    m = modules.get(path)
+    if source == "module" and isinstance(m, Gate) and m.role:
+        return m.role
+    parts = path.split(".") if path else []
+    for i in range(len(parts), -1, -1):
+        anc = modules.get(".".join(parts[:i]))
+        for cls, family in _FAMILIES:
+            if isinstance(anc, cls):
+                return f"{family}.{source}"
+    return source
+
+
+def _runner(model: nn.Module, device) -> tuple[torch.device, torch.dtype | None, Callable[[Tensor], Any]]:
+    """``(device, dtype, forward)``: the model itself where its tensors already live on ``device``,
+    else ``functional_call`` on detached copies there (the model is never moved)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    floating = [t for t in tensors if t.is_floating_point()]
+    dtype = floating[0].dtype if floating else None
+    if device is None or device == "auto":
+        dev = tensors[0].device if tensors else torch.device("cpu")
+    else:
+        dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if all(t.device == dev for t in tensors):
+        return dev, dtype, model
+    params = {n: p.detach().to(dev) for n, p in model.named_parameters()}
+    buffers = {n: b.detach().to(dev) for n, b in model.named_buffers()}
+    return dev, dtype, lambda xb: torch.func.functional_call(model, (params, buffers), (xb,))
+
+
+def saturation(model: nn.Module, x: Tensor, *, batch_size: int = 128, bins: int = 64, threshold: float = 3.0,
+               hist_max: float = 12.0, device: torch.device | str | None = None,
+               progress: Progress | None = None) -> "SaturationResult":
+    """Saturation statistics of every gate of ``model`` over the inputs ``x`` (N, ...).
+
+    ``x`` is run in chunks of ``batch_size`` (results do not depend on it, up to float64 rounding of
+    the means); ``bins`` equal histogram bins over ``[-hist_max, hist_max)`` plus under/overflow;
+    ``threshold`` the ``|z|`` cut; ``device`` where to run (``None``: the model's device); progress is
+    reported as ``progress("saturation", samples_done, N)``. Floating inputs are cast to the model's
+    floating dtype. The model is not changed. See the module docstring for the definitions.
+    """
+    SaturationParams(batch_size=batch_size, bins=bins, threshold=threshold, hist_max=hist_max)  # validates
+    if not isinstance(model, nn.Module):
+        raise UserError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    x = torch.as_tensor(x)
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise UserError(f"x must hold at least one sample along its first axis, got shape {tuple(x.shape)}")
+    n = int(x.shape[0])
+    dev, dtype, forward = _runner(model, device)
+    modules = dict(model.named_modules())
+    rec = _Recorder(float(threshold), int(bins), float(hist_max))
+    gate_paths = [p for p, m in modules.items() if _module_kind(m) is not None]
+    handles = []
+    try:
+        for path, m in modules.items():
+            pre, post = rec.hooks(m, path, _module_kind(m))
+            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_hook(post, always_call=True))
+        with _eval_mode(model), torch.no_grad():
+            for start in range(0, n, batch_size):
+                xb = x[start:start + batch_size]
+                xb = xb.to(device=dev, dtype=dtype) if (xb.is_floating_point() and dtype is not None) \
+                    else xb.to(device=dev)
+                rec.stack.clear()
+                rec.gate_depth = 0
+                with _GateFunctionMode(rec):
+                    forward(xb)
+                if progress is not None:
+                    progress("saturation", min(start + batch_size, n), n)
+    finally:
+        for h in handles:
+            h.remove()
+        rec.stack.clear()
+
+    rows = [(acc, acc.finish(bins)) for acc in rec.accs.values()]
+    G = len(rows)
+
+    def strings(values) -> np.ndarray:
+        values = list(values)
+        return np.array(values, dtype=f"<U{max([1] + [len(v) for v in values])}")
+
+    def numbers(key, dtype_) -> np.ndarray:
+        return np.array([r[key] for _, r in rows], dtype=dtype_).reshape(G)
+
+    return SaturationResult(
+        names=strings(a.name for a, _ in rows),
+        kinds=strings(a.kind for a, _ in rows),
+        roles=strings(_role(modules, a.path, a.source) for a, _ in rows),
+        groups=strings(_role(modules, a.path, a.source).split(".")[0] for a, _ in rows),
+        stages=strings(_stage(modules, a.path) for a, _ in rows),
+        sources=strings(a.source for a, _ in rows),
+        count=numbers("count", np.int64), nonfinite=numbers("nonfinite", np.int64),
+        n_logit_sat=numbers("n_logit_sat", np.int64), n_output_sat=numbers("n_output_sat", np.int64),
+        gain=numbers("gain", np.float64), mean=numbers("mean", np.float64), std=numbers("std", np.float64),
+        hist=(np.stack([r["hist"] for _, r in rows]) if rows else np.zeros((0, bins + 2), np.int64)),
+        edges=np.linspace(-float(hist_max), float(hist_max), int(bins) + 1),
+        threshold=float(threshold), n_samples=n,
+        unused=tuple(p or "(root)" for p in gate_paths if p not in rec.ran),
+    )
+
+
+# --- the result ----------------------------------------------------------------------------------
+
+_STRING_FIELDS = ("names", "kinds", "roles", "groups", "stages", "sources")
+_INT_FIELDS = ("count", "nonfinite", "n_logit_sat", "n_output_sat")
+_FLOAT_FIELDS = ("gain", "mean", "std")
+_ARRAY_FIELDS = _STRING_FIELDS + _INT_FIELDS + _FLOAT_FIELDS + ("hist", "edges")
+
+
+def _jsonable(v: float) -> float | None:
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else math.nan
+
+
+@dataclass(frozen=True, eq=False)
+class SaturationResult:
+    """Per-gate saturation statistics (G gates, in the order they were first called) and aggregates.
+
+    Arrays: ``names`` / ``kinds`` / ``roles`` / ``groups`` / ``stages`` / ``sources`` (G,) unicode;
+    ``count`` (finite logits), ``nonfinite``, ``n_logit_sat`` (``|z| > threshold``), ``n_output_sat``
+    (output outside the band) (G,) int64; ``gain``, ``mean``, ``std`` (G,) float64 (NaN for a gate
+    without finite logits); ``hist`` (G, bins + 2) int64 with columns underflow, ``bins`` bins,
+    overflow; ``edges`` (bins + 1,) float64 bin edges. Equality (``==``) compares every array and
+    scalar exactly (NaN equal to NaN); :meth:`differences` names what differs.
+    """
+
+    names: np.ndarray
+    kinds: np.ndarray
+    roles: np.ndarray
+    groups: np.ndarray
+    stages: np.ndarray
+    sources: np.ndarray
+    count: np.ndarray
+    nonfinite: np.ndarray
+    n_logit_sat: np.ndarray
+    n_output_sat: np.ndarray
+    gain: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    hist: np.ndarray
+    edges: np.ndarray
+    threshold: float
+    n_samples: int
+    unused: tuple[str, ...] = ()
+
+    # -- derived -------------------------------------------------------------------------------
+
+    @property
+    def n_gates(self) -> int:
+        return int(len(self.names))
+
+    @property
+    def bins(self) -> int:
+        return int(len(self.edges) - 1)
+
+    @property
+    def frac_logit_sat(self) -> np.ndarray:
+        """(G,) fraction of finite logits with ``|z| > threshold`` (NaN without finite logits)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.count > 0, self.n_logit_sat / np.maximum(self.count, 1), np.nan)
+
+    @property
+    def frac_output_sat(self) -> np.ndarray:
+        """(G,) fraction of gate outputs outside their band (NaN without finite logits)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.count > 0, self.n_output_sat / np.maximum(self.count, 1), np.nan)
+
+    @property
+    def note(self) -> str | None:
+        if self.n_gates:
+            return None
+        if self.unused:
+            return (f"no gate ran on these inputs; {len(self.unused)} gate module(s) were never called: "
+                    + ", ".join(self.unused[:5]) + (" ..." if len(self.unused) > 5 else ""))
+        return NO_GATES_NOTE
+
+    def _aggregate(self, idx: np.ndarray) -> dict:
+        """Element-weighted numbers over the gates ``idx``: pooled mean / std over all their finite logits."""
+        n = self.count[idx].astype(np.float64)
+        N = float(n.sum())
+        ok = self.count[idx] > 0
+        if N:
+            mean = float((n[ok] * self.mean[idx][ok]).sum() / N)
+            var = float((n[ok] * (self.std[idx][ok] ** 2 + (self.mean[idx][ok] - mean) ** 2)).sum() / N)
+            gain, std = float((n[ok] * self.gain[idx][ok]).sum() / N), math.sqrt(max(var, 0.0))
+        else:
+            mean = std = gain = math.nan
+        lsat, osat = int(self.n_logit_sat[idx].sum()), int(self.n_output_sat[idx].sum())
+        return {"n_gates": int(len(idx)), "count": int(N), "nonfinite": int(self.nonfinite[idx].sum()),
+                "n_logit_sat": lsat, "n_output_sat": osat, "frac_logit_sat": _ratio(lsat, N),
+                "frac_output_sat": _ratio(osat, N), "gain": gain, "mean": mean, "std": std}
+
+    def _grouped(self, labels: np.ndarray) -> list[tuple[str, dict]]:
+        order = list(dict.fromkeys(labels.tolist()))
+        return [(key, self._aggregate(np.flatnonzero(labels == key))) for key in order]
+
+    def model(self) -> dict:
+        """Model-wide numbers over every finite logit of every gate."""
+        return self._aggregate(np.arange(self.n_gates))
+
+    def by_stage(self) -> list[tuple[str, dict]]:
+        return self._grouped(self.stages)
+
+    def by_kind(self) -> list[tuple[str, dict]]:
+        return self._grouped(self.kinds)
+
+    def by_group(self) -> list[tuple[str, dict]]:
+        return self._grouped(self.groups)
+
+    def gate(self, name: str) -> dict:
+        """One gate's row of the summary table."""
+        hits = np.flatnonzero(self.names == name)
+        if not len(hits):
+            raise KeyError(f"no gate {name!r}; gates: {', '.join(self.names.tolist()) or '(none)'}")
+        return self._row(int(hits[0]))
+
+    def _row(self, i: int) -> dict:
+        return {"name": str(self.names[i]), "kind": str(self.kinds[i]), "role": str(self.roles[i]),
+                "group": str(self.groups[i]), "stage": str(self.stages[i]), "source": str(self.sources[i]),
+                "count": int(self.count[i]), "nonfinite": int(self.nonfinite[i]),
+                "n_logit_sat": int(self.n_logit_sat[i]), "n_output_sat": int(self.n_output_sat[i]),
+                "frac_logit_sat": float(self.frac_logit_sat[i]), "frac_output_sat": float(self.frac_output_sat[i]),
+                "gain": float(self.gain[i]), "mean": float(self.mean[i]), "std": float(self.std[i])}
+
+    # -- the probe contract ---------------------------------------------------------------------
+
+    def summary(self) -> dict:
+        """JSON-able: scalars, the per-gate table, per stage / kind / group and model-wide numbers
+        (non-finite numbers become ``None``)."""
+        def clean(d: dict) -> dict:
+            return {k: (_jsonable(v) if isinstance(v, float) else v) for k, v in d.items()}
+
+        out = {
+            "n_gates": self.n_gates, "n_samples": int(self.n_samples), "threshold": float(self.threshold),
+            "bins": self.bins, "hist_range": [float(self.edges[0]), float(self.edges[-1])],
+            "output_bands": {k: list(v) for k, v in OUTPUT_BANDS.items()},
+            "model": clean(self.model()),
+            "gates": [clean(self._row(i)) for i in range(self.n_gates)],
+            "by_stage": [{"stage": k, **clean(v)} for k, v in self.by_stage()],
+            "by_kind": [{"kind": k, **clean(v)} for k, v in self.by_kind()],
+            "by_group": [{"group": k, **clean(v)} for k, v in self.by_group()],
+            "unused": list(self.unused),
+        }
+        if self.note is not None:
+            out["note"] = self.note
+        return out
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The per-gate arrays (no object dtype: they load with ``allow_pickle=False``)."""
+        out = {k: np.asarray(getattr(self, k)) for k in _ARRAY_FIELDS}
+        out["frac_logit_sat"] = self.frac_logit_sat
+        out["frac_output_sat"] = self.frac_output_sat
+        return out
+
+    @classmethod
+    def from_store(cls, summary: Mapping, arrays: Mapping) -> "SaturationResult":
+        """The inverse of :meth:`summary` / :meth:`arrays` (the fractions are derived again)."""
+        def arr(key, dtype_):
+            return np.asarray(arrays[key]).astype(dtype_, copy=False)
+
+        names = np.asarray(arrays["names"])
+        G = len(names)
+        kw = {k: (np.asarray(arrays[k]).astype(str) if G else np.asarray(arrays[k]).astype("<U1"))
+              for k in _STRING_FIELDS}
+        kw.update({k: arr(k, np.int64).reshape(G) for k in _INT_FIELDS})
+        kw.update({k: arr(k, np.float64).reshape(G) for k in _FLOAT_FIELDS})
+        edges = arr("edges", np.float64)
+        kw["hist"] = arr("hist", np.int64).reshape(G, len(edges) + 1)
+        return cls(**kw, edges=edges, threshold=float(summary["threshold"]), n_samples=int(summary["n_samples"]),
+                   unused=tuple(str(u) for u in summary.get("unused", ()) or ()))
+
+    def differences(self, other: Any) -> list[str]:
+        """Names of the fields in which ``other`` differs (empty when equal)."""
+        if not isinstance(other, SaturationResult):
+            return ["type"]
+        out = []
+        for k in _ARRAY_FIELDS:
+            a, b = np.asarray(getattr(self, k)), np.asarray(getattr(other, k))
+            if a.shape != b.shape or a.dtype.kind != b.dtype.kind:
+                out.append(k)
+            elif a.dtype.kind == "f":
+                if not np.array_equal(a, b, equal_nan=True):
+                    out.append(k)
+            elif not np.array_equal(a, b):
+                out.append(k)
+        for k in ("threshold", "n_samples", "unused"):
+            if getattr(self, k) != getattr(other, k):
+                out.append(k)
+        return out
+
+    def __eq__(self, other: Any) -> bool:
+        if not isinstance(other, SaturationResult):
+            return NotImplemented
+        return not self.differences(other)
+
+    __hash__ = None  # mutable numpy arrays inside
+
+    def text(self, top: int = 10) -> str:
+        """A short table: the model-wide line and the ``top`` gates by saturated output fraction."""
+        head = f"saturation over {self.n_samples} inputs: {self.n_gates} gate(s)"
+        if not self.n_gates:
+            return f"{head}\n{self.note}"
+        m = self.model()
+
+        def pct(v: float) -> str:
+            return "    -" if not math.isfinite(v) else f"{100 * v:5.1f}%"
+
+        def num(v: float, fmt: str = "6.3f") -> str:
+            return "-".rjust(int(fmt.split(".")[0])) if not math.isfinite(v) else format(v, fmt)
+
+        lines = [head + f" (saturated: output outside [0.05, 0.95], tanh [-0.9, 0.9]; logits |z| > {self.threshold:g})",
+                 f"model-wide: saturated {pct(m['frac_output_sat']).strip()}, |z|>{self.threshold:g} "
+                 f"{pct(m['frac_logit_sat']).strip()}, gain {num(m['gain'], '.3f')}, logit mean "
+                 f"{num(m['mean'], '.3g')} std {num(m['std'], '.3g')} over {m['count']:,} logits"
+                 + (f", {m['nonfinite']:,} non-finite excluded" if m["nonfinite"] else "")]
+        frac = self.frac_output_sat
+        order = sorted(range(self.n_gates), key=lambda i: (-np.nan_to_num(frac[i], nan=-1.0), i))[:top]
+        width = max(4, max(len(str(self.names[i])) for i in order))
+        rwidth = max(4, max(len(str(self.roles[i])) for i in order))
+        lines.append(f"{'gate'.ljust(width)}  {'kind'.ljust(12)}  {'role'.ljust(rwidth)}  {'sat':>6}  "
+                     f"{'|z|>t':>6}  {'gain':>6}  {'mean':>7}  {'std':>7}")
+        for i in order:
+            lines.append(f"{str(self.names[i]).ljust(width)}  {str(self.kinds[i]).ljust(12)}  "
+                         f"{str(self.roles[i]).ljust(rwidth)}  {pct(frac[i])}  {pct(self.frac_logit_sat[i])}  "
+                         f"{num(self.gain[i])}  {num(self.mean[i], '7.3f')}  {num(self.std[i], '7.3f')}"
+                         + (f"  ({int(self.nonfinite[i])} non-finite)" if self.nonfinite[i] else ""))
+        if self.n_gates > top:
+            lines.append(f"... {self.n_gates - top} more gate(s) (summary()['gates'] has all)")
+        return "\n".join(lines)
+
+
+# --- registration --------------------------------------------------------------------------------
+
+
+def compute(ctx: ProbeContext, params: SaturationParams) -> SaturationResult:
+    """The runner's adapter: :func:`saturation` on the context's model and inputs."""
+    return saturation(ctx.model, ctx.x, batch_size=params.batch_size, bins=params.bins,
+                      threshold=params.threshold, hist_max=params.hist_max, device=ctx.device,
+                      progress=ctx.progress)
+
+
+register(Probe(
+    name="saturation",
+    help="how saturated every sigmoid / tanh / hard-sigmoid gate is: |z| > 3, outputs near 0/1, local gain",
+    params=SaturationParams,
+    result=SaturationResult,
+    compute=compute,
+    figure=saturation_figure,
+    default_n=256,
+    description=("For every gate (models.Gate, nn.Sigmoid/Tanh/Hardsigmoid/Hardswish modules, functional "
+                 "torch.sigmoid/tanh/F.hardsigmoid calls) the distribution of its input logits over the probe "
+                 "inputs: the fraction with |z| > threshold, the fraction of outputs outside [0.05, 0.95] "
+                 "(tanh: [-0.9, 0.9]), the mean local gain g'(z)/g'(0), logit mean/std and a histogram; "
+                 "per gate, per stage (block), per gate kind and role, and model-wide."),
+))
