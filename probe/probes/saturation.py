@@ -68,7 +68,6 @@ there. All hooks and the mode are removed afterwards, also when the forward rais
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -83,6 +82,7 @@ from models.blocks import LastConv
 from models.fusion import Fusion
 from models.gates import Gate
 from probe.errors import UserError
+from probe.functional import eval_mode
 from probe.figures.saturation import saturation_figure
 from probe.probes.registry import Probe, ProbeContext, Progress, register
 
@@ -341,19 +341,6 @@ class _GateFunctionMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@contextmanager
-def _eval_mode(model: nn.Module):
-    """Every submodule in eval mode for the duration; each one's own flag restored afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        for m, _ in flags:
-            m.training = False
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def _module_kind(m: nn.Module) -> str | None:
     if isinstance(m, Gate):
         return m.kind
@@ -434,7 +421,7 @@ def saturation(model: nn.Module, x: Tensor, *, batch_size: int = 128, bins: int 
             pre, post = rec.hooks(m, path, _module_kind(m))
             handles.append(m.register_forward_pre_hook(pre))
             handles.append(m.register_forward_hook(post, always_call=True))
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for start in range(0, n, batch_size):
                 xb = x[start:start + batch_size]
                 xb = xb.to(device=dev, dtype=dtype) if (xb.is_floating_point() and dtype is not None) \
