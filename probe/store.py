@@ -782,14 +782,14 @@ class RunStore:
     def _check_root(self) -> None:
         root = self.root
         if root.exists() and not root.is_dir():
-            raise StoreError(f"runs root {root} exists but is not a folder; pick another --runs DIR")
+            raise StoreError(f"runs root {root} exists but is not a folder; pick another runs root")
         if self.readonly:
             return
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StoreError(f"cannot create runs root {root} ({e.strerror or e}); "
-                             "pick a writable --runs DIR") from None
+                             "pick a writable runs root") from None
         try:  # a real write: os.access is blind to read-only mounts and ACLs
             fd, probe = _temp_file(root, "write-test")
             os.close(fd)
@@ -799,7 +799,7 @@ class RunStore:
                 raise DiskFullError(_no_space(f"runs root {root}")) from None
             raise StoreError(f"runs root {root} is not writable (read-only: {e.strerror or e}); "
                              "reading it works with RunStore(root, readonly=True); pick a writable "
-                             "--runs DIR to train or probe") from None
+                             "runs root to train or probe") from None
 
     def _open_catalog(self) -> None:
         """Validate, configure and migrate the catalog (retrying while another process holds it).
@@ -810,10 +810,10 @@ class RunStore:
         for suffix in ("", "-wal", "-shm"):
             self._inside(CATALOG_NAME + suffix)
         if cat.exists() and not cat.is_file():
-            raise StoreError(f"catalog {cat} is not a file; move it away or pick another --runs DIR")
+            raise StoreError(f"catalog {cat} is not a file; move it away or pick another runs root")
         need, what = (os.R_OK, "readable") if self.readonly else (os.R_OK | os.W_OK, "readable and writable")
         if cat.exists() and not os.access(cat, need):
-            raise StoreError(f"catalog {cat} is not {what}; fix its permissions or pick another --runs DIR")
+            raise StoreError(f"catalog {cat} is not {what}; fix its permissions or pick another runs root")
         if not cat.exists():
             self._refuse_lost_catalog()
             if self.readonly:
@@ -888,7 +888,7 @@ class RunStore:
             return 0
         foreign = StoreError(f"{cat} is an SQLite database but not a landscape-probe catalog (no valid "
                              "schema_version table); it was not changed; move it away or pick another "
-                             "--runs DIR")
+                             "runs root")
         if "schema_version" not in tables:
             raise foreign
         try:

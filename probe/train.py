@@ -303,8 +303,8 @@ def model_name_for_run(run: dict, factory: str | None = None, trust_factory: boo
     if not is_factory_name(stored) or trust_factory:
         return stored
     raise UserError(f"run {run['run_id']} was built by the user factory {stored!r}; a name stored in a runs "
-                    "folder is never imported. If you trust that code, name the factory again "
-                    f"(--factory {stored}) or pass --trust-factory")
+                    f"folder is never imported. If you trust that code, name the factory again (factory={stored!r}) "
+                    "or trust the stored name (trust_factory)")
 
 
 def _top_k_correct(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5), check_finite: bool = False) -> list[torch.Tensor]:
