@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-slow test-all demo clean
+.PHONY: venv test test-slow test-all test-browser demo clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,12 @@ test-slow: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"
+
+# the explorer in a real headless Chromium (Debian's chromium + chromium-driver; the screenshot is
+# kept in tests/.artifacts/)
+test-browser: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[browser]"
+	$(PY) -m pytest -q -m browser
 
 demo: $(STAMP)
 	$(VENV)/bin/probe demo

@@ -301,3 +301,41 @@ def _reg_demo(sub, common):
     p.add_argument("--epochs", type=int, default=None, help="override the number of epochs (default: 12, 2 with --quick)")
     _runs_arg(p)
     p.set_defaults(func=cmd_demo)
+
+
+# --- probe explore -----------------------------------------------------------------------------
+
+
+def cmd_explore(args) -> Output:
+    import subprocess
+    from pathlib import Path
+
+    import apps
+    from probe.store import resolve_runs_root
+
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"--port must be in [1, 65535], got {args.port}")
+    app = Path(apps.__file__).resolve().parent / "explorer.py"
+    root = resolve_runs_root(args.runs)
+    url = f"http://{args.host}:{args.port}"
+    print(f"explorer: {url}  (runs root {root}; Ctrl-C stops it)", file=sys.stderr, flush=True)
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
+           "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+           "--", "--runs", str(root)]
+    proc = subprocess.Popen(cmd)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        code = proc.wait()
+    return Output({"url": url, "runs_root": str(root), "exit_code": code}, "")
+
+
+@_register
+def _reg_explore(sub, common):
+    p = sub.add_parser("explore", parents=[common], help="open the Streamlit explorer over the runs root")
+    p.add_argument("--port", type=int, default=8501, help="port to serve on (default: 8501)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: 127.0.0.1, this machine only)")
+    _runs_arg(p)
+    p.set_defaults(func=cmd_explore)

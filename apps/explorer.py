@@ -1,0 +1,281 @@
+"""The explorer: a thin Streamlit view over the run store (``probe explore``).
+
+Pages: Runs (table and training curves), one page per registered probe (its figure builder over
+any selection of stored results), Compare (two runs side by side on every probe both have) and
+the seed's fusion table. Everything comes from the catalog under the runs root, opened read-only;
+figures come from :mod:`probe.figures` and the probes' own builders; nothing stored is executed.
+
+    streamlit run apps/explorer.py -- --runs DIR
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import streamlit as st
+
+import probe
+
+
+
+def runs_root() -> str:
+    """``--runs DIR`` after ``--`` on the streamlit command line, else ``$PROBE_RUNS`` / ``./runs``."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--runs", default=None)
+    args, _ = parser.parse_known_args(sys.argv[1:])
+    return str(probe.resolve_runs_root(args.runs))
+
+
+def catalog_stamp(root: str) -> tuple:
+    """Changes whenever the catalog does (its file and its WAL): the key of every cached load."""
+    out = []
+    for suffix in ("", "-wal"):
+        try:
+            st_ = os.stat(os.path.join(root, "catalog.sqlite" + suffix))
+            out.append((st_.st_mtime_ns, st_.st_size))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def load_catalog(root: str, stamp: tuple) -> dict:
+    store = probe.RunStore(root, readonly=True)
+    runs = store.list_runs()
+    skipped = list(store.skipped)
+    probes = store.list_probes()
+    skipped += store.skipped
+    return {"runs": runs, "probes": probes, "skipped": skipped}
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def load_metrics(root: str, run_id: str, stamp: tuple) -> list[dict]:
+    return probe.RunStore(root, readonly=True).get_metrics(run_id)
+
+
+@st.cache_resource(show_spinner=False, max_entries=512)
+def load_result(root: str, probe_id: str):
+    """A stored probe result (rows are immutable once written, so the id is the key)."""
+    return probe.load_result(probe.RunStore(root, readonly=True), probe_id)
+
+
+def _pct(v) -> str:
+    return "" if v is None else f"{v:.2f}"
+
+
+def _run_label(run: dict) -> str:
+    return f"{run['model']}  {run['run_id']}"
+
+
+def _download(fig, name: str, key: str) -> None:
+    st.download_button("download as HTML", fig.to_html(include_plotlyjs=True, full_html=True),
+                       file_name=f"{name}.html", mime="text/html", key=key)
+
+
+def _show(fig, name: str, key: str) -> None:
+    st.plotly_chart(fig, use_container_width=True, key=f"chart-{key}")
+    _download(fig, name, key=f"dl-{key}")
+
+
+# --- pages -----------------------------------------------------------------------------------
+
+
+def page_runs(root: str, cat: dict) -> None:
+    st.header("Runs")
+    runs = cat["runs"]
+    if not runs:
+        st.info(f"No runs in {root} yet: train one with `probe train --model mul_resnet --runs {root}` "
+                "(or `probe demo`).")
+        return
+    seeds = {s.name: s.id for s in _seed_rows()}
+    rows = []
+    for r in runs:
+        cfg, s = r.get("config") or {}, r.get("summary") or {}
+        fusion = (((cfg.get("resolved") or {}).get("model") or {}).get("kwargs") or {}).get("fusion") \
+            or cfg.get("fusion")
+        rows.append({"run": r["run_id"], "model": r["model"], "fusion": fusion or "",
+                     "seed row": seeds.get(fusion, "") if isinstance(fusion, str) else "", "data": r["data"],
+                     "status": r["status"], "epochs": s.get("epochs_done"), "best top-1": s.get("best_acc"),
+                     "final top-1": s.get("final_acc"), "created": r["created_at"][:19]})
+    models = sorted({r["model"] for r in rows})
+    statuses = sorted({r["status"] for r in rows})
+    c1, c2 = st.columns(2)
+    pick_models = c1.multiselect("models", models, default=models, key="runs-models")
+    pick_status = c2.multiselect("status", statuses, default=statuses, key="runs-status")
+    shown = [r for r in rows if r["model"] in pick_models and r["status"] in pick_status]
+    st.dataframe(shown, use_container_width=True, hide_index=True)
+    for r in runs:
+        if r["status"] == "failed" and r.get("error"):
+            st.warning(f"run {r['run_id']} failed: {r['error']}")
+    options = [r["run"] for r in shown]
+    chosen = st.multiselect("training curves of", options, default=options[:2], key="runs-curves")
+    if chosen:
+        by_id = {r["run_id"]: r for r in runs}
+        fig = probe.figures.training_curves([(by_id[i], load_metrics(root, i, catalog_stamp(root)))
+                                             for i in chosen])
+        _show(fig, "training_curves", "runs")
+
+
+def _entry_label(row: dict) -> str:
+    where = "init" if not row.get("checkpoint_epoch") else f"epoch {row['checkpoint_epoch']}"
+    run = f" {row['run_id'][-6:]}" if row.get("run_id") else ""
+    return f"{row['model']}{run} @ {where}  [{row['probe_id'][-8:]}]"
+
+
+def _entries(root: str, rows: list[dict]) -> tuple[list, list[str]]:
+    """(info, result) pairs for the figure builders; the rows whose artifact cannot be read are
+    reported, not drawn."""
+    entries, problems = [], []
+    for row in rows:
+        try:
+            _, result = load_result(root, row["probe_id"])
+        except probe.UserError as e:
+            problems.append(f"probe {row['probe_id']}: {e}")
+            continue
+        info = {"model": row["model"], "run_id": row["run_id"], "epoch": row["checkpoint_epoch"],
+                "probe_id": row["probe_id"]}
+        entries.append((info, result))
+    return entries, problems
+
+
+def page_probe(root: str, cat: dict, name: str) -> None:
+    spec = probe.get_probe(name)
+    st.header(name)
+    st.caption(spec.description or spec.help)
+    rows = [p for p in cat["probes"] if p["kind"] == name and p["status"] == "finished"]
+    if not rows:
+        st.info(f"No {name} results in {root} yet: run `probe {name} --model NAME --runs {root}` or "
+                f"`probe {name} --run RUN --checkpoint all --runs {root}`.")
+        return
+    labels = {_entry_label(r): r for r in rows}
+    runs = sorted({r["run_id"] for r in rows if r["run_id"]})
+    default = [lab for lab, r in labels.items() if runs and r["run_id"] == runs[-1]] or list(labels)[-1:]
+    chosen = st.multiselect("results", list(labels), default=default, key=f"{name}-pick")
+    entries, problems = _entries(root, [labels[c] for c in chosen])
+    for msg in problems:
+        st.error(msg)
+    if not entries:
+        return
+    if spec.figure is not None:
+        _show(spec.figure(entries), name, name)
+    if name == "ntk" and len(entries) > 1:
+        _show(probe.figures.ntk_across_training(entries), "ntk_across_training", "ntk-training")
+    with st.expander("summaries"):
+        for info, result in entries:
+            st.text(f"{info['model']} @ {info['epoch']}\n{result.text()}")
+
+
+def _numbers(d, prefix: str = "", depth: int = 0) -> dict:
+    """Scalar numbers of a summary, flattened to dotted keys (two levels)."""
+    out = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, (int, float)) and (not isinstance(v, float) or math.isfinite(v)):
+            out[key] = v
+        elif isinstance(v, dict) and depth < 1:
+            out.update(_numbers(v, key + ".", depth + 1))
+    return out
+
+
+def page_compare(root: str, cat: dict) -> None:
+    st.header("Compare")
+    runs = cat["runs"]
+    if len(runs) < 2:
+        st.info("Compare needs two runs in the catalog (e.g. `probe demo` trains add_resnet and mul_resnet).")
+        return
+    labels = {_run_label(r): r for r in runs}
+    names = list(labels)
+    c1, c2 = st.columns(2)
+    a = labels[c1.selectbox("run A", names, index=min(1, len(names) - 1), key="cmp-a")]
+    b = labels[c2.selectbox("run B", names, index=0, key="cmp-b")]
+    stamp = catalog_stamp(root)
+    fig = probe.figures.training_curves([(a, load_metrics(root, a["run_id"], stamp)),
+                                         (b, load_metrics(root, b["run_id"], stamp))])
+    _show(fig, "compare_training", "cmp-train")
+    latest: dict = {}
+    for p in cat["probes"]:
+        if p["run_id"] in (a["run_id"], b["run_id"]) and p["status"] == "finished":
+            latest[(p["run_id"], p["kind"])] = p  # newest last: the catalog lists oldest first
+    kinds = sorted({k for (_, k) in latest if (a["run_id"], k) in latest and (b["run_id"], k) in latest})
+    if not kinds:
+        st.info("The two runs have no probe in common yet: run e.g. `probe ntk --run RUN` on both.")
+    for kind in kinds:
+        st.subheader(kind)
+        ra, rb = latest[(a["run_id"], kind)], latest[(b["run_id"], kind)]
+        na, nb = _numbers(ra["summary"]), _numbers(rb["summary"])
+        table = []
+        for key in sorted(set(na) & set(nb)):
+            x, y = na[key], nb[key]
+            rel = abs(x - y) / max(abs(x), abs(y)) if max(abs(x), abs(y)) > 0 else 0.0
+            table.append({"quantity": key, "A": x, "B": y, "B - A": y - x, "differs": "yes" if rel > 0.05 else ""})
+        if table:
+            st.dataframe(table, use_container_width=True, hide_index=True)
+        spec = probe.get_probe(kind)
+        entries, problems = _entries(root, [ra, rb])
+        for msg in problems:
+            st.error(msg)
+        if spec.figure is not None and len(entries) == 2:
+            cols = st.columns(2)
+            for col, entry, tag in zip(cols, entries, ("a", "b")):
+                with col:
+                    _show(spec.figure([entry]), f"{kind}_{tag}", f"cmp-{kind}-{tag}")
+
+
+def _seed_rows():
+    from models import SEED_FUSIONS
+
+    return SEED_FUSIONS
+
+
+def page_seed(root: str, cat: dict) -> None:
+    st.header("Seed table")
+    st.caption("The seed's fusion variants (WRN-16-10, Caltech-101 64x64, best test top-1) next to every run in "
+               "the catalog that used the same fusion.")
+    by_fusion: dict = {}
+    for r in cat["runs"]:
+        cfg = r.get("config") or {}
+        fusion = (((cfg.get("resolved") or {}).get("model") or {}).get("kwargs") or {}).get("fusion")
+        if isinstance(fusion, str):
+            by_fusion.setdefault(fusion, []).append(r)
+    rows = []
+    for s in _seed_rows():
+        mine = by_fusion.get(s.name, [])
+        best = [x["summary"].get("best_acc") for x in mine if (x.get("summary") or {}).get("best_acc") is not None]
+        rows.append({"id": s.id, "group": s.group, "formula": s.formula, "Caltech-101 top-1": s.caltech101_top1,
+                     "runs here": len(mine), "best top-1 here": max(best) if best else None,
+                     "models": ", ".join(sorted({x["model"] for x in mine}))})
+    st.dataframe(rows, use_container_width=True, hide_index=True)
+
+
+def main() -> None:
+    st.set_page_config(page_title="landscape-probe explorer", layout="wide")
+    root = runs_root()
+    st.sidebar.title("landscape-probe")
+    st.sidebar.caption(f"runs root: {root}")
+    pages = ["Runs", *probe.list_probes(), "Compare", "Seed table"]
+    page = st.sidebar.radio("page", pages, key="page")
+    try:
+        cat = load_catalog(root, catalog_stamp(root))
+    except probe.UserError as e:
+        st.error(str(e))
+        return
+    for msg in cat["skipped"]:
+        st.warning(msg)
+    try:
+        if page == "Runs":
+            page_runs(root, cat)
+        elif page == "Compare":
+            page_compare(root, cat)
+        elif page == "Seed table":
+            page_seed(root, cat)
+        else:
+            page_probe(root, cat, page)
+    except probe.UserError as e:
+        st.error(str(e))
+
+
+main()
