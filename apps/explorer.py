@@ -75,7 +75,7 @@ def _download(fig, name: str, key: str) -> None:
 
 
 def _show(fig, name: str, key: str) -> None:
-    st.plotly_chart(fig, use_container_width=True, key=f"chart-{key}")
+    st.plotly_chart(fig, width="stretch", key=f"chart-{key}")
     _download(fig, name, key=f"dl-{key}")
 
 
@@ -105,7 +105,7 @@ def page_runs(root: str, cat: dict) -> None:
     pick_models = c1.multiselect("models", models, default=models, key="runs-models")
     pick_status = c2.multiselect("status", statuses, default=statuses, key="runs-status")
     shown = [r for r in rows if r["model"] in pick_models and r["status"] in pick_status]
-    st.dataframe(shown, use_container_width=True, hide_index=True)
+    st.dataframe(shown, width="stretch", hide_index=True)
     for r in runs:
         if r["status"] == "failed" and r.get("error"):
             st.warning(f"run {r['run_id']} failed: {r['error']}")
@@ -213,7 +213,7 @@ def page_compare(root: str, cat: dict) -> None:
             rel = abs(x - y) / max(abs(x), abs(y)) if max(abs(x), abs(y)) > 0 else 0.0
             table.append({"quantity": key, "A": x, "B": y, "B - A": y - x, "differs": "yes" if rel > 0.05 else ""})
         if table:
-            st.dataframe(table, use_container_width=True, hide_index=True)
+            st.dataframe(table, width="stretch", hide_index=True)
         spec = probe.get_probe(kind)
         entries, problems = _entries(root, [ra, rb])
         for msg in problems:
@@ -248,7 +248,7 @@ def page_seed(root: str, cat: dict) -> None:
         rows.append({"id": s.id, "group": s.group, "formula": s.formula, "Caltech-101 top-1": s.caltech101_top1,
                      "runs here": len(mine), "best top-1 here": max(best) if best else None,
                      "models": ", ".join(sorted({x["model"] for x in mine}))})
-    st.dataframe(rows, use_container_width=True, hide_index=True)
+    st.dataframe(rows, width="stretch", hide_index=True)
 
 
 def main() -> None:

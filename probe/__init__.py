@@ -1,7 +1,7 @@
 """landscape-probe: loss-landscape and generalization probes for any PyTorch model.
 
-The public API (``apps/`` and ``experiments/`` import only these names). Submodules load on first
-use, so ``import probe`` stays light::
+The public API (``apps/`` and ``experiments/`` import only these names). Most submodules load on first
+use::
 
     >>> import probe
     >>> store = probe.RunStore("runs")
@@ -23,7 +23,7 @@ _EXPORTS = {
     "load_data": "probe.data", "DataSplits": "probe.data", "DATASETS": "probe.data",
     # training
     "TrainConfig": "probe.train", "TrainResult": "probe.train", "TrainingDiverged": "probe.train",
-    "train": "probe.train", "resume": "probe.train", "load_run_model": "probe.train", "lr_at": "probe.train",
+    "resume": "probe.train", "load_run_model": "probe.train", "lr_at": "probe.train",
     "evaluate": "probe.train", "PRESETS": "probe.train",
     # probes: registry, runner, targets
     "Probe": "probe.probes.registry", "ProbeContext": "probe.probes.registry", "register": "probe.probes.registry",
@@ -36,7 +36,12 @@ _EXPORTS = {
     "figures": "probe.figures",
 }
 
-__all__ = ["UserError", "DataError", "StoreError", "DiskFullError", *_EXPORTS]
+__all__ = ["UserError", "DataError", "StoreError", "DiskFullError", "train", *_EXPORTS]
+
+
+# ``probe.train`` is also a submodule: importing it anywhere would rebind the package attribute to
+# the module, so the function is bound here, after its module, once and for all.
+from probe.train import train  # noqa: E402
 
 
 def __getattr__(name: str):

@@ -227,3 +227,13 @@ def test_every_registered_probe_runs_stores_and_loads_back_equal(name, tiny_run,
                          "--runs", root, "--json", "--quiet")
     assert code == 0, err
     assert [r["epoch"] for r in json.loads(out)["results"]] == [0, 1, 2]
+
+
+def test_public_api_names_resolve_to_what_they_say():
+    import probe
+    import probe.train  # noqa: F401  (a submodule of the same name must not shadow the function)
+
+    assert callable(probe.train) and probe.train.__name__ == "train"
+    for name in probe.__all__:
+        assert getattr(probe, name) is not None, name
+    assert probe.run_probe is run_probe and probe.RunStore is RunStore
