@@ -61,8 +61,16 @@ def load_result(root: str, probe_id: str):
     return probe.load_result(probe.RunStore(root, readonly=True), probe_id)
 
 
-def _pct(v) -> str:
-    return "" if v is None else f"{v:.2f}"
+def _family(model: str) -> str:
+    """The registry family of a model name ('' for a user factory or an unknown name; never imported)."""
+    import models
+
+    if models.is_factory_name(model):
+        return "user factory"
+    try:
+        return models.model_entry(model).family
+    except models.ModelNameError:
+        return ""
 
 
 def _run_label(run: dict) -> str:
@@ -95,7 +103,7 @@ def page_runs(root: str, cat: dict) -> None:
         cfg, s = r.get("config") or {}, r.get("summary") or {}
         fusion = (((cfg.get("resolved") or {}).get("model") or {}).get("kwargs") or {}).get("fusion") \
             or cfg.get("fusion")
-        rows.append({"run": r["run_id"], "model": r["model"], "fusion": fusion or "",
+        rows.append({"run": r["run_id"], "model": r["model"], "family": _family(r["model"]), "fusion": fusion or "",
                      "seed row": seeds.get(fusion, "") if isinstance(fusion, str) else "", "data": r["data"],
                      "status": r["status"], "epochs": s.get("epochs_done"), "best top-1": s.get("best_acc"),
                      "final top-1": s.get("final_acc"), "created": r["created_at"][:19]})
@@ -160,8 +168,9 @@ def page_probe(root: str, cat: dict, name: str) -> None:
         return
     if spec.figure is not None:
         _show(spec.figure(entries), name, name)
-    if name == "ntk" and len(entries) > 1:
-        _show(probe.figures.ntk_across_training(entries), "ntk_across_training", "ntk-training")
+    for i, (title, build) in enumerate(spec.extra_figures):
+        st.subheader(title)
+        _show(build(entries), f"{name}_{i}", f"{name}-extra-{i}")
     with st.expander("summaries"):
         for info, result in entries:
             st.text(f"{info['model']} @ {info['epoch']}\n{result.text()}")
@@ -213,7 +222,12 @@ def page_compare(root: str, cat: dict) -> None:
             rel = abs(x - y) / max(abs(x), abs(y)) if max(abs(x), abs(y)) > 0 else 0.0
             table.append({"quantity": key, "A": x, "B": y, "B - A": y - x, "differs": "yes" if rel > 0.05 else ""})
         if table:
-            st.dataframe(table, width="stretch", hide_index=True)
+            import pandas as pd
+
+            frame = pd.DataFrame(table)
+            styled = frame.style.apply(
+                lambda row: ["background-color: #fde2e1" if row["differs"] else "" for _ in row], axis=1)
+            st.dataframe(styled, width="stretch", hide_index=True)
         spec = probe.get_probe(kind)
         entries, problems = _entries(root, [ra, rb])
         for msg in problems:

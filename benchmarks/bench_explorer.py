@@ -49,11 +49,19 @@ def render(root: Path, page: str, warm_repeats: int) -> tuple[float, float, int]
 
     from streamlit.testing.v1 import AppTest
 
+    import streamlit as st
+
     os.environ["PROBE_RUNS"] = str(root)
+    sys.argv = sys.argv[:1]  # the app reads --runs from the command line: not this script's flags
+    st.cache_data.clear()
+    st.cache_resource.clear()
     at = AppTest.from_file(str(ROOT / "apps" / "explorer.py"), default_timeout=300)
-    at.run()
+    at.run()  # the Runs page, with the catalog load
+    if page == "Runs":
+        st.cache_data.clear()
+        st.cache_resource.clear()
     t0 = time.perf_counter()
-    at.sidebar.radio(key="page").set_value(page).run()  # cold for this page's loads
+    at.sidebar.radio(key="page").set_value(page).run()  # cold: this page's loads not cached yet
     cold = time.perf_counter() - t0
     if at.exception:
         raise RuntimeError(f"page {page}: {at.exception}")

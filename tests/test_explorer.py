@@ -55,10 +55,15 @@ def test_every_page_renders_without_an_exception(store_root, monkeypatch):
     assert not at.exception, at.exception
     assert len(at.dataframe) == 1 and at.dataframe[0].value.shape[0] == 2  # the runs table
     assert any(ids[0] in str(v) for v in at.dataframe[0].value["run"])
+    from probe.probes.registry import get_probe
+
     for page in (*list_probes(), "Compare", "Seed table"):
         _goto(at, page)
         assert not at.exception, (page, at.exception)
         assert not at.error, (page, [e.value for e in at.error])
+        if page in list_probes():  # the probe's figure and its extra figures, each downloadable
+            n = 1 + len(get_probe(page).extra_figures)
+            assert len(at.get("plotly_chart")) == n and len(at.get("download_button")) == n, page
     _goto(at, "Seed table")
     table = at.dataframe[0].value
     assert table.shape[0] == 59 and "Caltech-101 top-1" in table.columns

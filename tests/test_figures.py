@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from probe.figures import ntk_across_training, ntk_spectrum_figure, training_curves, write_html
+from probe.figures import (eigenlearning_figure, ntk_across_training, ntk_spectrum_figure, training_curves,
+                           write_html)
 
 
 class _Spectrum:
@@ -39,3 +40,21 @@ def test_ntk_spectrum_is_log_log_and_drops_non_positive_eigenvalues(tmp_path):
 def test_ntk_across_training_is_ordered_by_epoch():
     fig = ntk_across_training([({"epoch": 2}, _Spectrum([1], cond=5.0)), ({"epoch": 0}, _Spectrum([1], cond=50.0))])
     assert list(fig.data[0].x) == [0, 2] and list(fig.data[0].y) == [50.0, 5.0]
+
+
+def test_eigenlearning_figure_pairs_prediction_and_measurement():
+    class _El:
+        def summary(self):
+            return {"eigenlearning": {"rows": [
+                {"n": 4, "predicted_test_mse": 0.5, "measured_test_mse": 0.45, "measured_test_mse_std": 0.05},
+                {"n": 8, "predicted_test_mse": 0.3, "measured_test_mse": 0.32, "measured_test_mse_std": 0.02}]}}
+
+    class _Lanczos:
+        def summary(self):
+            return {}
+
+    fig = eigenlearning_figure([({"model": "add", "run_id": "r", "epoch": 3}, _El()),
+                                ({"model": "mul", "run_id": "r", "epoch": 3}, _Lanczos())])
+    assert len(fig.data) == 2  # the Lanczos entry has no eigenlearning rows
+    pred, meas = fig.data
+    assert list(pred.x) == [4, 8] and list(pred.y) == [0.5, 0.3] and list(meas.error_y.array) == [0.05, 0.02]

@@ -8,7 +8,7 @@ import numpy as np
 
 from probe.figures._common import PALETTE, entry_label
 
-__all__ = ["ntk_spectrum_figure", "ntk_across_training"]
+__all__ = ["ntk_spectrum_figure", "ntk_across_training", "eigenlearning_figure"]
 
 
 def ntk_spectrum_figure(entries: Sequence[tuple[dict, Any]]):
@@ -45,4 +45,27 @@ def ntk_across_training(entries: Sequence[tuple[dict, Any]]):
     fig.update_yaxes(type="log", row=1, col=1)
     fig.update_xaxes(title="epoch")
     fig.update_layout(title="NTK across training", template="plotly_white", showlegend=False)
+    return fig
+
+
+def eigenlearning_figure(entries: Sequence[tuple[dict, Any]]):
+    """Eigenlearning's predicted test MSE of kernel regression against the measured one (mean and
+    spread over trials) for each training-set size n, one colour per entry (trace kernels only)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for i, (info, result) in enumerate(entries):
+        rows = (result.summary().get("eigenlearning") or {}).get("rows") or []
+        if not rows:
+            continue
+        color, label = PALETTE[i % len(PALETTE)], entry_label(info)
+        n = [r["n"] for r in rows]
+        fig.add_trace(go.Scatter(x=n, y=[r["predicted_test_mse"] for r in rows], mode="lines+markers",
+                                 name=f"{label} predicted", line=dict(color=color)))
+        fig.add_trace(go.Scatter(x=n, y=[r["measured_test_mse"] for r in rows], mode="markers",
+                                 name=f"{label} measured (KRR)", marker=dict(color=color, symbol="x", size=9),
+                                 error_y=dict(type="data", array=[r.get("measured_test_mse_std") or 0 for r in rows])))
+    fig.update_layout(title="eigenlearning: predicted vs measured test MSE", template="plotly_white",
+                      xaxis=dict(title="training points n", type="log"), yaxis=dict(title="test MSE", type="log"),
+                      legend=dict(orientation="h", y=-0.2))
     return fig

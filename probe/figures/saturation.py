@@ -162,3 +162,21 @@ def saturation_histograms(result: Any, gates: Sequence[str | int] | None = None)
     fig.update_layout(title=title, xaxis_title="logit z (outer points: under / overflow)",
                       yaxis_title="fraction of finite logits")
     return fig
+
+
+def saturation_by_group(entries: Sequence[tuple[dict, Any]]):
+    """Saturated fraction of gate outputs per gate family (fusion, SE, CBAM, Triplet, CA, NAM, plain
+    modules, functional calls), grouped bars with one colour per entry."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for info, result in entries:
+        groups = result.by_group()
+        fig.add_trace(go.Bar(x=[g for g, _ in groups], y=_none_nan([d["frac_output_sat"] for _, d in groups]),
+                             name=entry_label(info),
+                             customdata=[d["n_gates"] for _, d in groups],
+                             hovertemplate="%{x}: %{y:.2%} of outputs saturated (%{customdata} gates)"))
+    fig.update_layout(title="saturated outputs per gate kind", barmode="group", template="plotly_white",
+                      yaxis=dict(title="fraction outside the band", tickformat=".0%"),
+                      legend=dict(orientation="h", y=-0.2))
+    return fig

@@ -100,6 +100,8 @@ class Probe:
     result: type                                # the result dataclass (has from_store)
     compute: Callable[[ProbeContext, Any], Any]
     figure: Callable[[Sequence[tuple[dict, Any]]], Any] | None = None
+    #: more ``(title, builder)`` pairs over the same entries, shown on the probe's explorer page
+    extra_figures: tuple = ()
     default_n: int = 128                        # probe inputs by default (--n)
     split: str = "train"                        # which data split the inputs come from
     description: str = ""                       # longer text for `probe NAME --help`

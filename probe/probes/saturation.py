@@ -83,7 +83,7 @@ from models.fusion import Fusion
 from models.gates import Gate
 from probe.errors import UserError
 from probe.functional import eval_mode
-from probe.figures.saturation import saturation_figure
+from probe.figures.saturation import saturation_by_group, saturation_figure
 from probe.probes.registry import Probe, ProbeContext, Progress, register
 
 __all__ = ["SaturationParams", "SaturationResult", "saturation", "compute", "GATE_KINDS", "OUTPUT_BANDS",
@@ -715,6 +715,7 @@ register(Probe(
     result=SaturationResult,
     compute=compute,
     figure=saturation_figure,
+    extra_figures=(("per gate kind", saturation_by_group),),
     default_n=256,
     description=("For every gate (models.Gate, nn.Sigmoid/Tanh/Hardsigmoid/Hardswish modules, functional "
                  "torch.sigmoid/tanh/F.hardsigmoid calls) the distribution of its input logits over the probe "

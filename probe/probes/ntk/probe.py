@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from probe.errors import UserError
+from probe.figures.ntk import eigenlearning_figure, ntk_across_training, ntk_spectrum_figure
 from probe.probes.registry import Probe, ProbeContext, register
 
 __all__ = ["NTKParams", "NTKProbeResult", "compute"]
@@ -156,15 +157,11 @@ def compute(ctx: ProbeContext, p: NTKParams) -> NTKProbeResult:
     return NTKProbeResult(summary, arrays)
 
 
-def _figure(entries):
-    from probe.figures.ntk import ntk_spectrum_figure
-
-    return ntk_spectrum_figure(entries)
-
-
 NTK_PROBE = register(Probe(
     name="ntk", help="empirical NTK spectrum and eigenlearning predictions", params=NTKParams,
-    result=NTKProbeResult, compute=compute, figure=_figure, default_n=128,
+    result=NTKProbeResult, compute=compute, figure=ntk_spectrum_figure, default_n=128,
+    extra_figures=(("condition number and effective rank across training", ntk_across_training),
+                   ("eigenlearning: predicted vs measured", eigenlearning_figure)),
     description="Empirical neural tangent kernel of the target on n probe inputs: its spectrum (float64), "
                 "condition number, effective rank, kernel-target alignment, and eigenlearning predictions of "
                 "kernel regression checked against kernel regression with the same kernel."))
