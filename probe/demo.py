@@ -59,7 +59,8 @@ def run_demo(runs: str | None = None, *, quick: bool = False, epochs: int | None
             f"{ntk_table}\n\n"
             f"results: {store.root} (catalog.sqlite)\n"
             f"curves:  probe show {rows[0]['run_id']} --runs {store.root}\n"
-            f"all:     probe runs --runs {store.root}")
+            f"all:     probe runs --runs {store.root}\n"
+            f"explore: probe explore --runs {store.root}")
     return {"data": {"runs_root": str(store.root), "models": rows, "ntk": ntk_rows,
                      "wall_time_s": time.perf_counter() - t0},
             "text": text}
