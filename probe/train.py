@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from probe._checks import check_bool, check_int, check_number
 from probe.errors import StoreError, UserError
 from probe.probes.registry import Progress
 
@@ -76,25 +77,12 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Check every field's type and range; raises :class:`UserError` naming the first bad one."""
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
         def int_in(name, lo, hi, optional=False):
-            v = getattr(self, name)
-            if optional and v is None:
-                return
-            if not is_int(v) or not lo <= v <= hi:
-                raise UserError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
+            if not (optional and getattr(self, name) is None):
+                check_int(name, getattr(self, name), lo, hi)
 
         def num_in(name, lo, hi, *, lo_open=False, hi_open=False):
-            v = getattr(self, name)
-            ok = is_num(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-            if not ok:
-                interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-                raise UserError(f"{name} must be a finite number in {interval}, got {v!r}")
+            check_number(name, getattr(self, name), lo, hi, lo_open=lo_open, hi_open=hi_open)
 
         if not isinstance(self.model, str) or not self.model.strip():
             raise UserError(f"model must be a model name, got {self.model!r}")
@@ -107,8 +95,7 @@ class TrainConfig:
         if not isinstance(self.model_kwargs, dict) or not all(isinstance(k, str) for k in self.model_kwargs):
             raise UserError(f"model_kwargs must be a mapping of argument names, got {self.model_kwargs!r}")
         for name in ("nesterov", "hflip", "rebuild_optimizer_each_epoch", "amp"):
-            if not isinstance(getattr(self, name), bool):
-                raise UserError(f"{name} must be true or false, got {getattr(self, name)!r}")
+            check_bool(name, getattr(self, name))
         int_in("epochs", 1, MAX_EPOCHS)
         int_in("batch_size", 1, MAX_BATCH)
         int_in("eval_batch_size", 1, MAX_BATCH)

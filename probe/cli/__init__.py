@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from probe.cli._util import OneLineParser, Output, format_table, run_command
+from probe._text import format_table
+from probe.cli._util import OneLineParser, Output, run_command
 
 __all__ = ["main", "build_parser"]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from probe._checks import check_int
 from probe.errors import UserError
 from probe.functional import calibrate_batchnorm
 from probe.jobs.targets import MAX_PROBE_INPUTS, iter_targets, probe_inputs
@@ -42,14 +43,6 @@ class Outcome:
         return out
 
 
-def _check_seed_n(n: int, seed: int) -> None:
-    from probe.train import MAX_SEED
-
-    for name, value, lo, hi in (("n", n, 2, MAX_PROBE_INPUTS), ("seed", seed, 0, MAX_SEED)):
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise UserError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-
-
 def run_probe(store, probe: str | Probe, params: Any = None, *, model: str | None = None,
               run: str | None = None, checkpoint=None, data: str | None = None,
               data_root: str | None = None, image_size: int | None = None, n: int | None = None,
@@ -66,7 +59,7 @@ def run_probe(store, probe: str | Probe, params: Any = None, *, model: str | Non
     ``factory`` or ``trust_factory``). ``n`` probe inputs (default: the probe's), drawn class-balanced
     and deterministically from the probe's split; ``seed`` seeds the model init (by name) and the
     probe. Returns one :class:`Outcome` per target, in order."""
-    from probe.train import resolve_device
+    from probe.train import MAX_SEED, resolve_device
 
     spec = probe if isinstance(probe, Probe) else get_probe(probe)
     if params is None or isinstance(params, dict):
@@ -74,7 +67,8 @@ def run_probe(store, probe: str | Probe, params: Any = None, *, model: str | Non
     elif not isinstance(params, spec.params):
         raise UserError(f"probe {spec.name!r} takes {spec.params.__name__}, got {type(params).__name__}")
     n = spec.default_n if n is None else n
-    _check_seed_n(n, seed)
+    check_int("n", n, 2, MAX_PROBE_INPUTS)
+    check_int("seed", seed, 0, MAX_SEED)
     dev = resolve_device(device)
     stored_params = {**params_dict(params), "n": n, "seed": seed}
     outcomes: list[Outcome] = []

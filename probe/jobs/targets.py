@@ -158,8 +158,4 @@ def probe_inputs(data: DataSpec | str, n: int, *, split: str = "train", seed: in
 MAX_PROBE_INPUTS = 10 ** 6
 
 
-def _check_int(name: str, value, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise UserError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-
 

@@ -78,6 +78,7 @@ from torch.func import functional_call, grad, vjp, vmap
 
 from probe import functional as _fn
 
+from probe._checks import check_bool, check_choice, check_int, check_number
 from probe.errors import UserError
 from probe.figures.gradvar import gradvar_figure
 from probe.probes.registry import Probe, ProbeContext, Progress, register
@@ -104,29 +105,6 @@ def cross_entropy_per_sample(out: Tensor, y: Tensor) -> Tensor:
 # Parameters
 # ------------------------------------------------------------------------------------------------
 
-def _int_field(name: str, value, lo: int, hi: int = 10 ** 9) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise UserError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-
-
-def _bool_field(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise UserError(f"{name} must be true or false, got {value!r}")
-
-
-def _choice_field(name: str, value, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-
-
-def _lr_field(name: str, value, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0 or (value == 0 and not allow_zero):
-        what = "a finite number >= 0" if allow_zero else "a positive finite number"
-        raise UserError(f"{name} must be {what}, got {value!r}")
-    return float(value)
-
-
 @dataclass(frozen=True)
 class GradVarParams:
     """Options of the gradient-variance probe."""
@@ -150,15 +128,15 @@ class GradVarParams:
                 "updated", "choices": _BN_MODES})
 
     def __post_init__(self):
-        _int_field("batches", self.batches, 2, 10 ** 6)
-        _int_field("batch_size", self.batch_size, 1, 10 ** 7)
-        object.__setattr__(self, "lr", _lr_field("lr", self.lr))
-        _bool_field("per_sample", self.per_sample)
-        _int_field("chunk", self.chunk, 1, 10 ** 7)
-        _int_field("seeds", self.seeds, 1, 1000)
-        _bool_field("signal", self.signal)
-        _choice_field("dtype", self.dtype, _DTYPES)
-        _choice_field("bn", self.bn, _BN_MODES)
+        check_int("batches", self.batches, 2, 10 ** 6)
+        check_int("batch_size", self.batch_size, 1, 10 ** 7)
+        object.__setattr__(self, "lr", check_number("lr", self.lr, 0, math.inf, lo_open=True))
+        check_bool("per_sample", self.per_sample)
+        check_int("chunk", self.chunk, 1, 10 ** 7)
+        check_int("seeds", self.seeds, 1, 1000)
+        check_bool("signal", self.signal)
+        check_choice("dtype", self.dtype, _DTYPES)
+        check_choice("bn", self.bn, _BN_MODES)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,7 +150,7 @@ def bn_mode(model: nn.Module, bn: str = "eval") -> Iterator[set[str]]:
     read nor updated. Yields the buffer names to leave out of a ``functional_call`` (the detached
     running statistics). Every flag and buffer is put back afterwards, also when the body raises.
     """
-    _choice_field("bn", bn, _BN_MODES)
+    check_choice("bn", bn, _BN_MODES)
     with _fn.eval_mode(model):
         if bn == "eval":
             yield set()
@@ -251,8 +229,8 @@ def minibatch_indices(n: int, batches: int, batch_size: int, seed: int = 0) -> T
     """Indices (K, B) of ``batches`` mini-batches of ``batch_size`` distinct samples out of ``n``,
     the first ``K*B`` entries of a permutation seeded with ``seed`` (the global RNG is untouched).
     Refuses ``K*B > n``."""
-    _int_field("batches", batches, 1, 10 ** 6)
-    _int_field("batch_size", batch_size, 1, 10 ** 7)
+    check_int("batches", batches, 1, 10 ** 6)
+    check_int("batch_size", batch_size, 1, 10 ** 7)
     if batches * batch_size > n:
         raise UserError(f"batches * batch_size = {batches} * {batch_size} = {batches * batch_size} exceeds the "
                         f"{n} samples given (mini-batches are drawn without replacement); lower batches or "
@@ -380,7 +358,7 @@ def _plan(fwd: _Fwd, x: Tensor, grouped: bool, method: str) -> _Plan:
     """Closed form (:mod:`probe.autodiff`) for the Linear / Conv2d / BatchNorm layers whose
     per-sample rows match autograd on two samples, ``vmap(grad)`` for every other parameter;
     ``method="vmap"`` forces vmap everywhere. Independent samples only."""
-    _choice_field("method", method, _METHODS)
+    check_choice("method", method, _METHODS)
     names = tuple(fwd.params)
     if grouped:
         return _Plan(grouped=True, rest=names)
@@ -532,7 +510,7 @@ def per_sample_variance(model: nn.Module, x: Tensor, y: Tensor, *, chunk: int = 
     :func:`_iter_per_sample`).
     """
     x, y = _check_data(x, y, min_n=2)
-    _int_field("chunk", chunk, 1, 10 ** 7)
+    check_int("chunk", chunk, 1, 10 ** 7)
     loss = loss or cross_entropy_per_sample
     grouped = bn == "train" or _couples_samples(model)
     total = x.shape[0] if not grouped else sum(len(g) for g in _groups(x.shape[0], batch_size, seed))
@@ -742,7 +720,7 @@ def signal_propagation(model: nn.Module, x: Tensor, y: Tensor, *, rebuild: Calla
     """
     x, y = _check_data(x, y)
     loss = loss or cross_entropy_per_sample
-    _choice_field("bn", bn, _BN_MODES)
+    check_choice("bn", bn, _BN_MODES)
     if rebuild is None:
         models: list[tuple[int | None, Callable[[], nn.Module]]] = [(None, lambda: model)]
     else:
@@ -1060,7 +1038,7 @@ def gradient_variance(model: nn.Module, x: Tensor, y: Tensor, params: GradVarPar
     x, y = _check_data(x, y)
     if not isinstance(model, nn.Module):
         raise UserError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    lr_value, lr_source = (params.lr, "params") if lr is None else (_lr_field("lr", lr, allow_zero=True), "run")
+    lr_value, lr_source = (params.lr, "params") if lr is None else (check_number("lr", lr, 0, math.inf), "run")
     dtype = getattr(torch, params.dtype)
     notes: list[str] = []
     mb = minibatch_gradient_stats(model, x, y, batches=params.batches, batch_size=params.batch_size, seed=seed,

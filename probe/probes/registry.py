@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from probe._checks import check_choice
 from probe.errors import UserError
 
 __all__ = ["Probe", "ProbeContext", "ProbeResult", "Progress", "register", "get_probe", "list_probes",
@@ -164,8 +165,8 @@ def make_params(params: type, values: dict) -> Any:
         raise UserError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     for f in dataclasses.fields(params):
         choices = f.metadata.get("choices")
-        if f.name in values and choices is not None and values[f.name] not in choices:
-            raise UserError(f"{f.name} must be one of {', '.join(map(str, choices))}, got {values[f.name]!r}")
+        if f.name in values and choices is not None:
+            check_choice(f.name, values[f.name], choices)
     try:
         return params(**values)
     except TypeError as e:

@@ -81,6 +81,7 @@ from models.attention import CBAM, NAM, SE, CoordAtt, TripletAttention
 from models.blocks import LastConv
 from models.fusion import Fusion
 from models.gates import Gate
+from probe._checks import check_int, check_number
 from probe.errors import UserError
 from probe.functional import eval_mode
 from probe.figures.saturation import saturation_by_group, saturation_figure
@@ -134,17 +135,6 @@ _SLICE_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 23}
 # --- parameters -------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
-        raise UserError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-
-
-def _check_positive(name: str, value: Any, hi: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(value) or not 0 < value <= hi:
-        raise UserError(f"{name} must be a finite number in (0, {hi:g}], got {value!r}")
-
-
 @dataclass(frozen=True)
 class SaturationParams:
     """Options of the saturation probe."""
@@ -159,10 +149,10 @@ class SaturationParams:
         "help": "half-width of the logit histogram's range (logits beyond it are counted as under/overflow)"})
 
     def __post_init__(self):
-        _check_int("batch_size", self.batch_size, 1, 1 << 20)
-        _check_int("bins", self.bins, 1, 4096)
-        _check_positive("threshold", self.threshold, 1e6)
-        _check_positive("hist_max", self.hist_max, 1e6)
+        check_int("batch_size", self.batch_size, 1, 1 << 20)
+        check_int("bins", self.bins, 1, 4096)
+        check_number("threshold", self.threshold, 0, 1e6, lo_open=True)
+        check_number("hist_max", self.hist_max, 0, 1e6, lo_open=True)
 
 
 # --- streaming statistics -----------------------------------------------------------------------

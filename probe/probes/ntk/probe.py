@@ -2,12 +2,11 @@
 with the probe framework (``probe ntk``)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from probe.errors import UserError
+from probe._checks import check_int, check_number
 from probe.figures.ntk import eigenlearning_figure, ntk_across_training, ntk_spectrum_figure
 from probe.probes.registry import Probe, ProbeContext, register
 
@@ -36,13 +35,9 @@ class NTKParams:
     dtype: str = field(default="float64", metadata={"help": "kernel dtype", "choices": ("float32", "float64")})
 
     def __post_init__(self):
-        for name, lo, hi in (("topk", 1, 100_000), ("trials", 1, 10_000)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-                raise UserError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
-        m = self.memory_gb
-        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or not 1e-6 <= m <= 1e6:
-            raise UserError(f"memory budget must be a number of GiB in [1e-6, 1e6], got {m!r}")
+        check_int("topk", self.topk, 1, 100_000)
+        check_int("trials", self.trials, 1, 10_000)
+        check_number("memory budget (GiB)", self.memory_gb, 1e-6, 1e6)
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,7 +72,7 @@ class NTKProbeResult:
                 and all(np.array_equal(self.array_data[k], other.array_data[k]) for k in self.array_data))
 
     def text(self) -> str:
-        from probe.cli._util import format_table
+        from probe._text import format_table
 
         r = self.data
         wall = r.get("wall_time_s", r.get("lanczos", {}).get("wall_time_s", 0.0)) or 0.0
