@@ -201,6 +201,7 @@ def calibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 256
     ``x``. A model at initialisation has running stats (0, 1) that describe no data: in eval mode
     its BNs would not normalise, and a multiplicative network's outputs explode. Probes of models
     at init therefore use statistics estimated on the probe data; trained checkpoints keep theirs.
+    Batches of ``x`` go to the device (and floating dtype) of the model's parameters.
     """
     import copy
 
@@ -212,8 +213,13 @@ def calibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 256
         bn.reset_running_stats()
         bn.momentum = None  # cumulative moving average
     m2.train()
+    first = next(m2.parameters(), None)
     for i in range(0, x.shape[0], batch_size):
-        m2(x[i:i + batch_size])
+        xb = x[i:i + batch_size]
+        if first is not None:
+            xb = xb.to(first.device, dtype=first.dtype if xb.is_floating_point() and first.is_floating_point()
+                       else None)
+        m2(xb)
     for bn, orig in zip((b for b in m2.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)), bns):
         bn.momentum = orig.momentum
     return m2.eval()

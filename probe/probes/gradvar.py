@@ -617,29 +617,6 @@ class SignalStats:
     nonfinite: int              # (seed, block) values left out as non-finite
 
 
-@torch.no_grad()
-def _calibrate_bn(model: nn.Module, x: Tensor, chunk: int = 256) -> None:
-    """Estimate the BatchNorm running statistics of ``model`` (our own fresh copy) on ``x``
-    (cumulative average over chunks), as the runner does for a model at init."""
-    bns = [m for m in model.modules() if isinstance(m, _BN) and m.running_mean is not None]
-    if not bns:
-        return
-    first = next(model.parameters(), None)
-    dev = first.device if first is not None else torch.device("cpu")
-    ftype = first.dtype if first is not None and first.is_floating_point() else None
-    moms = [b.momentum for b in bns]
-    for b in bns:
-        b.reset_running_stats()
-        b.momentum = None
-    model.train()
-    for s in range(0, x.shape[0], chunk):
-        xb = x[s:s + chunk]
-        model(xb.to(dev, dtype=ftype) if ftype is not None and xb.is_floating_point() else xb.to(dev))
-    for b, mo in zip(bns, moms):
-        b.momentum = mo
-    model.eval()
-
-
 def _signal_one(model: nn.Module, x: Tensor, y: Tensor, loss: LossFn, dtype, device, bn: str, chunk: int,
                 batch_size: int, seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(block names, act variance (D,), rms per-sample output-gradient norm (D,)) of one model."""
@@ -733,7 +710,7 @@ def signal_propagation(model: nn.Module, x: Tensor, y: Tensor, *, rebuild: Calla
             if dev is not None:
                 m = m.to(dev)
             if bn == "eval":
-                _calibrate_bn(m, x)
+                m = _fn.calibrate_batchnorm(m, x)
             return m.eval()
         models = [(int(s), (lambda s=s: make(int(s)))) for s in seeds]
     names0: list[str] | None = None
