@@ -13,11 +13,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from probe._atomic import _disk_errors, _fsync_dir, _no_space, _temp_file
 from probe.errors import DiskFullError, StoreError
 from probe.store import (_INSERT_CHECKPOINT, _INSERT_METRICS, _INSERT_PROBE, _INSERT_RUN, _PROBE_FIELDS,
-                         CATALOG_NAME, METRIC_COLUMNS, RunStore, _checkpoint_rel, _create_schema, _disk_errors,
-                         _dumps, _first_problem, _fsync_dir, _is_int, _is_obj, _is_str, _json, _metric_values,
-                         _mtime_stamp, _no_space, _probe_params, _probe_rel, _sha256, _show, _temp_file,
+                         CATALOG_NAME, METRIC_COLUMNS, RunStore, _checkpoint_rel, _create_schema,
+                         _dumps, _first_problem, _is_int, _is_obj, _is_str, _json, _metric_values,
+                         _mtime_stamp, _probe_params, _probe_rel, _sha256, _show,
                          _valid_id, _where, _why)
 
 __all__ = ["rebuild_catalog"]

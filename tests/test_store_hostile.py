@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 import probe.store as store_mod
+from probe._atomic import _atomic_file
 from probe.errors import StoreError, UserError
 from probe.store import RunStore
 
@@ -471,7 +472,7 @@ def test_temp_file_is_locked_while_written(tmp_path):
     import fcntl
 
     target = tmp_path / "f.bin"
-    with store_mod._atomic_file(target) as f:
+    with _atomic_file(target) as f:
         f.write(b"x")
         (tmp := next(tmp_path.glob(".f.bin.*.tmp")))
         fd = os.open(tmp, os.O_RDONLY)
@@ -504,7 +505,7 @@ def test_temp_file_removed_by_a_sweep_before_it_is_locked_is_replaced(tmp_path, 
 
 _KILLED_WRITER = """
 import sys, time
-from probe.store import _atomic_file
+from probe._atomic import _atomic_file
 with _atomic_file(sys.argv[1]) as f:
     f.write(b"half of it")
     f.flush()
