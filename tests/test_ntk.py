@@ -617,16 +617,20 @@ def test_lanczos_methods_agree_with_dense_and_report_their_passes(cases, method)
     assert res.n_passes == (res.n_matvecs // 2 if method == "gram" else res.n_matvecs)
 
 
-def test_lanczos_auto_picks_gram_and_falls_back_for_coupled_samples():
+def test_lanczos_auto_picks_gram_also_with_batch_statistics_fixed():
+    """BatchNorm without running statistics: its statistics are fixed at those of the probe
+    inputs, so gram applies, and both operators agree with the dense kernel of that model."""
     model = make_model("bn_cnn")
     x = make_inputs("bn_cnn", 6, 0)
     assert ntk_topk_lanczos(model, x, k=2, dtype=torch.float64).method == "gram"
     coupled = make_model("bn_cnn")
     coupled.bn1 = nn.BatchNorm2d(16, track_running_stats=False)   # batch statistics in eval mode
-    res = ntk_topk_lanczos(coupled, x, k=2, dtype=torch.float64)
-    assert res.method == "ntvp" and any("samples are coupled" in n for n in res.notes)
-    with pytest.raises(UserError, match="method='gram' cannot run: .*coupled"):
-        ntk_topk_lanczos(coupled, x, k=2, method="gram", dtype=torch.float64)
+    dense = ntk_spectrum(empirical_ntk(coupled, x, dtype=torch.float64)).eigenvalues[:2]
+    for method in ("auto", "ntvp"):
+        res = ntk_topk_lanczos(coupled, x, k=2, method=method, dtype=torch.float64)
+        assert res.method == ("gram" if method == "auto" else "ntvp")
+        assert any("held fixed" in n for n in res.notes)
+        np.testing.assert_allclose(res.eigenvalues, dense, rtol=1e-8)
 
 
 def test_gram_budget_shrinks_the_block_or_refuses_before_running(monkeypatch):

@@ -20,7 +20,7 @@ from probe.functional import FunctionalModel
 from probe.linalg import norm64
 
 __all__ = ["ForwardRecord", "record_forward", "output_gradients", "stream_backward", "input_leaf",
-           "check_closed_forms"]
+           "check_closed_forms", "check_cost_bytes"]
 
 
 @dataclass
@@ -101,24 +101,35 @@ def stream_backward(rec: ForwardRecord, leaf: Tensor | None, outputs: Sequence[i
             h.remove()
 
 
+def check_cost_bytes(layer: StructuredLayer, itemsize: int, n: int = 2) -> int:
+    """Working set of :func:`check_closed_forms` for one layer beyond the forward graph: its
+    autograd reference and closed-form sum (one parameter-sized tensor each) and one call's
+    per-sample rows for ``n`` samples."""
+    numel = layer.p
+    return (2 + n) * numel * itemsize
+
+
 def check_closed_forms(fm: FunctionalModel, x: Tensor, layers: list[StructuredLayer], n_outputs: int
                        ) -> tuple[list[StructuredLayer], list[str]]:
     """(layers whose closed-form per-sample gradients match autograd on the samples ``x[:2]``,
     parameter names of the layers that do not).
 
-    Compares sum_{i,o} w_io d f_o(x_i) / d theta for random weights w, by the closed forms through
-    :func:`stream_backward`, with one autograd gradient; relative tolerance 1e-8 in float64 and
-    1e-3 in lower precision. Using the same streaming backward as the callers, it catches
-    parameters used outside their module's forward, modules overriding forward, inputs written in
-    place after use, modules applied to tensors without the batch axis and layer outputs the
-    backward pass never reaches.
+    Compares sum_{i,o} w_io d f_o(x_i) / d theta for random weights w, by the closed forms with
+    one backward pass of sum_{i,o} w_io f_o(x_i) (the closed forms are linear in the output
+    gradient), with one autograd gradient; relative tolerance 1e-8 in float64 and 1e-3 in lower
+    precision. Using the same recorded forward pass as the callers, it catches parameters used
+    outside their module's forward, modules overriding forward, inputs written in place after
+    use, modules applied to tensors without the batch axis and layer outputs the backward pass
+    never reaches. Memory: the graph of two samples plus, for the checked layers, the sum of
+    their parameter sizes twice and one layer's two sample rows (:func:`check_cost_bytes`);
+    callers bound it by choosing ``layers``.
     """
     O = n_outputs
     if not layers:
         return [], []
     names = [n for layer in layers for n in layer.names]
     xc = x[:2]
-    params = {n: p.detach().requires_grad_() for n, p in fm.params.items()}
+    params = {n: p.detach().requires_grad_(n in set(names)) for n, p in fm.params.items()}
     leaf = input_leaf(xc)
     try:
         rec = record_forward(fm, params, leaf if leaf is not None else xc, layers)
@@ -128,27 +139,33 @@ def check_closed_forms(fm: FunctionalModel, x: Tensor, layers: list[StructuredLa
            if r.src._version != r.version or r.src.shape[0] != rec.n or r.z.shape[0] != rec.n}
     gen = torch.Generator(device="cpu").manual_seed(0)
     w = torch.randn(rec.n, O, generator=gen, dtype=torch.float64).to(device=xc.device, dtype=fm.dtype)
-    ref = torch.autograd.grad((rec.y * w).sum(), [params[n] for n in names], retain_graph=True,
-                              allow_unused=True)
-    ref = {n: (torch.zeros_like(params[n]) if g is None else g) for n, g in zip(names, ref)}
     rec_sum = {n: torch.zeros_like(params[n]).reshape(-1) for n in names}
 
-    def on_grad(o: int, k: int, g: Tensor) -> None:
+    def on_grad(k: int, g: Tensor) -> None:
         r = rec.recs[k]
         if r.layer in bad:
             return
         try:
             for name, rows in per_sample_grad_parts(layers[r.layer], r, g.unsqueeze(0)):   # (n, 1, numel)
-                rec_sum[name] += (w[:, o, None] * rows[:, 0]).sum(0)
+                rec_sum[name] += rows[:, 0].sum(0)
         except RuntimeError:
             bad.add(r.layer)
 
-    stream_backward(rec, leaf, range(O), on_grad)
+    zs = [r.z for r in rec.recs]
+    handles = [z.register_hook(lambda g, k=k: on_grad(k, g)) for k, z in enumerate(zs)]
+    try:                       # one pass: the reference gradient, and the hooks see every layer's
+        ref = torch.autograd.grad((rec.y * w).sum(), [params[n] for n in names], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    ref = {n: (torch.zeros_like(params[n]) if g is None else g) for n, g in zip(names, ref)}
+    del rec, zs
     rtol = 1e-8 if fm.dtype == torch.float64 else 1e-3
     scale = max([float(norm64(g)) for g in ref.values()] + [1e-30])
     for li, layer in enumerate(layers):
         for n in layer.names:
-            err = float(norm64(rec_sum[n].double() - ref[n].reshape(-1).double()))
+            diff = rec_sum[n].sub_(ref[n].reshape(-1))               # in place: no extra copy
+            err = float(norm64(diff))
             # written so that a non-finite error or reference fails the check
             if not err <= rtol * max(float(norm64(ref[n])), 1e-6 * scale):
                 bad.add(li)

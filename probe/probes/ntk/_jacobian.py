@@ -1,16 +1,15 @@
-"""The ``jacobian`` method: per-sample Jacobians by ``vmap(jacrev)``, contracted block pair by
-block pair (see :class:`~probe.probes.ntk.NtkMethod`)."""
+"""The ``jacobian`` method: per-sample Jacobians by ``vmap(jacrev)`` (a loop over the samples
+where vmap cannot go), contracted block pair by block pair (see :class:`~probe.probes.ntk.NtkMethod`)."""
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
 from torch import Tensor
-from torch.func import jacrev, vmap
 
 from probe.probes.ntk._blocks import _block_shape, _schedule
 from probe.probes.ntk._plan import _Ctx, _Plan
-from probe.probes.ntk._util import _ranges
+from probe.probes.ntk._util import _SampleJacobian, _ranges
 from probe.probes.ntk.results import NtkKind
 
 
@@ -19,12 +18,7 @@ def _run_jacobian(c: _Ctx, plan: _Plan, names: Sequence[str], K: Tensor, pbar) -
     fm, O = c.fm, c.O
     for group in plan.groups or [list(names)]:
         sub = {n: fm.params[n] for n in group}
-        rest = {n: p for n, p in fm.params.items() if n not in sub}
-
-        def f(ps, xi):
-            return fm.single({**rest, **ps}, xi)
-
-        jac = vmap(jacrev(f), in_dims=(None, 0))
+        jac = _SampleJacobian(fm, group)
 
         def feats(x):
             n = x.shape[0]

@@ -7,33 +7,52 @@ from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
 from probe.probes.ntk._plan import _Ctx, _Plan
-from probe.probes.ntk._util import _ranges
+from probe.probes.ntk._util import _MODEL_ERRORS, _ranges
 from probe.probes.ntk.results import NtkKind
 
 
 def _run_ntvp(c: _Ctx, plan: _Plan, K: Tensor, pbar) -> None:
     """Fill K (zeros), ``plan.chunk`` columns (sample j, output b) at a time: their parameter
-    tangents d f_b(x2_j) / d theta by vmapped VJPs, then JVPs over blocks of ``plan.block`` rows."""
+    tangents d f_b(x2_j) / d theta by VJPs vmapped over the columns (a loop over the columns'
+    samples, vmapped over their outputs, where the model does not batch under vmap, e.g. RNNs),
+    then JVPs of the batched forward pass over blocks of ``plan.block`` rows, vmapped over the
+    tangents (samples are independent: checked by the caller)."""
     fm, O, params = c.fm, c.O, c.fm.params
     n2 = c.n2
     col_j = torch.arange(n2, device=K.device).repeat_interleave(O)
     col_o = torch.arange(O, device=K.device).repeat(n2)
     eye = torch.eye(O, dtype=fm.dtype, device=c.x1.device)
+    state = {"looped": False}
+
+    def f(p, xb):
+        return fm(p, xb).reshape(xb.shape[0], -1)
 
     def vjp_one(xj, e):                      # d f_e(x_j) / d theta as a parameter dict
         _, fn = vjp(lambda p: fm.single(p, xj), params)
         return fn(e)[0]
 
-    tangents = vmap(vjp_one)
+    def tangents(js: Tensor, os_: Tensor) -> dict[str, Tensor]:
+        if not state["looped"]:
+            try:
+                return vmap(vjp_one)(c.x2[js.to(c.x2.device)], eye[os_.to(eye.device)])
+            except _MODEL_ERRORS:
+                state["looped"] = True
+        parts = []
+        for j in torch.unique_consecutive(js).tolist():
+            sel = os_[js == j].to(eye.device)
+            _, fn = vjp(lambda p: f(p, c.x2[j:j + 1]), params)
+            parts.append(vmap(fn)(eye[sel][:, None, :])[0])
+        return {k: torch.cat([u[k] for u in parts]) for k in params}
+
     for lo, hi in _ranges(n2 * O, plan.chunk):
         js, os_ = col_j[lo:hi], col_o[lo:hi]
-        U = tangents(c.x2[js.to(c.x2.device)], eye[os_.to(eye.device)])               # (c, ...)
+        U = tangents(js, os_)                                                          # (c, ...)
         ar = torch.arange(hi - lo, device=K.device)
         for r in _ranges(c.n1, plan.block):
             xb = c.x1[r[0]:r[1]]
 
             def push(t):
-                return jvp(lambda p: fm.batched(p, xb), (params,), (t,))[1]
+                return jvp(lambda p: f(p, xb), (params,), (t,))[1]
             JV = vmap(push)(U).to(torch.float64)                                       # (c, b, O)
             if c.kind == NtkKind.FULL:
                 K[r[0]:r[1], :, js, os_] = JV.permute(1, 2, 0)

@@ -18,12 +18,12 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
-from torch.func import jacrev, jvp, vjp, vmap
+from torch.func import jvp, vjp, vmap
 
 from probe.autodiff import (LayerCall, StructuredLayer, conv_patches, input_leaf, per_sample_grad_parts,
                             record_forward)
 from probe.functional import FunctionalModel
-from probe.probes.ntk._util import _GRAM_ROW_BYTES, _ranges
+from probe.probes.ntk._util import _GRAM_ROW_BYTES, _SampleJacobian, _ranges
 from probe.probes.ntk.results import NtkKind
 
 
@@ -44,16 +44,14 @@ class _NtkOperator:
     of at most O tangents elsewhere.
     """
 
-    def __init__(self, fm: FunctionalModel, x: Tensor, kind: NtkKind, O: int, block: int,
-                 per_sample: bool = False):
+    def __init__(self, fm: FunctionalModel, x: Tensor, kind: NtkKind, O: int, block: int):
         self.fm, self.x, self.kind, self.O, self.block = fm, x, kind, O, block
         self.size = x.shape[0] * (O if kind == NtkKind.FULL else 1)
         self.dtype = torch.float64
         self.device = fm.device
         self.matvecs = 0
-        # a model that couples samples (BatchNorm without running statistics) is evaluated one
-        # sample at a time, as in empirical_ntk; otherwise the plain batched forward is faster
-        self.f = fm.batched if per_sample else (lambda p, xb: fm(p, xb).reshape(xb.shape[0], -1))
+        # samples are independent (checked by the caller): the plain batched forward
+        self.f = lambda p, xb: fm(p, xb).reshape(xb.shape[0], -1)
 
     def matmat(self, V: Tensor) -> Tensor:
         """K V for V (size, s) (a tensor or array); returns (size, s) float64."""
@@ -133,12 +131,7 @@ class _GramOperator:
         self.sweeps = self.matvecs = 0
         self.params = {n: p.detach().requires_grad_() for n, p in fm.params.items()}
         if self.fallback:
-            sub_names = set(self.fallback)
-            rest = {n: p for n, p in fm.params.items() if n not in sub_names}
-
-            def f(ps, xi):
-                return fm.single({**rest, **ps}, xi)
-            self._jac = vmap(jacrev(f), in_dims=(None, 0))
+            self._jac = _SampleJacobian(fm, self.fallback)
 
     def _fast(self, layer: StructuredLayer) -> bool:
         """Rows in cache-sized blocks of (sample, output): single-call Linear, ungrouped Conv2d and

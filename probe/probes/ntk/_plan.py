@@ -318,11 +318,39 @@ def _plan_layerwise(c: _Ctx, layers: list[StructuredLayer], fallback: list[str],
     return plan
 
 
-def _checked_layers(c: _Ctx, layers: list[StructuredLayer]
+def _checked_layers(c: _Ctx, layers: list[StructuredLayer], free: int | None = None,
+                    notes: list[str] | None = None
                     ) -> tuple[list[StructuredLayer], list[str], list[str]]:
     """(structured layers that pass the closed-form self-check, parameter names left to the
-    generic ``vmap(jacrev)`` path, names that failed the check)."""
-    good, bad = check_closed_forms(c.fm, c.x1, [lay for lay in layers if lay.calls > 0], c.O)
+    generic ``vmap(jacrev)`` path, names that failed the check).
+
+    The check (:func:`probe.autodiff.check_closed_forms`) holds, for the layers it checks, their
+    parameters twice and one layer's rows of two samples, plus the graph of two samples. With
+    ``free`` bytes it checks the layers that fit, smallest first; a layer whose own check does not
+    fit is used unchecked, and a note (in ``notes``) says which.
+    """
+    called = [lay for lay in layers if lay.calls > 0]
+    unchecked: list[StructuredLayer] = []
+    if free is not None:
+        it = c.itemsize
+        room = free - 2 * 2 * c.stats.saved_numel * it          # the graph of two samples
+        chosen, total, widest = [], 0, 0
+        for lay in sorted(called, key=lambda lay: lay.p):
+            t, w = total + 2 * lay.p * it, max(widest, 2 * lay.p * it)
+            if t + w <= room:
+                chosen.append(lay)
+                total, widest = t, w
+            else:
+                unchecked.append(lay)
+        keep = {id(lay) for lay in chosen}
+        called = [lay for lay in called if id(lay) in keep]
+    good, bad = check_closed_forms(c.fm, c.x1, called, c.O)
+    if unchecked and notes is not None:
+        biggest = max(lay.p for lay in unchecked)
+        notes.append(f"closed-form self-check skipped for {len(unchecked)} layer(s) (the largest "
+                     f"with {biggest} parameters): checking them needs more than the memory budget "
+                     f"leaves; their closed forms are used unchecked")
+    good = good + unchecked
     covered = {nm for lay in good for nm in lay.names}
     return good, [nm for nm in c.fm.params if nm not in covered], bad
 

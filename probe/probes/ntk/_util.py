@@ -134,3 +134,44 @@ def _prepare_inputs(fm: FunctionalModel, x1, x2) -> tuple[Tensor, Tensor, bool]:
                         f"{tuple(x1.shape[1:])}; both must be (N, ...) with the same sample shape")
     return x1, x2, False
 
+
+
+#: Exceptions by which a model says a transform does not work on it (no forward-mode AD, no
+#: batching rule, a shape error under vmap); :class:`UserError` is ours and never one of them.
+_MODEL_ERRORS = (NotImplementedError, RuntimeError, ValueError, TypeError, IndexError)
+
+
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"{type(exc).__name__}: {text[:limit]}"
+
+
+class _SampleJacobian:
+    """Per-sample Jacobians of the flattened outputs with respect to a parameter subset:
+    ``jac(sub, x)`` -> {name: (n, O, *shape)}. ``vmap(jacrev)`` over the samples where the model
+    allows it; where it does not (e.g. ``nn.GRU`` under vmap) a loop of ``jacrev`` over the
+    samples, remembered for the later calls (``looped`` and ``reason`` say so)."""
+
+    def __init__(self, fm: FunctionalModel, names):
+        from torch.func import jacrev, vmap
+
+        sub_names = set(names)
+        rest = {n: p for n, p in fm.params.items() if n not in sub_names}
+
+        def f(ps, xi):
+            return fm.single({**rest, **ps}, xi)
+
+        self._one = jacrev(f)
+        self._vmapped = vmap(self._one, in_dims=(None, 0))
+        self.looped, self.reason = False, ""
+
+    def __call__(self, sub: dict[str, Tensor], x: Tensor) -> dict[str, Tensor]:
+        if not self.looped:
+            try:
+                return self._vmapped(sub, x)
+            except UserError:
+                raise
+            except _MODEL_ERRORS as exc:
+                self.looped, self.reason = True, _first_line(exc)
+        rows = [self._one(sub, x[i]) for i in range(x.shape[0])]
+        return {k: torch.stack([r[k] for r in rows]) for k in sub}

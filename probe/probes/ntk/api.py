@@ -15,7 +15,9 @@ from torch import Tensor, nn
 
 from probe.autodiff import find_structured_layers as _find_layers
 from probe.errors import UserError
-from probe.functional import ParamFilter, eval_mode, functionalize
+from probe._memory import MemoryMeter
+from probe.functional import (FunctionalModel, OutputSelector, ParamFilter, check_sample_independence,
+                              eval_mode, fix_batch_statistics, functionalize)
 from probe.linalg import CallableOperator, SymmetricOperator, block_lanczos, dense_eigenvalues, spectrum_stats
 from probe.probes.ntk._blocks import _block_shape
 from probe.probes.ntk._jacobian import _run_jacobian
@@ -24,13 +26,18 @@ from probe.probes.ntk._ntvp import _run_ntvp
 from probe.probes.ntk._operators import _GramOperator, _NtkOperator
 from probe.probes.ntk._plan import (_checked_layers, _Ctx, _default_block, _fit_n, _measure, _Plan,
                                     _plan_gram, _plan_jacobian, _plan_layerwise, _plan_ntvp)
-from probe.probes.ntk._util import (_LANCZOS_MAX_BLOCK, DEFAULT_MEMORY_BUDGET, _check_finite,
-                                    _couples_samples, _enum, _has_batchnorm, _mib, _out_of_range,
-                                    _overflow_error, _prepare_inputs, _progress, _promoted)
+from probe.probes.ntk._util import (_LANCZOS_MAX_BLOCK, _MODEL_ERRORS, DEFAULT_MEMORY_BUDGET,
+                                    _check_finite, _enum, _first_line, _has_batchnorm, _mib,
+                                    _out_of_range, _overflow_error, _prepare_inputs, _progress,
+                                    _promoted)
 from probe.probes.ntk.results import (LanczosMethod, LanczosResult, NtkKind, NtkMethod, NtkResult,
                                       SpectrumResult)
 
 __all__ = ["empirical_ntk", "ntk_spectrum", "ntk_topk_lanczos"]
+
+_STAT_CHUNK = 256       # samples per forward pass when fixing BatchNorm statistics
+_TRIAL = 4              # samples of the calibration run of a plan
+_TRIAL_SLACK = 8 << 20  # measured working sets this much above the estimate are within it
 
 
 # --------------------------------------------------------------------------------------------
@@ -42,7 +49,8 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
                   kind: NtkKind | str = "trace", method: NtkMethod | str = "auto",
                   memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, block_size: int | None = None,
                   param_filter: ParamFilter = None, dtype: torch.dtype | str | None = None,
-                  device: torch.device | str | None = None, progress=None) -> NtkResult:
+                  device: torch.device | str | None = None, output: OutputSelector = None,
+                  progress=None) -> NtkResult:
     """Empirical NTK of ``model`` between ``x1`` (N1, ...) and ``x2`` (N2, ...) (default: x1).
 
     ``kind`` and the axis conventions: the :mod:`probe.probes.ntk` docstring. ``param_filter``
@@ -71,8 +79,26 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
     before anything large is allocated, with the N that would fit and what to use instead.
     ``block_size`` forces the number of samples per block (for tests and tuning).
 
+    Every byte is counted against ``memory_budget_bytes``: the kernel, the parameter copy (none
+    when no cast is needed), the closed-form self-check (layers whose check does not fit are used
+    unchecked, with a note) and each method's working set, which is measured on a small block of
+    samples before a plan that uses more than an eighth of the budget runs, and the plan resized
+    when the measurement exceeds the estimate.
+
+    ``auto`` is a fallback chain: plans are tried cheapest first, and a method that fails for
+    this model (no forward-mode AD, as in the fast paths of ``nn.TransformerEncoderLayer`` and
+    ``nn.MultiheadAttention``; no batching rule under vmap, as ``nn.GRU``, where per-sample loops
+    take over inside a method; a working set beyond the budget once measured) is recorded in
+    ``notes`` and the next one runs. ``output`` selects the tensor of a model that returns a
+    mapping, a HuggingFace ``ModelOutput`` or a tuple (:func:`probe.functional.select_output`).
+
+    Samples must be independent: BatchNorm without running statistics gets its statistics fixed
+    at those of ``x1`` (:func:`probe.functional.fix_batch_statistics`, with a note); any other
+    coupling of the samples of a batch (``x - x.mean(0)``) is a :class:`UserError`.
+
     Raises :class:`UserError` for unknown kind/method, mismatched inputs, parameter filters that
-    select nothing, non-finite model outputs and impossible budgets.
+    select nothing, non-finite model outputs, models that couple samples, a method that does not
+    work on the model and impossible budgets.
     """
     t0 = time.perf_counter()
     kind = _enum(NtkKind, kind, "NTK kind")
@@ -81,26 +107,26 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
         raise UserError(f"memory_budget_bytes must be positive, got {memory_budget_bytes!r}")
     if block_size is not None and int(block_size) < 1:
         raise UserError(f"block_size must be a positive integer, got {block_size!r}")
-    fm = functionalize(model, param_filter=param_filter, dtype=dtype, device=device)
+    fm = functionalize(model, param_filter=param_filter, dtype=dtype, device=device, output=output)
     notes: list[str] = []
     if any(m.training for m in model.modules()):
         notes.append("model was in train mode: evaluated in eval mode (BatchNorm running statistics, "
                      "dropout off); the model's modes are restored")
     with eval_mode(model):
         x1, x2, sym = _prepare_inputs(fm, x1, x2)
-        layers = _find_layers(fm) if not _couples_samples(model) else []
-        stats = _measure(fm, x1[:1].clone(), layers)
+        fm, layers, stats = _independent(fm, x1, notes)
         itemsize = torch.empty((), dtype=fm.dtype).element_size()
         c = _Ctx(fm, kind, x1, x2, sym, stats, itemsize, int(memory_budget_bytes))
-        free = c.budget - c.kernel_bytes
+        free = c.budget - c.kernel_bytes - fm.copied_bytes
         if free <= 0:
             fit = _fit_n(c.budget // 2, c.q, None if sym else c.n2)
+            copy = (f" and the parameter copy {_mib(fm.copied_bytes)}" if fm.copied_bytes else "")
             raise UserError(
                 f"the {kind.value} kernel for N1={c.n1}, N2={c.n2}, O={c.O} alone needs "
-                f"{_mib(c.kernel_bytes)} (float64) but memory_budget_bytes is {_mib(c.budget)}; "
-                f"at most N1={fit} samples fit with half the budget left for the work. Use fewer "
-                f"samples, kind='trace' (N x N), ntk_topk_lanczos(...) for the top eigenvalues "
-                f"without forming the kernel, or raise memory_budget_bytes")
+                f"{_mib(c.kernel_bytes)} (float64){copy} but memory_budget_bytes is "
+                f"{_mib(c.budget)}; at most N1={fit} samples fit with half the budget left for the "
+                f"work. Use fewer samples, kind='trace' (N x N), ntk_topk_lanczos(...) for the top "
+                f"eigenvalues without forming the kernel, or raise memory_budget_bytes")
         act_bytes = max(1, 3 * stats.saved_numel * itemsize)
         chunk = max(1, min(c.n1, free // act_bytes))
         y_max = _check_finite(fm, x1, chunk, "x1")
@@ -110,70 +136,167 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
             res = empirical_ntk(model, x1, x2, kind=kind, method=method,
                                 memory_budget_bytes=memory_budget_bytes, block_size=block_size,
                                 param_filter=param_filter, dtype=torch.float64, device=device,
-                                progress=progress)
+                                output=output, progress=progress)
             return _promoted(res, t0, fm.dtype, y_max)
 
-        plans: list[_Plan] = []
+        good: list = []
+        fallback: list[str] = []
         if method in (NtkMethod.AUTO, NtkMethod.LAYERWISE):
-            if _couples_samples(model):
-                plans.append(_Plan(NtkMethod.LAYERWISE, False, reason="the model has BatchNorm "
-                                   "without running statistics (samples are coupled in eval mode)"))
-            else:
-                good, fallback, bad = _checked_layers(c, layers)
-                if bad:
-                    notes.append(f"layerwise: {len(bad)} parameter tensor(s) failed the closed-form "
-                                 f"check and use the generic Jacobian path")
-                plans.append(_plan_layerwise(c, good, fallback, free, block_size))
-        if method in (NtkMethod.AUTO, NtkMethod.JACOBIAN):
-            plans.append(_plan_jacobian(c, list(fm.params), free, block_size))
-        if method in (NtkMethod.AUTO, NtkMethod.NTVP):
-            plans.append(_plan_ntvp(c, free, block_size))
+            good, fallback, bad = _checked_layers(c, layers, free, notes)
+            if bad:
+                notes.append(f"layerwise: {len(bad)} parameter tensor(s) failed the closed-form "
+                             f"check and use the generic Jacobian path")
+
+        def make(m: NtkMethod, ctx: _Ctx, room: int) -> _Plan:
+            if m == NtkMethod.LAYERWISE:
+                return _plan_layerwise(ctx, good, fallback, room, block_size)
+            if m == NtkMethod.JACOBIAN:
+                return _plan_jacobian(ctx, list(fm.params), room, block_size)
+            return _plan_ntvp(ctx, room, block_size)
+
+        wanted = ([NtkMethod.LAYERWISE, NtkMethod.JACOBIAN, NtkMethod.NTVP]
+                  if method == NtkMethod.AUTO else [method])
+        plans = [make(m, c, free) for m in wanted]
         feasible = [p for p in plans if p.feasible]
         if not feasible:
-            need = min(p.min_bytes for p in plans if p.min_bytes > 0) if any(
-                p.min_bytes > 0 for p in plans) else 0
-            best = min((p for p in plans if p.min_bytes > 0), key=lambda p: p.min_bytes, default=None)
-            fit = _fit_n(c.budget - need, c.q, None if sym else c.n2)
-            why = "; ".join(f"{p.method.value}: {p.reason}" for p in plans)
-            hint = (f"method={best.method.value!r} needs memory_budget_bytes >= "
-                    f"{_mib(need + c.kernel_bytes)} for this N" if best else "raise memory_budget_bytes")
-            fits = (f"with this budget at most N={fit} samples fit" if fit >= 1 else
-                    "with this budget not even one sample fits")
-            raise UserError(f"no NTK method fits memory_budget_bytes={_mib(c.budget)} (kernel "
-                            f"{_mib(c.kernel_bytes)}): {why}. {hint}; {fits}")
-        plan = min(feasible, key=lambda p: p.cost)
-
+            raise _no_plan_error(c, plans, sym)
         K = torch.zeros(_block_shape(kind, c.n1, c.n2, c.O), dtype=torch.float64, device=fm.device)
-        total = plan.n_blocks + (plan.fallback.n_blocks if plan.fallback else 0)
-        with _progress(total, f"ntk {kind.value} ({plan.method.value})", progress) as pbar:
-            if plan.method == NtkMethod.JACOBIAN:
-                _run_jacobian(c, plan, list(fm.params), K, pbar)
-            elif plan.method == NtkMethod.NTVP:
-                _run_ntvp(c, plan, K, pbar)
-            else:
-                _run_layerwise(c, plan, K, pbar)
-                if plan.fallback is not None:
-                    names = [n for n in fm.params if n not in {m for lay in plan.layers
-                                                                for m in lay.names}]
-                    _run_jacobian(c, plan.fallback, names, K, pbar)
-                    notes.append(f"layerwise: {len(names)} parameter tensor(s) outside "
-                                 f"Linear/Conv2d/BatchNorm layers via the Jacobian path")
+        failures: list[str] = []
+        plan = None
+        for cand in sorted(feasible, key=lambda p: p.cost):
+            try:
+                cand = _calibrated(c, cand, free, lambda ctx, room, m=cand.method: make(m, ctx, room),
+                                   notes)
+                _run_plan(c, cand, K, progress)
+                plan = cand
+                break
+            except UserError:
+                raise
+            except _MODEL_ERRORS as exc:
+                if method != NtkMethod.AUTO:
+                    raise UserError(f"method={method.value!r} does not work on this model "
+                                    f"({_first_line(exc)}); method='auto' tries the other methods"
+                                    ) from None
+                failures.append(f"{cand.method.value} failed on this model ({_first_line(exc)})")
+                K.zero_()
+        notes.extend(f"{f}; the next method was tried" for f in failures)
+        if plan is None:
+            raise UserError("no NTK method works for this model: " + "; ".join(failures))
+        if plan.fallback is not None:
+            notes.append(f"layerwise: {len(fallback)} parameter tensor(s) outside "
+                         f"Linear/Conv2d/BatchNorm layers via the Jacobian path")
     if not bool(torch.isfinite(K).all()):
         raise _overflow_error(fm.dtype, y_max, f"{kind.value} kernel")
     if kind == NtkKind.FULL:
         K = K.reshape(c.n1 * c.O, c.n2 * c.O)
     if sym:   # exactly symmetric (blocks on the diagonal and NTVP columns carry rounding asymmetry)
-        K = 0.5 * (K + K.transpose(-1, -2))
+        _symmetrize_(K)
     kernel = K.cpu().numpy()
     bn_mode = "eval" if _has_batchnorm(model) else "none"
     return NtkResult(kernel=kernel, kind=kind.value, method=plan.method.value, n1=c.n1, n2=c.n2,
                      n_outputs=c.O, n_params=fm.n_params, dtype=str(fm.dtype).replace("torch.", ""),
                      wall_time_s=time.perf_counter() - t0,
-                     peak_memory_bytes=int(plan.peak_bytes + c.kernel_bytes), symmetric=sym,
+                     peak_memory_bytes=int(plan.peak_bytes + c.kernel_bytes + fm.copied_bytes),
+                     symmetric=sym,
                      n_blocks=plan.n_blocks + (plan.fallback.n_blocks if plan.fallback else 0),
                      schedule=plan.schedule, bn_mode=bn_mode, est_gflop=plan.flops / 1e9,
                      param_filter=None if param_filter is None else repr(param_filter),
                      notes=tuple(notes))
+
+
+def _independent(fm: FunctionalModel, x: Tensor, notes: list[str]):
+    """(fm with BatchNorm statistics fixed where it has none, its structured layers, the
+    measuring pass's statistics); raises :class:`UserError` when the forward couples samples."""
+    fm, note = fix_batch_statistics(fm, x, chunk=_STAT_CHUNK)
+    if note:
+        notes.append(note)
+    check_sample_independence(fm, x)
+    layers = _find_layers(fm)
+    stats = _measure(fm, x[:1].clone(), layers)
+    return fm, layers, stats
+
+
+def _no_plan_error(c: _Ctx, plans: list[_Plan], sym: bool) -> UserError:
+    """Why no plan fits: each method's reason, and for the memory-bound ones the budget needed."""
+    why = "; ".join(f"{p.method.value}: {p.reason}" for p in plans)
+    sized = [p for p in plans if p.min_bytes > 0]
+    if not sized:
+        return UserError(f"no NTK method can run: {why}")
+    best = min(sized, key=lambda p: p.min_bytes)
+    fit = _fit_n(c.budget - best.min_bytes - c.fm.copied_bytes, c.q, None if sym else c.n2)
+    fits = (f"with this budget at most N={fit} samples fit" if fit >= 1 else
+            "with this budget not even one sample fits")
+    return UserError(f"no NTK method fits memory_budget_bytes={_mib(c.budget)} (kernel "
+                     f"{_mib(c.kernel_bytes)}): {why}. method={best.method.value!r} needs "
+                     f"memory_budget_bytes >= {_mib(best.min_bytes + c.kernel_bytes + c.fm.copied_bytes)} "
+                     f"for this N; {fits}")
+
+
+def _run_plan(c: _Ctx, plan: _Plan, K: Tensor, progress) -> None:
+    """K += the kernel by ``plan`` (and its Jacobian fallback for the other parameters)."""
+    fm = c.fm
+    total = plan.n_blocks + (plan.fallback.n_blocks if plan.fallback else 0)
+    with _progress(total, f"ntk {c.kind.value} ({plan.method.value})", progress) as pbar:
+        if plan.method == NtkMethod.JACOBIAN:
+            _run_jacobian(c, plan, list(fm.params), K, pbar)
+        elif plan.method == NtkMethod.NTVP:
+            _run_ntvp(c, plan, K, pbar)
+        else:
+            _run_layerwise(c, plan, K, pbar)
+            if plan.fallback is not None:
+                covered = {m for lay in plan.layers for m in lay.names}
+                _run_jacobian(c, plan.fallback, [n for n in fm.params if n not in covered], K, pbar)
+
+
+def _calibrated(c: _Ctx, plan: _Plan, free: int, make, notes: list[str]) -> _Plan:
+    """``plan``, or the same method re-planned for its measured working set.
+
+    A plan that takes more than an eighth of ``free`` is first run on a block of at most
+    ``_TRIAL`` samples under a :class:`probe._memory.MemoryMeter` (which also shows early that a
+    method does not work on the model). When the measured peak exceeds that small plan's estimate
+    (by more than ``_TRIAL_SLACK``), the method is re-planned with the budget divided by the
+    ratio; raises ``RuntimeError`` (a failure of this method) when it then does not fit.
+    """
+    if plan.peak_bytes <= free // 8:
+        return plan
+    m1, m2 = min(c.n1, _TRIAL), min(c.n2, _TRIAL)
+    small = _Ctx(c.fm, c.kind, c.x1[:m1], c.x1[:m1] if c.sym else c.x2[:m2], c.sym, c.stats,
+                 c.itemsize, c.budget)
+    trial = make(small, free)
+    if not trial.feasible:
+        return plan
+    Kt = torch.zeros(_block_shape(c.kind, m1, m1 if c.sym else m2, c.O), dtype=torch.float64,
+                     device=c.fm.device)
+    with MemoryMeter(c.fm.device) as meter:
+        _run_plan(small, trial, Kt, None)
+    del Kt
+    measured, est = meter.peak_bytes, trial.peak_bytes + small.kernel_bytes
+    if measured <= est + _TRIAL_SLACK:
+        return plan
+    ratio = measured / max(est, 1)
+    again = make(c, int(free / ratio))
+    if not again.feasible:
+        raise RuntimeError(f"its measured working set ({_mib(measured)} on {m1} samples, "
+                           f"{ratio:.1f}x the estimate) does not fit memory_budget_bytes")
+    notes.append(f"{plan.method.value}: measured working set on {m1} samples {_mib(measured)}, "
+                 f"{ratio:.1f}x the estimate; blocks sized for it ({again.schedule})")
+    again.peak_bytes = int(again.peak_bytes * ratio)
+    return again
+
+
+def _symmetrize_(K: Tensor, block: int = 1024) -> None:
+    """K = (K + K^T) / 2 over the last two axes, in place, by blocks (no kernel-sized temporary)."""
+    n = K.shape[-1]
+    for i in range(0, n, block):
+        for j in range(i, n, block):
+            a = K[..., i:i + block, j:j + block]
+            if i == j:
+                a.copy_(0.5 * (a + a.transpose(-1, -2)))
+            else:
+                b = K[..., j:j + block, i:i + block]
+                m = 0.5 * (a + b.transpose(-1, -2))
+                a.copy_(m)
+                b.copy_(m.transpose(-1, -2))
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,7 +383,7 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
                      block_size: int | None = None, block_vectors: int | None = None,
                      max_dim: int | None = None, tol: float | None = None,
                      return_eigenvectors: bool = False, seed: int = 0,
-                     progress=None) -> LanczosResult:
+                     output: OutputSelector = None, progress=None) -> LanczosResult:
     """Top-k eigenvalues of the empirical NTK of ``model`` on ``x`` without forming the kernel.
 
     Block Lanczos (``block_vectors`` = s vectors per step, full reorthogonalisation) over one of
@@ -293,15 +416,13 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
             raise UserError(f"{name} must be a positive integer, got {val!r}")
     if memory_budget_bytes is None or memory_budget_bytes <= 0:
         raise UserError(f"memory_budget_bytes must be positive, got {memory_budget_bytes!r}")
-    fm = functionalize(model, param_filter=param_filter, dtype=dtype, device=device)
+    fm = functionalize(model, param_filter=param_filter, dtype=dtype, device=device, output=output)
     notes = []
     if any(m.training for m in model.modules()):
         notes.append("model was in train mode: evaluated in eval mode; modes restored")
     with eval_mode(model):
         x, _, _ = _prepare_inputs(fm, x, None)
-        couples = _couples_samples(model)
-        layers = _find_layers(fm) if not couples else []
-        stats = _measure(fm, x[:1].clone(), layers)
+        fm, layers, stats = _independent(fm, x, notes)
         O, N, P = stats.n_outputs, x.shape[0], fm.n_params
         n = N * (O if kind == NtkKind.FULL else 1)
         k = int(k)
@@ -310,7 +431,7 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
         if tol is None:
             tol = 1e-8 if fm.dtype == torch.float64 else 1e-5
         it = torch.empty((), dtype=fm.dtype).element_size()
-        budget = int(memory_budget_bytes)
+        budget = int(memory_budget_bytes) - fm.copied_bytes
         act_bytes = max(1, 3 * stats.saved_numel * it)
         y_max = _check_finite(fm, x, max(1, min(N, max(budget // 2, act_bytes) // act_bytes)), "x")
         if dtype is None and fm.dtype != torch.float64 and _out_of_range(fm.dtype, y_max):
@@ -318,50 +439,58 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
                                    dtype=torch.float64, device=device,
                                    memory_budget_bytes=memory_budget_bytes, block_size=block_size,
                                    block_vectors=block_vectors, max_dim=max_dim, tol=tol,
-                                   return_eigenvectors=return_eigenvectors, seed=seed, progress=progress)
+                                   return_eigenvectors=return_eigenvectors, seed=seed, output=output,
+                                   progress=progress)
             return _promoted(res, t0, fm.dtype, y_max)
 
         gram = None
         if method in (LanczosMethod.AUTO, LanczosMethod.GRAM):
-            if couples:
-                gram = _Plan(NtkMethod.LAYERWISE, False, reason="the model has BatchNorm without "
-                             "running statistics (samples are coupled in eval mode)")
-            else:
-                c = _Ctx(fm, kind, x, x, True, stats, it, budget)
-                good, fallback, bad = _checked_layers(c, layers)
-                F = P * (O if kind == NtkKind.TRACE else 1)
-                first = max(1, min(int(block_vectors or _default_block(LanczosMethod.GRAM, k)), k))
-                # without a given block size, smaller blocks until the basis fits the budget
-                for s in ([first] if block_vectors else sorted({first, min(first, 10), min(first, 5),
-                                                                min(first, 2), 1}, reverse=True)):
-                    cap = int(max_dim) if max_dim else max(10 * k, 100)
-                    cap = F if cap >= F else max(cap // s * s, min(F, -(-k // s) * s + s))
-                    gram = _plan_gram(c, good, fallback, k, s, cap, n, block_size)
-                    if gram.feasible:
-                        break
-                if bad and gram.feasible:
-                    notes.append(f"gram: {len(bad)} parameter tensor(s) failed the closed-form check "
-                                 f"and use vmap(jacrev)")
-                if gram.feasible and gram.n_blocks < cap:
-                    notes.append(f"gram: Krylov dimension capped at {gram.n_blocks} by the memory budget")
+            c = _Ctx(fm, kind, x, x, True, stats, it, budget)
+            good, fallback, bad = _checked_layers(c, layers, budget, notes)
+            F = P * (O if kind == NtkKind.TRACE else 1)
+            first = max(1, min(int(block_vectors or _default_block(LanczosMethod.GRAM, k)), k))
+            # without a given block size, smaller blocks until the basis fits the budget
+            for s in ([first] if block_vectors else sorted({first, min(first, 10), min(first, 5),
+                                                            min(first, 2), 1}, reverse=True)):
+                cap = int(max_dim) if max_dim else max(10 * k, 100)
+                cap = F if cap >= F else max(cap // s * s, min(F, -(-k // s) * s + s))
+                gram = _plan_gram(c, good, fallback, k, s, cap, n, block_size)
+                if gram.feasible:
+                    break
+            if bad and gram.feasible:
+                notes.append(f"gram: {len(bad)} parameter tensor(s) failed the closed-form check "
+                             f"and use vmap(jacrev)")
+            if gram.feasible and gram.n_blocks < cap:
+                notes.append(f"gram: Krylov dimension capped at {gram.n_blocks} by the memory budget")
             if method == LanczosMethod.GRAM and not gram.feasible:
                 raise UserError(f"method='gram' cannot run: {gram.reason}; raise memory_budget_bytes "
                                 f"(budget {_mib(budget)}) or use method='ntvp'")
+        gram_failed = None
         if gram is not None and gram.feasible:
             plan = gram
             sweeps_max = -(-plan.n_blocks // s) + (1 if return_eigenvectors else 0)
-            with _progress(N * sweeps_max, f"ntk lanczos ({kind.value}, gram, {s} vectors/pass)",
-                           progress) as pbar:
-                op = _GramOperator(fm, x, kind, O, plan.layers, plan.groups[0], plan.block, plan.chunk,
-                                   pbar)
-                # a parameter space smaller than k holds only F non-zero eigenvalues
-                eig = block_lanczos(_finite(op, fm.dtype, y_max, "parameter-space operator J^T J"),
-                                    min(k, op.size), block_size=s, max_dim=plan.n_blocks, tol=tol,
-                                    seed=seed, return_vectors=return_eigenvectors)
-                Y = None
-                if return_eigenvectors:                     # y = J p / ||J p||, p the Ritz vectors
-                    JY = op.rows_times(eig.vectors).to(torch.float64).cpu().numpy()      # (n, k)
-                    Y = JY / np.maximum(np.linalg.norm(JY, axis=0), 1e-300)
+            try:
+                with _progress(N * sweeps_max, f"ntk lanczos ({kind.value}, gram, {s} vectors/pass)",
+                               progress) as pbar:
+                    op = _GramOperator(fm, x, kind, O, plan.layers, plan.groups[0], plan.block,
+                                       plan.chunk, pbar)
+                    # a parameter space smaller than k holds only F non-zero eigenvalues
+                    eig = block_lanczos(_finite(op, fm.dtype, y_max, "parameter-space operator J^T J"),
+                                        min(k, op.size), block_size=s, max_dim=plan.n_blocks, tol=tol,
+                                        seed=seed, return_vectors=return_eigenvectors)
+                    Y = None
+                    if return_eigenvectors:                 # y = J p / ||J p||, p the Ritz vectors
+                        JY = op.rows_times(eig.vectors).to(torch.float64).cpu().numpy()  # (n, k)
+                        Y = JY / np.maximum(np.linalg.norm(JY, axis=0), 1e-300)
+            except UserError:
+                raise
+            except _MODEL_ERRORS as exc:
+                if method == LanczosMethod.GRAM:
+                    raise UserError(f"method='gram' does not work on this model ({_first_line(exc)}); "
+                                    f"method='auto' tries the VJP/JVP operator") from None
+                gram_failed = _first_line(exc)
+                notes.append(f"gram failed on this model ({gram_failed}); VJP/JVP products instead")
+        if gram is not None and gram.feasible and gram_failed is None:
             if not eig.converged:
                 notes.append(f"not converged within a Krylov dimension of {eig.dim}: raise max_dim or "
                              f"memory_budget_bytes (largest residual {eig.residuals.max():.3g})")
@@ -373,7 +502,7 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
                                  peak_memory_bytes=int(plan.peak_bytes), block_vectors=s,
                                  subspace_dim=eig.dim, method=LanczosMethod.GRAM.value,
                                  n_passes=op.sweeps, notes=tuple(notes))
-        if gram is not None and method == LanczosMethod.AUTO:
+        if gram is not None and method == LanczosMethod.AUTO and gram_failed is None:
             notes.append(f"gram operator not used ({gram.reason}): VJP/JVP products instead")
 
         s = max(1, min(int(block_vectors or _default_block(LanczosMethod.NTVP, k)), k))
@@ -396,11 +525,19 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
         # beyond a few hundred samples per block the passes get memory-bound (measured on CPU:
         # 2000-sample blocks ~1.4x slower per sample than 250-500)
         b = min(b, N, _LANCZOS_MAX_BLOCK) if not block_size else min(b, N)
-        op = _NtkOperator(fm, x, kind, O, b, per_sample=couples)
-        with _progress(dim_cap, f"ntk lanczos ({kind.value}, ntvp)", progress) as pbar:
-            eig = block_lanczos(_finite(op, fm.dtype, y_max, "NTK-vector product"), k, block_size=s,
-                                max_dim=dim_cap, tol=tol, seed=seed, return_vectors=return_eigenvectors,
-                                progress=pbar.update)
+        op = _NtkOperator(fm, x, kind, O, b)
+        try:
+            with _progress(dim_cap, f"ntk lanczos ({kind.value}, ntvp)", progress) as pbar:
+                eig = block_lanczos(_finite(op, fm.dtype, y_max, "NTK-vector product"), k,
+                                    block_size=s, max_dim=dim_cap, tol=tol, seed=seed,
+                                    return_vectors=return_eigenvectors, progress=pbar.update)
+        except UserError:
+            raise
+        except _MODEL_ERRORS as exc:
+            tried = f"; gram failed too ({gram_failed})" if gram_failed else (
+                f"; the gram operator could not run ({gram.reason})" if gram is not None else "")
+            raise UserError(f"the VJP/JVP NTK operator does not work on this model "
+                            f"({_first_line(exc)}){tried}") from None
     if not eig.converged:
         notes.append(f"not converged within a Krylov dimension of {eig.dim}: raise max_dim "
                      f"(largest residual {eig.residuals.max():.3g})")
