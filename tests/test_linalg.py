@@ -45,6 +45,27 @@ def psd_with_spectrum(ev: np.ndarray, seed: int = 0) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 
 
+def test_block_lanczos_on_tenfold_eigenvalues_resolves_or_warns():
+    """Eigenvalues 10, 9, 8 each ten times, then a tail. Blocks of s < 10 stop at clusters of
+    s or more copies (here 8): the top 20 is wrong, and a note says which eigenvalues may have
+    more copies. A block of exactly 10 finds all of them but cannot rule out an eleventh (noted);
+    a larger block finds them all and says nothing."""
+    rng = np.random.default_rng(3)
+    ev = np.concatenate([np.repeat([10.0, 9.0, 8.0], 10), rng.uniform(0, 1, 90)])
+    op = DenseOperator(psd_with_spectrum(ev))
+    want = np.sort(ev)[::-1][:20]
+    for s in (2, 4):
+        res = block_lanczos(op, 20, block_size=s, tol=TOL)
+        assert not np.allclose(res.eigenvalues, want, rtol=1e-3)       # copies are missing ...
+        assert any("eigenvalue 10 appears" in n and f"block size {s}" in n for n in res.notes)
+    res = block_lanczos(op, 20, block_size=10, tol=TOL)
+    np.testing.assert_allclose(res.eigenvalues, want, rtol=1e-8)
+    assert [n.split(" appears")[0] for n in res.notes] == ["eigenvalue 10", "eigenvalue 9"]
+    res = block_lanczos(op, 20, block_size=12, tol=TOL)
+    np.testing.assert_allclose(res.eigenvalues, want, rtol=1e-8)
+    assert res.converged and not res.notes
+
+
 def test_block_lanczos_resolves_repeated_eigenvalues_of_a_dense_psd_matrix():
     # top: 10 (three times), 7 (twice), 5, then a tail in [0, 1] with exact zeros (rank 50 of 60)
     tail = np.concatenate([np.linspace(1.0, 0.01, 44), np.zeros(10)])
@@ -55,7 +76,9 @@ def test_block_lanczos_resolves_repeated_eigenvalues_of_a_dense_psd_matrix():
     assert isinstance(op, SymmetricOperator) and op.size == 60 and op.dtype == torch.float64
     k = 6
     res = block_lanczos(op, k, block_size=3, tol=TOL, return_vectors=True)
-    assert res.converged and res.block_size == 3 and not res.notes
+    # 10 appears as often as the block size: the solver cannot rule out a fourth copy and says so
+    assert res.converged and res.block_size == 3
+    assert len(res.notes) == 1 and "eigenvalue 10 appears 3 times" in res.notes[0]
     np.testing.assert_allclose(res.eigenvalues, dense[:k], rtol=RTOL)
     np.testing.assert_allclose(res.eigenvalues, [10, 10, 10, 7, 7, 5], rtol=RTOL)
     # Ritz vectors: orthonormal (float64 rounding) and A y = theta y up to the reported residuals

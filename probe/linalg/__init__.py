@@ -6,11 +6,11 @@ An operator (an NTK, a Gram matrix J^T J, a Hessian, a GGN) implements
 blocks -- and every solver here works with it alone.
 """
 from probe.linalg._accumulate import dot64, norm64
-from probe.linalg.lanczos import BlockLanczosResult, block_lanczos, unresolved_note
+from probe.linalg.lanczos import BlockLanczosResult, block_lanczos, multiplicity_note, unresolved_note
 from probe.linalg.operator import CallableOperator, DenseOperator, SymmetricOperator
 from probe.linalg.spectrum import (SpectrumStats, default_floor, dense_eigenvalues, effective_rank,
                                    participation_ratio, spectrum_stats)
 
 __all__ = ["SymmetricOperator", "DenseOperator", "CallableOperator", "BlockLanczosResult", "block_lanczos",
-           "unresolved_note", "SpectrumStats", "spectrum_stats", "dense_eigenvalues", "default_floor",
+           "unresolved_note", "multiplicity_note", "SpectrumStats", "spectrum_stats", "dense_eigenvalues", "default_floor",
            "effective_rank", "participation_ratio", "dot64", "norm64"]

@@ -22,7 +22,7 @@ from torch import Tensor
 from probe.linalg._accumulate import dot64
 from probe.linalg.operator import SymmetricOperator
 
-__all__ = ["BlockLanczosResult", "block_lanczos", "unresolved_note"]
+__all__ = ["BlockLanczosResult", "block_lanczos", "unresolved_note", "multiplicity_note"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,6 +72,29 @@ def unresolved_note(theta: np.ndarray, res: np.ndarray, tol: float) -> list[str]
             f"use float64 for them"]
 
 
+def multiplicity_note(theta: np.ndarray, block_size: int, scale: float, rtol: float = 1e-6) -> list[str]:
+    """A block of s vectors finds at most s copies of a repeated eigenvalue: a cluster of s or more
+    equal Ritz values (within ``rtol`` of their size, or of ``scale`` * 1e-12) may hide further
+    copies, and everything below it in the top k may then be wrong. With s = 1 nothing shows a
+    repeated eigenvalue, so no note is possible."""
+    s = int(block_size)
+    if s < 2 or theta.size < s:
+        return []
+    out, i = [], 0
+    while i < theta.size:
+        j = i
+        while j + 1 < theta.size and abs(theta[j + 1] - theta[i]) <= rtol * max(abs(theta[i]),
+                                                                                 1e-12 * scale):
+            j += 1
+        if j - i + 1 >= s:
+            out.append(f"eigenvalue {float(theta[i]):.6g} appears {j - i + 1} times among the top "
+                       f"{theta.size} (#{i + 1} to #{j + 1}), at least the block size {s}: its "
+                       f"multiplicity may be larger, and copies may be missing from the top "
+                       f"{theta.size}; rerun with a block size above {j - i + 1}")
+        i = j + 1
+    return out
+
+
 def block_lanczos(op: SymmetricOperator, k: int, *, block_size: int = 1, max_dim: int | None = None,
                   tol: float | None = None, seed: int = 0, return_vectors: bool = False,
                   progress: Callable[[int], None] | None = None) -> BlockLanczosResult:
@@ -88,7 +111,8 @@ def block_lanczos(op: SymmetricOperator, k: int, *, block_size: int = 1, max_dim
     float32 Householder QR over millions of elements, orthonormal to the storage precision.
 
     A block of s vectors resolves eigenvalues of multiplicity up to s (plain Lanczos, s = 1, sees
-    each eigenvalue once). Directions that vanish (an invariant subspace was found) are replaced
+    each eigenvalue once); when s >= 2 equal Ritz values cluster s or more at a time, a note
+    (:func:`multiplicity_note`) says that copies may be missing. Directions that vanish (an invariant subspace was found) are replaced
     by random ones orthogonal to Q; T stays exact. Convergence: every top-k residual
     <= ``tol`` * theta_max (default 1e-8 in float64, 1e-5 in lower precision, where the
     operator's own rounding puts a floor under the residuals), or the basis spans the space.
@@ -191,4 +215,5 @@ def block_lanczos(op: SymmetricOperator, k: int, *, block_size: int = 1, max_dim
     return BlockLanczosResult(eigenvalues=theta, residuals=res, vectors=vectors, converged=bool(converged),
                               dim=dim, n_matvecs=counts["vectors"], n_blocks=counts["blocks"],
                               block_size=s, tol=float(tol), scale=scale,
-                              notes=tuple(unresolved_note(theta, res, tol)))
+                              notes=tuple(unresolved_note(theta, res, tol)
+                                          + multiplicity_note(theta, s, scale)))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.func import jvp, vjp, vmap
+from torch.func import vjp, vmap
 
 from probe.probes.ntk._plan import _Ctx, _Plan
-from probe.probes.ntk._util import _MODEL_ERRORS, _ranges
+from probe.probes.ntk._util import _MODEL_ERRORS, _Pushforward, _ranges
 from probe.probes.ntk.results import NtkKind
 
 
@@ -16,7 +16,8 @@ def _run_ntvp(c: _Ctx, plan: _Plan, K: Tensor, pbar) -> None:
     tangents d f_b(x2_j) / d theta by VJPs vmapped over the columns (a loop over the columns'
     samples, vmapped over their outputs, where the model does not batch under vmap, e.g. RNNs),
     then JVPs of the batched forward pass over blocks of ``plan.block`` rows, vmapped over the
-    tangents (samples are independent: checked by the caller)."""
+    tangents (samples are independent: checked by the caller; by the double-VJP identity where
+    the model has no forward-mode AD, :class:`_Pushforward`)."""
     fm, O, params = c.fm, c.O, c.fm.params
     n2 = c.n2
     col_j = torch.arange(n2, device=K.device).repeat_interleave(O)
@@ -44,16 +45,13 @@ def _run_ntvp(c: _Ctx, plan: _Plan, K: Tensor, pbar) -> None:
             parts.append(vmap(fn)(eye[sel][:, None, :])[0])
         return {k: torch.cat([u[k] for u in parts]) for k in params}
 
+    pushforward = _Pushforward(f, params, c.x1)
     for lo, hi in _ranges(n2 * O, plan.chunk):
         js, os_ = col_j[lo:hi], col_o[lo:hi]
         U = tangents(js, os_)                                                          # (c, ...)
         ar = torch.arange(hi - lo, device=K.device)
         for r in _ranges(c.n1, plan.block):
-            xb = c.x1[r[0]:r[1]]
-
-            def push(t):
-                return jvp(lambda p: f(p, xb), (params,), (t,))[1]
-            JV = vmap(push)(U).to(torch.float64)                                       # (c, b, O)
+            JV = vmap(pushforward.at(c.x1[r[0]:r[1]]))(U).to(torch.float64)             # (c, b, O)
             if c.kind == NtkKind.FULL:
                 K[r[0]:r[1], :, js, os_] = JV.permute(1, 2, 0)
             elif c.kind == NtkKind.TRACE:

@@ -18,12 +18,12 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
-from torch.func import jvp, vjp, vmap
+from torch.func import vjp, vmap
 
 from probe.autodiff import (LayerCall, StructuredLayer, conv_patches, input_leaf, per_sample_grad_parts,
                             record_forward)
 from probe.functional import FunctionalModel
-from probe.probes.ntk._util import _GRAM_ROW_BYTES, _SampleJacobian, _ranges
+from probe.probes.ntk._util import _GRAM_ROW_BYTES, _Pushforward, _SampleJacobian, _ranges
 from probe.probes.ntk.results import NtkKind
 
 
@@ -52,6 +52,7 @@ class _NtkOperator:
         self.matvecs = 0
         # samples are independent (checked by the caller): the plain batched forward
         self.f = lambda p, xb: fm(p, xb).reshape(xb.shape[0], -1)
+        self.pushforward: _Pushforward | None = None     # J t: jvp, or a VJP of the VJP
 
     def matmat(self, V: Tensor) -> Tensor:
         """K V for V (size, s) (a tensor or array); returns (size, s) float64."""
@@ -76,11 +77,10 @@ class _NtkOperator:
                     U[k][j] += g
         out = torch.empty((N if trace else N * O, s), dtype=torch.float64, device=fm.device)
         step = O if trace else max(1, O)
+        if self.pushforward is None:
+            self.pushforward = _Pushforward(f, fm.params, self.x)
         for lo, hi in _ranges(N, self.block):
-            xb = self.x[lo:hi]
-
-            def push(t):
-                return jvp(lambda p: f(p, xb), (fm.params,), (t,))[1]
+            push = self.pushforward.at(self.x[lo:hi])
             if fm.device.type == "cpu":  # a loop of JVPs beats vmap's batching rules on CPU (~2x)
                 JU = torch.stack([push({k: u[j] for k, u in U.items()}) for j in range(m)])  # (m, b, O)
             else:

@@ -18,6 +18,7 @@ from probe.autodiff import StructuredLayer, check_closed_forms, record_layer_cal
 from probe.functional import FunctionalModel
 from probe.errors import UserError
 from probe.probes.ntk._util import (_BWD_FP, _GRAM_BLOCK, _GRAM_MAX_CHUNK, _JVP_FP, _LANCZOS_MAX_BLOCK,
+                                    _NTVP_BLOCK,
                                     _VMAP_OVERHEAD, _mib, _ranges)
 from probe.probes.ntk.results import LanczosMethod, NtkKind, NtkMethod
 
@@ -358,8 +359,10 @@ def _checked_layers(c: _Ctx, layers: list[StructuredLayer], free: int | None = N
 def _default_block(method: LanczosMethod, k: int) -> int:
     # gram: one data pass per block, and its matrix products are memory-bound (a block of 20 costs
     # ~1.2x one of 10): 20 to 40 vectors were fastest for top-20 on ResNet-20 kernels (6-7 passes).
-    # ntvp: every vector costs its own VJPs and JVPs: single-vector Lanczos needs fewest.
-    return min(k, _GRAM_BLOCK) if method == LanczosMethod.GRAM else 1
+    # ntvp: every vector costs its own VJPs and JVPs, but a single vector sees each eigenvalue once
+    # (a full kernel restricted to a linear head repeats each O times): blocks of up to 10
+    # resolve such multiplicities, and larger clusters are reported (multiplicity_note).
+    return min(k, _GRAM_BLOCK) if method == LanczosMethod.GRAM else min(k, _NTVP_BLOCK)
 
 
 def _plan_gram(c: _Ctx, layers: list[StructuredLayer], fallback: list[str], k: int, s: int, dim_cap: int,

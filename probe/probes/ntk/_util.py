@@ -22,6 +22,7 @@ _VMAP_OVERHEAD = 1.5  # per-sample (vmapped) kernels vs one batched kernel, meas
 _LANCZOS_MAX_BLOCK = 512  # samples per block in the matrix-free operator (throughput, not memory)
 _GRAM_MAX_CHUNK = 32      # samples whose generic layer rows are formed at once (gram operator)
 _GRAM_BLOCK = 20          # default vectors per block of the gram operator
+_NTVP_BLOCK = 10          # default vectors per block of the VJP/JVP operator
 _GRAM_ROW_BYTES = 6 << 20  # a block of weight rows formed at once (~6 MB: stays in the L3 cache)
 
 
@@ -141,7 +142,7 @@ def _prepare_inputs(fm: FunctionalModel, x1, x2) -> tuple[Tensor, Tensor, bool]:
 _MODEL_ERRORS = (NotImplementedError, RuntimeError, ValueError, TypeError, IndexError)
 
 
-def _first_line(exc: BaseException, limit: int = 160) -> str:
+def _first_line(exc: BaseException, limit: int = 240) -> str:
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return f"{type(exc).__name__}: {text[:limit]}"
 
@@ -175,3 +176,72 @@ class _SampleJacobian:
                 self.looped, self.reason = True, _first_line(exc)
         rows = [self._one(sub, x[i]) for i in range(x.shape[0])]
         return {k: torch.stack([r[k] for r in rows]) for k in sub}
+
+
+class _Pushforward:
+    """Jacobian-vector products t -> J t of a batched forward ``f(params, xb)``.
+
+    Forward mode (``jvp``) where the model supports it; where it does not (the eval-mode fast
+    paths of ``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention`` have no forward-mode AD)
+    the double-VJP identity J t = d/dc <J^T c, t>: a VJP of the VJP, which costs a backward pass
+    more and needs only reverse mode. The mode is decided once, on the first sample
+    (``reverse`` and ``reason`` say which and why)."""
+
+    def __init__(self, f, params: dict[str, Tensor], x0: Tensor):
+        from torch.func import jvp
+
+        self.f, self.params = f, params
+        self.reverse, self.reason = False, ""
+        tangent = {k: torch.zeros_like(p) for k, p in params.items()}
+        try:
+            jvp(lambda p: f(p, x0[:1]), (params,), (tangent,))
+        except UserError:
+            raise
+        except _MODEL_ERRORS as exc:
+            self.reverse, self.reason = True, _first_line(exc)
+            self._check(x0[:2])
+
+    def _check(self, xb: Tensor) -> None:
+        """<J t, c> = <t, J^T c> for random t and c: a custom backward that is not linear-traceable
+        in its incoming gradient (``g.detach()``) would make the VJP of the VJP silently wrong."""
+        from torch.func import vjp
+
+        gen = torch.Generator().manual_seed(0)
+
+        def rand(like: Tensor) -> Tensor:
+            return torch.randn(like.shape, generator=gen, dtype=torch.float64).to(like.device, like.dtype)
+        t = {k: rand(p) for k, p in self.params.items()}
+        push = self.at(xb)
+        with torch.no_grad():
+            out = self.f(self.params, xb)
+        c = rand(out)
+        _, fn = vjp(lambda p: self.f(p, xb), self.params)
+        jt, jtc = push(t), fn(c)[0]
+        lhs = float((jt.double() * c.double()).sum())
+        rhs = sum(float((t[k].double() * jtc[k].double()).sum()) for k in t)
+        scale = max(abs(rhs), float(jt.double().norm() * c.double().norm()), 1e-300)
+        tol = 1e-8 if out.dtype == torch.float64 else 1e-3
+        if not abs(lhs - rhs) <= tol * scale:
+            raise RuntimeError(f"the model's backward pass is not differentiable in the incoming "
+                               f"gradient (a VJP of the VJP gives <Jt, c> = {lhs:.6g} against "
+                               f"<t, J^T c> = {rhs:.6g}) and it has no forward-mode AD "
+                               f"({self.reason})")
+
+    def at(self, xb: Tensor):
+        """The function t -> J t at the samples ``xb`` (vmap it over tangents)."""
+        from torch.func import jvp, vjp
+
+        f, params = self.f, self.params
+        if not self.reverse:
+            return lambda t: jvp(lambda p: f(p, xb), (params,), (t,))[1]
+        # fused attention kernels have no double backward: the composite (math) one has
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):
+            out, fn = vjp(lambda p: f(p, xb), params)
+            _, fn2 = vjp(lambda cot: fn(cot)[0], torch.zeros_like(out))
+
+        def push(t):
+            with sdpa_kernel(SDPBackend.MATH):
+                return fn2(t)[0]
+        return push

@@ -110,8 +110,8 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
     fm = functionalize(model, param_filter=param_filter, dtype=dtype, device=device, output=output)
     notes: list[str] = []
     if any(m.training for m in model.modules()):
-        notes.append("model was in train mode: evaluated in eval mode (BatchNorm running statistics, "
-                     "dropout off); the model's modes are restored")
+        notes.append("model was in train mode: evaluated in eval mode (BatchNorm with its running "
+                     "statistics, dropout off); the model's modes are restored")
     with eval_mode(model):
         x1, x2, sym = _prepare_inputs(fm, x1, x2)
         fm, layers, stats = _independent(fm, x1, notes)
@@ -181,7 +181,8 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
                 K.zero_()
         notes.extend(f"{f}; the next method was tried" for f in failures)
         if plan is None:
-            raise UserError("no NTK method works for this model: " + "; ".join(failures))
+            skipped = [f"{p.method.value}: {p.reason}" for p in plans if not p.feasible]
+            raise UserError("no NTK method works for this model: " + "; ".join(failures + skipped))
         if plan.fallback is not None:
             notes.append(f"layerwise: {len(fallback)} parameter tensor(s) outside "
                          f"Linear/Conv2d/BatchNorm layers via the Jacobian path")
@@ -390,11 +391,14 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
     two operators (:class:`LanczosMethod`): ``gram``, M = J^T J in parameter space, one pass over
     the data per block (per-sample layer rows in closed form); or ``ntvp``, K v = J (J^T v) by
     VJPs and JVPs in sample space. ``auto`` takes ``gram`` when it applies and fits
-    ``memory_budget_bytes``. Neither forms an N x N array. Plain Lanczos (s=1) sees each
-    eigenvalue once: for an eigenvalue of multiplicity m among the top k use s >= m (e.g. a kernel
-    restricted to the last layer, kron(H H^T, I_O), needs s >= O with ``kind="full"``). ``s``
-    defaults to min(k, 20) for ``gram`` and 1 for ``ntvp``. Both operators run the one solver,
-    :func:`probe.linalg.block_lanczos`.
+    ``memory_budget_bytes``, and the VJP/JVP operator when gram does not fit or fails on the
+    model (noted). Neither forms an N x N array. A block of s vectors resolves eigenvalues of
+    multiplicity up to s (plain Lanczos, s=1, sees each eigenvalue once; a kernel restricted to
+    the last layer, kron(H H^T, I_O), repeats each O times with ``kind="full"``); ``s`` defaults to
+    min(k, 20) for ``gram`` and min(k, 10) for ``ntvp``, and a note warns when s or more equal
+    Ritz values cluster (copies may be missing). Both operators run the one solver,
+    :func:`probe.linalg.block_lanczos`. ``output`` selects the tensor of a model that returns a
+    mapping or a tuple (:func:`probe.functional.select_output`).
 
     Convergence: every top-k Ritz residual (||K y - theta y||, or for ``gram`` ||M p - theta p||,
     p in parameter space) <= tol * theta_max; the eigenvalue error is then at most the residual,
@@ -505,17 +509,24 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
         if gram is not None and method == LanczosMethod.AUTO and gram_failed is None:
             notes.append(f"gram operator not used ({gram.reason}): VJP/JVP products instead")
 
-        s = max(1, min(int(block_vectors or _default_block(LanczosMethod.NTVP, k)), k))
-        dim_cap = min(n, int(max_dim) if max_dim else max(10 * k, 100))
-        dim_cap = max(dim_cap, min(n, k + s))
-        m = s * (O if kind == NtkKind.TRACE else 1)            # vectors pushed through at once
-        # tangents, gradient; the float64 basis, ~4 blocks of work and the projection T
-        fixed = (m + 2) * P * it + 8 * (n * (dim_cap + 4 * s) + dim_cap ** 2)
-        # per sample: the VJP's forward graph and backward wave; the JVPs (O tangents at a time)
-        # keep no graph, only a few layers' primal and tangent activations
-        per_sample = ((2 + min(m, O) / 2) * stats.saved_numel + 2 * m * O) * it
-        per_sample = int(per_sample)
-        free = budget - fixed
+        first = max(1, min(int(block_vectors or _default_block(LanczosMethod.NTVP, k)), k))
+        # without a given block size, smaller blocks until the tangents fit the budget
+        for s in ([first] if block_vectors else sorted({first, min(first, 5), min(first, 2), 1},
+                                                         reverse=True)):
+            dim_cap = min(n, int(max_dim) if max_dim else max(10 * k, 100))
+            dim_cap = max(dim_cap, min(n, k + s))
+            m = s * (O if kind == NtkKind.TRACE else 1)        # vectors pushed through at once
+            # tangents, gradient; the float64 basis, ~4 blocks of work and the projection T
+            fixed = (m + 2) * P * it + 8 * (n * (dim_cap + 4 * s) + dim_cap ** 2)
+            # per sample: the VJP's forward graph and backward wave; the JVPs (O tangents at a
+            # time) keep no graph, only a few layers' primal and tangent activations
+            per_sample = int(((2 + min(m, O) / 2) * stats.saved_numel + 2 * m * O) * it)
+            free = budget - fixed
+            if free >= per_sample:
+                break
+        if s < first:
+            notes.append(f"ntvp: {s} vector(s) per block (not {first}) to fit the memory budget; a "
+                         f"block of s resolves eigenvalues repeated at most s times")
         b = int(block_size) if block_size else (free // per_sample if free > 0 else 0)
         if b < 1 or free < per_sample:
             need = fixed + per_sample
@@ -536,8 +547,11 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
         except _MODEL_ERRORS as exc:
             tried = f"; gram failed too ({gram_failed})" if gram_failed else (
                 f"; the gram operator could not run ({gram.reason})" if gram is not None else "")
-            raise UserError(f"the VJP/JVP NTK operator does not work on this model "
+            raise UserError(f"the ntvp (VJP/JVP) NTK operator does not work on this model "
                             f"({_first_line(exc)}){tried}") from None
+    if op.pushforward is not None and op.pushforward.reverse:
+        notes.append(f"ntvp: the model has no forward-mode AD ({op.pushforward.reason}): J t by a "
+                     f"VJP of the VJP")
     if not eig.converged:
         notes.append(f"not converged within a Krylov dimension of {eig.dim}: raise max_dim "
                      f"(largest residual {eig.residuals.max():.3g})")

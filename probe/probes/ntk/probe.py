@@ -33,6 +33,9 @@ class NTKParams:
         "help": "eigenlearning predictions and the kernel-regression check (trace kernels)"})
     trials: int = field(default=10, metadata={"help": "kernel-regression trials per training-set size"})
     dtype: str = field(default="float64", metadata={"help": "kernel dtype", "choices": ("float32", "float64")})
+    output: str = field(default="", metadata={
+        "help": "for a model returning a dict / ModelOutput: the key of the tensor to use (default: "
+                "'logits' if present, else its only tensor; of a tuple the first element)"})
 
     def __post_init__(self):
         check_int("topk", self.topk, 1, 100_000)
@@ -123,7 +126,8 @@ def compute(ctx: ProbeContext, p: NTKParams) -> NTKProbeResult:
     summary: dict = {"model": ctx.model_name, "epoch": ctx.epoch, "data": ctx.data, "n": n, "kind": p.kind}
     if p.method == "lanczos":
         lz = ntk_topk_lanczos(ctx.model, x, k=p.topk, kind=p.kind, method=p.lanczos_operator, dtype=p.dtype,
-                              device=ctx.device, memory_budget_bytes=budget, seed=ctx.seed, progress=ctx.progress)
+                              device=ctx.device, memory_budget_bytes=budget, seed=ctx.seed,
+                              output=p.output or None, progress=ctx.progress)
         arrays["eigenvalues"] = np.asarray(lz.eigenvalues)
         summary.update({"method": "lanczos", "lanczos": lz.summary(),
                         "top_eigenvalues": [float(v) for v in lz.eigenvalues[:p.topk]]})
@@ -131,7 +135,7 @@ def compute(ctx: ProbeContext, p: NTKParams) -> NTKProbeResult:
             summary["notes"] = ["eigenlearning needs the whole spectrum: skipped with method lanczos"]
         return NTKProbeResult(summary, arrays)
     res = empirical_ntk(ctx.model, x, kind=p.kind, method=p.method, memory_budget_bytes=budget, dtype=p.dtype,
-                        device=ctx.device, progress=ctx.progress)
+                        device=ctx.device, output=p.output or None, progress=ctx.progress)
     K = res.kernel
     summary.update(res.summary())
     spec_kernel = K if p.kind != "diagonal" else K.sum(0)
