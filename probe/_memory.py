@@ -4,7 +4,8 @@ Planners estimate memory from formulas; :class:`MemoryMeter` measures what a sma
 the same code really holds at its peak, so that the estimate can be calibrated before the large
 run (the ratio measured / estimated scales the plan). On CUDA it reads the allocator's peak
 statistics; elsewhere it follows every tensor created inside it (a ``TorchDispatchMode``: each
-operator's outputs are counted by storage until the storage is freed), which sees the tensors of
+operator's outputs are counted by storage until the storage is freed; views and in-place
+results share an input's storage and add nothing), which sees the tensors of
 autograd's backward pass and of ``torch.func`` transforms too. Tensors that existed before the
 meter started are not counted.
 
@@ -38,6 +39,13 @@ class _StorageTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = set()
+        for t in tree_flatten((args, kwargs))[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                try:
+                    inputs.add(t.untyped_storage().data_ptr())
+                except (RuntimeError, NotImplementedError):
+                    pass
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 try:
@@ -45,7 +53,7 @@ class _StorageTracker(TorchDispatchMode):
                     key, nbytes = st.data_ptr(), st.nbytes()
                 except (RuntimeError, NotImplementedError):       # tensors without storage
                     continue
-                if key and key not in self.live:
+                if key and key not in self.live and key not in inputs:   # views, in-place: no new bytes
                     self.live[key] = (StorageWeakRef(st), nbytes)
                     self.current += nbytes
         if self.current > self.peak:          # only then is it worth finding what was freed

@@ -7,10 +7,17 @@ from torch import Tensor
 __all__ = ["norm64", "dot64"]
 
 
-def norm64(t: Tensor, dim: int | None = None) -> Tensor:
+def norm64(t: Tensor, dim: int | None = None, chunk: int = 1 << 20) -> Tensor:
     """Euclidean norm accumulated in float64: a float32 norm squares its entries in float32 and
-    overflows to inf beyond ~1.8e19 (Krylov vectors of a multiplicative network reach 1e25)."""
-    return torch.linalg.vector_norm(t, dim=dim, dtype=torch.float64)
+    overflows to inf beyond ~1.8e19 (Krylov vectors of a multiplicative network reach 1e25).
+    Over all elements (``dim`` None) it goes by chunks of ``chunk`` elements, so that a tensor of
+    hundreds of millions of float32 entries is not first copied to float64 whole."""
+    if dim is not None or t.numel() <= chunk or t.dtype == torch.float64:
+        return torch.linalg.vector_norm(t, dim=dim, dtype=torch.float64)
+    flat = t.reshape(-1)
+    parts = torch.stack([torch.linalg.vector_norm(flat[i:i + chunk], dtype=torch.float64)
+                         for i in range(0, flat.numel(), chunk)])
+    return torch.linalg.vector_norm(parts)
 
 
 def dot64(A: Tensor, B: Tensor, chunk: int = 1 << 16) -> Tensor:

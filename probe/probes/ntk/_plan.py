@@ -14,7 +14,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from probe.autodiff import StructuredLayer, check_closed_forms, record_layer_calls, set_layer_shapes
+from probe.autodiff import (StructuredLayer, check_closed_forms, check_cost_bytes, record_layer_calls,
+                             set_layer_shapes)
 from probe.functional import FunctionalModel
 from probe.errors import UserError
 from probe.probes.ntk._util import (_BWD_FP, _GRAM_BLOCK, _GRAM_MAX_CHUNK, _JVP_FP, _LANCZOS_MAX_BLOCK,
@@ -82,6 +83,7 @@ class _Ctx:
     stats: _Stats
     itemsize: int
     budget: int
+    check_bytes: int = 0          # peak of the closed-form self-check (set by _checked_layers)
 
     @property
     def n1(self) -> int:
@@ -244,32 +246,66 @@ def _plan_layerwise(c: _Ctx, layers: list[StructuredLayer], fallback: list[str],
 
     trace / diagonal: per block pair one forward pass over both blocks (graph + layer outputs
     kept), then per output a backward pass contracting one layer at a time; per sample
-    ~ (2 A + layer outputs + largest layer Jacobian row + largest patch matrix).
+    ~ (2 A + layer outputs + the rows buffer of the largest layer whose rows are written into it
+    + the largest other layer's rows + the running sum of a module called several times + the
+    largest patch matrix formed on the fly + the patch matrices kept across outputs); per block
+    pair the float64 kernel block and its accumulator in the model's dtype. Patch matrices are
+    kept (``keep_patches``) for the conv layers whose rows go through them, as many as fit the
+    budget at the chosen block size.
     full: each block keeps the gradients of all O outputs at every layer output.
+
+    The plan's ``layers`` are copies of ``layers`` carrying this plan's decisions (``gram``,
+    ``keep_patches``), so that plans for other sample counts do not change them.
     """
+    import dataclasses
+
+    from probe.autodiff.layers import conv_rows_by_patches, grad_blocks_scratch_numel
+
     it, O, S = c.itemsize, c.O, c.stats.saved_numel
     full = c.kind == NtkKind.FULL
     plan = _Plan(NtkMethod.LAYERWISE, False)
     if not layers:
         plan.reason = "no Linear/Conv2d/BatchNorm parameter is selected"
         return plan
-    for layer in layers:
-        layer.gram = _layer_use_gram(layer, c.kind, O)
+    layers = [dataclasses.replace(layer, gram=_layer_use_gram(layer, c.kind, O), keep_patches=False)
+              for layer in layers]
     sum_out = sum(layer.out_numel for layer in layers)
-    p_mat = max([layer.p for layer in layers if not layer.gram] + [0])
-    unf = max([layer.unfold_numel for layer in layers] + [0])
-    m = O if full else 1                                          # outputs alive at once
     clones = sum(layer.out_numel for layer in layers if layer.inplace_out)
-    held_grads = O * sum_out if full else 0                       # full: every output's gradients
-    per_sample = (2 * S + clones + O + held_grads + m * p_mat + unf) * it
+    rowed = [layer for layer in layers if not layer.gram]
+    if full:
+        p_mat = max([layer.p for layer in rowed] + [0])
+        unf = max([layer.unfold_numel for layer in layers] + [0])
+        per_sample = (2 * S + clones + O + O * sum_out + O * p_mat + unf) * it
+        by_patches: list[StructuredLayer] = []
+    else:
+        by_patches = [layer for layer in rowed if conv_rows_by_patches(layer) and layer.w]
+        patched = {id(layer) for layer in by_patches}
+        buffered = {id(layer) for layer in rowed
+                    if layer.w and (layer.kind == "linear" or id(layer) in patched)}
+        p_buf = grad_blocks_scratch_numel(layers)                      # one reused scratch buffer
+        # rows not written into it (conv by batch-as-groups backward, biases, BatchNorm), and
+        # BatchNorm's product g * a where the scratch does not hold it
+        p_other = max([layer.p for layer in rowed if id(layer) not in buffered]
+                      + [layer.out_numel for layer in rowed if layer.kind == "bn" and layer.calls > 1]
+                      + [0])
+        p_pend = max([layer.p for layer in rowed if layer.calls > 1] + [0])
+        per_sample = (2 * S + clones + O + p_buf + p_other + p_pend) * it
 
     nmax = max(c.n1, c.n2)
 
-    def peak(b: int) -> int:
+    def peak(b: int, cached: Sequence[StructuredLayer] = ()) -> int:
         # samples in one forward pass: both blocks of a pair (one block: x1 with itself)
-        n = b if (c.sym and b >= nmax) else 2 * b
+        one = c.sym and b >= nmax
+        n = b if one else 2 * b
         gram = sum(2 * n * n * layer.t ** 2 * it for layer in layers if layer.gram)
-        return n * per_sample + gram
+        if full:
+            return n * per_sample + gram
+        keep = {id(layer) for layer in cached}
+        unf = max([layer.unfold_numel for layer in by_patches if id(layer) not in keep] + [0])
+        kept = sum(layer.unfold_numel for layer in cached)
+        b1, b2 = min(b, c.n1), (min(b, c.n1) if one else min(b, c.n2))
+        pair = b1 * b2 * (it + 8 * (O if c.kind == NtkKind.DIAGONAL else 1))   # accumulator, block
+        return n * (per_sample + (unf + kept) * it) + gram + pair
 
     if block_size:
         b = min(int(block_size), nmax)
@@ -285,6 +321,11 @@ def _plan_layerwise(c: _Ctx, layers: list[StructuredLayer], fallback: list[str],
     if b < 1 or peak(b) > free:
         plan.reason = f"one sample's layerwise working set needs {_mib(peak(max(b, 1)))}"
         return plan
+    cached: list[StructuredLayer] = []
+    for layer in sorted((lay for lay in by_patches if lay.calls == 1), key=lambda lay: lay.unfold_numel):
+        if peak(b, cached + [layer]) <= free:        # a kept patch matrix saves one unfold per output
+            cached.append(layer)
+            layer.keep_patches = True
     pairs, evals = _pair_count(c.n1, c.n2, b, c.sym)
     rows, cols = len(_ranges(c.n1, b)), len(_ranges(c.n2, b))
     if b >= nmax:
@@ -301,7 +342,8 @@ def _plan_layerwise(c: _Ctx, layers: list[StructuredLayer], fallback: list[str],
         else:
             flops += 2.0 * c.n1 * c.n2 * c.q * layer.p * frac
     n_gram = sum(layer.gram for layer in layers)
-    plan.__dict__.update(feasible=True, block=b, chunk=m, peak_bytes=peak(b), n_blocks=pairs,
+    plan.__dict__.update(feasible=True, block=b, chunk=O if full else 1, peak_bytes=peak(b, cached),
+                         n_blocks=pairs,
                          layers=layers, flops=flops, cost=flops,
                          schedule=(("one block" if b >= nmax else f"blocks of {b} samples")
                                    + f", {len(layers)} structured layers ({n_gram} by Gram)"))
@@ -325,33 +367,47 @@ def _checked_layers(c: _Ctx, layers: list[StructuredLayer], free: int | None = N
     """(structured layers that pass the closed-form self-check, parameter names left to the
     generic ``vmap(jacrev)`` path, names that failed the check).
 
-    The check (:func:`probe.autodiff.check_closed_forms`) holds, for the layers it checks, their
-    parameters twice and one layer's rows of two samples, plus the graph of two samples. With
-    ``free`` bytes it checks the layers that fit, smallest first; a layer whose own check does not
-    fit is used unchecked, and a note (in ``notes``) says which.
+    The check (:func:`probe.autodiff.check_closed_forms`) holds the graph of two samples and,
+    per checked layer, :func:`probe.autodiff.check_cost_bytes`. With ``free`` bytes the layers
+    are checked in groups that fit, one pass per group; a layer whose own check does not fit is
+    not trusted (its parameters go to the generic path, and a note says so): an unchecked closed
+    form could be silently wrong.
     """
     called = [lay for lay in layers if lay.calls > 0]
-    unchecked: list[StructuredLayer] = []
-    if free is not None:
+    groups: list[list[StructuredLayer]] = [called] if called else []
+    too_big: list[StructuredLayer] = []
+    if free is not None and called:
         it = c.itemsize
-        room = free - 2 * 2 * c.stats.saved_numel * it          # the graph of two samples
-        chosen, total, widest = [], 0, 0
+        room = free - 2 * 2 * c.stats.saved_numel * it                # the graph of two samples
+        groups, cur, used = [], [], 0
         for lay in sorted(called, key=lambda lay: lay.p):
-            t, w = total + 2 * lay.p * it, max(widest, 2 * lay.p * it)
-            if t + w <= room:
-                chosen.append(lay)
-                total, widest = t, w
-            else:
-                unchecked.append(lay)
-        keep = {id(lay) for lay in chosen}
-        called = [lay for lay in called if id(lay) in keep]
-    good, bad = check_closed_forms(c.fm, c.x1, called, c.O)
-    if unchecked and notes is not None:
-        biggest = max(lay.p for lay in unchecked)
-        notes.append(f"closed-form self-check skipped for {len(unchecked)} layer(s) (the largest "
-                     f"with {biggest} parameters): checking them needs more than the memory budget "
-                     f"leaves; their closed forms are used unchecked")
-    good = good + unchecked
+            cost = check_cost_bytes(lay, it)
+            if cost > room:
+                too_big.append(lay)
+                continue
+            if cur and used + cost > room:
+                groups.append(cur)
+                cur, used = [], 0
+            cur.append(lay)
+            used += cost
+        if cur:
+            groups.append(cur)
+    good, bad = [], []
+    it = c.itemsize
+    c.check_bytes = max([2 * 2 * c.stats.saved_numel * it + sum(check_cost_bytes(lay, it) for lay in g)
+                         for g in groups] + [c.check_bytes])
+    for group in groups:
+        g, b = check_closed_forms(c.fm, c.x1, group, c.O)
+        good += g
+        bad += b
+    order = {id(lay): i for i, lay in enumerate(layers)}
+    good.sort(key=lambda lay: order[id(lay)])
+    if too_big and notes is not None:
+        biggest = max(lay.p for lay in too_big)
+        notes.append(f"closed-form self-check does not fit the memory budget for {len(too_big)} "
+                     f"layer(s) (the largest with {biggest} parameters needs "
+                     f"{_mib(check_cost_bytes(max(too_big, key=lambda lay: lay.p), c.itemsize))}): "
+                     f"they use the generic Jacobian path")
     covered = {nm for lay in good for nm in lay.names}
     return good, [nm for nm in c.fm.params if nm not in covered], bad
 
