@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from probe.functional import FunctionalModel
 
 __all__ = ["StructuredLayer", "LayerCall", "find_structured_layers", "record_layer_calls",
-           "set_layer_shapes", "conv_patches", "per_sample_grad_parts", "per_sample_grad_rows",
+           "set_layer_shapes", "conv_patches", "conv_rows_by_patches", "per_sample_grad_parts",
+           "per_sample_grad_rows", "per_sample_grad_blocks", "grad_blocks_scratch_numel",
            "gram_factors"]
 
 
@@ -60,6 +61,7 @@ class StructuredLayer:
     p: int = 0                     # selected parameter elements
     inplace_out: bool = False      # the output is modified in place later (e.g. ReLU(inplace=True))
     gram: bool = False             # contract through the Gram identity (decided by the caller's planner)
+    keep_patches: bool = False     # the caller keeps the patch matrix across outputs (its planner decides)
 
     @property
     def names(self) -> list[str]:
@@ -231,8 +233,16 @@ def _conv_rows_by_patches(cin_g: int, t: int, oc: int) -> bool:
     """Per-sample conv weight gradients through the patch matrix and one batched matmul for all
     ``oc`` outputs (rather than a batch-as-groups convolution backward per output): faster on CPU
     for few input channels per group, few output positions ``t`` or several outputs at once
-    (measured 2-3x at 8x8 inputs with 10 outputs), and for one output at many positions slower."""
-    return cin_g < 8 or t <= 16 or oc >= 4
+    (measured 2-3x at 8x8 inputs with 10 outputs; for one output at 8x8 positions and 64 input
+    channels 3x), and for one output at many positions (32x32) slower."""
+    return cin_g < 8 or t <= 64 or oc >= 4
+
+
+def conv_rows_by_patches(layer: StructuredLayer) -> bool:
+    """Whether :func:`per_sample_grad_blocks` forms a conv layer's weight rows for one output
+    through its patch matrix (:func:`conv_patches`, ``unfold_numel`` elements per sample)."""
+    m = layer.module
+    return layer.kind == "conv" and _conv_rows_by_patches(m.in_channels // m.groups, layer.t, 1)
 
 
 def _conv_weight_rows_all(m: nn.Conv2d, a: Tensor, g: Tensor) -> Tensor:
@@ -281,7 +291,8 @@ def per_sample_grad_parts(layer: StructuredLayer, call: LayerCall, g: Tensor) ->
             if _conv_rows_by_patches(a.shape[1] // m.groups, g.shape[-2] * g.shape[-1], oc):
                 jw = _conv_weight_rows_all(m, a, g)                                    # (n, oc, p)
             else:
-                jw = torch.stack([_conv_weight_rows(m, a, g[o]) for o in range(oc)], 1)
+                jw = (_conv_weight_rows(m, a, g[0]).unsqueeze(1) if oc == 1 else
+                      torch.stack([_conv_weight_rows(m, a, g[o]) for o in range(oc)], 1))
             out.append((layer.w, jw))
         if layer.b:
             out.append((layer.b, g.reshape(oc, n, g.shape[2], -1).sum(-1).transpose(0, 1)))
@@ -302,6 +313,81 @@ def per_sample_grad_rows(layer: StructuredLayer, call: LayerCall, g: Tensor) -> 
     bias)."""
     parts = per_sample_grad_parts(layer, call, g)
     return parts[0][1] if len(parts) == 1 else torch.cat([p for _, p in parts], dim=2)
+
+
+def per_sample_grad_blocks(layer: StructuredLayer, call: LayerCall, g: Tensor, patches: Tensor | None = None,
+                           out: Tensor | None = None, scratch: Tensor | None = None) -> list[Tensor]:
+    """Per-sample Jacobian rows of one call for ONE output, as blocks [(n, p_i)] whose
+    concatenation is the row (n, P_layer) up to a permutation of its columns that is the same for
+    every sample and call of the layer: inner products of rows (kernels, sums over calls) are those
+    of :func:`per_sample_grad_rows`, without its layout copies.
+
+    ``g``: the call's output gradient (n, ...) for the output. ``patches``: the call's patch matrix
+    (:func:`conv_patches`) when the caller keeps it across outputs (conv layers for which
+    :func:`conv_rows_by_patches` holds). ``out``: where the weight rows of Linear layers and of
+    convolutions through patches go (the first n * weight elements of it, as a contiguous (n, p)
+    block), when it is large enough; ``scratch``: a flat buffer for BatchNorm's products g * a
+    (n * output elements), when large enough (default ``out``). Both spare new memory per
+    output; blocks that are views of them are valid until they are written again.
+    """
+    m = layer.module
+    a = call.src.detach()
+    n = a.shape[0]
+    blocks = []
+
+    def buf(*shape, where=out):
+        need = math.prod(shape)
+        if where is None or where.numel() < need or not where.is_contiguous():
+            return None
+        return where.view(-1)[:need].view(shape)
+
+    if layer.kind == "linear":
+        a3 = a.reshape(n, -1, a.shape[-1])                              # (n, T, d_in)
+        g3 = g.reshape(n, -1, g.shape[-1])                              # (n, T, d_out)
+        if layer.w:
+            blocks.append(torch.bmm(g3.transpose(1, 2), a3, out=buf(n, g3.shape[-1], a3.shape[-1]))
+                          .view(n, -1))
+        if layer.b:
+            blocks.append(g3.sum(1))
+    elif layer.kind == "conv":
+        C, G = g.shape[1], m.groups
+        if layer.w:
+            if _conv_rows_by_patches(a.shape[1] // G, g.shape[-2] * g.shape[-1], 1):
+                U = conv_patches(m, a) if patches is None else patches           # (n, C_in*k*k, T)
+                T = U.shape[-1]
+                Ug = U.reshape(n * G, -1, T)
+                gg = g.reshape(n * G, C // G, T)
+                # (n*G, dk/G, C/G): sum over positions of patch (x) gradient
+                jw = torch.bmm(Ug, gg.transpose(1, 2), out=buf(n * G, Ug.shape[1], C // G))
+                blocks.append(jw.view(n, -1))
+            else:
+                blocks.append(_conv_weight_rows(m, a, g))
+        if layer.b:
+            blocks.append(g.reshape(n, C, -1).sum(-1))
+    else:  # bn, as in per_sample_grad_parts
+        mean, var, eps = call.norm
+        g3 = g.reshape(n, g.shape[1], -1)                               # (n, C, positions)
+        gsum = g3.sum(-1)
+        parts = []
+        if layer.w:
+            a3 = a.reshape(n, a.shape[1], -1)
+            prod = buf(*g3.shape, where=out if scratch is None else scratch)
+            ga = (torch.mul(g3, a3, out=prod) if prod is not None else g3 * a3).sum(-1)
+            parts.append((ga - mean * gsum) * torch.rsqrt(var + eps))
+        if layer.b:
+            parts.append(gsum)
+        blocks.append(parts[0] if len(parts) == 1 else torch.cat(parts, 1))
+    return blocks
+
+
+def grad_blocks_scratch_numel(layers: Sequence[StructuredLayer]) -> int:
+    """Per sample, the scratch buffer (``out``) that lets :func:`per_sample_grad_blocks` write
+    every layer of ``layers`` without new memory: the largest weight rows written into it
+    (Linear; conv through patches) or BatchNorm output (Gram layers need none)."""
+    return max([layer.p for layer in layers if not layer.gram and layer.w and (
+        layer.kind == "linear" or conv_rows_by_patches(layer))]
+        + [layer.out_numel for layer in layers if layer.kind == "bn" and layer.w and layer.calls == 1]
+        + [0])
 
 
 def gram_factors(layer: StructuredLayer, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:

@@ -19,8 +19,8 @@ from probe.autodiff.layers import LayerCall, StructuredLayer, per_sample_grad_pa
 from probe.functional import FunctionalModel
 from probe.linalg import norm64
 
-__all__ = ["ForwardRecord", "record_forward", "output_gradients", "stream_backward", "input_leaf",
-           "check_closed_forms", "check_cost_bytes"]
+__all__ = ["ForwardRecord", "record_forward", "output_gradients", "stream_backward", "earliest_outputs",
+           "input_leaf", "check_closed_forms", "check_cost_bytes"]
 
 
 @dataclass
@@ -82,22 +82,52 @@ def output_gradients(rec: ForwardRecord, o0: int, o1: int) -> list[Tensor]:
     return out
 
 
+def earliest_outputs(zs: Sequence[Tensor]) -> list[int]:
+    """Indices of the tensors of ``zs`` (outputs of a recorded graph) that are computed from no
+    other tensor of ``zs``: a walk of the autograd graph, each node visited once."""
+    own = {z.grad_fn: k for k, z in enumerate(zs) if z.grad_fn is not None}
+    reaches: dict = {}                 # node -> whether it or a node below it is some z's node
+
+    def below(fn) -> bool:             # iterative post-order (graphs can be deeper than recursion)
+        stack = [(fn, False)]
+        while stack:
+            node, done = stack.pop()
+            if node in reaches:
+                continue
+            nxt = [f for f, _ in node.next_functions if f is not None]
+            if done:
+                reaches[node] = node in own or any(reaches.get(f, False) for f in nxt)
+            else:
+                stack.append((node, True))
+                stack.extend((f, False) for f in nxt if f not in reaches)
+        return reaches[fn]
+
+    out = []
+    for k, z in enumerate(zs):
+        fn = z.grad_fn
+        if fn is None or not any(below(f) for f, _ in fn.next_functions if f is not None):
+            out.append(k)
+    return out
+
+
 def stream_backward(rec: ForwardRecord, leaf: Tensor | None, outputs: Sequence[int],
                     on_grad: Callable[[int, int, Tensor], None],
                     on_done: Callable[[int], None] | None = None) -> None:
     """For each output o, one backward pass of sum_i f_o(x_i); ``on_grad(o, k, g)`` receives the
     gradient (n, ...) at the output of call k as soon as autograd computes it, so that no more
     than one layer's gradient is alive at a time, and ``on_done(o)`` (if given) runs once the
-    pass of output o is over. The pass runs down to the input ``leaf`` (which every layer output
-    depends on); without one (integer inputs) it targets the layer outputs."""
+    pass of output o is over. The pass stops at the earliest layer outputs (those computed from
+    no other recorded layer output, :func:`earliest_outputs`): every other layer output lies on a
+    path from the model's output to one of them, and nothing below them (the first layer's input
+    gradient) is computed. ``leaf`` is accepted for compatibility and not needed."""
     state = {"o": 0}
     zs = [r.z for r in rec.recs]
+    targets = [zs[k] for k in earliest_outputs(zs)]
     handles = [z.register_hook(lambda g, k=k: on_grad(state["o"], k, g)) for k, z in enumerate(zs)]
     try:
         for o in outputs:
             state["o"] = o
-            torch.autograd.grad(rec.y[:, o].sum(), [leaf] if leaf is not None else zs,
-                                retain_graph=True, allow_unused=True)
+            torch.autograd.grad(rec.y[:, o].sum(), targets, retain_graph=True, allow_unused=True)
             if on_done is not None:
                 on_done(o)
     finally:
