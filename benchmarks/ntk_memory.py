@@ -1,5 +1,4 @@
-"""NTK probe memory budget: measured peak RSS of every method against ``memory_budget_bytes``,
-and the top-20 Lanczos eigenvalues of the trace kernel at large N.
+"""NTK probe memory budget: peak RSS of every method against the budget, and large-N Lanczos.
 
 Part 1, peak RSS against the budget. For each method of ``empirical_ntk`` (trace kernel:
 ``auto``, ``jacobian``, ``layerwise``, ``ntvp``) and of ``ntk_topk_lanczos`` (trace kernel,
@@ -338,7 +337,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="W=4096 instead of --widths (development)")
     ap.add_argument("--kill-above-gib", type=float, default=12.0,
                     help="the watchdog kills a worker whose resident set exceeds this, GiB")
-    ap.add_argument("--timeout-s", type=float, default=3600.0, help="the watchdog kills a worker after this")
+    ap.add_argument("--timeout-s", type=float, default=3600.0, help="the watchdog kills a worker after this many seconds")
     ap.add_argument("--lanczos-n", type=int, default=0, help="part 2: N of the top-20 Lanczos runs (0: skip)")
     ap.add_argument("--lanczos-models", nargs="+", default=["add_resnet", "mul_resnet"],
                     choices=["add_resnet", "mul_resnet"], help="models of part 2 (1x8x8 inputs)")
