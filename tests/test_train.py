@@ -161,16 +161,13 @@ def test_nan_loss_stops_marks_failed_keeps_last_good_checkpoint(tmp_path, monkey
 
 
 def test_train_cli_json(tmp_path):
-    t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "probe.cli", "train", "--model", "mul_resnet", "--data", "digits",
                            "--epochs", "3", "--json", "--runs", str(tmp_path)], env=dict(os.environ, PYTHONPATH=str(ROOT)),
                           capture_output=True, text=True, timeout=900)  # a hang guard, not a speed test
-    elapsed = time.time() - t0
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)  # exactly one JSON object on stdout
     assert {"run_id", "best_acc", "final_acc"} <= set(data) and data["epochs_done"] == 3
     assert "epoch 3/3" in proc.stderr  # logs go to stderr
-    assert elapsed < 60, elapsed
 
 
 @pytest.mark.parametrize("argv,needle", [
