@@ -99,16 +99,10 @@ def build_mlp(width: int, n: int, seed: int = 0):
 
 def build_resnet(name: str, n: int, size: int, in_chans: int = 3, seed: int = 0):
     """The registry's ``name`` in eval mode with BatchNorm running statistics averaged over 256
-    random inputs, and n random normal inputs (n, in_chans, size, size) -- the same construction
-    as ``benchmarks/bench_ntk.py``."""
-    from models import create_model
-    from probe.functional import calibrate_batchnorm
-    torch.manual_seed(seed)
-    model = create_model(name, in_chans=in_chans, num_classes=10)
-    calib = torch.randn(256, in_chans, size, size, generator=torch.Generator().manual_seed(seed + 2))
-    model = calibrate_batchnorm(model, calib).eval()
-    x = torch.randn(n, in_chans, size, size, generator=torch.Generator().manual_seed(seed + 1))
-    return model, x
+    random inputs, and n random normal inputs: ``benchmarks/bench_ntk.py``'s construction."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_ntk import build as build_bench
+    return build_bench(name, n, size, in_chans=in_chans, seed=seed)
 
 
 def build(case: dict):
