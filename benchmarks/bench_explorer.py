@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT))
 import probe  # noqa: E402
 
 FAST = {"ntk": {"trials": 2}, "saturation": {"batch_size": 16},
-        "gradvar": {"batches": 2, "batch_size": 4, "seeds": 2, "chunk": 16}}
+        "gradvar": {"batches": 2, "batch_size": 4, "seeds": 2, "chunk": 16},
+        "hessian": {"k": 3, "trace_matvecs": 12, "density_probes": 2, "density_steps": 12}}
 
 
 def build(root: Path, runs: int, epochs: int, gradvar_all: bool) -> None:

@@ -14,7 +14,8 @@ from probe.train import TrainConfig, train
 
 APP = str(Path(__file__).resolve().parents[1] / "apps" / "explorer.py")
 FAST = {"ntk": {"trials": 2}, "saturation": {"batch_size": 8},
-        "gradvar": {"batches": 2, "batch_size": 4, "seeds": 2, "chunk": 8}}
+        "gradvar": {"batches": 2, "batch_size": 4, "seeds": 2, "chunk": 8},
+        "hessian": {"k": 2, "trace_matvecs": 6, "density_probes": 1, "density_steps": 6}}
 
 
 def _app(root, monkeypatch):

@@ -202,8 +202,9 @@ def test_bad_probe_options_are_one_line(toy, tmp_path, capsys):
 
 #: Small settings per probe so that the registry-wide test stays fast; probes not listed run with
 #: their defaults.
-FAST = {"ntk": {"trials": 2}, "saturation": {"batch_size": 8}, "gradvar": {"batches": 2, "batch_size": 4, "seeds": 2,
-                                                                         "chunk": 8}}
+FAST = {"ntk": {"trials": 2}, "saturation": {"batch_size": 8},
+        "gradvar": {"batches": 2, "batch_size": 4, "seeds": 2, "chunk": 8},
+        "hessian": {"k": 2, "trace_matvecs": 6, "density_probes": 1, "density_steps": 6}}
 
 
 @pytest.mark.parametrize("name", list_probes())

@@ -1,0 +1,201 @@
+"""The Hessian probe registered with the probe framework (``probe hessian``): extreme eigenvalues,
+trace, spectral density and per-block curvature of the training loss, stored with the top
+eigenvectors (the loss-surface probe uses them as directions)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from probe._checks import check_int
+from probe.errors import UserError
+from probe.figures.hessian import hessian_across_training, hessian_blocks_figure, hessian_figure
+from probe.probes.registry import Probe, ProbeContext, register
+
+__all__ = ["HESSIAN_PROBE", "HessianParams", "HessianProbeResult", "compute"]
+
+
+@dataclass(frozen=True)
+class HessianParams:
+    """Options of ``probe hessian``."""
+
+    operator: str = field(default="hessian", metadata={
+        "help": "curvature operator: hessian (H v by jvp over grad) or ggn (Gauss-Newton J^T H_out J, PSD)",
+        "choices": ("hessian", "ggn")})
+    k: int = field(default=5, metadata={"help": "eigenvalues (and eigenvectors) to compute by block Lanczos"})
+    which: str = field(default="largest", metadata={
+        "help": "largest or smallest algebraic eigenvalues, or both (negative curvature)",
+        "choices": ("largest", "smallest", "both")})
+    trace: str = field(default="hutchpp", metadata={
+        "help": "trace estimator with a fixed budget of products (none: skip)",
+        "choices": ("hutchpp", "hutchinson", "none")})
+    trace_matvecs: int = field(default=100, metadata={"help": "Hessian-vector products of the trace estimate"})
+    density: bool = field(default=True, metadata={"help": "spectral density by stochastic Lanczos quadrature"})
+    density_probes: int = field(default=3, metadata={"help": "random probe vectors of the density"})
+    density_steps: int = field(default=50, metadata={"help": "Lanczos steps per density probe"})
+    blocks: str = field(default="", metadata={
+        "help": "per-block results: stage, layer, or a glob/regex over parameter names (empty: none)"})
+    batch_size: int = field(default=0, metadata={
+        "help": "samples per mini-batch of each product (0: the whole subset at once)"})
+    bn: str = field(default="eval", metadata={
+        "help": "BatchNorm with its running statistics (eval) or batch statistics of the subset (train)",
+        "choices": ("eval", "train")})
+    dtype: str = field(default="float32", metadata={
+        "help": "dtype of the products", "choices": ("float32", "float64")})
+    eigenvectors: bool = field(default=True, metadata={
+        "help": "store the top-k eigenvectors (P x k float32; the surface probe's hessian directions)"})
+
+    def __post_init__(self):
+        check_int("k", self.k, 1, 10_000)
+        check_int("trace products", self.trace_matvecs, 3, 1_000_000)
+        check_int("density probes", self.density_probes, 1, 10_000)
+        check_int("density steps", self.density_steps, 2, 100_000)
+        check_int("batch size", self.batch_size, 0, 10_000_000)
+
+
+@dataclass(frozen=True, eq=False)
+class HessianProbeResult:
+    """The stored Hessian result: the summary the catalog and ``--json`` show (``lambda_max``,
+    ``top_eigenvalues``, ``trace``, ``blocks``, ``loss``, ``lr``, ...) and its arrays
+    (``eigenvalues``, ``smallest_eigenvalues``, ``eigenvectors`` (P, k) float32, ``residuals``,
+    ``density_grid`` / ``density``, ``density_nodes`` / ``density_weights`` (probes x steps))."""
+
+    data: dict
+    array_data: dict
+
+    def summary(self) -> dict:
+        return dict(self.data)
+
+    def arrays(self) -> dict:
+        return dict(self.array_data)
+
+    @classmethod
+    def from_store(cls, summary: dict, arrays: dict) -> "HessianProbeResult":
+        return cls(dict(summary), {k: np.asarray(v) for k, v in arrays.items()})
+
+    @property
+    def eigenvalues(self) -> np.ndarray:
+        return np.asarray(self.array_data.get("eigenvalues", np.zeros(0)))
+
+    @property
+    def eigenvectors(self) -> np.ndarray | None:
+        v = self.array_data.get("eigenvectors")
+        return None if v is None else np.asarray(v)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, HessianProbeResult):
+            return NotImplemented
+        from probe.store import to_jsonable
+
+        return (to_jsonable(self.data) == to_jsonable(other.data) and self.array_data.keys() == other.array_data.keys()
+                and all(np.array_equal(self.array_data[k], other.array_data[k]) for k in self.array_data))
+
+    def text(self) -> str:
+        from probe._text import format_table
+
+        r = self.data
+        lines = [f"{r['operator']} of the {r['criterion']} loss on {r['n']} {r.get('data', '')} samples "
+                 f"(loss {r['loss']:.5g}, P={r['n_params']}, BatchNorm {r['bn']}): {r['n_hvps']} products, "
+                 f"{r['wall_time_s']:.1f}s"]
+        if r.get("top_eigenvalues"):
+            lines.append("largest eigenvalues: " + ", ".join(f"{v:.5g}" for v in r["top_eigenvalues"]))
+        if r.get("smallest_eigenvalues"):
+            lines.append("smallest eigenvalues: " + ", ".join(f"{v:.5g}" for v in r["smallest_eigenvalues"]))
+        if r.get("lr"):
+            lines.append(f"2/lr = {2.0 / r['lr']:.5g} (edge of stability) at lr {r['lr']:.3g}")
+        tr = r.get("trace")
+        if tr:
+            lines.append(f"trace ({tr['method']}, {tr['n_matvecs']} products): {tr['estimate']:.5g} "
+                         f"+- {tr['stderr']:.2g}")
+        if r.get("density"):
+            d = r["density"]
+            lines.append(f"density: SLQ, {d['probes']} probes x {d['steps']} steps, support "
+                         f"[{d['support'][0]:.4g}, {d['support'][1]:.4g}]")
+        if r.get("blocks"):
+            lines.append("per block:")
+            lines.append("  " + format_table(r["blocks"], [
+                ("name", "block"), ("n_params", "params"), ("lambda_max", "lambda_max"),
+                ("lambda_min", "lambda_min"), ("trace_estimate", "trace"), ("trace_stderr", "+-")]
+            ).replace("\n", "\n  "))
+        lines += [f"note: {note}" for note in r.get("notes", [])]
+        return "\n".join(lines)
+
+
+def compute(ctx: ProbeContext, p: HessianParams) -> HessianProbeResult:
+    """The curvature of the cross-entropy loss on the context's inputs and labels."""
+    from probe.probes.hessian import hessian_spectrum
+
+    n = int(ctx.x.shape[0])
+    res = hessian_spectrum(ctx.model, ctx.x, ctx.y, criterion="cross_entropy", operator=p.operator, k=p.k,
+                           which=p.which, trace=None if p.trace == "none" else p.trace,
+                           trace_matvecs=p.trace_matvecs, density=p.density, density_probes=p.density_probes,
+                           density_steps=p.density_steps, blocks=p.blocks or None, n_samples=None,
+                           batch_size=p.batch_size or None, bn=p.bn, dtype=p.dtype, device=ctx.device,
+                           seed=ctx.seed, return_eigenvectors=p.eigenvectors, progress=ctx.progress)
+    arrays: dict[str, np.ndarray] = {}
+    summary: dict = {"model": ctx.model_name, "epoch": ctx.epoch, "data": ctx.data, "n": n, "lr": ctx.lr,
+                     "operator": res.operator, "criterion": res.criterion, "loss": res.loss,
+                     "n_params": res.n_params, "bn": res.bn, "dtype": res.dtype, "n_hvps": res.n_hvps,
+                     "wall_time_s": res.wall_time_s, "converged": res.converged, "seed": res.seed,
+                     "batch_size": res.batch_size}
+    if res.largest is not None:
+        ev = np.asarray(res.largest.eigenvalues, dtype=np.float64)
+        arrays["eigenvalues"] = ev
+        arrays["residuals"] = np.asarray(res.largest.residuals, dtype=np.float64)
+        summary["top_eigenvalues"] = [float(v) for v in ev]
+        summary["lambda_max"] = float(ev[0])
+        summary["largest"] = res.largest.summary()
+        if res.largest.eigenvectors is not None:
+            arrays["eigenvectors"] = np.asarray(res.largest.eigenvectors, dtype=np.float32)
+    if res.smallest is not None:
+        ev = np.asarray(res.smallest.eigenvalues, dtype=np.float64)
+        arrays["smallest_eigenvalues"] = ev
+        summary["smallest_eigenvalues"] = [float(v) for v in ev]
+        summary["lambda_min"] = float(ev[0])
+        summary["smallest"] = res.smallest.summary()
+        if res.largest is None and res.smallest.eigenvectors is not None:
+            arrays["eigenvectors"] = np.asarray(res.smallest.eigenvectors, dtype=np.float32)
+    if res.trace is not None:
+        summary["trace"] = {"method": res.trace.method, "estimate": float(res.trace.estimate),
+                            "stderr": float(res.trace.stderr), "n_matvecs": int(res.trace.n_matvecs)}
+    if res.density is not None:
+        d = res.density
+        arrays["density_grid"] = np.asarray(d.grid, dtype=np.float64)
+        arrays["density"] = np.asarray(d.density, dtype=np.float64)
+        arrays["density_nodes"] = np.asarray(d.nodes, dtype=np.float64)
+        arrays["density_weights"] = np.asarray(d.weights, dtype=np.float64)
+        nodes, weights = np.asarray(d.nodes), np.asarray(d.weights)
+        used = nodes[weights > 0] if (weights > 0).any() else nodes.reshape(-1)    # rows are 0-padded
+        summary["density"] = {"probes": int(nodes.shape[0]), "steps": int(np.max(d.steps)),
+                              "sigma": float(d.sigma), "n_matvecs": int(d.n_matvecs),
+                              "support": [float(used.min()), float(used.max())],
+                              "trace": float(d.trace), "trace_stderr": float(d.trace_stderr)}
+    if res.blocks:
+        rows = []
+        for name, b in res.blocks.items():
+            rows.append({"name": name, "n_params": int(b.n_params),
+                         "lambda_max": float(b.largest[0]) if b.largest.size else None,
+                         "lambda_min": float(b.smallest[0]) if b.smallest.size else None,
+                         "largest": [float(v) for v in b.largest], "smallest": [float(v) for v in b.smallest],
+                         "trace": None if b.trace is None else {"estimate": float(b.trace),
+                                                                "stderr": float(b.trace_stderr or 0.0)},
+                         "trace_estimate": b.trace, "trace_stderr": b.trace_stderr,
+                         "converged": bool(b.converged), "n_matvecs": int(b.n_matvecs)})
+        summary["blocks"] = rows
+    summary["notes"] = list(res.notes)
+    if not np.isfinite(res.loss):                     # hessian_spectrum refuses this; never store it
+        raise UserError(f"the loss at this point is not finite ({res.loss}): nothing stored")
+    return HessianProbeResult(summary, arrays)
+
+
+HESSIAN_PROBE = register(Probe(
+    name="hessian", help="Hessian / Gauss-Newton spectrum: top-k, trace, density, per block",
+    params=HessianParams, result=HessianProbeResult, compute=compute, figure=hessian_figure, default_n=200,
+    extra_figures=(("per-block curvature", hessian_blocks_figure),
+                   ("sharpness across training vs 2/lr", hessian_across_training)),
+    description="Curvature of the cross-entropy loss over n fixed, seeded probe samples (200 by default, as "
+                "PyHessian's example): the k largest (or smallest) eigenvalues and eigenvectors by block Lanczos "
+                "over Hessian-vector products (jvp over grad), the trace by Hutch++ or Hutchinson with a fixed "
+                "budget and a standard error, the spectral density by stochastic Lanczos quadrature, and the "
+                "same per parameter block. With --checkpoint all, lambda_max across training is drawn against "
+                "the run's own 2/lr (edge of stability)."))
