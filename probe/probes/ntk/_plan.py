@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from probe.autodiff import (StructuredLayer, check_closed_forms, check_cost_bytes, record_layer_calls,
                              set_layer_shapes)
@@ -22,6 +23,8 @@ from probe.probes.ntk._util import (_BWD_FP, _GRAM_BLOCK, _GRAM_MAX_CHUNK, _JVP_
                                     _NTVP_BLOCK,
                                     _VMAP_OVERHEAD, _mib, _ranges)
 from probe.probes.ntk.results import LanczosMethod, NtkKind, NtkMethod
+
+aten = torch.ops.aten
 
 
 # --------------------------------------------------------------------------------------------
@@ -36,11 +39,48 @@ class _Stats:
     flops: float          # forward FLOPs per sample
 
 
+class _FlopCount(TorchDispatchMode):
+    """Forward FLOPs of the operations that dominate a network's cost: matrix products,
+    convolutions and fused attention, 2 per multiply-add. A light stand-in for
+    ``torch.utils.flop_counter.FlopCounterMode``, whose first use imports sympy (~1.5 s on CPU,
+    paid on every cold call of the probe); the cost model needs only the order of magnitude."""
+
+    _MM = (aten.mm, aten.bmm)
+    _ADDMM = (aten.addmm, aten.baddbmm)
+    _SDPA = tuple(getattr(aten, n) for n in ("_scaled_dot_product_flash_attention_for_cpu",
+                                             "_scaled_dot_product_flash_attention",
+                                             "_scaled_dot_product_efficient_attention",
+                                             "_scaled_dot_product_cudnn_attention") if hasattr(aten, n))
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        op = func.overloadpacket
+        try:
+            if op in self._MM:
+                self.flops += 2 * out.numel() * args[0].shape[-1]
+            elif op in self._ADDMM:
+                self.flops += 2 * out.numel() * args[1].shape[-1]
+            elif op is aten.convolution:
+                w, transposed = args[1], bool(args[6])
+                if transposed:       # weight (C_in, C_out / groups, *k): per input element
+                    self.flops += 2 * args[0].numel() * (w.numel() // w.shape[0])
+                else:                # weight (C_out, C_in / groups, *k): per output element
+                    self.flops += 2 * out.numel() * (w.numel() // w.shape[0])
+            elif op in self._SDPA:   # q (B, H, L, E), k (B, H, S, E), v (B, H, S, Ev)
+                q, k, v = args[0], args[1], args[2]
+                self.flops += 2 * q.numel() * k.shape[-2] + 2 * (q.numel() // q.shape[-1]) * k.shape[-2] * v.shape[-1]
+        except (AttributeError, IndexError, TypeError):
+            pass                     # an unusual signature: not counted
+        return out
+
+
 def _measure(fm: FunctionalModel, x0: Tensor, layers: Sequence[StructuredLayer]) -> _Stats:
     """One forward pass of one sample with the graph recorded: O, saved activations, FLOPs; fills
     the shape fields of ``layers`` (:func:`probe.autodiff.set_layer_shapes`)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     params = {n: p.detach().requires_grad_() for n, p in fm.params.items()}
     known = set()
     for t in [*fm.params.values(), *fm.fixed.values(), *fm.buffers.values()]:
@@ -57,7 +97,7 @@ def _measure(fm: FunctionalModel, x0: Tensor, layers: Sequence[StructuredLayer])
         return t
 
     with record_layer_calls(layers) as calls, torch.enable_grad(), \
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), FlopCounterMode(display=False) as fc:
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _FlopCount() as fc:
         y = fm(params, x0)
     if y.dim() < 1 or y.shape[0] != x0.shape[0]:
         raise UserError(f"model output has shape {tuple(y.shape)}; expected a leading batch axis of "
@@ -65,7 +105,7 @@ def _measure(fm: FunctionalModel, x0: Tensor, layers: Sequence[StructuredLayer])
     itemsize = torch.empty((), dtype=fm.dtype).element_size()
     set_layer_shapes(layers, calls, fm.params)
     return _Stats(n_outputs=int(y[0].numel()), saved_numel=sum(seen.values()) // itemsize,
-                  flops=float(fc.get_total_flops()))
+                  flops=float(fc.flops))
 
 
 # --------------------------------------------------------------------------------------------

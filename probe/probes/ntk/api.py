@@ -533,7 +533,8 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
             need = fixed + per_sample
             raise UserError(f"matrix-free NTK needs at least {_mib(need)} (tangents {m} x P={P}, "
                             f"Lanczos basis, one sample's activations) but memory_budget_bytes is "
-                            f"{_mib(memory_budget_bytes)}; raise it or use block_vectors=1")
+                            f"{_mib(memory_budget_bytes)}; raise it"
+                            + (" or use block_vectors=1" if s > 1 else ""))
         # beyond a few hundred samples per block the passes get memory-bound (measured on CPU:
         # 2000-sample blocks ~1.4x slower per sample than 250-500)
         b = min(b, N, _LANCZOS_MAX_BLOCK) if not block_size else min(b, N)
