@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from probe._checks import check_int
 from probe.errors import UserError
 from probe.functional import calibrate_batchnorm
+from probe.jobs.partial import PartialResults, model_fingerprint, partial_key
 from probe.jobs.targets import MAX_PROBE_INPUTS, iter_targets, probe_inputs
 from probe.probes.registry import Probe, ProbeContext, Progress, get_probe, make_params, params_dict
 
@@ -88,10 +89,16 @@ def run_probe(store, probe: str | Probe, params: Any = None, *, model: str | Non
                 inputs = probe_inputs(spec_data or target.data, n, split=spec.split, seed=seed)
             x, y, num_classes = inputs
             model_ = calibrate_batchnorm(target.model, x) if not target.epoch else target.model
+            partial = None
+            if save:
+                job = {"probe": spec.name, "model": target.model_name, "run": target.run_id,
+                       "epoch": target.epoch, "params": params_row, "device": str(dev)}
+                partial = PartialResults(store, lambda job=job, m=model_: partial_key(
+                    {**job, "state": model_fingerprint(m)}))
             ctx = ProbeContext(model=model_, x=x, y=y, num_classes=num_classes, device=dev, seed=seed,
                                model_name=target.model_name, data=target.data, run_id=target.run_id,
                                epoch=target.epoch,
-                               lr=target.lr, progress=progress, rebuild=target.rebuild)
+                               lr=target.lr, progress=progress, rebuild=target.rebuild, partial=partial)
             result = spec.compute(ctx, params)
         except UserError as e:
             errors.append(e)
@@ -102,6 +109,7 @@ def run_probe(store, probe: str | Probe, params: Any = None, *, model: str | Non
             info["probe_id"] = store.add_probe(spec.name, model=target.model_name, run_id=target.run_id,
                                                checkpoint_epoch=target.epoch, params=params_row,
                                                summary=result.summary(), arrays=result.arrays())
+            partial.clear()                       # the result is in the catalog: pieces not needed
         outcomes.append(Outcome(info, result=result, params=params_row))
     if errors and len(errors) == len(outcomes):
         raise errors[0]

@@ -70,6 +70,10 @@ class ProbeContext:
     #: ``rebuild(seed)``: the same architecture freshly initialised from ``seed`` (for probes that
     #: average over initialisations); ``None`` where the target cannot be rebuilt.
     rebuild: Callable[[int], nn.Module] | None = None
+    #: saved pieces of this job (:class:`probe.jobs.partial.PartialResults`): a probe that splits
+    #: into pieces saves each one as it finishes and reuses those an interrupted attempt of the
+    #: same job saved; ``None`` when results are not saved.
+    partial: Any = None
 
     @property
     def at_init(self) -> bool:
