@@ -98,7 +98,8 @@ def run_probe(store, probe: str | Probe, params: Any = None, *, model: str | Non
             ctx = ProbeContext(model=model_, x=x, y=y, num_classes=num_classes, device=dev, seed=seed,
                                model_name=target.model_name, data=target.data, run_id=target.run_id,
                                epoch=target.epoch,
-                               lr=target.lr, progress=progress, rebuild=target.rebuild, partial=partial)
+                               lr=target.lr, progress=progress, rebuild=target.rebuild, partial=partial,
+                               store=store)
             result = spec.compute(ctx, params)
         except UserError as e:
             errors.append(e)

@@ -74,6 +74,10 @@ class ProbeContext:
     #: into pieces saves each one as it finishes and reuses those an interrupted attempt of the
     #: same job saved; ``None`` when results are not saved.
     partial: Any = None
+    #: the :class:`probe.store.RunStore` the job runs in, for probes that read other stored
+    #: results or checkpoints (a run's trajectory, another run's weights, stored eigenvectors);
+    #: ``None`` outside the runner.
+    store: Any = None
 
     @property
     def at_init(self) -> bool:
