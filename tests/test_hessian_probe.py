@@ -8,22 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from probe.cli import main
 from probe.errors import UserError
 from probe.jobs import load_result, run_probe
 from probe.store import RunStore
 from probe.train import TrainConfig, train
+from tests.test_probe_framework import cli
 
 FAST = {"k": 2, "trace_matvecs": 6, "density_probes": 1, "density_steps": 6}
-
-
-def cli(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ from torch import nn
 from probe._checks import check_choice
 from probe.errors import UserError
 
-__all__ = ["Probe", "ProbeContext", "ProbeResult", "Progress", "register", "get_probe", "list_probes",
+__all__ = ["Probe", "ProbeContext", "ProbeResult", "StoredResult", "Progress", "register", "get_probe", "list_probes",
            "load_probes", "param_fields", "make_params", "params_dict"]
 
 #: ``progress(description, done, total)``: the library reports long work through this; the CLI
@@ -91,6 +91,40 @@ class ProbeResult(Protocol):
 
     @classmethod
     def from_store(cls, summary: dict, arrays: dict) -> "ProbeResult": ...
+
+
+@dataclass(frozen=True, eq=False)
+class StoredResult:
+    """A probe result kept in its stored form: ``data`` the summary (the catalog row and the
+    ``--json`` output), ``array_data`` the arrays (the ``.npz`` artifact). It gives a result
+    ``summary``, ``arrays``, ``from_store`` and equality; a probe subclasses it for ``text()`` and
+    its own accessors."""
+
+    data: dict
+    array_data: dict
+
+    def summary(self) -> dict:
+        return dict(self.data)
+
+    def arrays(self) -> dict:
+        return dict(self.array_data)
+
+    @classmethod
+    def from_store(cls, summary: dict, arrays: dict):
+        return cls(dict(summary), {k: np.asarray(v) for k, v in arrays.items()})
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, type(self)):
+            return NotImplemented
+        from probe.store import to_jsonable
+
+        return (to_jsonable(self.data) == to_jsonable(other.data) and self.array_data.keys() == other.array_data.keys()
+                and all(np.array_equal(self.array_data[k], other.array_data[k]) for k in self.array_data))
+
+    __hash__ = None
+
+    def text(self) -> str:
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import numpy as np
 from probe._checks import check_int
 from probe.errors import UserError
 from probe.figures.hessian import hessian_across_training, hessian_blocks_figure, hessian_figure
-from probe.probes.registry import Probe, ProbeContext, register
+from probe.probes.registry import Probe, ProbeContext, StoredResult, register
 
 __all__ = ["HESSIAN_PROBE", "HessianParams", "HessianProbeResult", "compute"]
 
@@ -53,25 +53,11 @@ class HessianParams:
         check_int("batch size", self.batch_size, 0, 10_000_000)
 
 
-@dataclass(frozen=True, eq=False)
-class HessianProbeResult:
+class HessianProbeResult(StoredResult):
     """The stored Hessian result: the summary the catalog and ``--json`` show (``lambda_max``,
     ``top_eigenvalues``, ``trace``, ``blocks``, ``loss``, ``lr``, ...) and its arrays
     (``eigenvalues``, ``smallest_eigenvalues``, ``eigenvectors`` (P, k) float32, ``residuals``,
     ``density_grid`` / ``density``, ``density_nodes`` / ``density_weights`` (probes x steps))."""
-
-    data: dict
-    array_data: dict
-
-    def summary(self) -> dict:
-        return dict(self.data)
-
-    def arrays(self) -> dict:
-        return dict(self.array_data)
-
-    @classmethod
-    def from_store(cls, summary: dict, arrays: dict) -> "HessianProbeResult":
-        return cls(dict(summary), {k: np.asarray(v) for k, v in arrays.items()})
 
     @property
     def eigenvalues(self) -> np.ndarray:
@@ -81,14 +67,6 @@ class HessianProbeResult:
     def eigenvectors(self) -> np.ndarray | None:
         v = self.array_data.get("eigenvectors")
         return None if v is None else np.asarray(v)
-
-    def __eq__(self, other) -> bool:
-        if not isinstance(other, HessianProbeResult):
-            return NotImplemented
-        from probe.store import to_jsonable
-
-        return (to_jsonable(self.data) == to_jsonable(other.data) and self.array_data.keys() == other.array_data.keys()
-                and all(np.array_equal(self.array_data[k], other.array_data[k]) for k in self.array_data))
 
     def text(self) -> str:
         from probe._text import format_table

@@ -8,7 +8,7 @@ import numpy as np
 
 from probe._checks import check_int, check_number
 from probe.figures.ntk import eigenlearning_figure, ntk_across_training, ntk_spectrum_figure
-from probe.probes.registry import Probe, ProbeContext, register
+from probe.probes.registry import Probe, ProbeContext, StoredResult, register
 
 __all__ = ["NTKParams", "NTKProbeResult", "compute"]
 
@@ -43,36 +43,14 @@ class NTKParams:
         check_number("memory budget (GiB)", self.memory_gb, 1e-6, 1e6)
 
 
-@dataclass(frozen=True, eq=False)
-class NTKProbeResult:
+class NTKProbeResult(StoredResult):
     """The stored NTK result: the summary the catalog and ``--json`` show, and its arrays
     (``labels``, ``eigenvalues``, ``kernel`` unless Lanczos, ``el_n`` / ``el_predicted`` /
     ``el_measured`` with eigenlearning)."""
 
-    data: dict
-    array_data: dict
-
-    def summary(self) -> dict:
-        return dict(self.data)
-
-    def arrays(self) -> dict:
-        return dict(self.array_data)
-
-    @classmethod
-    def from_store(cls, summary: dict, arrays: dict) -> "NTKProbeResult":
-        return cls(dict(summary), {k: np.asarray(v) for k, v in arrays.items()})
-
     @property
     def eigenvalues(self) -> np.ndarray:
         return np.asarray(self.array_data["eigenvalues"])
-
-    def __eq__(self, other) -> bool:
-        if not isinstance(other, NTKProbeResult):
-            return NotImplemented
-        from probe.store import to_jsonable
-
-        return (to_jsonable(self.data) == to_jsonable(other.data) and self.array_data.keys() == other.array_data.keys()
-                and all(np.array_equal(self.array_data[k], other.array_data[k]) for k in self.array_data))
 
     def text(self) -> str:
         from probe._text import format_table
