@@ -41,7 +41,7 @@ ParamFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 #: the mapping, or a callable taking the output and returning the tensor.
 OutputSelector = Union[None, str, Callable[[object], Tensor]]
 
-__all__ = ["FunctionalModel", "OutputSelector", "ParamFilter", "eval_mode", "functionalize",
+__all__ = ["couples_samples", "FunctionalModel", "OutputSelector", "ParamFilter", "eval_mode", "functionalize",
            "flatten_params", "unflatten_like", "select_param_names", "select_output",
            "calibrate_batchnorm", "fix_batch_statistics", "check_sample_independence"]
 
@@ -108,6 +108,12 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+def couples_samples(model: nn.Module) -> bool:
+    """Whether the eval-mode forward mixes samples: a BatchNorm without running statistics
+    normalises every forward pass by its own batch."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None for m in model.modules())
 
 
 def select_param_names(names: Sequence[str], param_filter: ParamFilter) -> list[str]:

@@ -15,7 +15,9 @@ from probe.train import TrainConfig, train
 APP = str(Path(__file__).resolve().parents[1] / "apps" / "explorer.py")
 FAST = {"ntk": {"trials": 2}, "saturation": {"batch_size": 8},
         "gradvar": {"batches": 2, "batch_size": 4, "seeds": 2, "chunk": 8},
-        "hessian": {"k": 2, "trace_matvecs": 6, "density_probes": 1, "density_steps": 6}}
+        "hessian": {"k": 2, "trace_matvecs": 6, "density_probes": 1, "density_steps": 6},
+        "surface": {"grid": "-1:1:3"},
+        "interp": {"pairs": 6, "steps": 9, "max_degree": 4, "triples": 1, "plane_resolution": 5}}
 
 
 def _app(root, monkeypatch):

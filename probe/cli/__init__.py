@@ -6,6 +6,7 @@ stderr). Exit code 0 on success, 2 on bad input with a one-line error.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from probe._text import format_table
@@ -83,12 +84,30 @@ def _terminate(signum, frame):  # SIGTERM ends a command like Ctrl-C: a run is m
     raise KeyboardInterrupt
 
 
+_NEGATIVE_VALUE = re.compile(r"^-(\d|\.\d)")
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """``--opt -1:1:51`` as ``--opt=-1:1:51``: argparse takes a value that starts with '-' for an
+    option unless it is a plain negative number; no flag of this CLI starts with a digit, so a
+    long option followed by '-' and a digit (or '-.' and a digit) is always that option's value."""
+    out: list[str] = []
+    for tok in argv:
+        prev = out[-1] if out else ""
+        if (_NEGATIVE_VALUE.match(tok) and prev.startswith("--") and "=" not in prev and prev != "--"
+                and not (len(out) > 1 and out[-2] == "--")):
+            out[-1] = f"{prev}={tok}"
+        else:
+            out.append(tok)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2

@@ -119,12 +119,19 @@ class StoredResult:
         from probe.store import to_jsonable
 
         return (to_jsonable(self.data) == to_jsonable(other.data) and self.array_data.keys() == other.array_data.keys()
-                and all(np.array_equal(self.array_data[k], other.array_data[k]) for k in self.array_data))
+                and all(_same_array(self.array_data[k], other.array_data[k]) for k in self.array_data))
 
     __hash__ = None
 
     def text(self) -> str:
         raise NotImplementedError
+
+
+def _same_array(a, b) -> bool:
+    """Equal shapes and elements; NaN equals NaN in floating arrays (a gap stored as NaN)."""
+    a, b = np.asarray(a), np.asarray(b)
+    floating = np.issubdtype(a.dtype, np.inexact) and np.issubdtype(b.dtype, np.inexact)
+    return bool(np.array_equal(a, b, equal_nan=floating))
 
 
 @dataclass(frozen=True)

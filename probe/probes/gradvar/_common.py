@@ -107,11 +107,6 @@ def bn_mode(model: nn.Module, bn: str = "eval") -> Iterator[set[str]]:
                     m.running_var = var
 
 
-def _couples_samples(model: nn.Module) -> bool:
-    """True when the eval-mode forward mixes samples (BatchNorm without running statistics)."""
-    return any(isinstance(m, _BN) and m.running_mean is None for m in model.modules())
-
-
 class _Fwd:
     """``fwd(params, x)``: the model as a pure function (detached parameter/buffer copies)."""
 

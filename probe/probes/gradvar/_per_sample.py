@@ -7,9 +7,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vjp, vmap
 
+from probe import functional as _fn
 from probe._checks import check_choice, check_int
 from probe.probes.registry import Progress
-from probe.probes.gradvar._common import (LossFn, _Fwd, _check_data, _couples_samples, _norm64, _progress,
+from probe.probes.gradvar._common import (LossFn, _Fwd, _check_data, _norm64, _progress,
                                           bn_mode, cross_entropy_per_sample)
 from probe.probes.gradvar._minibatch import _layer_moments_init
 
@@ -153,7 +154,7 @@ def per_sample_gradients(model: nn.Module, x: Tensor, y: Tensor, *, loss: LossFn
     (the same as auto: parameters without a closed form always use vmap)."""
     x, y = _check_data(x, y)
     loss = loss or cross_entropy_per_sample
-    grouped = bn == "train" or _couples_samples(model)
+    grouped = bn == "train" or _fn.couples_samples(model)
     with bn_mode(model, bn) as skip:
         fwd = _Fwd(model, dtype, device, skip)
         plan = _plan(fwd, x, grouped, method)
@@ -202,7 +203,7 @@ def per_sample_variance(model: nn.Module, x: Tensor, y: Tensor, *, chunk: int = 
     x, y = _check_data(x, y, min_n=2)
     check_int("chunk", chunk, 1, 10 ** 7)
     loss = loss or cross_entropy_per_sample
-    grouped = bn == "train" or _couples_samples(model)
+    grouped = bn == "train" or _fn.couples_samples(model)
     total = x.shape[0] if not grouped else sum(len(g) for g in _groups(x.shape[0], batch_size, seed))
     with bn_mode(model, bn) as skip:
         fwd = _Fwd(model, dtype, device, skip)

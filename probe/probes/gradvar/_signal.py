@@ -11,7 +11,7 @@ from probe import functional as _fn
 from probe._checks import check_choice
 from probe.errors import UserError
 from probe.probes.registry import Progress
-from probe.probes.gradvar._common import (LossFn, _BN_MODES, _Fwd, _check_data, _couples_samples, _progress,
+from probe.probes.gradvar._common import (LossFn, _BN_MODES, _Fwd, _check_data, _progress,
                                           bn_mode, cross_entropy_per_sample)
 from probe.probes.gradvar._per_sample import _groups
 
@@ -84,7 +84,7 @@ def _signal_one(model: nn.Module, x: Tensor, y: Tensor, loss: LossFn, dtype, dev
         with bn_mode(model, bn) as skip, torch.enable_grad():
             fwd = _Fwd(model, dtype, device, skip)
             params = {n: p.requires_grad_(True) for n, p in fwd.params.items()}     # our copies
-            grouped = bn == "train" or _couples_samples(model)
+            grouped = bn == "train" or _fn.couples_samples(model)
             if grouped:
                 parts = _groups(x.shape[0], batch_size, seed)
             else:

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from probe.errors import UserError
-from probe.functional import FunctionalModel, eval_mode, select_output
+from probe.functional import FunctionalModel, couples_samples, eval_mode, select_output
 
 __all__ = ["Criterion", "HessianOperator", "GGNOperator", "batchnorm_train_mode", "check_batching",
            "has_batchnorm", "couples_samples"]
@@ -69,11 +69,6 @@ _VECTORIZE = ("auto", "loop", "vmap")
 def has_batchnorm(model: nn.Module) -> bool:
     """Whether ``model`` has a BatchNorm layer (1d/2d/3d, sync or lazy)."""
     return any(isinstance(m, _BN) for m in model.modules())
-
-
-def couples_samples(model: nn.Module) -> bool:
-    """Whether the eval-mode forward mixes samples (a BatchNorm without running statistics)."""
-    return any(isinstance(m, _BN) and m.running_mean is None for m in model.modules())
 
 
 @contextmanager

@@ -71,12 +71,6 @@ class _progress:
             self.report(self.desc, self.done, self.total)
 
 
-def _couples_samples(model: nn.Module) -> bool:
-    """True when the eval-mode forward mixes samples (BatchNorm without running statistics)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
-               for m in model.modules())
-
-
 def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._NormBase) for m in model.modules())
 

@@ -1,0 +1,154 @@
+"""The loss-surface probe registered with the probe framework (``probe surface``): loss and accuracy
+over 1D / 2D weight-space directions (random filter-normalised, top Hessian eigenvectors, PCA of
+the training trajectory, or towards another checkpoint / run) on the fixed probe subset."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from probe._checks import check_int, check_number
+from probe.errors import UserError
+from probe.figures.surface import surface_3d, surface_curves, surface_figure, surface_trajectory
+from probe.probes.registry import Probe, ProbeContext, StoredResult, register
+from probe.probes.surface._directions import NORMS
+from probe.probes.surface._grid import parse_grid
+
+__all__ = ["SURFACE_PROBE", "SurfaceParams", "SurfaceProbeResult", "compute"]
+
+DIRECTIONS = ("random", "hessian", "pca", "towards")
+
+
+@dataclass(frozen=True)
+class SurfaceParams:
+    """Options of ``probe surface``."""
+
+    directions: str = field(default="random", metadata={
+        "help": "random (Gaussian, normalised against the weights), hessian (top eigenvectors: a stored probe "
+                "hessian row of this target, else computed), pca (of the run's checkpoint trajectory) or towards "
+                "(1D, to another checkpoint or run)", "choices": DIRECTIONS})
+    dims: int = field(default=2, metadata={"help": "a 1D curve or a 2D surface", "choices": (1, 2)})
+    grid: str = field(default="-1:1:51", metadata={
+        "help": "START:STOP:COUNT for both axes, or two of them separated by a comma (first axis, second axis)"})
+    norm: str = field(default="filter", metadata={
+        "help": "scaling of random directions: per filter (Li et al.), per layer, or none", "choices": NORMS})
+    include_bn: bool = field(default=False, metadata={
+        "help": "move biases and BatchNorm / normalisation parameters too (random and pca; default: held fixed)"})
+    direction_seed: int = field(default=123, metadata={"help": "seed of the random directions (Li et al.: 123)"})
+    to: str = field(default="", metadata={
+        "help": "towards: an epoch of this run, init or last (with to_run: of that run; default its last)"})
+    to_run: str = field(default="", metadata={"help": "towards: another run of the same architecture"})
+    bn: str = field(default="eval", metadata={
+        "help": "BatchNorm with the target's running statistics (eval) or re-estimated at every point by a "
+                "train-mode pass over the subset (recalibrate: twice the cost, point by point)",
+        "choices": ("eval", "recalibrate")})
+    vectorize: str = field(default="auto", metadata={
+        "help": "grid points batched by vmap over functional_call, one at a time (loop), or by the measured rule "
+                "(auto: vmap while one point's forward pass is small)", "choices": ("auto", "vmap", "loop")})
+    memory_gb: float = field(default=2.0, metadata={
+        "help": "memory budget of the evaluation (samples per pass, points per vmap call)"})
+    chunk: int = field(default=0, metadata={
+        "help": "grid points per saved chunk, the unit of resuming (0: one vmap call, or 16 points)"})
+    dtype: str = field(default="float32", metadata={
+        "help": "dtype of the forward passes", "choices": ("float32", "float64")})
+
+    def __post_init__(self):
+        parse_grid(self.grid, self.dims)
+        check_int("direction seed", self.direction_seed, 0, 2 ** 63 - 1)
+        check_number("memory budget (GB)", self.memory_gb, 0.0, 1e5, lo_open=True)
+        check_int("chunk", self.chunk, 0, 10 ** 7)
+        if self.directions == "towards":
+            if self.dims != 1:
+                raise UserError("towards is one direction (this point to another): use dims 1")
+            if not (self.to or self.to_run):
+                raise UserError("towards needs the other point: to (an epoch of this run, init or last) or "
+                                "to_run (another run)")
+        elif self.to or self.to_run:
+            raise UserError(f"to and to_run apply to towards directions, not {self.directions}")
+        if self.bn == "recalibrate" and self.vectorize == "vmap":
+            raise UserError("BatchNorm re-estimation (bn recalibrate) runs point by point; use vectorize auto or loop")
+
+
+class SurfaceProbeResult(StoredResult):
+    """The stored surface: the summary the catalog and ``--json`` show (``centre_loss``,
+    ``direction_norms``, ``cosine``, ``loss_scale``, ``directions``, ``grid``, ...) and its arrays
+    (``alpha`` (n_a,), ``beta`` (n_b,) in 2D, ``loss`` / ``accuracy`` (n_a, n_b) or (n_a,) with
+    ``loss[i, j]`` at (alpha[i], beta[j]) and NaN where not finite, ``trajectory`` (E, dims) and
+    ``trajectory_epochs`` (E,) for pca)."""
+
+    @property
+    def alpha(self) -> np.ndarray:
+        return np.asarray(self.array_data["alpha"])
+
+    @property
+    def beta(self) -> np.ndarray | None:
+        b = self.array_data.get("beta")
+        return None if b is None else np.asarray(b)
+
+    @property
+    def loss(self) -> np.ndarray:
+        return np.asarray(self.array_data["loss"])
+
+    @property
+    def accuracy(self) -> np.ndarray:
+        return np.asarray(self.array_data["accuracy"])
+
+    @property
+    def trajectory(self) -> np.ndarray | None:
+        t = self.array_data.get("trajectory")
+        return None if t is None else np.asarray(t)
+
+    def text(self) -> str:
+        r = self.data
+        g = r["grid"]
+        shape = "x".join(str(a[2]) for a in (g["alpha"], g.get("beta")) if a)
+        info = r.get("direction_info") or {}
+        how = f", {info['norm']}-normalised" if r["directions"] == "random" else ""
+        lines = [f"{r['directions']} directions{how}, {r['dims']}D grid {shape} on {r['n_samples']} "
+                 f"{r.get('data', '')} samples (P={r['n_params']}, BatchNorm {r['bn']}, {r['dtype']})"]
+        acc = r.get("centre_accuracy")
+        lines.append(f"centre loss {_f(r.get('centre_loss'))} (accuracy {_f(acc)})"
+                     + (f"; grid centre {_f(r['grid_centre_loss'])}" if r.get("grid_centre_loss") is not None else ""))
+        sc = r["loss_scale"]
+        lines.append(f"loss over the grid: min {_f(sc['min'])} at {sc['argmin']}, max {_f(sc['max'])}, "
+                     f"finite at {100 * sc['finite_fraction']:.1f}% of {r['n_points']} points")
+        norms = ", ".join(f"|d{i + 1}| {_f(v)} ({_f(rv)} of |theta|)"
+                          for i, (v, rv) in enumerate(zip(r["direction_norms"], r["relative_norms"])))
+        lines.append(f"directions: {norms}" + (f", cosine {r['cosine']:.3g}" if r.get("cosine") is not None else ""))
+        lines.append(f"evaluated by {r['vectorize']} in {r['n_chunks']} chunks of {r['chunk_points']} points "
+                     f"({r['resumed_chunks']} resumed), {r['wall_time_s']:.1f}s")
+        lines += [f"note: {note}" for note in r.get("notes", [])]
+        return "\n".join(lines)
+
+
+def _f(v) -> str:
+    return "n/a" if v is None else f"{v:.5g}"
+
+
+def compute(ctx: ProbeContext, p: SurfaceParams) -> SurfaceProbeResult:
+    """The loss surface of the cross-entropy on the context's inputs and labels."""
+    from probe.probes.surface._sources import directions_for
+    from probe.probes.surface.api import loss_surface
+
+    dirs = directions_for(ctx, p)
+    res = loss_surface(ctx.model, ctx.x, ctx.y, dirs, p.grid, bn=p.bn, vectorize=p.vectorize,
+                       memory_gb=p.memory_gb, chunk=p.chunk, dtype=p.dtype, device=ctx.device,
+                       partial=ctx.partial, progress=ctx.progress)
+    summary = {"model": ctx.model_name, "epoch": ctx.epoch, "data": ctx.data, "n": int(ctx.x.shape[0]),
+               "lr": ctx.lr, **res.summary()}
+    return SurfaceProbeResult(summary, res.arrays())
+
+
+SURFACE_PROBE = register(Probe(
+    name="surface", help="loss and accuracy over 1D / 2D weight-space directions (random, hessian, pca, towards)",
+    params=SurfaceParams, result=SurfaceProbeResult, compute=compute, figure=surface_figure, default_n=256,
+    extra_figures=(("3D surface", surface_3d), ("1D curves", surface_curves),
+                   ("training trajectory (pca)", surface_trajectory)),
+    description="Loss and top-1 accuracy of the cross-entropy over a grid theta0 + a d1 + b d2 in weight space, on "
+                "n fixed, seeded probe samples (256 by default) kept on the device. Li et al.'s defaults: grid "
+                "-1:1:51 on both axes, Gaussian directions normalised filter by filter against the weights, biases "
+                "and BatchNorm parameters held fixed, BatchNorm in eval mode, seed 123. Stored with every surface: "
+                "the centre loss (the model's own loss on the subset), direction norms and their cosine, and the "
+                "loss scale; non-finite points are NaN (gaps in the figures). Cost: one forward pass over the n "
+                "samples per grid point (2601 for 51 x 51), twice that with bn recalibrate. Each finished chunk "
+                "of points is saved, so an interrupted job resumes where it stopped."))
