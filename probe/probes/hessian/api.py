@@ -379,6 +379,7 @@ def hessian_spectrum(model: nn.Module, x, y, *, criterion: str | Criterion = "cr
     if density:
         dens = slq_density(op, density_probes, density_steps, seed=seed + 2, progress=counter)
     counter.finish()
+    op.release()
 
     block_results: dict[str, BlockResult] = {}
     if groups:
@@ -396,6 +397,7 @@ def hessian_spectrum(model: nn.Module, x, y, *, criterion: str | Criterion = "cr
                           block=min(s, kb), counter=cb) for w in wanted}
             tb = _trace(opb, tmethod, trace_matvecs, seed + 1, block=10) if tmethod else None
             cb.finish()
+            opb.release()
             for w, e in eb.items():
                 if not e.converged:
                     notes.append(f"block {name}: {w} eigenvalues not converged (Krylov dimension {e.dim})")
