@@ -553,3 +553,25 @@ def test_user_errors():
     with pytest.raises(UserError, match="loss at the probe point is not finite"):
         hessian_spectrum(bad, x, y, progress=lambda *a: calls.append(a))
     assert calls == []                                              # nothing computed after the check
+
+
+def test_repeated_top_eigenvalue_is_resolved_or_flagged_by_the_default_block():
+    """A bias-free linear map under MSE has H = 2 / (n O) (I_O kron X^T X): every eigenvalue O
+    times. With O = 3 the default block of 2 for the largest finds two copies and the notes say
+    that the cluster reaches the block size; lanczos_block=3 resolves it, and top-1 with a block
+    of 1 has the right value (float64, 1e-8 of the scale)."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3, bias=False).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(20, 5, generator=g, dtype=D)
+    y = torch.randn(20, 3, generator=g, dtype=D)
+    lam = np.linalg.eigvalsh(_dense(model, x, y, crit=F.mse_loss).numpy())[::-1]
+    assert np.allclose(lam[:3], lam[0], rtol=1e-10)                      # the top is 3-fold
+    res = hessian_spectrum(model, x, y, criterion="mse", k=3, trace=None, density=False, n_samples=None)
+    assert not np.allclose(res.eigenvalues, lam[:3], rtol=0, atol=1e-8 * lam[0])   # 2 of the 3 copies ...
+    assert any("appears 2 times" in n and "block size 2" in n for n in res.notes), res.notes   # ... and said so
+    full = hessian_spectrum(model, x, y, criterion="mse", k=3, trace=None, density=False, n_samples=None,
+                            lanczos_block=3)
+    np.testing.assert_allclose(full.eigenvalues, lam[:3], rtol=0, atol=1e-8 * lam[0])
+    top1 = hessian_spectrum(model, x, y, criterion="mse", k=1, trace=None, density=False, n_samples=None)
+    assert abs(top1.eigenvalues[0] - lam[0]) < 1e-8 * lam[0]           # block 1: the value is right

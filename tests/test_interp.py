@@ -220,3 +220,25 @@ def test_probe_interp_through_the_cli_and_the_store(tmp_path, capsys):
     assert isinstance(res, InterpResult) and res.n_pairs == 8 and res.logits.shape[:2] == (8, 9)
     assert res.summary()["all"]["n"] == 8
     assert json.dumps(doc)                                       # strict JSON on stdout
+
+
+def test_figures_draw_the_stored_numbers():
+    """Every figure builds from the stored form; the paths figure's mean deviation curve is the
+    mean over the group's paths; across training has one point per checkpoint."""
+    from probe.figures.interp import (interp_across_training, interp_degree_figure, interp_paths_figure,
+                                      interp_planes_figure)
+
+    model = Quadratic(6, 4)
+    x, y = _data()
+    r = interpolation_paths(model, x, y, pairs=8, steps=9, max_degree=4, triples=2, plane_resolution=5)
+    stored = InterpResult.from_store(r.summary(), r.arrays())
+    entries = [({"model": "quad", "run_id": "R", "epoch": e}, stored) for e in (1, 2)]
+    fig = interp_paths_figure(entries[:1])
+    mean_same = r.deviation[r.pair_same].mean(axis=0)
+    assert any(np.allclose(np.asarray(tr.y, dtype=float), mean_same, rtol=1e-12)
+               for tr in fig.data if tr.y is not None and len(tr.y) == r.steps)
+    assert len(interp_planes_figure(entries[:1]).data) >= 2
+    assert len(interp_degree_figure(entries).data) >= 1
+    across = interp_across_training(entries)
+    xs = [list(tr.x) for tr in across.data if tr.x is not None and len(tr.x)]
+    assert xs and all(v == [1, 2] for v in xs)

@@ -276,15 +276,29 @@ class HessianOperator(_LossOperator):
         """Free the kept gradient graph (built again at the next product)."""
         self._kept = None
 
-    def _gradient_graph(self, xb: Tensor, yb: Tensor) -> tuple[list[Tensor], list[Tensor | None]]:
-        """(leaves, gradients with their graph): fresh leaves sharing the parameters' storage."""
+    def _gradient_graph(self, xb: Tensor, yb: Tensor) -> tuple[list[Tensor], list[Tensor | None], Tensor]:
+        """(leaves, gradients with their graph, the batch's loss): fresh leaves sharing the
+        parameters' storage."""
         leaves = [p.detach().requires_grad_(True) for p in self.params.values()]
         with torch.enable_grad():
             loss = self.loss(dict(zip(self.params, leaves)), xb, yb)
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+                raise UserError(f"the criterion must return the mean loss over a batch (one number), got {got}")
             if not loss.requires_grad:            # no selected parameter is on the path to the loss
-                return leaves, [None] * len(leaves)
+                return leaves, [None] * len(leaves), loss.detach()
             grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-        return leaves, [g if g is not None and g.requires_grad else None for g in grads]
+        return leaves, [g if g is not None and g.requires_grad else None for g in grads], loss.detach()
+
+    def mean_loss(self) -> float:
+        """The mean loss over the subset. With the whole subset in one batch (kept-graph
+        products) its forward pass is the one that builds the kept graph: no pass is wasted."""
+        if self.vectorize != "graph" or self.batch_size < self.n:
+            return super().mean_loss()
+        if self._kept is None:
+            with self.mode():
+                self._kept = self._gradient_graph(self.x, self.y)
+        return float(self._kept[2].double())
 
     def _double_backward(self, leaves, grads, T: dict[str, Tensor]) -> dict[str, Tensor]:
         """{name: (b, *shape)} H_b t for every tangent t of T, one backward pass each."""
@@ -314,12 +328,14 @@ class HessianOperator(_LossOperator):
         single = self.batch_size >= self.n
         for xb, yb, w in self.batches():
             if single and self._kept is not None:
-                leaves, grads = self._kept
+                leaves, grads, _ = self._kept
             else:
                 with self.mode():
-                    leaves, grads = self._gradient_graph(xb, yb)
+                    kept = self._gradient_graph(xb, yb)
+                leaves, grads = kept[0], kept[1]
                 if single:
-                    self._kept = (leaves, grads)
+                    self._kept = kept
+                del kept
             self._add(acc, self._double_backward(leaves, grads, T), w)
             del leaves, grads
         self.matvecs += b
