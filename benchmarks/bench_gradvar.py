@@ -1,6 +1,6 @@
 """Per-sample gradient variance: ``probe.probes.gradvar.per_sample_variance`` against two baselines.
 
-Models: the registry's ``add_resnet`` and ``mul_resnet`` (ResNet-20, widths 16/32/64, BatchNorm,
+Models: the registry's ``resnet20_add`` and ``resnet20_mul`` (ResNet-20, widths 16/32/64, BatchNorm,
 ~0.27 M parameters; ``create_model(name, in_chans=3, num_classes=10)``), float32, eval mode with
 BatchNorm statistics averaged over the random data, on N random 3x32x32 inputs with random labels,
 cross-entropy. Quantity: per parameter tensor, tr(Sigma_1) = 1/(N-1) sum_i |g_i - gbar|^2.
@@ -21,7 +21,7 @@ between identical calls) and peak resident memory (``getrusage`` ru_maxrss) with
 minus the resident size after imports, model and data. Results are checked against ``ours``
 (max relative difference of the per-tensor variances). Ratios are ``method / ours``.
 
-    python benchmarks/bench_gradvar.py [--quick] [--models add_resnet mul_resnet] [--n 256] [--chunk 64]
+    python benchmarks/bench_gradvar.py [--quick] [--models resnet20_add resnet20_mul] [--n 256] [--chunk 64]
                                        [--methods ours ours_vmap loop vmap_all] [--threads T]
                                        [--repeats 3] [--json]
 """
@@ -134,7 +134,7 @@ def run_child(method: str, model: str, n: int, chunk: int, threads: int | None, 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a smaller setting (n=64, chunk 16)")
-    ap.add_argument("--models", nargs="+", default=["add_resnet", "mul_resnet"])
+    ap.add_argument("--models", nargs="+", default=["resnet20_add", "resnet20_mul"])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--n", type=int, default=None, help="samples (default 256; --quick 64)")
     ap.add_argument("--chunk", type=int, default=None, help="our chunk size (default 64; --quick 16)")

@@ -1,7 +1,7 @@
 """Hessian probe: ``probe.probes.hessian`` against PyHessian, curvlinops and hessian-eigenthings.
 
-One model, one batch, one loss for everyone: the registry's ``add_resnet`` (ResNet-20, widths
-16/32/64, BatchNorm, O=10 outputs, ~0.27 M parameters; ``create_model("add_resnet", in_chans=3,
+One model, one batch, one loss for everyone: the registry's ``resnet20_add`` (ResNet-20, widths
+16/32/64, BatchNorm, O=10 outputs, ~0.27 M parameters; ``create_model("resnet20_add", in_chans=3,
 num_classes=10)``), float32, eval mode with BatchNorm running statistics averaged over 256 random
 inputs (``benchmarks/bench_ntk.py``'s ``build``, imported, not copied), ``--n`` seeded random
 3x``--size``x``--size`` inputs and seeded random labels, mean cross-entropy. Every worker rebuilds
@@ -48,7 +48,7 @@ Quantities (tables in this order):
    summed over single samples), and for every estimator ``--small-seeds`` estimates with
    ``--trace-matvecs`` products each: RMS relative error, mean reported standard error, the
    spread of the estimates over seeds, and the RMS of error / reported stderr (about 1 when the
-   reported stderr is honest). (b) On ``add_resnet``: wall time of one estimate with a budget of
+   reported stderr is honest). (b) On ``resnet20_add``: wall time of one estimate with a budget of
    ``--trace-matvecs`` products (Hutch++ budgets are rounded down to a multiple of 3 where a
    library requires it), the estimate and its reported stderr.
 4. density: stochastic Lanczos quadrature with ``--slq-probes`` probes x ``--slq-steps`` steps
@@ -640,7 +640,7 @@ def _ok(r) -> bool:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--n", type=int, default=200, help="samples in the batch (add_resnet)")
+    ap.add_argument("--n", type=int, default=200, help="samples in the batch (resnet20_add)")
     ap.add_argument("--size", type=int, default=32, help="input height/width (3 channels)")
     ap.add_argument("--seed", type=int, default=0, help="seed of model, inputs, labels and probes")
     ap.add_argument("--k", type=int, default=5, help="top-k eigenvalues (top-1 is always done too)")
@@ -692,7 +692,7 @@ def main(argv=None) -> int:
     t_start = time.monotonic()
     env = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
            "load_avg_start": os.getloadavg(), "python": sys.version.split()[0]}
-    point = {"model": "add_resnet", "n": args.n, "size": args.size, "seed": args.seed}
+    point = {"model": "resnet20_add", "n": args.n, "size": args.size, "seed": args.seed}
     report = {"env": env, "args": {k: v for k, v in vars(args).items() if k != "worker"}, "libraries": {},
               "hvp": [], "reference": None, "topk": [], "trace_small": [], "exact_small": None, "trace": [],
               "density": [], "summary": [], "fingerprints_agree": None}
@@ -729,7 +729,7 @@ def main(argv=None) -> int:
     ref = None
     if "topk" in args.parts or "density" in args.parts:
         kref = args.k + 3
-        key = f"add_resnet_n{args.n}_s{args.size}_seed{args.seed}_k{kref}_{args.ref_dtype}_tol{args.ref_tol:g}_torch{torch.__version__}"
+        key = f"resnet20_add_n{args.n}_s{args.size}_seed{args.seed}_k{kref}_{args.ref_dtype}_tol{args.ref_tol:g}_torch{torch.__version__}"
         path = Path(args.cache_dir) / f"bench_hessian_ref_{key}.json"
         if path.exists() and not args.reference:
             ref = json.loads(path.read_text())
@@ -772,7 +772,7 @@ def main(argv=None) -> int:
                                                        "status": r["status"]} for r in rungs])
                 report["topk"].append(chosen)
 
-    # 3. trace: small model (exact) and add_resnet (fixed budget)
+    # 3. trace: small model (exact) and resnet20_add (fixed budget)
     trace_methods = [("ours", "hutch++", None), ("ours", "hutchinson", None)]
     if "pyhessian" in libs:
         trace_methods.append(("pyhessian", "hutchinson", None))
@@ -959,7 +959,7 @@ def _status(r) -> str:
 def print_report(rep: dict, args) -> None:
     env = rep["env"]
     print(f"threads={env['threads']} cpus={env['cpus']} torch={env['torch']} load avg at start="
-          f"{env['load_avg_start'][0]:.2f}; add_resnet, {args.n} samples 3x{args.size}x{args.size}, eval mode, "
+          f"{env['load_avg_start'][0]:.2f}; resnet20_add, {args.n} samples 3x{args.size}x{args.size}, eval mode, "
           f"mean cross-entropy, float32; loss at the point {rep.get('fingerprint') or float('nan'):.6f} "
           f"(all workers agree: {rep['fingerprints_agree']}); watchdog {args.timeout_s:g} s / "
           f"{args.mem_cap_gib:g} GiB")
@@ -1013,7 +1013,7 @@ def print_report(rep: dict, args) -> None:
                   f"{_f(r.get('sd_rel'), '.1e')} {_f(r.get('mean_stderr_rel'), '.2e', 11)} {_f(r.get('rms_z'), '.2f', 10)} "
                   f"{_f(r.get('within_2se'), '.0%', 10)} {_f(per, '.2f', 10)}  {note}")
     if rep["trace"]:
-        print(f"\n3b. Trace on add_resnet, budget {args.trace_matvecs} products (wall includes set-up)")
+        print(f"\n3b. Trace on resnet20_add, budget {args.trace_matvecs} products (wall includes set-up)")
         print(f"{'estimator':<36} {'wall s':>8} {'setup s':>7} {'HVPs':>5} {'s/HVP':>6} {'peak MB':>8} {'extra MB':>8} "
               f"{'estimate':>10} {'stderr':>9} {'x ours':>7}  notes")
         for r in rep["trace"]:

@@ -1,8 +1,8 @@
 """Empirical NTK: ``probe.probes.ntk`` against its baselines, wall time, peak memory and FLOP rate.
 
-Models: the registry's ``add_resnet`` and ``mul_resnet`` (ResNet-20, 3 stages x 3 basic blocks,
+Models: the registry's ``resnet20_add`` and ``resnet20_mul`` (ResNet-20, 3 stages x 3 basic blocks,
 widths 16/32/64, BatchNorm, global pool, linear head, O=10 outputs, ~0.27 M parameters;
-``mul_resnet`` fuses ``bn(r) * bn_s(s)`` with both BN biases initialised at 1), float32, eval
+``resnet20_mul`` fuses ``bn(r) * bn_s(s)`` with both BN biases initialised at 1), float32, eval
 mode with BatchNorm statistics averaged over random data, on random 3x32x32 inputs. Kernel: the trace NTK (N x N) of x with itself. Methods:
 
 * ``ours``          ``empirical_ntk(model, x, kind="trace", method=--method, memory_budget_bytes=--budget)``
@@ -56,11 +56,11 @@ at most 25% of ``vmap_jacrev``'s extra memory; top-20 Lanczos eigenvalues at N=1
 minutes and 4 GB. ``--warmup`` first runs each method on 2 samples in the same worker (first-call costs
 such as lazy imports are then not timed; off by default, as the targets were set cold).
 
-    python benchmarks/bench_ntk.py [--models add_resnet mul_resnet] [--n 64 256]
+    python benchmarks/bench_ntk.py [--models resnet20_add resnet20_mul] [--n 64 256]
                                    [--methods ours naive vmap_jacrev vmap_jacrev_once nngeometry]
                                    [--nngeometry-n 64] [--warmup]
                                    [--budget-gib 2] [--repeats 1] [--lanczos-n 10000]
-                                   [--lanczos-models add_resnet mul_resnet] [--lanczos-budget-gib 3]
+                                   [--lanczos-models resnet20_add resnet20_mul] [--lanczos-budget-gib 3]
                                    [--lanczos-compare-n 500] [--json]
 """
 from __future__ import annotations
@@ -90,7 +90,7 @@ NNGEOMETRY = "nngeometry==0.4"
 
 
 def build(name: str, n: int, size: int, in_chans: int = 3, seed: int = 0):
-    """The registry's ``name`` (``add_resnet`` / ``mul_resnet``: ResNet-20, widths 16/32/64, O=10)
+    """The registry's ``name`` (``resnet20_add`` / ``resnet20_mul``: ResNet-20, widths 16/32/64, O=10)
     in eval mode, with BatchNorm running statistics averaged over 256 random inputs (as ``probe
     ntk`` does for a model at init; with PyTorch's (0, 1) defaults a multiplicative net's eval
     outputs overflow float32)."""
@@ -316,7 +316,7 @@ def spawn(argv: list[str], fatal: bool = True) -> dict | None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="+", default=["add_resnet", "mul_resnet"])
+    ap.add_argument("--models", nargs="+", default=["resnet20_add", "resnet20_mul"])
     ap.add_argument("--n", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--nngeometry-n", type=int, nargs="+", default=[64],
@@ -343,7 +343,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tol", type=float, default=None, help="Lanczos tolerance (default: the library's)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--worker", choices=METHODS + ["matmul", "lanczos", "matvec"], help=argparse.SUPPRESS)
-    ap.add_argument("--model", default="add_resnet", help=argparse.SUPPRESS)
+    ap.add_argument("--model", default="resnet20_add", help=argparse.SUPPRESS)
     ap.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--save", help=argparse.SUPPRESS)
     ap.add_argument("--nngeometry-path", help=argparse.SUPPRESS)

@@ -1,8 +1,8 @@
 """Loss surface: ``probe.probes.surface.loss_surface`` against ``loss-landscapes`` and a per-point
 ``load_state_dict`` loop, with the pure-inference lower bound measured in the same run.
 
-One model, one subset for every method: the registry's ``add_resnet`` (ResNet-20, widths 16/32/64,
-BatchNorm, ``create_model("add_resnet", in_chans=3, num_classes=10)``), float32, eval mode with
+One model, one subset for every method: the registry's ``resnet20_add`` (ResNet-20, widths 16/32/64,
+BatchNorm, ``create_model("resnet20_add", in_chans=3, num_classes=10)``), float32, eval mode with
 BatchNorm running statistics averaged over 256 random inputs (``bench_ntk.build``, imported), on
 ``--n`` seeded random 3x``--size``x``--size`` inputs with seeded random labels, mean
 cross-entropy. The plane is ``--steps`` x ``--steps`` points.
@@ -60,7 +60,7 @@ def make_point(n: int, size: int, seed: int):
     import torch
     from bench_ntk import build
 
-    model, x = build("add_resnet", n, size, in_chans=3, seed=seed)
+    model, x = build("resnet20_add", n, size, in_chans=3, seed=seed)
     y = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(seed + 3))
     return model, x, y
 
@@ -249,7 +249,7 @@ def main(argv=None) -> int:
         return 0
     bound = rep["bound"]["wall_s"]
     ours_wall = rep["methods"].get("ours", {}).get("wall_s")
-    print(f"loss surface, add_resnet 3x{args.size}x{args.size}, {args.n} samples, {S}x{S} = {points} points, "
+    print(f"loss surface, resnet20_add 3x{args.size}x{args.size}, {args.n} samples, {S}x{S} = {points} points, "
           f"{env['threads']} threads, torch {env['torch']}, load {env['load_avg_start'][0]:.2f} -> "
           f"{env['load_avg_end'][0]:.2f}")
     print(f"inference bound: one pass {per_pass:.3f} s (full batch {t_full:.3f} s, batches of {args.loop_batch} "

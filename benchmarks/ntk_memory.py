@@ -13,7 +13,7 @@ Models:
 * ``mlp``: an NTK-parametrised MLP, 12 inputs -> W -> W -> 10 outputs, ReLU, weights and biases
   N(0, 1), every layer's output multiplied by 1/sqrt(fan_in) in forward (W=16384: 268.8 M
   parameters, 1.08 GB in float32), on N random normal inputs (``--widths``, ``--n``);
-* ``add_resnet``: the registry's ResNet-20 (BatchNorm statistics averaged over random data, as
+* ``resnet20_add``: the registry's ResNet-20 (BatchNorm statistics averaged over random data, as
   ``benchmarks/bench_ntk.py`` builds it) on N=256 random 3x32x32 inputs (``--resnet-n``).
 
 The verdict column ``within budget + model`` asks: extra <= budget + the model's own bytes
@@ -28,13 +28,13 @@ A watchdog thread in the parent reads each worker's ``VmRSS`` from /proc/<pid>/s
 high-water mark at that moment), or after ``--timeout-s`` (``timeout``).
 
 Part 2 (``--lanczos-n``, default 0 = skip): ``ntk_topk_lanczos(model, x, k=20, method="auto",
-memory_budget_bytes=4 GiB)`` on N random normal 1x8x8 inputs (seeded) with ``add_resnet`` and
-``mul_resnet`` built with 1 input channel: wall time, extra peak RSS, method, Krylov dimension,
+memory_budget_bytes=4 GiB)`` on N random normal 1x8x8 inputs (seeded) with ``resnet20_add`` and
+``resnet20_mul`` built with 1 input channel: wall time, extra peak RSS, method, Krylov dimension,
 passes over the data, convergence, top-3 eigenvalues. Target at N=60,000: within 30 minutes
 and 4 GB per model.
 
     python benchmarks/ntk_memory.py [--widths 16384] [--n 12] [--budget-gib 4]
-                                    [--models mlp add_resnet] [--resnet-n 256]
+                                    [--models mlp resnet20_add] [--resnet-n 256]
                                     [--resnet-budget-gib 1] [--quick] [--kill-above-gib 12]
                                     [--lanczos-n 60000] [--json]
 """
@@ -315,14 +315,14 @@ def _print_part2(rows: list[dict]) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["mlp", "add_resnet"], choices=["mlp", "add_resnet"],
+    ap.add_argument("--models", nargs="+", default=["mlp", "resnet20_add"], choices=["mlp", "resnet20_add"],
                     help="models of part 1")
     ap.add_argument("--widths", type=int, nargs="+", default=[16384], help="MLP hidden widths W")
     ap.add_argument("--n", type=int, default=12, help="MLP input samples N")
     ap.add_argument("--budget-gib", type=float, default=4.0, help="memory_budget_bytes for the MLP, GiB")
-    ap.add_argument("--resnet-n", type=int, default=256, help="add_resnet input samples N (3x32x32)")
+    ap.add_argument("--resnet-n", type=int, default=256, help="resnet20_add input samples N (3x32x32)")
     ap.add_argument("--resnet-budget-gib", type=float, default=1.0,
-                    help="memory_budget_bytes for add_resnet, GiB")
+                    help="memory_budget_bytes for resnet20_add, GiB")
     ap.add_argument("--methods", nargs="*", default=NTK_METHODS, choices=NTK_METHODS,
                     help="empirical_ntk methods (trace kernel)")
     ap.add_argument("--lanczos-methods", nargs="*", default=LANCZOS_METHODS, choices=LANCZOS_METHODS,
@@ -333,8 +333,8 @@ def main(argv=None) -> int:
                     help="the watchdog kills a worker whose resident set exceeds this, GiB")
     ap.add_argument("--timeout-s", type=float, default=3600.0, help="the watchdog kills a worker after this many seconds")
     ap.add_argument("--lanczos-n", type=int, default=0, help="part 2: N of the top-20 Lanczos runs (0: skip)")
-    ap.add_argument("--lanczos-models", nargs="+", default=["add_resnet", "mul_resnet"],
-                    choices=["add_resnet", "mul_resnet"], help="models of part 2 (1x8x8 inputs)")
+    ap.add_argument("--lanczos-models", nargs="+", default=["resnet20_add", "resnet20_mul"],
+                    choices=["resnet20_add", "resnet20_mul"], help="models of part 2 (1x8x8 inputs)")
     ap.add_argument("--lanczos-budget-gib", type=float, default=4.0, help="memory_budget_bytes of part 2, GiB")
     ap.add_argument("--lanczos-k", type=int, default=20, help="eigenvalues of part 2")
     ap.add_argument("--no-warmup", action="store_true",

@@ -34,17 +34,38 @@ def resnet4(depth: int = 18, width: int = 64, num_classes: int = 10, in_chans: i
 
 
 # --- the comparison pair -----------------------------------------------------------------------
+# The seed's own network at a CPU size: pre-activation WRN blocks (no ReLU after the fusion),
+# differing only in the fusion, fmm01 bn(r) + s against fmm18 bn(r) * bn(s).
 
 
-@register_model(family="cifar_resnet", tags=("pair",))
-def add_resnet(num_classes: int = 10, in_chans: int = 3, depth: int = 20, width: int = 16, **kw):
-    """ResNet-20 (width 16) with additive fusion relu(bn(r) + s)."""
+@register_model(family="wrn", tags=("pair",))
+def add_resnet(num_classes: int = 10, in_chans: int = 3, depth: int = 16, widen: int = 2, dropout: float = 0.0,
+               **kw):
+    """WRN-16-2 with the seed's pre-activation block and additive fusion fmm01 bn(r) + s."""
+    return WideResNet(depth, widen, dropout, num_classes, in_chans, kw.pop("fusion", "add,r=bn,s=id"), **kw)
+
+
+@register_model(family="wrn", tags=("pair",))
+def mul_resnet(num_classes: int = 10, in_chans: int = 3, depth: int = 16, widen: int = 2, dropout: float = 0.0,
+               **kw):
+    """WRN-16-2 with the seed's pre-activation block and multiplicative fusion fmm18 bn(r) * bn(s)."""
+    return WideResNet(depth, widen, dropout, num_classes, in_chans, kw.pop("fusion", "mul,r=bn,s=bn"), **kw)
+
+
+# The post-activation ResNet-20 pair: relu(fusion) after every block. Its multiplicative member,
+# relu(bn(r) * bn_s(s)) with both BN biases at 1, compounds products over depth: in eval mode its
+# outputs blow up (1e31 after training on digits) and its NTK has effective rank 1.
+
+
+@register_model(family="cifar_resnet", tags=("pair20",))
+def resnet20_add(num_classes: int = 10, in_chans: int = 3, depth: int = 20, width: int = 16, **kw):
+    """ResNet-20 (width 16, post-activation) with additive fusion relu(bn(r) + s)."""
     return CifarResNet(depth, width, num_classes, in_chans, fusion=kw.pop("fusion", ADD), **kw)
 
 
-@register_model(family="cifar_resnet", tags=("pair",))
-def mul_resnet(num_classes: int = 10, in_chans: int = 3, depth: int = 20, width: int = 16, **kw):
-    """ResNet-20 (width 16) with multiplicative fusion relu(bn(r) * bn_s(s)), both BN biases init 1."""
+@register_model(family="cifar_resnet", tags=("pair20",))
+def resnet20_mul(num_classes: int = 10, in_chans: int = 3, depth: int = 20, width: int = 16, **kw):
+    """ResNet-20 (width 16, post-activation) with multiplicative fusion relu(bn(r) * bn_s(s)), both BN biases init 1."""
     return CifarResNet(depth, width, num_classes, in_chans, fusion=kw.pop("fusion", MUL_MEAN1), **kw)
 
 

@@ -1,4 +1,5 @@
-"""The main job: train ``add_resnet`` and ``mul_resnet`` on the embedded digits data and compare.
+"""The main job: train ``add_resnet`` and ``mul_resnet`` (WRN-16-2, the seed's block, fusion fmm01
+bn(r) + s vs fmm18 bn(r) * bn(s)) on the embedded digits data and compare.
 
 Run by ``make demo`` / ``probe demo``. Every result lands in the run store, so the explorer and
 the experiment scripts can read it back.
@@ -40,7 +41,7 @@ def run_demo(runs: str | None = None, *, quick: bool = False, epochs: int | None
         run = store.get_run(result.run_id)
         rows.append({"model": name, "run_id": result.run_id,
                      "fusion": run["config"]["resolved"]["model"]["kwargs"].get("fusion")
-                     or ("add,r=bn,s=id" if name == "add_resnet" else "mul,r=bn@b=init:1,s=bn@b=init:1"),
+                     or _fusion_name(name),
                      "best_acc": result.best_acc, "best_epoch": result.best_epoch, "final_acc": result.final_acc,
                      "train_time_s": result.train_time_s})
     ntk_rows = _ntk_section(store, rows, n=32 if quick else 128, say=say, progress=progress)
@@ -64,6 +65,16 @@ def run_demo(runs: str | None = None, *, quick: bool = False, epochs: int | None
     return {"data": {"runs_root": str(store.root), "models": rows, "ntk": ntk_rows,
                      "wall_time_s": time.perf_counter() - t0},
             "text": text}
+
+
+def _fusion_name(name: str) -> str:
+    """The fusion(s) of a registered model as built by default (counted on the meta device)."""
+    import torch
+    from models import create_model
+
+    with torch.device("meta"):
+        model = create_model(name)
+    return ", ".join(sorted({m.fusion.spec.name for m in model.modules() if hasattr(m, "fusion")}))
 
 
 def _ntk_section(store, rows: list[dict], *, n: int, say, progress) -> list[dict]:

@@ -184,15 +184,38 @@ def test_wrn_is_faithful_to_seed():
     assert (out < 0).any()
 
 
-def test_mul_resnet_is_mean1_multiplication():
-    model = create_model("mul_resnet")
+def test_resnet20_mul_is_mean1_multiplication():
+    model = create_model("resnet20_mul")
     fusion = model.layer1[0].fusion
     assert fusion.spec.op == "mul"
     assert torch.equal(fusion.r.norm.bias.detach(), torch.ones(16))
     assert torch.equal(fusion.s.norm.bias.detach(), torch.ones(16))
-    add = create_model("add_resnet")
+    add = create_model("resnet20_add")
     assert add.layer1[0].fusion.spec.name == "add,r=bn,s=id"
     assert abs(count_parameters(add) - 0.27e6) / 0.27e6 < 0.02  # ResNet-20 ~0.27M
+
+
+def test_the_comparison_pair_is_the_seeds_wrn_block_differing_only_in_the_fusion():
+    """add_resnet / mul_resnet: WRN-16-2 with the seed's pre-activation block, fmm01 bn(r) + s
+    against fmm18 bn(r) * bn(s); the same architecture otherwise (the mul one has the shortcut BN
+    of each block on top), no ReLU after the fusion."""
+    from models import resolve_fusion
+    from models.families import WideResNet
+
+    add, mul = create_model("add_resnet"), create_model("mul_resnet")
+    assert isinstance(add, WideResNet) and isinstance(mul, WideResNet)
+    blocks = [m for m in add.modules() if hasattr(m, "fusion")]
+    assert len(blocks) == 6                                   # depth 16: 3 stages x 2 blocks
+    assert all(b.fusion.spec == resolve_fusion("fmm01") for b in blocks)
+    assert all(m.fusion.spec == resolve_fusion("fmm18") for m in mul.modules() if hasattr(m, "fusion"))
+    assert add.linear.in_features == mul.linear.in_features == 128   # 64 x widen 2
+    extra = count_parameters(mul) - count_parameters(add)
+    shortcut_bn = sum(2 * b.fusion.s.norm.num_features for b in mul.modules() if hasattr(b, "fusion"))
+    assert extra == shortcut_bn                               # only the shortcut BNs differ
+    mul.eval()
+    with torch.no_grad():
+        out = mul.layer1(mul.conv1(torch.randn(4, 3, 8, 8)))
+    assert (out < 0).any()                                    # no ReLU after the fusion
 
 
 def test_resnet4_small_inputs_and_bottleneck_channels():
@@ -214,7 +237,7 @@ def test_bad_family_arguments():
 
 
 def test_gates_are_found_where_they_exist():
-    assert find_gates(create_model("add_resnet")) == []
+    assert find_gates(create_model("add_resnet")) == [] and find_gates(create_model("resnet20_add")) == []
     gates = find_gates(create_model("cifar_resnet", depth=8, width=4, fusion="fmm39"))  # sig on both
     assert len(gates) == 3 * 2 and {g.role for g in gates} == {"fusion.r", "fusion.s"}
     gates = find_gates(create_model("wrn", depth=10, widen=1, fusion="fmm57"))  # resgate: conv_in + adapter

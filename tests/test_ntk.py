@@ -663,7 +663,7 @@ def test_gram_lanczos_in_float32_over_long_vectors_matches_float64():
     # agrees with a float64 dense kernel to float32 rounding of the model itself (rtol 1e-5).
     from models import create_model
     torch.manual_seed(0)
-    model = create_model("add_resnet", in_chans=1)
+    model = create_model("resnet20_add", in_chans=1)
     model.eval()
     x = torch.randn(12, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     dense = np.linalg.eigvalsh(empirical_ntk(model, x, dtype=torch.float64).kernel)[::-1]

@@ -53,7 +53,7 @@ VMAP_MAX_BATCH = 256          # grid points per vmap call at most
 #: 22, x16 46; resnet20 32x32, 64 samples (16 MB) loop 85, vmap x4 121, x16 269: on CPU batched
 #: weights pay only while the forward is launch-bound (grouped convolutions lose once it is
 #: compute-bound). Whole grids at the default 256 samples: tiny_mlp auto (vmap) 0.26, loop 0.64;
-#: tiny_add (w 1 MB) auto (vmap x16) 3.6, loop 3.8, vmap x225 5.9; add_resnet (3 MB) auto (loop)
+#: tiny_add (w 1 MB) auto (vmap x16) 3.6, loop 3.8, vmap x225 5.9; resnet20_add (3 MB) auto (loop)
 #: 22, vmap x81 78. The CUDA thresholds are not measured here: kernels stay launch-bound far longer.
 VMAP_MAX_POINT_BYTES = {"cpu": 1 << 20, "cuda": 64 << 20}
 VMAP_CALL_BYTES = {"cpu": 16 << 20, "cuda": 2 << 30}
