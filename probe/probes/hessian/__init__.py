@@ -5,7 +5,8 @@ L(theta) = (1/n) sum_i l(f(theta, x_i), y_i) over the selected parameters theta 
 flattened in ``named_parameters`` order). Two operators (:mod:`._operators`), both
 :class:`probe.linalg.SymmetricOperator` over vectors of P elements in the model's dtype:
 
-* the Hessian H = d^2 L / d theta^2, products H v by ``jvp`` over ``grad`` (forward-over-reverse),
+* the Hessian H = d^2 L / d theta^2, products H v by a backward pass through the gradient's kept
+  graph (reverse-over-reverse; ``jvp`` over ``grad``, forward-over-reverse, on request),
 * the generalized Gauss-Newton G = J^T H_out J (PSD), products by a JVP, the output-space
   Hessian and a VJP,
 
@@ -18,7 +19,7 @@ Hutch++, the spectral density by stochastic Lanczos quadrature. :func:`hessian_s
 them on a model and returns a :class:`HessianResult` (:mod:`.results`), per parameter block on
 request (:func:`group_blocks`).
 
-    >>> res = hessian_spectrum(model, x, y, k=5, trace="hutchpp", blocks="stage")
+    >>> res = hessian_spectrum(model, x, y, k=5, blocks="stage")
     >>> res.eigenvalues, res.trace_estimate, res.blocks["layer1"].largest
 """
 from probe.probes.hessian._estimators import (DensityEstimate, TraceEstimate, extreme_eigenpairs,

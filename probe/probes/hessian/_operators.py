@@ -4,8 +4,9 @@ Both act on the *selected* parameters of a :class:`probe.functional.FunctionalMo
 in ``fm.params`` order (``size`` = P), with vectors in the model's dtype on its device:
 
 * :class:`HessianOperator`: H = d^2 L / d theta^2 of the mean loss L over a fixed data subset,
-  H v by forward-over-reverse, ``jvp`` of ``grad`` of the loss (one forward and one backward
-  pass with tangents: about 2-3 forward passes' cost per vector).
+  H v by a backward pass through the kept graph of the gradient (reverse-over-reverse, built
+  once), or by forward-over-reverse, ``jvp`` of ``grad`` of the loss (a forward and a backward
+  pass with tangents per vector).
 * :class:`GGNOperator`: the generalized Gauss-Newton G = J^T H_out J, J the Jacobian of the
   model outputs and H_out the Hessian of the loss with respect to those outputs (per sample
   diag(p) - p p^T for softmax cross-entropy, 2/(n O) I for the mean squared error over n

@@ -255,7 +255,7 @@ def _trace(op, method: str, m: int, seed: int, block: int) -> TraceEstimate:
 
 def hessian_spectrum(model: nn.Module, x, y, *, criterion: str | Criterion = "cross_entropy",
                      operator: str = "hessian", k: int = 5, which: str = "largest",
-                     trace: str | None = "hutchpp", trace_matvecs: int = 100, density: bool = True,
+                     trace: str | None = "hutchinson", trace_matvecs: int = 100, density: bool = True,
                      density_probes: int = 3, density_steps: int = 50, blocks: str | None = None,
                      n_samples: int | None = 200, batch_size: int | None = None, bn: str = "eval",
                      dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
@@ -286,7 +286,11 @@ def hessian_spectrum(model: nn.Module, x, y, *, criterion: str | Criterion = "cr
       dimension reached, at most ``max_dim``, for each of ``largest`` and ``smallest``
       (clustered interior eigenvalues such as the smallest of a Hessian converge slowly; a note
       says so). Eigenvectors (P, k) float32 with ``return_eigenvectors``.
-    * ``trace`` = ``"hutchpp"`` (Hutch++) / ``"hutchinson"`` / None: ``trace_matvecs`` HVPs.
+    * ``trace`` = ``"hutchinson"`` (default) / ``"hutchpp"`` (Hutch++) / None: ``trace_matvecs``
+      HVPs. Hutch++ spends two thirds of its budget on a sketch of the top eigenspace, which pays
+      when a few eigenvalues dominate the trace; a network Hessian's bulk is flat and indefinite:
+      ResNet-20, 200 samples, 100 products: standard error 20.2 with Hutch++, 12.1 with
+      Hutchinson; on a 5k-parameter ResNet with its exact trace, RMS relative error 0.19 vs 0.07.
     * ``density``: stochastic Lanczos quadrature, at most ``density_probes`` * ``density_steps``
       HVPs (the probes in lockstep, one block product per step).
     * ``blocks`` = ``"stage"`` / ``"layer"`` / a pattern (:func:`group_blocks`): per block the

@@ -26,8 +26,9 @@ class HessianParams:
     which: str = field(default="largest", metadata={
         "help": "largest or smallest algebraic eigenvalues, or both (negative curvature)",
         "choices": ("largest", "smallest", "both")})
-    trace: str = field(default="hutchpp", metadata={
-        "help": "trace estimator with a fixed budget of products (none: skip)",
+    trace: str = field(default="hutchinson", metadata={
+        "help": "trace estimator with a fixed budget of products (none: skip); Hutch++ pays only when a few "
+                "eigenvalues dominate the trace, which a network Hessian's flat, indefinite bulk does not",
         "choices": ("hutchpp", "hutchinson", "none")})
     trace_matvecs: int = field(default=100, metadata={"help": "Hessian-vector products of the trace estimate"})
     density: bool = field(default=True, metadata={"help": "spectral density by stochastic Lanczos quadrature"})
