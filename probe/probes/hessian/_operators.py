@@ -202,6 +202,15 @@ class _LossOperator:
     def release(self) -> None:
         """Free what the operator keeps between products (nothing here)."""
 
+    def _finished(self, acc: Tensor, b: int) -> Tensor:
+        """Count the b products of the block ``acc`` (b, P) and return it as (P, b), finite."""
+        self.matvecs += b
+        if not bool(torch.isfinite(acc).all()):
+            name = str(self.dtype).replace("torch.", "")
+            raise UserError(f"{self.kind}-vector products are not finite in {name} although the loss "
+                            f"is: the curvature overflows this dtype; use dtype=float64")
+        return acc.T
+
     def matmat(self, V: Tensor) -> Tensor:
         """The operator times V (P, b) in ``dtype`` on ``device``; returns a new (P, b) tensor.
         Cost: b products (HVPs or GGN-vector products), each one pass over the subset."""
@@ -213,12 +222,7 @@ class _LossOperator:
         with self.mode():
             for xb, yb, w in self.batches():
                 self._add(acc, self._batch_product(T, xb, yb), w)
-        self.matvecs += b
-        if not bool(torch.isfinite(acc).all()):
-            name = str(self.dtype).replace("torch.", "")
-            raise UserError(f"{self.kind}-vector products are not finite in {name} although the loss "
-                            f"is: the curvature overflows this dtype; use dtype=float64")
-        return acc.T
+        return self._finished(acc, b)
 
     def _mapped(self, one: Callable[[dict[str, Tensor]], dict[str, Tensor]],
                 T: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -339,12 +343,7 @@ class HessianOperator(_LossOperator):
                 del kept
             self._add(acc, self._double_backward(leaves, grads, T), w)
             del leaves, grads
-        self.matvecs += b
-        if not bool(torch.isfinite(acc).all()):
-            name = str(self.dtype).replace("torch.", "")
-            raise UserError(f"{self.kind}-vector products are not finite in {name} although the loss "
-                            f"is: the curvature overflows this dtype; use dtype=float64")
-        return acc.T
+        return self._finished(acc, b)
 
     def _batch_product(self, T, xb, yb):
         params = self.params
