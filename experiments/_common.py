@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 from probe.errors import UserError
 
 __all__ = ["Context", "Outcome", "find_or_train", "pair_runs", "probe_rows", "probe_figures", "last_entries", "write_outputs",
-           "is_done", "PAIR", "scalars"]
+           "is_done", "PAIR", "scalars", "fmt"]
 
 #: The comparison pair: the seed's WRN block, fmm01 bn(r) + s against fmm18 bn(r) * bn(s).
 PAIR = ("add_resnet", "mul_resnet")
@@ -78,6 +78,11 @@ def pair_runs(ctx: Context) -> dict[str, str]:
     from probe.demo import demo_config
 
     return {name: find_or_train(ctx, demo_config(name, quick=ctx.quick)) for name in PAIR}
+
+
+def fmt(v, spec: str = ".4g") -> str:
+    """A number for a finding line; ``n/a`` for a missing one."""
+    return "n/a" if v is None else format(v, spec)
 
 
 def scalars(summary: dict, prefix: str = "") -> dict:

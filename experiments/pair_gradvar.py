@@ -2,7 +2,7 @@
 training: gradient SNR, relative update size per step."""
 from __future__ import annotations
 
-from experiments._common import Context, Outcome, pair_runs, probe_figures, probe_rows
+from experiments._common import Context, fmt, Outcome, pair_runs, probe_figures, probe_rows
 
 NAME = "pair_gradvar"
 TITLE = "Gradient variance and relative update size, add vs mul"
@@ -20,10 +20,6 @@ def run(ctx: Context) -> Outcome:
             row["when"] = when
         entries, rows, ids = entries + e, rows + r, ids + i
     figures = probe_figures("gradvar", entries, "gradvar")
-    found = [f"{r['model']} {r['when']}: SNR {_g(r.get('aggregates.snr'))}, relative update "
-             f"{_g(r.get('aggregates.rel_update'))}, gradient norm {_g(r.get('aggregates.grad_norm'))}" for r in rows]
+    found = [f"{r['model']} {r['when']}: SNR {fmt(r.get('aggregates.snr'))}, relative update "
+             f"{fmt(r.get('aggregates.rel_update'))}, gradient norm {fmt(r.get('aggregates.grad_norm'))}" for r in rows]
     return Outcome(figures, rows, list(runs.values()), ids, found)
-
-
-def _g(v) -> str:
-    return "n/a" if v is None else f"{v:.4g}"

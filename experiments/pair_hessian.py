@@ -2,7 +2,7 @@
 density at every checkpoint, lambda_max against the edge-of-stability line 2/lr."""
 from __future__ import annotations
 
-from experiments._common import Context, Outcome, last_entries, pair_runs, probe_figures, probe_rows
+from experiments._common import Context, fmt, last_entries, Outcome, pair_runs, probe_figures, probe_rows
 
 NAME = "pair_hessian"
 TITLE = "Hessian lambda_max, trace and sharpness across training, add vs mul"
@@ -24,12 +24,8 @@ def run(ctx: Context) -> Outcome:
         mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r.get("epoch") or 0)
         if mine:
             first, last = mine[0], mine[-1]
-            found.append(f"{model}: lambda_max {first['lambda_max']:.4g} at epoch {first['epoch']} -> "
-                         f"{last['lambda_max']:.4g} at epoch {last['epoch']} (2/lr there "
-                         f"{_g(last.get('two_over_lr'))}); trace {_g(last.get('trace.estimate'))} +- "
-                         f"{_g(last.get('trace.stderr'))}")
+            found.append(f"{model}: lambda_max {fmt(first['lambda_max'])} at epoch {first['epoch']} -> "
+                         f"{fmt(last['lambda_max'])} at epoch {last['epoch']} (2/lr there "
+                         f"{fmt(last.get('two_over_lr'))}); trace {fmt(last.get('trace.estimate'))} +- "
+                         f"{fmt(last.get('trace.stderr'))}")
     return Outcome(figures, rows, list(runs.values()), ids, found)
-
-
-def _g(v) -> str:
-    return "n/a" if v is None else f"{v:.4g}"

@@ -2,7 +2,7 @@
 along mixup paths between test samples, across training."""
 from __future__ import annotations
 
-from experiments._common import Context, Outcome, last_entries, pair_runs, probe_figures, probe_rows
+from experiments._common import Context, fmt, last_entries, Outcome, pair_runs, probe_figures, probe_rows
 
 NAME = "pair_interp"
 TITLE = "Input-space interpolation, add vs mul"
@@ -22,12 +22,8 @@ def run(ctx: Context) -> Outcome:
         if mine:
             r = mine[-1]
             found.append(f"{model} epoch {r['epoch']}: max deviation from linear (mean over paths) same-class "
-                         f"{_g(r.get('same_class.deviation_max_mean'))}, different-class "
-                         f"{_g(r.get('different_class.deviation_max_mean'))}; mean degree "
-                         f"{_g(r.get('all.degree_mean'))}; extra class change "
-                         f"{_g(r.get('all.extra_change_fraction'))}")
+                         f"{fmt(r.get('same_class.deviation_max_mean'))}, different-class "
+                         f"{fmt(r.get('different_class.deviation_max_mean'))}; mean degree "
+                         f"{fmt(r.get('all.degree_mean'))}; extra class change "
+                         f"{fmt(r.get('all.extra_change_fraction'))}")
     return Outcome(figures, rows, list(runs.values()), ids, found)
-
-
-def _g(v) -> str:
-    return "n/a" if v is None else f"{v:.4g}"

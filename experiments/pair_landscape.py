@@ -2,7 +2,7 @@
 (Li et al.) around each trained model, with the diagnostics that make them comparable."""
 from __future__ import annotations
 
-from experiments._common import Context, Outcome, pair_runs, probe_figures, probe_rows
+from experiments._common import Context, fmt, Outcome, pair_runs, probe_figures, probe_rows
 
 NAME = "pair_landscape"
 TITLE = "2D loss landscapes, add vs mul"
@@ -22,10 +22,6 @@ def run(ctx: Context) -> Outcome:
         # the mean rise of the loss over the |a|, |b| <= 0.5 square: a sharpness number per model
         row["rise_half"] = float(loss[inner].mean() - row["centre_loss"]) if inner.any() else None
     figures = probe_figures("surface", entries, "contours")
-    found = [f"{r['model']}: centre loss {r['centre_loss']:.4g}, mean rise over |a|,|b| <= 0.5 "
-             f"{_g(r.get('rise_half'))}, max over the plane {_g(r.get('loss_scale.max'))}" for r in rows]
+    found = [f"{r['model']}: centre loss {fmt(r['centre_loss'])}, mean rise over |a|,|b| <= 0.5 "
+             f"{fmt(r.get('rise_half'))}, max over the plane {fmt(r.get('loss_scale.max'))}" for r in rows]
     return Outcome(figures, rows, list(runs.values()), ids, found)
-
-
-def _g(v) -> str:
-    return "n/a" if v is None else f"{v:.4g}"

@@ -2,7 +2,7 @@
 eigenlearning prediction of kernel regression's test error next to the measured one."""
 from __future__ import annotations
 
-from experiments._common import Context, Outcome, pair_runs, probe_figures, probe_rows
+from experiments._common import Context, fmt, Outcome, pair_runs, probe_figures, probe_rows
 
 NAME = "pair_ntk"
 TITLE = "NTK spectra, add vs mul, and eigenlearning predicted vs measured"
@@ -33,12 +33,8 @@ def run(ctx: Context) -> Outcome:
     figures = probe_figures("ntk", entries, "spectra", across=entries)
     found = []
     for row in rows:
-        found.append(f"{row['model']} {row['when']}: lambda_max {row.get('spectrum.lambda_max'):.4g}, condition "
-                     f"number {row.get('spectrum.condition_number'):.3g}, effective rank "
-                     f"{row.get('spectrum.effective_rank'):.3g}; eigenlearning MSE predicted "
-                     f"{_g(row.get('el_predicted_mse'))} vs measured {_g(row.get('el_measured_mse'))}")
+        found.append(f"{row['model']} {row['when']}: lambda_max {fmt(row.get('spectrum.lambda_max'))}, condition "
+                     f"number {fmt(row.get('spectrum.condition_number'), '.3g')}, effective rank "
+                     f"{fmt(row.get('spectrum.effective_rank'), '.3g')}; eigenlearning MSE predicted "
+                     f"{fmt(row.get('el_predicted_mse'))} vs measured {fmt(row.get('el_measured_mse'))}")
     return Outcome(figures, rows, list(runs.values()), ids, found)
-
-
-def _g(v) -> str:
-    return "n/a" if v is None else f"{v:.4g}"
