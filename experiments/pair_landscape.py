@@ -11,16 +11,12 @@ DESCRIPTION = ("probe surface (random filter-normalised directions, seed 123, bi
 
 
 def run(ctx: Context) -> Outcome:
-    import numpy as np
     runs = pair_runs(ctx)
     params = {"grid": "-1:1:11" if ctx.quick else "-1:1:51"}
     entries, rows, ids = probe_rows(ctx, "surface", params, runs, n=128 if ctx.quick else 256)
     for row, (_, result) in zip(rows, entries):
-        loss = np.asarray(result.loss, dtype=np.float64)
-        a, b = np.meshgrid(result.alpha, result.beta, indexing="ij")
-        inner = (np.abs(a) <= 0.5) & (np.abs(b) <= 0.5) & np.isfinite(loss)
         # the mean rise of the loss over the |a|, |b| <= 0.5 square: a sharpness number per model
-        row["rise_half"] = float(loss[inner].mean() - row["centre_loss"]) if inner.any() else None
+        row["rise_half"] = result.mean_rise(0.5)
     figures = probe_figures("surface", entries, "contours")
     found = [f"{r['model']}: centre loss {fmt(r['centre_loss'])}, mean rise over |a|,|b| <= 0.5 "
              f"{fmt(r.get('rise_half'))}, max over the plane {fmt(r.get('loss_scale.max'))}" for r in rows]

@@ -35,20 +35,24 @@ def resnet4(depth: int = 18, width: int = 64, num_classes: int = 10, in_chans: i
 
 # --- the comparison pair -----------------------------------------------------------------------
 # The seed's own network at a CPU size: pre-activation WRN blocks (no ReLU after the fusion),
-# differing only in the fusion, fmm01 bn(r) + s against fmm18 bn(r) * bn(s).
+# differing only in the fusion, fmm01 bn(r) + s against fmm18 bn(r) * bn(s). Depth 10: one block
+# per stage, each with a 1x1 conv shortcut. At depth 16 (a second block per stage, with an
+# identity shortcut, so the products compound along it) plain bn(r) * bn(s) does not train on
+# digits at all (train loss stays at 2.25 for widen 2 and 4, with or without dropout, at 8x8 and
+# 16x16, lr 0.005 to 0.1), while depth 10 reaches 94.9% (add: 98.4%) with the demo recipe.
 
 
 @register_model(family="wrn", tags=("pair",))
-def add_resnet(num_classes: int = 10, in_chans: int = 3, depth: int = 16, widen: int = 2, dropout: float = 0.0,
+def add_resnet(num_classes: int = 10, in_chans: int = 3, depth: int = 10, widen: int = 2, dropout: float = 0.0,
                **kw):
-    """WRN-16-2 with the seed's pre-activation block and additive fusion fmm01 bn(r) + s."""
+    """WRN-10-2 with the seed's pre-activation block and additive fusion fmm01 bn(r) + s."""
     return WideResNet(depth, widen, dropout, num_classes, in_chans, kw.pop("fusion", "add,r=bn,s=id"), **kw)
 
 
 @register_model(family="wrn", tags=("pair",))
-def mul_resnet(num_classes: int = 10, in_chans: int = 3, depth: int = 16, widen: int = 2, dropout: float = 0.0,
+def mul_resnet(num_classes: int = 10, in_chans: int = 3, depth: int = 10, widen: int = 2, dropout: float = 0.0,
                **kw):
-    """WRN-16-2 with the seed's pre-activation block and multiplicative fusion fmm18 bn(r) * bn(s)."""
+    """WRN-10-2 with the seed's pre-activation block and multiplicative fusion fmm18 bn(r) * bn(s)."""
     return WideResNet(depth, widen, dropout, num_classes, in_chans, kw.pop("fusion", "mul,r=bn,s=bn"), **kw)
 
 

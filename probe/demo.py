@@ -1,4 +1,4 @@
-"""The main job: train ``add_resnet`` and ``mul_resnet`` (WRN-16-2, the seed's block, fusion fmm01
+"""The main job: train ``add_resnet`` and ``mul_resnet`` (WRN-10-2, the seed's block, fusion fmm01
 bn(r) + s vs fmm18 bn(r) * bn(s)) on the embedded digits data and compare.
 
 Run by ``make demo`` / ``probe demo``. Every result lands in the run store, so the explorer and
@@ -45,6 +45,7 @@ def run_demo(runs: str | None = None, *, quick: bool = False, epochs: int | None
                      "best_acc": result.best_acc, "best_epoch": result.best_epoch, "final_acc": result.final_acc,
                      "train_time_s": result.train_time_s})
     ntk_rows = _ntk_section(store, rows, n=32 if quick else 128, say=say, progress=progress)
+    side = _side_by_side(store, rows, ntk_rows, quick=quick, say=say, progress=progress)
     table = format_table(rows, [("model", "model"), ("best_acc", "best top-1"), ("best_epoch", "at epoch"),
                                 ("final_acc", "final top-1"), ("train_time_s", "train s"), ("run_id", "run")],
                          floatfmt="{:.2f}")
@@ -53,7 +54,13 @@ def run_demo(runs: str | None = None, *, quick: bool = False, epochs: int | None
         ("effective_rank", "eff. rank"), ("alignment", "align"), ("el_n", "n"),
         ("el_predicted", "EL pred. MSE"), ("el_measured", "KRR meas. MSE"), ("net_test_err", "net test err %"),
         ("error", "note")])
+    shown = [{k: ("n/a" if v is None else v) for k, v in r.items()} for r in side]
+    side_table = format_table(shown, [("kind", "kind"), ("label", "measure")]
+                              + [(r["model"], r["model"]) for r in rows], floatfmt="{:.4g}")
     text = (f"add vs mul residual fusion on digits ({'quick' if quick else 'full'} demo)\n\n{table}\n\n"
+            f"Every probe at the last epoch, read back from the store (optimisation: can the loss be driven "
+            f"down; generalisation: what function is learnt; `n/a` where the model has no such part):\n\n"
+            f"{side_table}\n\n"
             f"Empirical NTK (trace kernel / outputs, {ntk_rows[0]['n_inputs'] if ntk_rows else 0} train inputs) at init and "
             f"after training; eigenlearning (EL) predicted test MSE of kernel regression with that kernel at n "
             f"training points vs measured kernel regression, next to the trained network's test error:\n\n"
@@ -62,9 +69,36 @@ def run_demo(runs: str | None = None, *, quick: bool = False, epochs: int | None
             f"curves:  probe show {rows[0]['run_id']} --runs {store.root}\n"
             f"all:     probe runs --runs {store.root}\n"
             f"explore: probe explore --runs {store.root}")
-    return {"data": {"runs_root": str(store.root), "models": rows, "ntk": ntk_rows,
+    return {"data": {"runs_root": str(store.root), "models": rows, "ntk": ntk_rows, "side_by_side": side,
                      "wall_time_s": time.perf_counter() - t0},
             "text": text}
+
+
+def _side_by_side(store, rows: list[dict], ntk_rows: list[dict], *, quick: bool, say, progress) -> list[dict]:
+    """One row per headline measure (:mod:`probe.headline`), one column per model: every probe
+    run at the last epoch (the NTK there is the NTK section's), the numbers read back from the
+    store. ``row["probe_ids"][model]`` names the stored rows each column came from. A model on
+    which a probe fails gets None there and a note (its other numbers stand)."""
+    from probe.headline import MEASURES, PROBES, headline, measure
+
+    columns: dict[str, dict] = {}
+    sources: dict[str, dict] = {}
+    for row in rows:
+        done = {"ntk": r["probe_id"] for r in ntk_rows
+                if r["model"] == row["model"] and r["when"] != "init" and r.get("probe_id")}
+        ids = dict(done)
+        for name in PROBES:
+            if name in ids:
+                continue
+            try:
+                ids.update(measure(store, row["run_id"], quick=quick, probes=(name,), progress=progress, log=say))
+            except UserError as e:
+                say(f"   {name} failed on {row['model']}: {e}")
+        columns[row["model"]] = headline(store, ids)
+        sources[row["model"]] = ids
+    return [{"kind": m.kind, "key": m.key, "label": m.label,
+             **{model: columns[model][m.key] for model in columns},
+             "probe_ids": {model: sources[model].get(m.probe) for model in columns}} for m in MEASURES]
 
 
 def _fusion_name(name: str) -> str:

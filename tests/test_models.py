@@ -196,7 +196,7 @@ def test_resnet20_mul_is_mean1_multiplication():
 
 
 def test_the_comparison_pair_is_the_seeds_wrn_block_differing_only_in_the_fusion():
-    """add_resnet / mul_resnet: WRN-16-2 with the seed's pre-activation block, fmm01 bn(r) + s
+    """add_resnet / mul_resnet: WRN-10-2 with the seed's pre-activation block, fmm01 bn(r) + s
     against fmm18 bn(r) * bn(s); the same architecture otherwise (the mul one has the shortcut BN
     of each block on top), no ReLU after the fusion."""
     from models import resolve_fusion
@@ -205,7 +205,7 @@ def test_the_comparison_pair_is_the_seeds_wrn_block_differing_only_in_the_fusion
     add, mul = create_model("add_resnet"), create_model("mul_resnet")
     assert isinstance(add, WideResNet) and isinstance(mul, WideResNet)
     blocks = [m for m in add.modules() if hasattr(m, "fusion")]
-    assert len(blocks) == 6                                   # depth 16: 3 stages x 2 blocks
+    assert len(blocks) == 3                                   # depth 10: 3 stages x 1 block
     assert all(b.fusion.spec == resolve_fusion("fmm01") for b in blocks)
     assert all(m.fusion.spec == resolve_fusion("fmm18") for m in mul.modules() if hasattr(m, "fusion"))
     assert add.linear.in_features == mul.linear.in_features == 128   # 64 x widen 2

@@ -234,6 +234,7 @@ def test_runs_show_and_quick_demo(tmp_path, capsys):
     demo = json.loads(out)
     assert [m["model"] for m in demo["models"]] == ["add_resnet", "mul_resnet"]
     assert all(m["best_acc"] is not None and m["final_acc"] is not None for m in demo["models"])
+    _check_side_by_side(demo, RunStore(tmp_path))
     code, out, _ = cli(capsys, "runs", "--runs", str(tmp_path), "--json")
     assert code == 0 and json.loads(out)["count"] == 2
     rid = demo["models"][0]["run_id"]
@@ -242,6 +243,45 @@ def test_runs_show_and_quick_demo(tmp_path, capsys):
     assert code == 0 and shown["run"]["run_id"] == rid and len(shown["metrics"]) == 2
     code, out, _ = cli(capsys, "show", "last", "--runs", str(tmp_path))
     assert code == 0 and "test top1" in out
+
+
+def _check_side_by_side(demo: dict, store: RunStore) -> None:
+    """The demo's side-by-side table equals the stored probe rows of each model's last epoch,
+    read here straight from the catalog summaries and the stored arrays."""
+    import numpy as np
+
+    runs = {m["model"]: m["run_id"] for m in demo["models"]}
+    rows = {r["key"]: r for r in demo["side_by_side"]}
+    expected = {"grad_snr": ("gradvar", ("aggregates", "snr")), "rel_update": ("gradvar", ("aggregates", "rel_update")),
+                "lambda_max": ("hessian", ("lambda_max",)), "hessian_trace": ("hessian", ("trace", "estimate")),
+                "ntk_cond": ("ntk", ("spectrum", "condition_number")),
+                "ntk_eff_rank": ("ntk", ("spectrum", "effective_rank")),
+                "path_deviation": ("interp", ("all", "deviation_max_mean")),
+                "path_degree": ("interp", ("all", "degree_mean"))}
+    assert set(expected) < set(rows) and {r["kind"] for r in rows.values()} == {"optimisation", "generalisation"}
+    for model, rid in runs.items():
+        last = max(c["epoch"] for c in store.list_checkpoints(rid))
+        for key, (kind, path) in expected.items():
+            pid = rows[key]["probe_ids"][model]
+            probe_row = store.get_probe(pid)
+            assert probe_row["run_id"] == rid and probe_row["kind"] == kind and probe_row["checkpoint_epoch"] == last
+            value = probe_row["summary"]
+            for k in path:
+                value = value[k]
+            assert rows[key][model] == pytest.approx(value, rel=1e-12), (model, key)
+        # no gates in either model: saturation is n/a, not 0
+        assert rows["sat_frac"][model] is None
+        # the surface rise from the stored grid: mean loss over |a|, |b| <= 0.5 minus the centre loss
+        pid = rows["surface_rise"]["probe_ids"][model]
+        arrays, summary = store.load_probe_arrays(pid), store.get_probe(pid)["summary"]
+        a, b = np.meshgrid(arrays["alpha"], arrays["beta"], indexing="ij")
+        inner = (np.abs(a) <= 0.5) & (np.abs(b) <= 0.5)
+        assert inner.sum() >= 9
+        assert rows["surface_rise"][model] == pytest.approx(arrays["loss"][inner].mean() - summary["centre_loss"],
+                                                            rel=1e-12)
+        # the NTK column is the NTK section's last-epoch row
+        assert rows["ntk_cond"]["probe_ids"][model] == [r["probe_id"] for r in demo["ntk"]
+                                                        if r["model"] == model and r["when"] != "init"][0]
 
 
 def test_presets_reproduce_seed_recipes():

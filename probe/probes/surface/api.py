@@ -25,7 +25,7 @@ from probe.probes.surface._directions import Directions, flat_params
 from probe.probes.surface._evaluate import LOOP_CHUNK, Plan, centre_point, evaluate_points, plan_evaluation
 from probe.probes.surface._grid import Grid, parse_grid
 
-__all__ = ["loss_surface", "SurfaceResult", "as_directions"]
+__all__ = ["loss_surface", "SurfaceResult", "as_directions", "mean_rise"]
 
 #: ``progress(description, done, total)``, as :data:`probe.probes.registry.Progress`.
 Progress = Callable[[str, int, int], None]
@@ -88,6 +88,10 @@ class SurfaceResult:
             out.update(min=float(vals.min()), max=float(vals.max()), median=float(np.median(vals)), argmin=coords)
         return out
 
+    def mean_rise(self, radius: float = 0.5) -> float | None:
+        """:func:`mean_rise` of this surface."""
+        return mean_rise(self.alpha, self.beta, self.loss, self.centre_loss, radius)
+
     def summary(self) -> dict[str, Any]:
         """JSON-able numbers (no NaN): the catalog row."""
         acc = self.accuracy[np.isfinite(self.accuracy)]
@@ -115,6 +119,18 @@ class SurfaceResult:
             out["trajectory"] = np.asarray(self.trajectory, dtype=np.float64)
             out["trajectory_epochs"] = np.asarray(self.trajectory_epochs, dtype=np.int64)
         return out
+
+
+def mean_rise(alpha, beta, loss, centre_loss: float, radius: float = 0.5) -> float | None:
+    """The mean loss over the grid points with every coordinate within ``radius`` of the centre,
+    minus the centre loss: one sharpness number per surface (None when no finite point lies
+    there). ``beta`` None for a 1D surface."""
+    loss = np.asarray(loss, dtype=np.float64)
+    coords = np.meshgrid(alpha, beta, indexing="ij") if beta is not None else [np.asarray(alpha)]
+    inside = np.isfinite(loss)
+    for c in coords:
+        inside &= np.abs(c) <= radius
+    return float(loss[inside].mean() - centre_loss) if inside.any() and centre_loss is not None else None
 
 
 def as_directions(directions, n_params: int) -> Directions:

@@ -13,6 +13,7 @@ from probe.figures.surface import surface_3d, surface_curves, surface_figure, su
 from probe.probes.registry import Probe, ProbeContext, StoredResult, register
 from probe.probes.surface._directions import NORMS
 from probe.probes.surface._grid import parse_grid
+from probe.probes.surface.api import mean_rise
 
 __all__ = ["SURFACE_PROBE", "SurfaceParams", "SurfaceProbeResult", "compute"]
 
@@ -97,6 +98,10 @@ class SurfaceProbeResult(StoredResult):
     def trajectory(self) -> np.ndarray | None:
         t = self.array_data.get("trajectory")
         return None if t is None else np.asarray(t)
+
+    def mean_rise(self, radius: float = 0.5) -> float | None:
+        """The mean loss rise within ``radius`` of the centre (:func:`~probe.probes.surface.api.mean_rise`)."""
+        return mean_rise(self.alpha, self.beta, self.loss, self.data.get("centre_loss"), radius)
 
     def text(self) -> str:
         r = self.data
