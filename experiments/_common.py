@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 from probe.errors import UserError
 
-__all__ = ["Context", "Outcome", "find_or_train", "pair_runs", "probe_rows", "probe_figures", "last_entries", "write_outputs",
+__all__ = ["Context", "Outcome", "find_or_train", "train_many", "pair_runs", "probe_rows", "probe_figures", "last_entries", "write_outputs",
            "is_done", "PAIR", "scalars", "fmt"]
 
 #: The comparison pair: the seed's WRN block, fmm01 bn(r) + s against fmm18 bn(r) * bn(s).
@@ -44,32 +44,56 @@ class Context:
 class Outcome:
     """What an experiment measured: ``figures`` {file stem: plotly figure}, ``rows`` (dicts of
     numbers, one per target), the ``run_ids`` and ``probe_ids`` it used, and ``found`` (one line
-    per finding, with its numbers)."""
+    per finding, with its numbers); ``tables`` {file stem: rows} more csv files beside
+    ``numbers.csv`` (e.g. correlations)."""
 
     figures: dict
     rows: list[dict]
     run_ids: list[str]
     probe_ids: list[str] = field(default_factory=list)
     found: list[str] = field(default_factory=list)
+    tables: dict = field(default_factory=dict)
 
 
 def _recipe(config) -> dict:
     return {k: v for k, v in config.to_dict().items() if k not in ("device",)}
 
 
+def _key(recipe: dict) -> str:
+    return json.dumps(recipe, sort_keys=True, default=str)
+
+
+def train_many(ctx: Context, configs, desc: str | None = None) -> list[str]:
+    """The run id of each config: the newest finished run of its recipe in the store, else a new
+    run trained now (device is not part of the recipe). ``desc`` names a progress bar over the
+    configs."""
+    from probe.train import train
+
+    finished: dict[str, str] = {}
+    for model in dict.fromkeys(c.model for c in configs):
+        for run in ctx.store.list_runs(model=model, status="finished"):   # newest first
+            have = {k: v for k, v in (run.get("config") or {}).items() if k not in ("resolved", "device")}
+            finished.setdefault(_key(have), run["run_id"])
+    out = []
+    for i, config in enumerate(configs):
+        rid = finished.get(_key(_recipe(config)))
+        if rid is not None:
+            ctx.log(f"reusing run {rid} ({config.model})")
+        else:
+            ctx.log(f"training {config.model}{' ' + config.fusion if config.fusion else ''} "
+                    f"({config.epochs} epochs on {config.data}, seed {config.seed})")
+            rid = train(config, ctx.store, progress=ctx.progress).run_id
+            finished[_key(_recipe(config))] = rid
+        out.append(rid)
+        if desc and ctx.progress is not None:
+            ctx.progress(desc, i + 1, len(configs))
+    return out
+
+
 def find_or_train(ctx: Context, config) -> str:
     """The id of the newest finished run of ``config``'s recipe in the store, else of a new run
     trained now. Device is not part of the recipe."""
-    from probe.train import train
-
-    want = _recipe(config)
-    for run in ctx.store.list_runs(model=config.model, status="finished"):
-        have = {k: v for k, v in (run.get("config") or {}).items() if k not in ("resolved", "device")}
-        if have == want:
-            ctx.log(f"reusing run {run['run_id']} ({config.model})")
-            return run["run_id"]
-    ctx.log(f"training {config.model} ({config.epochs} epochs on {config.data})")
-    return train(config, ctx.store, progress=ctx.progress).run_id
+    return train_many(ctx, [config])[0]
 
 
 def pair_runs(ctx: Context) -> dict[str, str]:
@@ -187,6 +211,8 @@ def write_outputs(ctx: Context, name: str, title: str, outcome: Outcome, wall_s:
         write_html(fig, folder / f"{stem}.html")
         atomic_write_text(folder / f"{stem}.json", fig.to_json())
     atomic_write_text(folder / "numbers.csv", _csv(outcome.rows))
+    for stem, rows in outcome.tables.items():
+        atomic_write_text(folder / f"{stem}.csv", _csv(rows))
     meta = {"name": name, "title": title, "quick": ctx.quick, "run_ids": outcome.run_ids,
             "probe_ids": outcome.probe_ids, "runs_root": str(ctx.store.root), "found": outcome.found,
             "wall_s": wall_s, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

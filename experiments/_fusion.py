@@ -1,0 +1,138 @@
+"""What the fusion-table experiments share: the protocols the seed's 59 rows are trained under,
+the training of every (row, protocol, seed) run (reused when the store holds a finished run of
+the same recipe), and the statistics (Spearman's rank correlation with a bootstrap interval,
+paired differences with a bootstrap interval).
+
+The network is the comparison pair's (WRN-10-2 with the seed's pre-activation block at 8x8):
+row fmm01 under a protocol is ``add_resnet`` under it, row fmm18 ``mul_resnet``.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from experiments._common import Context, train_many
+
+__all__ = ["Protocol", "protocols", "seeds", "row_ids", "fusion_config", "train_table", "accuracy_table",
+           "spearman_ci", "paired_ci", "BASELINE"]
+
+#: the additive baseline row, bn(r) + s
+BASELINE = "fmm01"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A training recipe for every row: ``limit_train`` class-balanced digits samples (None: all
+    1,437), ``epochs``, ``batch_size``; SGD momentum 0.9, lr 0.02 cosine, weight decay 5e-4."""
+
+    name: str
+    limit_train: int | None
+    epochs: int
+    batch_size: int
+    why: str
+
+
+_PROTOCOLS = (
+    Protocol("data-limited", 128, 8, 32,
+             "128 training samples, 8 epochs: the additive baseline stays near 88%, far from its ceiling"),
+    Protocol("short", None, 3, 64,
+             "all 1,437 samples but 3 epochs: the baseline near 95%, slow starters still behind"),
+    Protocol("converged", None, 15, 64,
+             "all samples, 15 epochs: the baseline near its 98% ceiling (full setting only)"),
+)
+
+
+def protocols(quick: bool) -> tuple[Protocol, ...]:
+    """The protocols run: quick the first two (CPU minutes), full all three."""
+    return _PROTOCOLS[:2] if quick else _PROTOCOLS
+
+
+def seeds(quick: bool) -> tuple[int, ...]:
+    return (0, 1) if quick else (0, 1, 2, 3, 4)
+
+
+def row_ids() -> list[str]:
+    from models.seed_table import SEED_FUSIONS
+
+    return [r.id for r in SEED_FUSIONS]
+
+
+def fusion_config(row: str, protocol: Protocol, seed: int):
+    """The :class:`~probe.train.TrainConfig` of one seed row under one protocol."""
+    from probe.train import TrainConfig
+
+    return TrainConfig(model="wrn", fusion=row, model_kwargs={"depth": 10, "widen": 2}, data="digits",
+                       epochs=protocol.epochs, batch_size=protocol.batch_size, lr=0.02, momentum=0.9,
+                       weight_decay=5e-4, schedule="cosine", seed=seed, limit_train=protocol.limit_train)
+
+
+def train_table(ctx: Context, rows: Sequence[str], protos: Sequence[Protocol], seed_list: Sequence[int]
+                ) -> dict[tuple[str, str, int], str]:
+    """``{(row, protocol name, seed): run id}`` for every combination, trained where missing."""
+    keys = [(r, p, s) for p in protos for s in seed_list for r in rows]
+    ids = train_many(ctx, [fusion_config(r, p, s) for r, p, s in keys], desc="fusion table")
+    return {(r, p.name, s): rid for (r, p, s), rid in zip(keys, ids)}
+
+
+def accuracy_table(ctx: Context, runs: dict[tuple[str, str, int], str]) -> dict[tuple[str, str, int], dict]:
+    """``{key: {"best": best test top-1, "final": final test top-1, "train_final": train top-1 of
+    the last epoch}}`` from the store's run rows and per-epoch metrics."""
+    out = {}
+    for key, rid in runs.items():
+        summary = ctx.store.get_run(rid).get("summary") or {}
+        metrics = ctx.store.get_metrics(rid)
+        out[key] = {"best": summary.get("best_acc"), "final": summary.get("final_acc"),
+                    "train_final": metrics[-1].get("train_top1") if metrics else None}
+    return out
+
+
+def _rank_corr(x: np.ndarray, y: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
+
+
+def spearman_ci(x: Sequence[float], y: Sequence[float], *, n_boot: int = 2000, level: float = 0.95,
+                seed: int = 0) -> dict:
+    """Spearman's rho of the pairs (x_i, y_i) with a percentile bootstrap interval over the
+    pairs (resampled with replacement; resamples with a constant side are dropped). Pairs with
+    a missing value are left out; ``n`` is how many were used."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    rho = _rank_corr(x, y)
+    lo = hi = float("nan")
+    if np.isfinite(rho):
+        rng = np.random.default_rng(seed)
+        boots = [_rank_corr(x[i], y[i]) for i in rng.integers(0, len(x), size=(n_boot, len(x)))]
+        boots = np.asarray([b for b in boots if np.isfinite(b)])
+        if boots.size:
+            lo, hi = (float(v) for v in np.quantile(boots, [(1 - level) / 2, (1 + level) / 2]))
+    return {"rho": rho, "lo": lo, "hi": hi, "n": int(len(x))}
+
+
+def paired_ci(diffs: np.ndarray, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+    """Mean paired difference over pairs (rows of ``diffs``, one column per seed; NaN = missing)
+    with a bootstrap interval that resamples pairs and, within each, seeds."""
+    d = np.asarray(diffs, dtype=np.float64)
+    if d.ndim == 1:
+        d = d[:, None]
+    d = d[np.isfinite(d).any(axis=1)]
+    if d.size == 0:
+        return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n_pairs": 0}
+    mean = float(np.nanmean(np.nanmean(d, axis=1)))
+    rng = np.random.default_rng(seed)
+    boots = np.empty(n_boot)
+    with warnings.catch_warnings():      # a resampled pair whose seeds are all missing: left out
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for b in range(n_boot):
+            rows = d[rng.integers(0, len(d), size=len(d))]
+            cols = rng.integers(0, d.shape[1], size=rows.shape)
+            boots[b] = np.nanmean(np.nanmean(np.take_along_axis(rows, cols, axis=1), axis=1))
+    lo, hi = (float(v) for v in np.nanquantile(boots, [(1 - level) / 2, (1 + level) / 2]))
+    return {"mean": mean, "lo": lo, "hi": hi, "n_pairs": int(len(d))}

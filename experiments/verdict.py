@@ -1,0 +1,120 @@
+"""The verdict table: for the seed's fusion variants, which probe measurements go with a variant's
+accuracy gap to the additive baseline: optimisation measures (gate saturation, gradient SNR,
+relative update size, Hessian lambda_max and trace, the loss surface's rise) or generalisation
+measures (NTK condition number and effective rank, the eigenlearning prediction, smoothness along
+mixup paths between real inputs).
+
+Every variant of the fusion table's first protocol (seed 0) is probed at its last epoch with
+:func:`probe.headline.measure`; each measure's Spearman correlation with the gap (mean best top-1
+over seeds minus the baseline's) is given over all variants and within each seed group of at least
+five rows, with a bootstrap interval.
+
+Limits, stated with the numbers: correlation over one small architecture and data set, one seed
+of probes per variant, measured after training (a measure can follow the gap rather than cause
+it), groups of five to sixteen rows (wide intervals), and many measures tested at once (no
+multiplicity correction: a single interval excluding zero is weak evidence).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from experiments._common import Context, fmt, Outcome
+from experiments._fusion import accuracy_table, protocols, row_ids, seeds, spearman_ci, train_table
+
+NAME = "verdict"
+TITLE = "Verdict: which probe measurements go with multiplication's accuracy gap"
+DESCRIPTION = ("Every seed variant probed at its last epoch (saturation, gradient variance, Hessian, surface, "
+               "NTK + eigenlearning, interpolation); Spearman correlation of each measure with the variant's "
+               "accuracy gap to the additive baseline, over all variants and per seed group, 95% bootstrap CI.")
+
+_MIN_GROUP = 5
+
+
+def run(ctx: Context) -> Outcome:
+    from experiments.fusion_table import table_rows
+    from models.seed_table import seed_fusion
+    from probe.headline import MEASURES, headline, measure
+
+    rows, protos, seed_list = row_ids(), protocols(ctx.quick), seeds(ctx.quick)
+    runs = train_table(ctx, rows, protos, seed_list)           # the fusion table's runs, reused
+    table = {r["id"]: r for r in table_rows(accuracy_table(ctx, runs), rows, protos, seed_list)}
+    first = protos[0].name
+    variants, probe_ids = [], []
+    for i, row in enumerate(rows):
+        rid = runs[(row, first, seed_list[0])]
+        ids = measure(ctx.store, rid, quick=ctx.quick, log=ctx.log)
+        probe_ids += list(ids.values())
+        variants.append({"id": row, "group": seed_fusion(row).group, "formula": seed_fusion(row).formula,
+                         "run_id": rid, "gap": table[row][f"{first}.gap"],
+                         "best_mean": table[row][f"{first}.best_mean"],
+                         "train_final_mean": table[row][f"{first}.train_final_mean"],
+                         **headline(ctx.store, ids)})
+        if ctx.progress is not None:
+            ctx.progress("verdict: probing variants", i + 1, len(rows))
+    groups = ["all"] + [g for g in dict.fromkeys(v["group"] for v in variants)
+                        if sum(v["group"] == g for v in variants) >= _MIN_GROUP]
+    corr = []
+    for m in MEASURES:
+        for g in groups:
+            mine = [v for v in variants if g == "all" or v["group"] == g]
+            ci = spearman_ci([v[m.key] if v[m.key] is not None else np.nan for v in mine], [v["gap"] for v in mine])
+            corr.append({"measure": m.key, "label": m.label, "kind": m.kind, "group": g, **ci})
+    found = _findings(corr, variants, first)
+    return Outcome(_figures(corr, variants, groups), variants, sorted(set(runs.values())), probe_ids, found,
+                   tables={"correlations": corr})
+
+
+def split_gap(variants: list[dict], baseline: str = "fmm01") -> dict:
+    """The test gap of each variant split into a training part (its last-epoch train top-1 minus
+    the baseline's) and the rest (a larger or smaller generalisation gap): the direct reading of
+    optimisation against generalisation. Over the variants at least 5 points behind."""
+    base = next((v for v in variants if v["id"] == baseline), None)
+    if base is None:
+        return {"n_behind": 0}
+    behind = [v for v in variants if v["gap"] <= -5]
+    train = np.array([v["train_final_mean"] - base["train_final_mean"] for v in behind])
+    test = np.array([v["gap"] for v in behind])
+    return {"n_behind": len(behind), "test_gap_mean": float(test.mean()) if len(test) else None,
+            "train_gap_mean": float(train.mean()) if len(train) else None,
+            "train_share": float(train.sum() / test.sum()) if len(test) and test.sum() != 0 else None,
+            "baseline_train": base["train_final_mean"], "ids": [v["id"] for v in behind]}
+
+
+def _findings(corr: list[dict], variants: list[dict], protocol: str) -> list[str]:
+    gaps = np.array([v["gap"] for v in variants])
+    found = [f"{len(variants)} variants under {protocol}: gap to the baseline median {np.median(gaps):.1f} points "
+             f"(min {gaps.min():.1f}, max {gaps.max():.1f})"]
+    split = split_gap(variants)
+    if split["n_behind"]:
+        found.append(f"{split['n_behind']} variants at least 5 points behind ({', '.join(split['ids'])}): test gap "
+                     f"{fmt(split['test_gap_mean'], '.1f')} points on average, of which their training accuracy "
+                     f"accounts for {fmt(split['train_gap_mean'], '.1f')} (share {fmt(split['train_share'], '.2f')}; "
+                     f"baseline train top-1 {fmt(split['baseline_train'], '.1f')}%): a share near 1 is a failure to "
+                     f"fit (optimisation), near 0 a failure to generalise")
+    overall = [c for c in corr if c["group"] == "all"]
+    for c in overall:
+        sig = np.isfinite(c["lo"]) and (c["lo"] > 0 or c["hi"] < 0)
+        found.append(f"{c['kind']:<14} {c['label']:<15} rho {fmt(c['rho'], '+.2f')} [{fmt(c['lo'], '+.2f')}, "
+                     f"{fmt(c['hi'], '+.2f')}] n={c['n']}{'  (interval excludes 0)' if sig else ''}")
+    for kind in ("optimisation", "generalisation"):
+        mine = [c for c in overall if c["kind"] == kind and np.isfinite(c["rho"])]
+        strong = [c["label"] for c in mine if c["lo"] > 0 or c["hi"] < 0]
+        found.append(f"{kind}: mean |rho| {np.mean([abs(c['rho']) for c in mine]):.2f} over {len(mine)} measures; "
+                     f"intervals excluding 0: {', '.join(strong) or 'none'}")
+    return found
+
+
+def _figures(corr: list[dict], variants: list[dict], groups: list[str]) -> dict:
+    import plotly.graph_objects as go
+
+    labels = list(dict.fromkeys(f"{c['kind'][:3]}. {c['label']}" for c in corr))
+    z = [[next(c["rho"] for c in corr if f"{c['kind'][:3]}. {c['label']}" == lab and c["group"] == g)
+          for g in groups] for lab in labels]
+    text = [[next(f"{c['rho']:+.2f}<br>[{c['lo']:+.2f}, {c['hi']:+.2f}]" if np.isfinite(c["rho"]) else "n/a"
+                  for c in corr if f"{c['kind'][:3]}. {c['label']}" == lab and c["group"] == g)
+             for g in groups] for lab in labels]
+    heat = go.Figure(go.Heatmap(z=z, x=groups, y=labels, text=text, texttemplate="%{text}", zmin=-1, zmax=1,
+                                colorscale="RdBu", colorbar={"title": "Spearman rho"}))
+    heat.update_layout(title="Spearman rho of each measure with the accuracy gap to bn(r) + s (95% bootstrap CI)",
+                       xaxis_title="seed group (n >= 5 rows) or all", template="plotly_white", height=600)
+    return {"verdict": heat}
