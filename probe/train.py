@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable
 
@@ -61,6 +62,7 @@ class TrainConfig:
     limit_train: int | None = None
     limit_test: int | None = None
     eval_batch_size: int = 512
+    sync_bn: bool = False                   # under torchrun: BatchNorm statistics over the global batch (CUDA)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,7 +96,7 @@ class TrainConfig:
                 raise UserError(f"{name} must be a string, got {getattr(self, name)!r}")
         if not isinstance(self.model_kwargs, dict) or not all(isinstance(k, str) for k in self.model_kwargs):
             raise UserError(f"model_kwargs must be a mapping of argument names, got {self.model_kwargs!r}")
-        for name in ("nesterov", "hflip", "rebuild_optimizer_each_epoch", "amp"):
+        for name in ("nesterov", "hflip", "rebuild_optimizer_each_epoch", "amp", "sync_bn"):
             check_bool(name, getattr(self, name))
         int_in("epochs", 1, MAX_EPOCHS)
         int_in("batch_size", 1, MAX_BATCH)
@@ -328,6 +330,31 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         model.train(was_training)
 
 
+def _scaled_ce(logits: torch.Tensor, target: torch.Tensor, *, label_smoothing: float, scale: float) -> torch.Tensor:
+    """``scale`` x the summed cross-entropy: a rank's share of the global batch's mean loss, so that
+    DDP's average over ranks is that mean whatever the split."""
+    return F.cross_entropy(logits, target, label_smoothing=label_smoothing, reduction="sum") * scale
+
+
+def sync_batchnorm(model: nn.Module) -> nn.Module:
+    """``model`` with every BatchNorm replaced by :class:`torch.nn.SyncBatchNorm` (statistics over
+    the global batch; CUDA only), sharing the parameters and buffers. A BN with a pinned
+    (``fixed:v``) weight or bias has no synchronised form and is refused."""
+    from models.fusion import PinnedBatchNorm2d
+
+    def convert(module: nn.Module, name: str) -> nn.Module:
+        if isinstance(module, PinnedBatchNorm2d) and (module.weight_mode.is_fixed or module.bias_mode.is_fixed):
+            raise UserError(f"--sync-bn: {name or 'the model'} is a BatchNorm with a pinned weight or bias; "
+                            "it has no synchronised form (train without --sync-bn)")
+        if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, PinnedBatchNorm2d):
+            return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        for child_name, child in list(module.named_children()):
+            setattr(module, child_name, convert(child, f"{name}.{child_name}" if name else child_name))
+        return module
+
+    return convert(model, "")
+
+
 def _make_optimizer(model: nn.Module, config: TrainConfig, lr: float) -> torch.optim.Optimizer:
     return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=config.momentum,
                            weight_decay=config.weight_decay, nesterov=config.nesterov and config.momentum > 0)
@@ -401,24 +428,41 @@ def train(config: TrainConfig, store=None, *, run_id: str | None = None,
     ``KeyboardInterrupt``. Every exception is re-raised after the status is recorded."""
     from probe.store import RunStore
 
+    from probe.dist import setup
+
     config = config.validate()
-    store = store if store is not None else RunStore()
     device = resolve_device(config.device)
+    ddp = setup(device)
+    store = store if store is not None else (RunStore() if ddp.main else None)
+    device = ddp.device(device)
     resuming = run_id is not None
     threads = torch.get_num_threads()
     if resuming:  # the thread count of the original run: CPU reductions depend on it
-        stored = (store.get_run(run_id)["config"].get("resolved") or {}).get("num_threads")
+        resolved = ddp.broadcast((store.get_run(run_id)["config"].get("resolved") or {}) if ddp.main else None)
+        stored = resolved.get("num_threads")
         if isinstance(stored, int) and not isinstance(stored, bool) and 1 <= stored <= 4096:
             torch.set_num_threads(stored)
+        world = resolved.get("world_size", 1)
+        if world != ddp.world:
+            raise UserError(f"run {run_id} was trained by {world} process(es); resume it with the same number "
+                            f"(torchrun --nproc-per-node {world}, or probe train --resume RUN --nproc {world}), "
+                            f"not {ddp.world}: each rank's batch share and random state are part of the run")
+    if config.sync_bn and ddp.active and device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA devices (torch's SyncBatchNorm is GPU-only); on CPU each rank "
+                        "normalises its own part of the batch")
     try:
-        return _train(config, store, device, run_id=run_id, on_epoch=on_epoch, progress=progress,
+        return _train(config, store, device, ddp, run_id=run_id, on_epoch=on_epoch, progress=progress,
                       model_name=model_name or config.model)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(config: TrainConfig, store, device: torch.device, *, run_id: str | None,
+def _train(config: TrainConfig, store, device: torch.device, ddp, *, run_id: str | None,
            on_epoch: Callable[[dict], None] | None, progress: Progress | None, model_name: str) -> TrainResult:
+    """The loop. Under ``torchrun`` (``ddp.active``) every rank draws the same seeded global
+    batches and trains on its contiguous part of each (gradients averaged by DDP, the loss scaled
+    so that the average is the global batch's mean), the epoch's counts are summed over the ranks,
+    and rank 0 alone evaluates, logs and writes checkpoints (holding every rank's RNG state)."""
     from probe.data import Augment, make_loader
 
     data = _load_data(config)
@@ -429,23 +473,38 @@ def _train(config: TrainConfig, store, device: torch.device, *, run_id: str | No
     check_model(model, data.x_train[:2].to(device), data.num_classes, model_name)
     loader_gen = torch.Generator().manual_seed(config.seed + 1)
     mix_rng = np.random.Generator(np.random.PCG64(config.seed + 2))
+    if ddp.active:
+        if config.sync_bn:
+            model = sync_batchnorm(model)
+        torch.manual_seed(config.seed + 7919 * (ddp.rank + 1))  # each rank its own dropout masks
     opt = _make_optimizer(model, config, lr_at(config, 0))
     start_epoch, best_acc, best_epoch = 0, None, None
     if run_id is None:
-        cfg = config.to_dict()
-        cfg["resolved"] = {"model": model.probe_config, "data": data.describe(), "device": str(device),
-                           "torch": torch.__version__, "num_threads": torch.get_num_threads()}
-        run_id = store.new_run(config.model, config.data, cfg)
+        if ddp.main:
+            cfg = config.to_dict()
+            cfg["resolved"] = {"model": model.probe_config, "data": data.describe(), "device": str(device),
+                               "torch": torch.__version__, "num_threads": torch.get_num_threads(),
+                               "world_size": ddp.world}
+            run_id = store.new_run(config.model, config.data, cfg)
+        run_id = ddp.broadcast(run_id)
     else:
         # Without a checkpoint the run restarts exactly as it began: the model was just built from
         # the same seed and the global RNG stands where a new run's would.
-        last = store.latest_checkpoint(run_id)
+        last = ddp.broadcast(store.latest_checkpoint(run_id) if ddp.main else None)
         if last is not None:
-            start_epoch, best_acc, best_epoch = _restore(store, run_id, last, model, opt, loader_gen, mix_rng,
-                                                         device)
+            ckpt = ddp.broadcast(store.load_checkpoint(run_id, last) if ddp.main else None)
+            start_epoch, best_acc, best_epoch = _restore(ckpt, f"checkpoint epoch {last} of run {run_id}", model,
+                                                         opt, loader_gen, mix_rng, device, ddp.rank)
+    net = model
+    if ddp.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    main = ddp.main
     epoch = start_epoch
     try:
-        store.update_run(run_id, status="running", error="")
+        if main:
+            store.update_run(run_id, status="running", error="")
         x_train, y_train = data.x_train.to(device), data.y_train.to(device)
         x_test, y_test = data.x_test.to(device), data.y_test.to(device)
         augment = Augment(config.crop_padding, config.hflip)
@@ -454,7 +513,7 @@ def _train(config: TrainConfig, store, device: torch.device, *, run_id: str | No
         use_amp = bool(config.amp)
         amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp and device.type == "cuda")
-        history = [m for m in store.get_metrics(run_id) if m["epoch"] <= start_epoch]
+        history = [m for m in store.get_metrics(run_id) if m["epoch"] <= start_epoch] if main else []
         train_time = sum(m.get("epoch_time_s") or 0.0 for m in history)  # the sum of its epochs
         final_acc = history[-1].get("test_top1") if history else None
         for epoch in range(start_epoch, config.epochs):
@@ -462,7 +521,7 @@ def _train(config: TrainConfig, store, device: torch.device, *, run_id: str | No
             if config.rebuild_optimizer_each_epoch and epoch > start_epoch:
                 opt = _make_optimizer(model, config, lr)
             _set_lr(opt, lr)
-            model.train()
+            net.train()
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             c1 = torch.zeros((), dtype=torch.long, device=device)
@@ -475,24 +534,37 @@ def _train(config: TrainConfig, store, device: torch.device, *, run_id: str | No
                     perm = torch.randperm(xb.shape[0], generator=loader_gen).to(device)
                     xb = lam * xb + (1.0 - lam) * xb[perm]
                     yb2 = yb[perm]
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    logits = model(xb)
-                    loss = F.cross_entropy(logits.float(), yb, label_smoothing=config.label_smoothing)
+                n_global, weight = xb.shape[0], 1.0
+                if ddp.active:  # this rank's part of the global batch (a rank left without one repeats
+                    part = ddp.shard(n_global)  # the first sample at weight 0, so every rank steps)
+                    if part.start == part.stop:
+                        part, weight = slice(0, 1), 0.0
+                    xb, yb = xb[part], yb[part]
                     if config.mixup > 0:
-                        loss = lam * loss + (1.0 - lam) * F.cross_entropy(
-                            logits.float(), yb2, label_smoothing=config.label_smoothing)
+                        yb2 = yb2[part]
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    logits = net(xb)
+                    ce = (partial(F.cross_entropy, label_smoothing=config.label_smoothing) if not ddp.active else
+                          partial(_scaled_ce, label_smoothing=config.label_smoothing,
+                                  scale=weight * ddp.world / n_global))
+                    loss = ce(logits.float(), yb)
+                    if config.mixup > 0:
+                        loss = lam * loss + (1.0 - lam) * ce(logits.float(), yb2)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
                 scaler.update()
                 with torch.no_grad():
-                    loss_sum += loss.detach().double() * xb.shape[0]
-                    a, b = _top_k_correct(logits.detach(), yb)
-                    c1 += a
-                    c5 += b
-                seen += xb.shape[0]
+                    # the global batch's mean loss is the sum of the ranks' scaled losses / world
+                    loss_sum += loss.detach().double() * (n_global / ddp.world if ddp.active else n_global)
+                    if weight:
+                        a, b = _top_k_correct(logits.detach(), yb)
+                        c1 += a
+                        c5 += b
+                seen += n_global
                 if step % 50 == 49 or step == len(loader) - 1:
-                    what = (f"loss became {loss.item()}" if not torch.isfinite(loss_sum)
+                    so_far = ddp.all_reduce_(loss_sum.clone())
+                    what = (f"loss became {so_far.item()}" if not torch.isfinite(so_far)
                             else _nonfinite_weights(model, buffers=step == len(loader) - 1))
                     if what:
                         raise TrainingDiverged(
@@ -502,8 +574,17 @@ def _train(config: TrainConfig, store, device: torch.device, *, run_id: str | No
                     progress(desc, step + 1, steps)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
+            for total in (loss_sum, c1, c5):
+                ddp.all_reduce_(total)
             epoch_time = time.perf_counter() - t0
             train_time += epoch_time
+            rng = _rng_state(loader_gen, mix_rng, device)
+            if ddp.active:
+                ranks = ddp.gather(torch.get_rng_state())
+                if main:
+                    rng["ranks"] = ranks
+            if not main:
+                continue
             test = evaluate(model, x_test, y_test, config.eval_batch_size, device)
             row = {"train_loss": loss_sum.item() / seen, "train_top1": 100.0 * c1.item() / seen,
                    "train_top5": 100.0 * c5.item() / seen, "test_loss": test["loss"], "test_top1": test["top1"],
@@ -516,28 +597,33 @@ def _train(config: TrainConfig, store, device: torch.device, *, run_id: str | No
             store.log_epoch(run_id, epoch + 1, **row)
             store.save_checkpoint(run_id, epoch + 1, {
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                "rng": _rng_state(loader_gen, mix_rng, device), "best_acc": best_acc, "best_epoch": best_epoch,
+                "rng": rng, "best_acc": best_acc, "best_epoch": best_epoch,
                 "model_config": model.probe_config, "metrics": history, "train_time_s": train_time})
             store.update_run(run_id, summary={"best_acc": best_acc, "best_epoch": best_epoch,
                                               "final_acc": final_acc, "epochs_done": epoch + 1,
                                               "train_time_s": train_time})
             if on_epoch is not None:
                 on_epoch({"run_id": run_id, "epoch": epoch + 1, "epochs": config.epochs, **row})
-        metrics = store.get_metrics(run_id)
-        if final_acc is None and metrics:
-            final_acc = metrics[-1].get("test_top1")
-        store.update_run(run_id, status="finished", summary={"best_acc": best_acc, "best_epoch": best_epoch,
-                                                              "final_acc": final_acc, "epochs_done": config.epochs,
-                                                              "train_time_s": train_time})
+        if main:
+            metrics = store.get_metrics(run_id)
+            if final_acc is None and metrics:
+                final_acc = metrics[-1].get("test_top1")
+            store.update_run(run_id, status="finished", summary={"best_acc": best_acc, "best_epoch": best_epoch,
+                                                                  "final_acc": final_acc, "epochs_done": config.epochs,
+                                                                  "train_time_s": train_time})
+            result = TrainResult(run_id, "finished", config.epochs, best_acc, best_epoch, final_acc, train_time,
+                                 metrics, str(store.root))
+        result = ddp.broadcast(result if main else None)
     except KeyboardInterrupt:
-        _mark(store, run_id, "interrupted", lambda: f"interrupted during epoch {epoch + 1}; it resumes from "
-                                                    f"epoch {store.latest_checkpoint(run_id) or 0}")
+        if main:
+            _mark(store, run_id, "interrupted", lambda: f"interrupted during epoch {epoch + 1}; it resumes from "
+                                                        f"epoch {store.latest_checkpoint(run_id) or 0}")
         raise
     except BaseException as e:
-        _mark(store, run_id, "failed", _one_line(e))
+        if main:
+            _mark(store, run_id, "failed", _one_line(e))
         raise
-    return TrainResult(run_id, "finished", config.epochs, best_acc, best_epoch, final_acc, train_time, metrics,
-                       str(store.root))
+    return result
 
 
 def _one_line(e: BaseException) -> str:
@@ -567,13 +653,13 @@ def _nonfinite_weights(model: nn.Module, buffers: bool = False) -> str | None:
     return None
 
 
-def _restore(store, run_id: str, epoch: int, model: nn.Module, opt: torch.optim.Optimizer,
-             loader_gen: torch.Generator, mix_rng: np.random.Generator, device: torch.device):
-    """Load checkpoint ``epoch`` into the training state; (completed epochs, best_acc, best_epoch).
+def _restore(ckpt, where: str, model: nn.Module, opt: torch.optim.Optimizer, loader_gen: torch.Generator,
+             mix_rng: np.random.Generator, device: torch.device, rank: int = 0):
+    """Load checkpoint ``ckpt`` (described by ``where``) into the training state; (completed
+    epochs, best_acc, best_epoch). Rank ``rank`` of a distributed run takes its own global RNG
+    state from the checkpoint's ``rng["ranks"]``.
 
     A checkpoint that lacks a part or whose parts do not fit raises :class:`StoreError` naming it."""
-    ckpt = store.load_checkpoint(run_id, epoch)
-    where = f"checkpoint epoch {epoch} of run {run_id}"
     if not isinstance(ckpt, dict):
         raise StoreError(f"{where} is not a checkpoint dict; it cannot be resumed")
     for key, kind in (("model", dict), ("optimizer", dict), ("rng", dict), ("epoch", int)):
@@ -587,6 +673,9 @@ def _restore(store, run_id: str, epoch: int, model: nn.Module, opt: torch.optim.
     try:
         opt.load_state_dict(ckpt["optimizer"])
         _set_rng_state(ckpt["rng"], loader_gen, mix_rng, device)
+        ranks = ckpt["rng"].get("ranks")
+        if ranks is not None:
+            torch.set_rng_state(ranks[rank])
     except (RuntimeError, TypeError, KeyError, ValueError, IndexError, AttributeError) as e:
         raise StoreError(f"{where} has a malformed optimizer or RNG state ({_one_line(e)}); "
                          "it cannot be resumed") from None
@@ -605,9 +694,45 @@ def resume(run_ref: str, store=None, *, epochs: int | None = None, factory: str 
     extending it to ``epochs``, on another ``device`` or reading its data from another
     ``data_root``; everything else comes from the stored config. A run built by a user factory
     needs ``factory`` or ``trust_factory`` (see :func:`model_name_for_run`)."""
+    from probe.dist import DistError, current, launched, setup
+
+    ddp = current() if not launched() or _dist_ready() else setup(resolve_device(device or "auto"))
+    if not ddp.main:  # rank 0 reads the run and tells the others what to train
+        what = ddp.broadcast(None)
+        if what[0] == "error":
+            raise DistError(f"rank {ddp.rank}: rank 0 could not resume run {run_ref} (rank 0 says why)")
+        if what[0] == "done":
+            return what[1]
+        _, config, run_id, name = what
+        return train(config, None, run_id=run_id, model_name=name, on_epoch=on_epoch, progress=progress)
+    try:
+        what = _resume_plan(run_ref, store, epochs, factory, trust_factory, device, data_root)
+    except BaseException:
+        ddp.broadcast(("error", None))   # the other ranks stop too (rank 0 reports why)
+        raise
+    ddp.broadcast(what)
+    if what[0] == "done":
+        return what[1]
+    _, config, run_id, name = what
+    return train(config, _store_or_default(store), run_id=run_id, model_name=name, on_epoch=on_epoch, progress=progress)
+
+
+def _dist_ready() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _store_or_default(store):
     from probe.store import RunStore
 
-    store = store if store is not None else RunStore()
+    return store if store is not None else RunStore()
+
+
+def _resume_plan(run_ref: str, store, epochs, factory, trust_factory, device, data_root) -> tuple:
+    """``("done", TrainResult)`` for a finished run that needs no more epochs, else ``("train",
+    config, run id, model name)``."""
+    store = _store_or_default(store)
     run = store.get_run(run_ref)
     name = model_name_for_run(run, factory, trust_factory)
     config = TrainConfig.from_dict(run["config"]).validate()
@@ -627,10 +752,10 @@ def resume(run_ref: str, store=None, *, epochs: int | None = None, factory: str 
     if run["status"] == "finished" and config.epochs <= done:
         metrics = store.get_metrics(run["run_id"])
         s = run["summary"] or {}
-        return TrainResult(run["run_id"], "finished", s.get("epochs_done", len(metrics)), s.get("best_acc"),
-                           s.get("best_epoch"), s.get("final_acc"), s.get("train_time_s", 0.0), metrics,
-                           str(store.root))
-    return train(config, store, run_id=run["run_id"], model_name=name, on_epoch=on_epoch, progress=progress)
+        return ("done", TrainResult(run["run_id"], "finished", s.get("epochs_done", len(metrics)), s.get("best_acc"),
+                                    s.get("best_epoch"), s.get("final_acc"), s.get("train_time_s", 0.0), metrics,
+                                    str(store.root)))
+    return ("train", config, run["run_id"], name)
 
 
 def load_run_model(store, run_ref: str, epoch: int | str | None = "last",

@@ -102,6 +102,50 @@ def join_negative_values(argv: list[str]) -> list[str]:
     return out
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for tok in argv:
+        if skip:
+            skip = False
+        elif tok == "--nproc":
+            skip = True
+        elif not tok.startswith("--nproc="):
+            out.append(tok)
+    return out
+
+
+def launch_torchrun(args, argv: list[str]) -> int:
+    """``probe train --nproc N ...``: the same command under ``torchrun --standalone
+    --nproc-per-node N`` (one machine); its exit status is this command's."""
+    import subprocess
+
+    from probe.dist import launched
+
+    n = args.nproc
+    if not isinstance(n, int) or not 1 <= n <= 1024:
+        print(f"probe train: error: --nproc {n}: expected 1 to 1024 processes", file=sys.stderr)
+        return 2
+    if launched():
+        print("probe train: error: --nproc starts torchrun itself; under torchrun give --nproc-per-node to torchrun "
+              "instead", file=sys.stderr)
+        return 2
+    from probe.cli._util import user_error_types
+    from probe.cli.commands import check_train_args
+
+    try:  # bad input is one line here, before any process starts
+        check_train_args(args)
+    except user_error_types() as e:
+        print(f"probe train: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "probe",
+           *_without_nproc(argv)]
+    try:
+        return subprocess.run(cmd).returncode
+    except KeyboardInterrupt:
+        print("probe train: interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
@@ -111,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
+    if args.command == "train" and getattr(args, "nproc", 1) != 1:
+        return launch_torchrun(args, list(sys.argv[1:] if argv is None else argv))
     if threading.current_thread() is not threading.main_thread():
         return run_command(args.func, args, f"probe {args.command}")
     previous = signal.signal(signal.SIGTERM, _terminate)

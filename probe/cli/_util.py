@@ -60,7 +60,7 @@ def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def run_command(func: Callable[[argparse.Namespace], Output], args: argparse.Namespace, prog: str) -> int:
+def run_command(func: Callable[[argparse.Namespace], "Output | None"], args: argparse.Namespace, prog: str) -> int:
     """Run one subcommand: its output on stdout; a user error, a full disk or running out of memory
     as one line on stderr with exit 2; Ctrl-C (or SIGTERM) as exit 130. Anything else is a bug and
     keeps its traceback. Python warnings are collected and shown one line each after a success."""
@@ -86,6 +86,8 @@ def run_command(func: Callable[[argparse.Namespace], Output], args: argparse.Nam
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    if out is None:  # a rank other than 0 of a distributed job: rank 0 reports
+        return 0
     if not getattr(args, "quiet", False):  # library warnings, one line each (dropped on an error: it says why)
         for text in dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught):
             print(f"{prog}: warning: {_first_line(RuntimeError(text))}", file=sys.stderr)

@@ -78,7 +78,7 @@ def train_config_from_args(args):
         value = getattr(args, name)
         if value is not None:
             base[name] = value
-    for name in ("hflip", "amp", "nesterov", "rebuild_optimizer_each_epoch"):
+    for name in ("hflip", "amp", "nesterov", "rebuild_optimizer_each_epoch", "sync_bn"):
         if getattr(args, name):
             base[name] = True
     extra = _parse_model_args(args.model_arg)
@@ -98,13 +98,15 @@ def _resume_conflicts(args) -> list[str]:
              if name not in _RESUME_FLAGS and getattr(args, name) is not None]
     flags += [f"--{name.replace('_', '-')}" for name in ("preset", "model_arg")
               if getattr(args, name) is not None]
-    flags += [f"--{name.replace('_', '-')}" for name in ("hflip", "amp", "nesterov", "rebuild_optimizer_each_epoch")
-              if getattr(args, name)]
+    flags += [f"--{name.replace('_', '-')}" for name in ("hflip", "amp", "nesterov", "rebuild_optimizer_each_epoch",
+                                                         "sync_bn") if getattr(args, name)]
     return flags
 
 
-def cmd_train(args) -> Output:
-    from probe.train import TrainingDiverged, resume, train
+def check_train_args(args):
+    """The checks a train command passes before anything runs (also before ``--nproc`` starts
+    torchrun): the new run's validated config, or None for ``--resume``."""
+    from probe.train import resolve_device
 
     if not args.resume and (args.factory or args.trust_factory):
         raise UserError("--factory / --trust-factory apply to --resume of a run built by a user factory; "
@@ -114,22 +116,43 @@ def cmd_train(args) -> Output:
         if conflicts:
             raise UserError(f"--resume continues run {args.resume} with its stored config; {', '.join(conflicts)} "
                             f"cannot change on resume (only --epochs, --device and --data-root can be given)")
-    from probe.cli.probes import TqdmProgress
+        return None
+    config = train_config_from_args(args).validate()
+    if config.sync_bn and resolve_device(config.device).type != "cuda":
+        raise UserError("--sync-bn needs CUDA devices (torch's SyncBatchNorm is GPU-only); on CPU each rank "
+                        "normalises its own part of the batch")
+    return config
 
-    store = _store(args)
-    progress = TqdmProgress(args.quiet)
-    log = None if args.quiet else _epoch_line
+
+def cmd_train(args) -> Output:
+    from probe.train import TrainingDiverged, resume, train
+
+    config = check_train_args(args)
+    from probe.cli.probes import TqdmProgress
+    from probe.dist import launched, setup, teardown
+    from probe.train import resolve_device
+
+    # under torchrun: join the group; rank 0 alone opens the store and reports
+    ddp = setup(resolve_device(args.device or (config.device if config else "auto"))) if launched() else None
+    main = ddp is None or ddp.main
+    store = _store(args) if main else None
+    progress = TqdmProgress(args.quiet or not main)
+    log = None if args.quiet or not main else _epoch_line
     try:
         if args.resume:
             result = resume(args.resume, store, epochs=args.epochs, factory=args.factory,
                             trust_factory=args.trust_factory, device=args.device, data_root=args.data_root,
                             on_epoch=log, progress=progress)
         else:
-            result = train(train_config_from_args(args), store, on_epoch=log, progress=progress)
+            result = train(config, store, on_epoch=log, progress=progress)
     except TrainingDiverged as e:
         raise UserError(str(e)) from None
     finally:
         progress.close()
+        if ddp is not None:
+            teardown()
+    if not main:
+        return None
     data = result.summary()
     text = (f"run {result.run_id}: best test top-1 {_pct(result.best_acc)} (epoch {result.best_epoch}), "
             f"final {_pct(result.final_acc)}, {result.train_time_s:.1f}s training\n"
@@ -170,6 +193,13 @@ def _reg_train(sub, common):
                    help="re-create SGD every epoch as the seed code did (resets momentum)")
     p.add_argument("--resume", metavar="RUN", help="continue RUN (id, unique prefix or 'last') from its last "
                    "checkpoint (or from the start when it has none) with its stored config")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train with N processes on this machine: starts `torchrun --standalone --nproc-per-node N "
+                        "-m probe train ...` (gloo on CPU, NCCL on CUDA: one process per GPU); a distributed run "
+                        "resumes with the same N (default: 1, this process)")
+    p.add_argument("--sync-bn", dest="sync_bn", action="store_true",
+                   help="under torchrun, BatchNorm statistics over the global batch (SyncBatchNorm, CUDA only; "
+                        "default: each rank normalises its own part)")
     _factory_args(p)
     _runs_arg(p)
     p.set_defaults(func=cmd_train)

@@ -1,0 +1,168 @@
+"""torch.distributed for jobs started by ``torchrun``: the process group (gloo on CPU, NCCL on
+CUDA), this process's rank, and the few collectives the library uses, each turning a lost peer
+into one clear error instead of a hang.
+
+A process started by ``torchrun`` has ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` in its
+environment; :func:`setup` joins the group once (idempotent) and returns a :class:`Dist`. Outside
+``torchrun`` (or with a world of one) every method is a no-op and the library runs as a single
+process, so single-process code paths are untouched.
+
+Every collective waits at most ``timeout`` (``PROBE_DIST_TIMEOUT`` seconds, default 300): a rank
+that dies makes the others raise :class:`DistError` -- at once where the backend sees the closed
+connection (gloo on one machine), after the timeout otherwise -- and ``torchrun`` ends the job.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from probe.errors import UserError
+
+__all__ = ["Dist", "DistError", "setup", "current", "teardown", "launched", "DEFAULT_TIMEOUT_S"]
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class DistError(UserError):
+    """A collective failed: a peer rank stopped or did not answer within the timeout."""
+
+
+def launched() -> bool:
+    """Whether this process was started by ``torchrun`` with more than one process in all."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+def _timeout_s() -> float:
+    raw = os.environ.get("PROBE_DIST_TIMEOUT")
+    if raw is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UserError(f"PROBE_DIST_TIMEOUT={raw!r}: expected seconds, e.g. 300") from None
+    if not 1.0 <= value <= 86400.0:
+        raise UserError(f"PROBE_DIST_TIMEOUT={raw!r}: expected 1 to 86400 seconds")
+    return value
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job: ``rank`` of ``world`` (``local_rank`` on its machine),
+    ``backend`` (None outside a process group)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, device: torch.device) -> torch.device:
+        """This rank's device: ``cuda:LOCAL_RANK`` under NCCL, ``device`` otherwise."""
+        if self.active and device.type == "cuda":
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    # --- collectives: no-ops for a single process -----------------------------------------------
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as e:   # DistBackendError and gloo's connection errors are RuntimeErrors
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DistError(f"rank {self.rank} of {self.world}: {what} failed, a peer rank stopped or did not "
+                            f"answer within {_timeout_s():.0f} s ({detail[:200]}); the job ends on every rank "
+                            f"and resumes with --resume") from None
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over the ranks, in place."""
+        if self.active:
+            import torch.distributed as dist
+            self._call("all-reduce", dist.all_reduce, tensor)
+        return tensor
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """``obj`` of rank ``src`` on every rank (pickled between the job's own processes only)."""
+        if not self.active:
+            return obj
+        import torch.distributed as dist
+        box = [obj if self.rank == src else None]
+        self._call("broadcast", dist.broadcast_object_list, box, src=src)
+        return box[0]
+
+    def gather(self, obj: Any) -> list | None:
+        """Every rank's ``obj`` as a list on rank 0 (None elsewhere)."""
+        if not self.active:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.world if self.main else None
+        self._call("gather", dist.gather_object, obj, out, dst=0)
+        return out
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+            self._call("barrier", dist.barrier)
+
+    def shard(self, n: int) -> slice:
+        """This rank's contiguous part of ``range(n)`` (the first ``n % world`` ranks one longer)."""
+        base, extra = divmod(n, self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (1 if self.rank < extra else 0))
+
+
+def current() -> Dist:
+    """The process group this process is in (a single process when none was set up)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return Dist()
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_backend())
+
+
+def setup(device: str | torch.device = "cpu") -> Dist:
+    """Join the process group ``torchrun`` described in the environment (NCCL for a CUDA device,
+    gloo otherwise; the timeout from ``PROBE_DIST_TIMEOUT``); a single process when not launched
+    by ``torchrun``. Idempotent."""
+    import torch.distributed as dist
+
+    if not launched():
+        return Dist()
+    if dist.is_initialized():
+        return current()
+    if not dist.is_available():
+        raise UserError("this torch build has no torch.distributed; run without torchrun")
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend == "nccl":
+        if local >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local} but this machine has {torch.cuda.device_count()} CUDA devices; "
+                            "start at most one process per GPU (--nproc-per-node)")
+        torch.cuda.set_device(local)
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=_timeout_s()))
+    except (RuntimeError, ValueError) as e:
+        raise DistError(f"could not join the process group ({backend}): {str(e).strip().splitlines()[0][:200]}") from None
+    return current()
+
+
+def teardown() -> None:
+    """Leave the process group (if any)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
