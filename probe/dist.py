@@ -13,6 +13,7 @@ connection (gloo on one machine), after the timeout otherwise -- and ``torchrun`
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch
 
 from probe.errors import UserError
 
-__all__ = ["Dist", "DistError", "setup", "current", "teardown", "launched", "DEFAULT_TIMEOUT_S"]
+__all__ = ["Dist", "DistError", "setup", "current", "local", "teardown", "launched", "DEFAULT_TIMEOUT_S"]
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -112,6 +113,15 @@ class Dist:
         self._call("gather", dist.gather_object, obj, out, dst=0)
         return out
 
+    def all_gather(self, obj: Any) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.active:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.world
+        self._call("all-gather", dist.all_gather_object, out, obj)
+        return out
+
     def barrier(self) -> None:
         if self.active:
             import torch.distributed as dist
@@ -124,11 +134,26 @@ class Dist:
         return slice(start, start + base + (1 if self.rank < extra else 0))
 
 
+_LOCAL = [0]   # > 0 inside :func:`local`
+
+
+@contextlib.contextmanager
+def local():
+    """Within this block :func:`current` is a single process: for work that one rank does alone
+    while the others do other work (a sweep shared out by target)."""
+    _LOCAL[0] += 1
+    try:
+        yield
+    finally:
+        _LOCAL[0] -= 1
+
+
 def current() -> Dist:
-    """The process group this process is in (a single process when none was set up)."""
+    """The process group this process is in (a single process when none was set up, or inside
+    :func:`local`)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if _LOCAL[0] or not (dist.is_available() and dist.is_initialized()):
         return Dist()
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_backend())
 

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -161,3 +162,71 @@ def test_bad_distributed_input_is_one_line(tmp_path):
     sync = _probe("train", "--model", "tiny_add", "--nproc", "2", "--sync-bn", "--epochs", "1", "--limit-train", "64",
                   "--runs", str(tmp_path), "--device", "cpu")
     assert sync.returncode != 0 and "--sync-bn needs CUDA" in sync.stderr and "Traceback" not in sync.stderr
+
+
+def _torchrun(*argv, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "probe", "--", *argv], env=_env(), capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+
+
+def test_a_surface_grid_shared_out_by_chunks_equals_one_process(tmp_path):
+    """float64, 7 x 7 points in chunks of 5: the two ranks take alternate chunks, rank 0 stores one
+    row, equal to the single-process surface within 1e-10."""
+    argv = ["surface", "--model", "tiny_add", "--n", "24", "--grid", "-1:1:7", "--chunk", "5", "--dtype", "float64",
+            "--runs", str(tmp_path), "--json", "--quiet"]
+    one = _probe(*argv)
+    assert one.returncode == 0, one.stderr[-500:]
+    two = _torchrun(*argv)
+    assert two.returncode == 0, two.stderr[-800:]
+    outs = [line for line in two.stdout.splitlines() if line.startswith("{")]
+    assert len(outs) == 1
+    store = RunStore(tmp_path)
+    rows = store.list_probes(kind="surface")
+    assert len(rows) == 2                                  # one per command: rank 0 alone stored
+    a, b = (store.load_probe_arrays(r["probe_id"]) for r in rows)
+    assert a["loss"].shape == (7, 7) and np.abs(a["loss"] - b["loss"]).max() < 1e-10
+    assert np.array_equal(a["accuracy"], b["accuracy"])
+    assert rows[0]["summary"]["n_chunks"] == rows[1]["summary"]["n_chunks"] == 10
+
+
+def test_a_checkpoint_sweep_shared_out_by_target_equals_one_process(tmp_path):
+    train = _probe("train", "--model", "tiny_add", "--epochs", "2", "--limit-train", "64", "--limit-test", "32",
+                   "--runs", str(tmp_path), "--json", "--quiet")
+    assert train.returncode == 0, train.stderr[-500:]
+    rid = json.loads(train.stdout)["run_id"]
+    argv = ["gradvar", "--run", rid, "--checkpoint", "all", "--n", "64", "--batches", "2", "--batch-size", "16",
+            "--seeds", "1", "--runs", str(tmp_path), "--json", "--quiet"]
+    one = _probe(*argv)
+    assert one.returncode == 0, one.stderr[-500:]
+    two = _torchrun(*argv)
+    assert two.returncode == 0, two.stderr[-800:]
+    doc = json.loads([line for line in two.stdout.splitlines() if line.startswith("{")][0])
+    assert [r["epoch"] for r in doc["results"]] == [0, 1, 2]       # in checkpoint order
+    rows = RunStore(tmp_path).list_probes(kind="gradvar")
+    assert len(rows) == 6
+    first, second = rows[:3], rows[3:]
+    for a, b in zip(first, second):
+        assert a["checkpoint_epoch"] == b["checkpoint_epoch"]
+        sa, sb = a["summary"]["aggregates"], b["summary"]["aggregates"]
+        for key in ("snr", "grad_norm", "trace_cov"):
+            assert sa[key] == pytest.approx(sb[key], rel=1e-9), (a["checkpoint_epoch"], key)
+
+
+def test_hessian_products_by_data_shards_equal_one_process(tmp_path):
+    """float64: each rank holds half of the subset, every product is all-reduced; top-3, the
+    Hutchinson trace over a fixed probe set and the density equal the single-process ones."""
+    argv = ["hessian", "--model", "tiny_add", "--n", "30", "--k", "3", "--trace-matvecs", "12", "--density-probes", "1",
+            "--density-steps", "8", "--dtype", "float64", "--runs", str(tmp_path), "--json", "--quiet"]
+    one = _probe(*argv)
+    assert one.returncode == 0, one.stderr[-500:]
+    two = _torchrun(*argv)
+    assert two.returncode == 0, two.stderr[-800:]
+    rows = RunStore(tmp_path).list_probes(kind="hessian")
+    assert len(rows) == 2
+    a, b = rows[0]["summary"], rows[1]["summary"]
+    assert any("data shards over 2 ranks" in note for note in b["notes"])
+    assert np.allclose(a["largest"]["eigenvalues"], b["largest"]["eigenvalues"], rtol=1e-10, atol=0)
+    assert len(a["largest"]["eigenvalues"]) == 3
+    assert b["trace"]["estimate"] == pytest.approx(a["trace"]["estimate"], rel=1e-10)
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-12)

@@ -137,7 +137,7 @@ def launch_torchrun(args, argv: list[str]) -> int:
     except user_error_types() as e:
         print(f"probe train: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "probe",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "probe", "--",
            *_without_nproc(argv)]
     try:
         return subprocess.run(cmd).returncode

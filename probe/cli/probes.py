@@ -130,12 +130,23 @@ def _command(spec):
     def run(args) -> Output:
         from probe.jobs import figure_entries, run_probe
 
+        from probe.dist import launched, setup, teardown
+        from probe.train import resolve_device
+
         kwargs = _target_kwargs(args)
-        progress = TqdmProgress(args.quiet)
+        # under torchrun: every rank reads the store, rank 0 alone writes and reports
+        ddp = setup(resolve_device(args.device)) if launched() else None
+        main = ddp is None or ddp.main
+        progress = TqdmProgress(args.quiet or not main)
         try:
-            outcomes = run_probe(_store(args), spec, _param_values(args, spec.params), progress=progress, **kwargs)
+            outcomes = run_probe(_store(args, readonly=not main), spec, _param_values(args, spec.params),
+                                 progress=progress, **kwargs)
         finally:
             progress.close()
+            if ddp is not None:
+                teardown()
+        if not main:
+            return None
         lines = []
         for o in outcomes:
             head = f"{o.info['model']} ({_where(o.info)})"

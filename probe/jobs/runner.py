@@ -9,10 +9,12 @@ target fails, the first error is raised.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from probe._checks import check_int
+from probe.dist import current, local
 from probe.errors import UserError
 from probe.functional import calibrate_batchnorm
 from probe.jobs.partial import PartialResults, model_fingerprint, partial_key
@@ -71,15 +73,23 @@ def run_probe(store, probe: str | Probe, params: Any = None, *, model: str | Non
     check_int("n", n, 2, MAX_PROBE_INPUTS)
     check_int("seed", seed, 0, MAX_SEED)
     dev = resolve_device(device)
+    ddp = current()
+    # under torchrun rank 0 alone writes; a sweep over checkpoints is shared out by target (each
+    # rank probes its targets alone), a single target by the probe's own chunks
+    by_target = ddp.active and run is not None and checkpoint == "all"
+    writes = save and ddp.main
     stored_params = {**params_dict(params), "n": n, "seed": seed}
     outcomes: list[Outcome] = []
     errors: list[UserError] = []
     inputs = None  # loaded once per sweep: every target of one command reads the same data
-    for target in iter_targets(store, model=model, run=run, checkpoint=checkpoint, data=data, seed=seed,
-                               model_args=model_args, data_root=data_root, image_size=image_size,
-                               factory=factory, trust_factory=trust_factory):
+    for index, target in enumerate(iter_targets(store, model=model, run=run, checkpoint=checkpoint, data=data,
+                                                seed=seed, model_args=model_args, data_root=data_root,
+                                                image_size=image_size, factory=factory,
+                                                trust_factory=trust_factory)):
+        if by_target and index % ddp.world != ddp.rank:
+            continue
         info = {"model": target.model_name, "run_id": target.run_id, "epoch": target.epoch,
-                "data": target.data, "n": n}
+                "data": target.data, "n": n, "index": index}
         spec_data = target.data_spec
         params_row = {**stored_params, "data": target.data,
                       "data_root": spec_data.root if spec_data else None,
@@ -90,7 +100,7 @@ def run_probe(store, probe: str | Probe, params: Any = None, *, model: str | Non
             x, y, num_classes = inputs
             model_ = calibrate_batchnorm(target.model, x) if not target.epoch else target.model
             partial = None
-            if save:
+            if writes and not by_target:
                 job = {"probe": spec.name, "model": target.model_name, "run": target.run_id,
                        "epoch": target.epoch, "params": params_row, "device": str(dev)}
                 partial = PartialResults(store, lambda job=job, m=model_: partial_key(
@@ -100,21 +110,41 @@ def run_probe(store, probe: str | Probe, params: Any = None, *, model: str | Non
                                epoch=target.epoch,
                                lr=target.lr, progress=progress, rebuild=target.rebuild, partial=partial,
                                store=store)
-            result = spec.compute(ctx, params)
+            with local() if by_target else contextlib.nullcontext():
+                result = spec.compute(ctx, params)
         except UserError as e:
             errors.append(e)
             outcomes.append(Outcome(info, error=str(e).strip().splitlines()[0] if str(e).strip() else
                                     type(e).__name__, params=params_row))
             continue
-        if save:
-            info["probe_id"] = store.add_probe(spec.name, model=target.model_name, run_id=target.run_id,
-                                               checkpoint_epoch=target.epoch, params=params_row,
-                                               summary=result.summary(), arrays=result.arrays())
-            partial.clear()                       # the result is in the catalog: pieces not needed
         outcomes.append(Outcome(info, result=result, params=params_row))
+        if partial is not None:
+            _store_outcome(store, spec, outcomes[-1], target.model_name)
+            partial.clear()                       # the result is in the catalog: pieces not needed
+    if by_target:  # every rank's targets, in target order, on every rank; rank 0 stores them
+        outcomes = sorted((o for part in ddp.all_gather(outcomes) for o in part), key=lambda o: o.info["index"])
+        errors = [UserError(o.error) for o in outcomes if o.error is not None]
+        if writes:
+            for o in outcomes:
+                if o.result is not None:
+                    _store_outcome(store, spec, o, o.info["model"])
+    elif writes:
+        for o in outcomes:
+            if o.result is not None and "probe_id" not in o.info:
+                _store_outcome(store, spec, o, o.info["model"])
+    for o in outcomes:
+        o.info.pop("index", None)
     if errors and len(errors) == len(outcomes):
         raise errors[0]
     return outcomes
+
+
+def _store_outcome(store, spec: Probe, outcome: Outcome, model_name: str) -> None:
+    """One catalog row (and its arrays) for a successful outcome; its id goes into ``info``."""
+    info = outcome.info
+    info["probe_id"] = store.add_probe(spec.name, model=model_name, run_id=info["run_id"],
+                                       checkpoint_epoch=info["epoch"], params=outcome.params,
+                                       summary=outcome.result.summary(), arrays=outcome.result.arrays())
 
 
 def load_result(store, probe_id: str) -> tuple[dict, Any]:

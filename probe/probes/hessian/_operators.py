@@ -385,3 +385,31 @@ class GGNOperator(_LossOperator):
             return pullback(hout(Jv)[0])[0]
 
         return self._mapped(one, T)
+
+
+class DataShardedOperator:
+    """A loss operator over all n samples when each rank of a ``torchrun`` job holds the operator of
+    its own contiguous part (n_r samples): every product and the mean loss are the ranks'
+    n_r / n-weighted parts summed by an all-reduce, so every rank holds the whole product and goes
+    on in step. Exact for losses that are means of per-sample terms (BatchNorm in eval mode, no
+    sample coupling); equal to the single-process operator up to the order of the sums."""
+
+    def __init__(self, local: _LossOperator, n_total: int, dist):
+        self.local, self.dist = local, dist
+        self.weight = local.n / n_total
+        self.size, self.dtype, self.device = local.size, local.dtype, local.device
+        self.n = n_total
+
+    def __getattr__(self, name: str):          # vectorize, matvecs, notes, kind: the local operator's
+        return getattr(self.__dict__["local"], name)
+
+    def matmat(self, V: Tensor) -> Tensor:
+        return self.dist.all_reduce_(self.local.matmat(V) * self.weight)
+
+    def mean_loss(self) -> float:
+        t = torch.tensor([self.local.mean_loss() * self.weight], dtype=torch.float64, device=self.device)
+        return float(self.dist.all_reduce_(t)[0])
+
+    def release(self) -> None:
+        self.local.release()
+

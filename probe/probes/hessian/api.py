@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from probe.dist import current
 from probe.errors import UserError
 from probe.functional import FunctionalModel, OutputSelector, ParamFilter, functionalize
 from probe.probes.hessian._estimators import (TraceEstimate, extreme_eigenpairs, hutchinson_trace,
                                               hutchpp_trace, slq_density)
-from probe.probes.hessian._operators import (Criterion, GGNOperator, HessianOperator, couples_samples,
-                                             has_batchnorm)
+from probe.probes.hessian._operators import (Criterion, DataShardedOperator, GGNOperator, HessianOperator,
+                                             couples_samples, has_batchnorm)
 from probe.probes.hessian.results import BlockResult, Eigenpairs, HessianResult
 
 __all__ = ["hessian_spectrum", "curvature_operator", "group_blocks", "resolve_criterion"]
@@ -352,7 +353,20 @@ def hessian_spectrum(model: nn.Module, x, y, *, criterion: str | Criterion = "cr
                      "the statistics of the whole subset (one batch)")
     xs = fm.prepare(xs)
     ys = _targets(fm, xs, ys, crit_name)
-    Op = _OPERATORS[kind]
+    ddp = current()
+    # under torchrun the products go by data shards (each rank its part of the subset, summed by
+    # an all-reduce) where the loss is a mean of independent per-sample terms
+    shard = ddp.active and bn == "eval" and not couples_samples(model) and n >= ddp.world
+
+    def Op(fm_, xs_, ys_, crit_, **kw):
+        if not shard:
+            return _OPERATORS[kind](fm_, xs_, ys_, crit_, **kw)
+        part = ddp.shard(n)
+        return DataShardedOperator(_OPERATORS[kind](fm_, xs_[part], ys_[part], crit_, **kw), n, ddp)
+
+    if shard:
+        notes.append(f"products by data shards over {ddp.world} ranks ({n // ddp.world}-{-(-n // ddp.world)} "
+                     f"samples each)")
     op = Op(fm, xs, ys, crit, batch_size=batch_size, bn=bn)
 
     try:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from probe.errors import UserError
+from probe.jobs.chunks import map_chunks
 from probe.functional import couples_samples, flatten_params, functionalize
 from probe.probes.surface._directions import Directions, flat_params
 from probe.probes.surface._evaluate import LOOP_CHUNK, Plan, centre_point, evaluate_points, plan_evaluation
@@ -230,25 +231,21 @@ def loss_surface(model: nn.Module, x, y, directions, grid: str | Grid = "-1:1:51
         raise UserError(f"the loss could not be evaluated on the probe data ({type(exc).__name__}: {first})") from None
 
     N = g.n_points
-    loss = np.empty(N, dtype=np.float64)
-    acc = np.empty(N, dtype=np.float64)
     starts = list(range(0, N, plan.chunk))
     desc = f"surface {'x'.join(map(str, g.shape))} ({'vmap' if plan.vmap else 'loop'})"
-    resumed = 0
-    for i, lo in enumerate(starts):
-        hi = min(N, lo + plan.chunk)
-        piece = f"chunk-{i:05d}"
-        got = partial.get(piece) if partial is not None else None
-        if got is not None and _fits(got, lo, hi):
-            resumed += 1
-            loss[lo:hi], acc[lo:hi] = got["loss"], got["accuracy"]
-        else:
-            loss[lo:hi], acc[lo:hi] = evaluate_points(fm, theta0, D, g.coords(lo, hi), x, y, plan, bn)
-            if partial is not None:
-                partial.put(piece, {"loss": loss[lo:hi], "accuracy": acc[lo:hi],
-                                    "range": np.asarray([lo, hi], dtype=np.int64)})
-        if progress is not None:
-            progress(desc, hi, N)
+
+    def chunk(i: int) -> dict[str, np.ndarray]:
+        lo, hi = starts[i], min(N, starts[i] + plan.chunk)
+        loss_i, acc_i = evaluate_points(fm, theta0, D, g.coords(lo, hi), x, y, plan, bn)
+        return {"loss": loss_i, "accuracy": acc_i, "range": np.asarray([lo, hi], dtype=np.int64)}
+
+    # chunks shared out over the ranks under torchrun, saved as they finish (resume)
+    pieces, resumed = map_chunks(len(starts), chunk, piece=lambda i: f"chunk-{i:05d}", partial=partial,
+                                 fits=lambda i, got: _fits(got, starts[i], min(N, starts[i] + plan.chunk)),
+                                 progress=progress, desc=desc, done_of=lambda i: min(N, starts[i] + plan.chunk),
+                                 total=N)
+    loss = np.concatenate([np.asarray(p["loss"], dtype=np.float64) for p in pieces])
+    acc = np.concatenate([np.asarray(p["accuracy"], dtype=np.float64) for p in pieces])
     if resumed:
         notes.append(f"{resumed} of {len(starts)} chunks taken from an interrupted attempt of the same job")
     if partial is not None:
