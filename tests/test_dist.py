@@ -230,3 +230,23 @@ def test_hessian_products_by_data_shards_equal_one_process(tmp_path):
     assert len(a["largest"]["eigenvalues"]) == 3
     assert b["trace"]["estimate"] == pytest.approx(a["trace"]["estimate"], rel=1e-10)
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["trace", "full"])
+def test_the_ntk_kernel_in_tiles_over_ranks_equals_one_process(tmp_path, kind):
+    """The upper triangle's tiles shared out over two ranks, assembled: the kernel (float64) and
+    its spectrum equal the single-process ones within 1e-10."""
+    argv = ["ntk", "--model", "tiny_add", "--n", "18", "--kind", kind, "--dtype", "float64", "--trials", "2",
+            "--runs", str(tmp_path), "--json", "--quiet"]
+    one = _probe(*argv)
+    assert one.returncode == 0, one.stderr[-500:]
+    two = _torchrun(*argv)
+    assert two.returncode == 0, two.stderr[-800:]
+    store = RunStore(tmp_path)
+    rows = store.list_probes(kind="ntk")
+    assert len(rows) == 2
+    a, b = (store.load_probe_arrays(r["probe_id"]) for r in rows)
+    assert a["kernel"].shape == b["kernel"].shape
+    assert np.abs(a["kernel"] - b["kernel"]).max() <= 1e-10 * np.abs(a["kernel"]).max()
+    assert np.array_equal(b["kernel"], b["kernel"].T)
+    assert any("tiles over 2 ranks" in n for n in rows[1]["summary"]["notes"])
