@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,9 +24,13 @@ import torch
 
 from probe.errors import UserError
 
-__all__ = ["Dist", "DistError", "setup", "current", "local", "teardown", "launched", "DEFAULT_TIMEOUT_S"]
+__all__ = ["COMM", "Dist", "DistError", "setup", "current", "local", "teardown", "launched", "DEFAULT_TIMEOUT_S"]
 
 DEFAULT_TIMEOUT_S = 300.0
+
+
+#: time spent in (and waiting at) this process's collectives, for benchmarks: ``seconds``, ``calls``
+COMM = {"seconds": 0.0, "calls": 0}
 
 
 class DistError(UserError):
@@ -80,6 +85,7 @@ class Dist:
     # --- collectives: no-ops for a single process -----------------------------------------------
 
     def _call(self, what: str, fn, *args, **kwargs):
+        t0 = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         except RuntimeError as e:   # DistBackendError and gloo's connection errors are RuntimeErrors
@@ -87,6 +93,9 @@ class Dist:
             raise DistError(f"rank {self.rank} of {self.world}: {what} failed, a peer rank stopped or did not "
                             f"answer within {_timeout_s():.0f} s ({detail[:200]}); the job ends on every rank "
                             f"and resumes with --resume") from None
+        finally:
+            COMM["seconds"] += time.perf_counter() - t0
+            COMM["calls"] += 1
 
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over the ranks, in place."""

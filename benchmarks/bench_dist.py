@@ -1,0 +1,147 @@
+"""Probes under torchrun: world size 1 against 2 on this machine, for the NTK kernel and a loss
+surface, with the scaling efficiency and the share of the time spent in communication.
+
+One model for every run: the registry's ``add_resnet`` (WRN-10-2, the seed's block) on the
+embedded digits (8x8), in eval mode with BatchNorm running statistics from 256 training samples,
+float32. Jobs (each run in its own processes, the library called directly):
+
+* ``ntk``      ``empirical_ntk(model, x)``, trace kernel over ``--samples`` training samples (default
+               512); under two ranks the upper triangle's tiles are shared out and assembled.
+* ``surface``  ``loss_surface(model, x, y, random_directions(model, 2), "-1:1:S")``, an S x S
+               filter-normalised plane (default 21) on ``--surface-n`` samples (default 256);
+               under two ranks the grid's chunks go round robin.
+
+(Flags are named so that torchrun's prefix-matching parser, which sees the worker's arguments,
+takes none of them for its own.) Configurations: ``w1t1`` one process, one thread; ``w1t2`` one process, two threads (the same
+cores as two ranks); ``w2t1`` ``torchrun --standalone --nproc-per-node 2``, one thread each (gloo).
+
+Printed per job: wall time of each configuration, the speed-up of ``w2t1`` over ``w1t1`` and
+``w1t2``, the scaling efficiency T(w1t1) / (2 T(w2t1)), the communication share (rank 0's time
+in collectives, waiting included, over its wall time), and the largest difference between the
+two-rank and the one-process results (they must agree to float32 rounding). On a 2-core machine
+the speed-up is bounded by 2 and by the work duplicated per tile (each tile of the NTK computes
+the Jacobians of its rows and its columns); the point is correctness and overhead.
+
+    python benchmarks/bench_dist.py [--samples 512] [--steps 21] [--surface-n 256] [--jobs ntk surface] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if __package__ in (None, ""):
+    sys.path.insert(0, str(ROOT))
+
+JOBS = ("ntk", "surface")
+
+
+def _setup(n: int):
+    import torch
+
+    from models import create_model
+    from probe.data import load_data
+    from probe.functional import calibrate_batchnorm
+
+    data = load_data("digits")
+    torch.manual_seed(0)
+    model = create_model("add_resnet", in_chans=data.in_channels, num_classes=data.num_classes)
+    model = calibrate_batchnorm(model.eval(), data.x_train[:256]).eval()
+    return model, data.x_train[:n], data.y_train[:n]
+
+
+def worker(args) -> None:
+    """One configuration of one job (under torchrun or alone): rank 0 prints one JSON line."""
+    import numpy as np
+    import torch
+
+    from probe.dist import COMM, current, setup, teardown
+
+    ddp = setup("cpu")
+    if args.job == "ntk":
+        from probe.probes.ntk import empirical_ntk
+
+        model, x, _ = _setup(args.samples)
+        t0 = time.perf_counter()
+        out = empirical_ntk(model, x).kernel
+    else:
+        from probe.probes.surface import loss_surface, random_directions
+
+        model, x, y = _setup(args.surface_n)
+        dirs = random_directions(model, 2)
+        t0 = time.perf_counter()
+        out = loss_surface(model, x, y, dirs, f"-1:1:{args.steps}").loss
+    wall = time.perf_counter() - t0
+    if current().main:
+        np.save(args.out, np.asarray(out, dtype=np.float64))
+        print(json.dumps({"job": args.job, "world": ddp.world, "threads": torch.get_num_threads(), "wall_s": wall,
+                          "comm_s": COMM["seconds"], "comm_calls": COMM["calls"]}), flush=True)
+    teardown()
+
+
+def _run(job: str, world: int, threads: int, args, out: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+    me = [str(Path(__file__).resolve()), "--worker", "--job", job, "--samples", str(args.samples), "--steps", str(args.steps),
+          "--surface-n", str(args.surface_n), "--out", out]
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", *me]
+           if world > 1 else [sys.executable, *me])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise SystemExit(f"{job} w{world}t{threads} failed:\n{proc.stderr[-2000:]}")
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--samples", type=int, default=512, help="NTK samples")
+    p.add_argument("--steps", type=int, default=21, help="surface points per axis")
+    p.add_argument("--surface-n", type=int, default=256, help="surface samples")
+    p.add_argument("--jobs", nargs="+", default=list(JOBS), choices=JOBS, help="which jobs to run")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--job", default="ntk", help=argparse.SUPPRESS)
+    p.add_argument("--out", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(args)
+    import numpy as np
+
+    report = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for job in args.jobs:
+            runs = {}
+            for name, world, threads in (("w1t1", 1, 1), ("w1t2", 1, 2), ("w2t1", 2, 1)):
+                out = os.path.join(tmp, f"{job}-{name}.npy")
+                runs[name] = _run(job, world, threads, args, out)
+                runs[name]["result"] = np.load(out)
+                print(f"{job:<8} {name}: {runs[name]['wall_s']:8.2f} s", file=sys.stderr, flush=True)
+            ref, two = runs["w1t1"]["result"], runs["w2t1"]["result"]
+            scale = float(np.nanmax(np.abs(ref))) or 1.0
+            row = {"job": job, **{f"{k}_s": v["wall_s"] for k, v in runs.items()},
+                   "speedup_vs_w1t1": runs["w1t1"]["wall_s"] / runs["w2t1"]["wall_s"],
+                   "speedup_vs_w1t2": runs["w1t2"]["wall_s"] / runs["w2t1"]["wall_s"],
+                   "efficiency": runs["w1t1"]["wall_s"] / (2 * runs["w2t1"]["wall_s"]),
+                   "comm_share": runs["w2t1"]["comm_s"] / runs["w2t1"]["wall_s"],
+                   "comm_calls": runs["w2t1"]["comm_calls"],
+                   "max_rel_diff": float(np.nanmax(np.abs(two - ref))) / scale}
+            report.append(row)
+    if args.json:
+        print(json.dumps({"jobs": report, "samples": args.samples, "steps": args.steps, "surface_n": args.surface_n}))
+        return
+    print(f"{'job':<8} {'w1t1 s':>8} {'w1t2 s':>8} {'w2t1 s':>8} {'x w1t1':>7} {'x w1t2':>7} {'effic.':>7} "
+          f"{'comm':>6} {'max rel diff':>13}")
+    for r in report:
+        print(f"{r['job']:<8} {r['w1t1_s']:8.2f} {r['w1t2_s']:8.2f} {r['w2t1_s']:8.2f} {r['speedup_vs_w1t1']:7.2f} "
+              f"{r['speedup_vs_w1t2']:7.2f} {r['efficiency']:7.2f} {r['comm_share']:6.1%} {r['max_rel_diff']:13.2e}")
+
+
+if __name__ == "__main__":
+    main()
