@@ -69,10 +69,16 @@ def train_many(ctx: Context, configs, desc: str | None = None) -> list[str]:
     configs."""
     from probe.train import train
 
+    from probe.errors import UserError as _UserError
+    from probe.train import TrainConfig
+
     finished: dict[str, str] = {}
     for model in dict.fromkeys(c.model for c in configs):
         for run in ctx.store.list_runs(model=model, status="finished"):   # newest first
-            have = {k: v for k, v in (run.get("config") or {}).items() if k not in ("resolved", "device")}
+            try:  # the stored config read back as a config: options added since take their defaults
+                have = _recipe(TrainConfig.from_dict(run.get("config") or {}))
+            except _UserError:
+                continue
             finished.setdefault(_key(have), run["run_id"])
     out = []
     for i, config in enumerate(configs):

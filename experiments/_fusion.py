@@ -17,7 +17,7 @@ import numpy as np
 from experiments._common import Context, train_many
 
 __all__ = ["Protocol", "protocols", "seeds", "row_ids", "fusion_config", "train_table", "accuracy_table",
-           "spearman_ci", "paired_ci", "BASELINE"]
+           "eval_train_accuracy", "spearman_ci", "paired_ci", "BASELINE"]
 
 #: the additive baseline row, bn(r) + s
 BASELINE = "fmm01"
@@ -136,3 +136,18 @@ def paired_ci(diffs: np.ndarray, *, n_boot: int = 2000, level: float = 0.95, see
             boots[b] = np.nanmean(np.nanmean(np.take_along_axis(rows, cols, axis=1), axis=1))
     lo, hi = (float(v) for v in np.nanquantile(boots, [(1 - level) / 2, (1 + level) / 2]))
     return {"mean": mean, "lo": lo, "hi": hi, "n_pairs": int(len(d))}
+
+
+def eval_train_accuracy(ctx: Context, run_id: str) -> float:
+    """Top-1 (percent) of a run's last checkpoint on its own training samples in eval mode (the
+    BatchNorm running statistics, as at test time): the training fit that the test accuracy is
+    compared with, free of the train-mode / eval-mode difference of the per-epoch train top-1."""
+    from probe import evaluate, load_data, load_run_model
+    from probe.train import TrainConfig
+
+    model, run, _ = load_run_model(ctx.store, run_id, "last")
+    cfg = TrainConfig.from_dict(run["config"])
+    data = load_data(cfg.data, cfg.data_root, image_size=cfg.image_size, seed=cfg.seed, limit_train=cfg.limit_train,
+                     limit_test=cfg.limit_test)
+    return float(evaluate(model, data.x_train, data.y_train)["top1"])
+

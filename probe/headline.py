@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from probe.errors import UserError
 
-__all__ = ["Measure", "MEASURES", "PROBES", "probe_settings", "measure", "headline"]
+__all__ = ["Measure", "MEASURES", "PROBES", "probe_settings", "measure", "headline", "stored_probe"]
 
 
 @dataclass(frozen=True)
@@ -103,20 +103,42 @@ def probe_settings(quick: bool) -> dict[str, tuple[dict, int]]:
             "surface": ({"grid": "-1:1:21"}, 256), "ntk": ({"trials": 10}, 128), "interp": ({}, 256)}
 
 
+def stored_probe(store, run_id: str, epoch: int | None, name: str, params: dict, n: int, seed: int = 0) -> str | None:
+    """The id of the newest stored ``name`` row of ``run_id`` at checkpoint ``epoch`` taken with
+    the same options (the probe's defaults filled in), ``n`` and ``seed``; None when there is none."""
+    from probe.probes.registry import get_probe, make_params, params_dict
+
+    want = {**params_dict(make_params(get_probe(name).params, dict(params))), "n": n, "seed": seed}
+    for row in reversed(store.list_probes(run_id=run_id, kind=name)):
+        have = row.get("params") or {}
+        if row.get("checkpoint_epoch") == epoch and all(have.get(k) == v for k, v in want.items()):
+            return row["probe_id"]
+    return None
+
+
 def measure(store, run_id: str, *, checkpoint="last", quick: bool = False, probes=PROBES,
-            done: dict[str, str] | None = None, progress=None, log=None) -> dict[str, str]:
+            done: dict[str, str] | None = None, reuse: bool = True, progress=None, log=None) -> dict[str, str]:
     """Run each of ``probes`` on ``run_id`` at ``checkpoint`` and return ``{probe: probe id}``;
-    ``done`` gives probe ids already measured (kept, not rerun). A probe that fails on this run
-    is a :class:`UserError` naming the run and the probe."""
+    ``done`` gives probe ids already measured (kept, not rerun), and with ``reuse`` a row the
+    store already holds for the same run, checkpoint and settings is taken instead of a new
+    measurement. A probe that fails on this run is a :class:`UserError` naming the run and the
+    probe."""
     from probe.jobs import run_probe
 
     say = log or (lambda line: None)
     settings = probe_settings(quick)
     ids = dict(done or {})
+    epoch = store.latest_checkpoint(run_id) if checkpoint == "last" else (0 if checkpoint == "init" else checkpoint)
     for name in probes:
         if name in ids:
             continue
         params, n = settings[name]
+        if reuse and epoch is not None:
+            found = stored_probe(store, run_id, epoch, name, params, n)
+            if found is not None:
+                say(f"reusing probe {name} {found} of run {run_id}")
+                ids[name] = found
+                continue
         say(f"probe {name} on run {run_id} (checkpoint {checkpoint})")
         outcome = run_probe(store, name, params, run=run_id, checkpoint=checkpoint, n=n, progress=progress)[0]
         if outcome.error is not None:
