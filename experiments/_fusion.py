@@ -8,15 +8,17 @@ row fmm01 under a protocol is ``add_resnet`` under it, row fmm18 ``mul_resnet``.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from experiments._common import Context, train_many
 
-__all__ = ["Protocol", "protocols", "seeds", "row_ids", "fusion_config", "train_table", "accuracy_table",
+__all__ = ["Protocol", "protocols", "local_protocols", "seeds", "row_ids", "fusion_config", "train_table", "accuracy_table",
            "eval_train_accuracy", "spearman_ci", "paired_ci", "BASELINE"]
 
 #: the additive baseline row, bn(r) + s
@@ -33,6 +35,7 @@ class Protocol:
     epochs: int
     batch_size: int
     why: str
+    data: str = "digits"
 
 
 _PROTOCOLS = (
@@ -45,9 +48,26 @@ _PROTOCOLS = (
 )
 
 
+def local_protocols(root: str | os.PathLike | None = None) -> tuple[Protocol, ...]:
+    """Protocols on the data sets found in the local data folder (``root``, default
+    ``$PROBE_DATA`` or ``./data``, as the loaders read it): CIFAR-10 (binary or python batches)
+    and Caltech-101 (``101_ObjectCategories``, the seed's own data, at its 64x64)."""
+    base = Path(root if root is not None else os.environ.get("PROBE_DATA", "data")).expanduser()
+    out = []
+    cifar = [("cifar-10-batches-bin", "data_batch_1.bin"), ("cifar-10-batches-py", "data_batch_1")]
+    if any((base / d / f).is_file() or (base / f).is_file() for d, f in cifar):
+        out.append(Protocol("cifar10-limited", 2000, 10, 64, "CIFAR-10 found locally: 2,000 training samples, "
+                            "10 epochs (the baseline far from its ceiling)", data="cifar10"))
+    if (base / "101_ObjectCategories").is_dir() or (base / "caltech101" / "101_ObjectCategories").is_dir():
+        out.append(Protocol("caltech101", None, 30, 64, "Caltech-101 found locally: the seed's data and split, "
+                            "30 epochs", data="caltech101"))
+    return tuple(out)
+
+
 def protocols(quick: bool) -> tuple[Protocol, ...]:
-    """The protocols run: quick the first two (CPU minutes), full all three."""
-    return _PROTOCOLS[:2] if quick else _PROTOCOLS
+    """The protocols run: quick the first two (CPU minutes), full all three on digits and those
+    of :func:`local_protocols` (GPU hours)."""
+    return _PROTOCOLS[:2] if quick else _PROTOCOLS + local_protocols()
 
 
 def seeds(quick: bool) -> tuple[int, ...]:
@@ -64,7 +84,7 @@ def fusion_config(row: str, protocol: Protocol, seed: int):
     """The :class:`~probe.train.TrainConfig` of one seed row under one protocol."""
     from probe.train import TrainConfig
 
-    return TrainConfig(model="wrn", fusion=row, model_kwargs={"depth": 10, "widen": 2}, data="digits",
+    return TrainConfig(model="wrn", fusion=row, model_kwargs={"depth": 10, "widen": 2}, data=protocol.data,
                        epochs=protocol.epochs, batch_size=protocol.batch_size, lr=0.02, momentum=0.9,
                        weight_decay=5e-4, schedule="cosine", seed=seed, limit_train=protocol.limit_train)
 

@@ -150,3 +150,20 @@ def test_fusion_experiments_end_to_end_on_a_few_rows(tmp_path, tiny_table):
     corr = _rows(tmp_path / "out" / "verdict" / "correlations.csv")
     assert {c["measure"] for c in corr} == {m.key for m in MEASURES} and {c["group"] for c in corr} == {"all"}
     assert any(line.startswith("optimisation: mean |rho|") for line in out["found"])
+
+
+def test_local_data_sets_add_protocols_in_the_full_setting(tmp_path, monkeypatch):
+    from experiments._fusion import local_protocols, protocols
+
+    assert local_protocols(tmp_path) == ()
+    (tmp_path / "cifar-10-batches-bin").mkdir()
+    (tmp_path / "cifar-10-batches-bin" / "data_batch_1.bin").write_bytes(b"")
+    (tmp_path / "101_ObjectCategories").mkdir()
+    found = local_protocols(tmp_path)
+    assert [p.data for p in found] == ["cifar10", "caltech101"]
+    monkeypatch.setenv("PROBE_DATA", str(tmp_path))
+    assert [p.name for p in protocols(quick=True)] == ["data-limited", "short"]        # quick: digits only
+    full = protocols(quick=False)
+    assert [p.data for p in full] == ["digits"] * 3 + ["cifar10", "caltech101"]
+    from experiments._fusion import fusion_config
+    assert fusion_config("fmm08", full[3], 0).data == "cifar10"
