@@ -260,6 +260,28 @@ def _tiled(ddp, model: nn.Module, x1: Tensor, x2: Tensor | None, t0: float, *, k
                                notes=notes)
 
 
+class _ShardedGram:
+    """J^T J over all samples under ``torchrun`` when each rank holds the gram operator of its
+    contiguous part of them: a product is the ranks' parts summed by an all-reduce (every rank
+    then holds it and the Lanczos iterations go on in step), ``rows_times`` the ranks' rows
+    gathered in sample order."""
+
+    def __init__(self, local: _GramOperator, dist):
+        self.local, self.dist = local, dist
+        self.size, self.F, self.dtype, self.device = local.size, local.F, local.dtype, local.device
+
+    def __getattr__(self, name: str):           # sweeps, matvecs: this rank's operator's
+        return getattr(self.__dict__["local"], name)
+
+    def matmat(self, V: Tensor) -> Tensor:
+        rows = self.local.matmat(V).T           # (s, F), contiguous
+        return self.dist.all_reduce_(rows.contiguous()).T
+
+    def rows_times(self, V: Tensor) -> Tensor:
+        part = self.local.rows_times(V)
+        return torch.cat([p.to(part.device) for p in self.dist.all_gather(part.cpu())], dim=0)
+
+
 def _independent(fm: FunctionalModel, x: Tensor, notes: list[str]):
     """(fm with BatchNorm statistics fixed where it has none, its structured layers, the
     measuring pass's statistics); raises :class:`UserError` when the forward couples samples."""
@@ -531,8 +553,14 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
             try:
                 with _progress(N * sweeps_max, f"ntk lanczos ({kind.value}, gram, {s} vectors/pass)",
                                progress) as pbar:
-                    op = _GramOperator(fm, x, kind, O, plan.layers, plan.groups[0], plan.block,
-                                       plan.chunk, pbar)
+                    ddp = current()
+                    if ddp.active and N >= ddp.world:   # M = sum over samples: each rank its part
+                        op = _ShardedGram(_GramOperator(fm, x[ddp.shard(N)], kind, O, plan.layers, plan.groups[0],
+                                                        plan.block, plan.chunk, pbar), ddp)
+                        notes.append(f"gram: products by data shards over {ddp.world} ranks")
+                    else:
+                        op = _GramOperator(fm, x, kind, O, plan.layers, plan.groups[0], plan.block,
+                                           plan.chunk, pbar)
                     # a parameter space smaller than k holds only F non-zero eigenvalues
                     eig = block_lanczos(_finite(op, fm.dtype, y_max, "parameter-space operator J^T J"),
                                         min(k, op.size), block_size=s, max_dim=plan.n_blocks, tol=tol,
