@@ -263,14 +263,18 @@ def test_the_ntk_kernel_in_tiles_over_ranks_equals_one_process(tmp_path, kind):
     assert any("tiles over 2 ranks" in n for n in rows[1]["summary"]["notes"])
 
 
-def test_ntk_lanczos_gram_products_by_data_shards_equal_one_process(tmp_path):
-    argv = ["ntk", "--model", "tiny_add", "--n", "40", "--method", "lanczos", "--lanczos-operator", "gram", "--topk", "4",
-            "--dtype", "float64", "--runs", str(tmp_path), "--json", "--quiet"]
+@pytest.mark.parametrize("operator", ["gram", "ntvp"])
+def test_ntk_lanczos_products_by_data_shards_equal_one_process(tmp_path, operator):
+    """J^T J (gram) or K v = J (J^T v) (ntvp) over two ranks' halves of the samples, all-reduced
+    (and the ntvp rows gathered): the top eigenvalues equal the single-process ones."""
+    argv = ["ntk", "--model", "tiny_add", "--n", "40", "--method", "lanczos", "--lanczos-operator", operator,
+            "--topk", "4", "--dtype", "float64", "--runs", str(tmp_path), "--json", "--quiet"]
     one = _probe(*argv)
     assert one.returncode == 0, one.stderr[-500:]
     two = _torchrun(*argv)
     assert two.returncode == 0, two.stderr[-800:]
     a = json.loads(one.stdout)["results"][0]
     b = json.loads([line for line in two.stdout.splitlines() if line.startswith("{")][0])["results"][0]
-    assert b["lanczos"]["method"] == "gram" and any("data shards over 2 ranks" in n for n in b["lanczos"]["notes"])
+    assert b["lanczos"]["method"] == operator
+    assert any("data shards over 2 ranks" in n for n in b["lanczos"]["notes"])
     assert np.allclose(a["top_eigenvalues"], b["top_eigenvalues"], rtol=1e-10, atol=0)

@@ -44,9 +44,13 @@ class _NtkOperator:
     of at most O tangents elsewhere.
     """
 
-    def __init__(self, fm: FunctionalModel, x: Tensor, kind: NtkKind, O: int, block: int):
+    def __init__(self, fm: FunctionalModel, x: Tensor, kind: NtkKind, O: int, block: int, dist=None):
         self.fm, self.x, self.kind, self.O, self.block = fm, x, kind, O, block
         self.size = x.shape[0] * (O if kind == NtkKind.FULL else 1)
+        # under torchrun: this rank's samples; u = J^T v is summed over the ranks (all-reduce)
+        # and each rank pushes its own rows forward, gathered in sample order
+        self.dist = dist if dist is not None and dist.active and x.shape[0] >= dist.world else None
+        self.part = self.dist.shard(x.shape[0]) if self.dist is not None else slice(0, x.shape[0])
         self.dtype = torch.float64
         self.device = fm.device
         self.matvecs = 0
@@ -65,7 +69,9 @@ class _NtkOperator:
         m = s * O if trace else s                      # cotangents / tangents
         U = {k: torch.zeros((m,) + p.shape, dtype=p.dtype, device=p.device)
              for k, p in fm.params.items()}
-        for lo, hi in _ranges(N, self.block):
+        r0, r1 = self.part.start, self.part.stop
+        mine = [(lo + r0, hi + r0) for lo, hi in _ranges(r1 - r0, self.block)]
+        for lo, hi in mine:
             xb = self.x[lo:hi]
             _, fn = vjp(lambda p: f(p, xb), fm.params)
             for j in range(m):
@@ -75,11 +81,15 @@ class _NtkOperator:
                     cot = Vt[j, lo * O:hi * O].reshape(hi - lo, O)
                 for k, g in fn(cot)[0].items():
                     U[k][j] += g
+        if self.dist is not None:
+            flat = self.dist.all_reduce_(torch.cat([u.reshape(-1) for u in U.values()]))
+            U = dict(zip(U, (c.view_as(u) for c, u in zip(flat.split([u.numel() for u in U.values()]),
+                                                          U.values()))))
         out = torch.empty((N if trace else N * O, s), dtype=torch.float64, device=fm.device)
         step = O if trace else max(1, O)
         if self.pushforward is None:
             self.pushforward = _Pushforward(f, fm.params, self.x)
-        for lo, hi in _ranges(N, self.block):
+        for lo, hi in mine:
             push = self.pushforward.at(self.x[lo:hi])
             if fm.device.type == "cpu":  # a loop of JVPs beats vmap's batching rules on CPU (~2x)
                 JU = torch.stack([push({k: u[j] for k, u in U.items()}) for j in range(m)])  # (m, b, O)
@@ -91,6 +101,11 @@ class _NtkOperator:
                 out[lo:hi] = JU.sum(-1).T.to(torch.float64)
             else:
                 out[lo * O:hi * O] = JU.reshape(s, -1).T.to(torch.float64)
+        if self.dist is not None:
+            per = 1 if trace else O
+            rows = self.dist.all_gather((r0, out[r0 * per:r1 * per].cpu()))
+            for a, block in rows:
+                out[a * per:a * per + block.shape[0]] = block.to(out.device)
         return out
 
 

@@ -620,7 +620,9 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
         # beyond a few hundred samples per block the passes get memory-bound (measured on CPU:
         # 2000-sample blocks ~1.4x slower per sample than 250-500)
         b = min(b, N, _LANCZOS_MAX_BLOCK) if not block_size else min(b, N)
-        op = _NtkOperator(fm, x, kind, O, b)
+        op = _NtkOperator(fm, x, kind, O, b, dist=current())
+        if op.dist is not None:
+            notes.append(f"ntvp: products by data shards over {op.dist.world} ranks")
         try:
             with _progress(dim_cap, f"ntk lanczos ({kind.value}, ntvp)", progress) as pbar:
                 eig = block_lanczos(_finite(op, fm.dtype, y_max, "NTK-vector product"), k,
