@@ -278,3 +278,23 @@ def test_ntk_lanczos_products_by_data_shards_equal_one_process(tmp_path, operato
     assert b["lanczos"]["method"] == operator
     assert any("data shards over 2 ranks" in n for n in b["lanczos"]["notes"])
     assert np.allclose(a["top_eigenvalues"], b["top_eigenvalues"], rtol=1e-10, atol=0)
+
+
+def test_interpolation_paths_shared_out_by_batches_equal_one_process(tmp_path):
+    argv = ["interp", "--model", "tiny_add", "--n", "40", "--pairs", "12", "--steps", "9", "--max-degree", "6",
+            "--triples", "1", "--plane-resolution", "7", "--batch-size", "16", "--dtype", "float64",
+            "--runs", str(tmp_path), "--json", "--quiet"]
+    one = _probe(*argv)
+    assert one.returncode == 0, one.stderr[-500:]
+    two = _torchrun(*argv)
+    assert two.returncode == 0, two.stderr[-800:]
+    store = RunStore(tmp_path)
+    rows = store.list_probes(kind="interp")
+    assert len(rows) == 2
+    a, b = (store.load_probe_arrays(r["probe_id"]) for r in rows)
+    assert set(a) == set(b)
+    for key in a:
+        if np.issubdtype(a[key].dtype, np.floating):
+            assert np.allclose(a[key], b[key], rtol=1e-10, atol=1e-12, equal_nan=True), key
+        else:
+            assert np.array_equal(a[key], b[key]), key

@@ -281,15 +281,23 @@ class _Batches:
         self.fm, self.batch_size, self.total, self.done, self.progress = fm, batch_size, total, 0, progress
 
     def run(self, count: int, make) -> Tensor:
-        """Outputs (count, C) of ``make(lo, hi)`` -> inputs (hi - lo, ...) for consecutive ranges."""
-        outs = []
-        for lo in range(0, count, self.batch_size):
-            hi = min(count, lo + self.batch_size)
-            outs.append(_logits(self.fm, make(lo, hi)))
-            self.done += hi - lo
-            if self.progress is not None:
-                self.progress("interp", self.done, self.total)
-        return torch.cat(outs)
+        """Outputs (count, C) of ``make(lo, hi)`` -> inputs (hi - lo, ...) for consecutive ranges
+        (shared out over the ranks under ``torchrun``, :func:`probe.jobs.chunks.map_chunks`)."""
+        from probe.dist import current
+        from probe.jobs.chunks import map_chunks
+
+        ddp = current()
+        starts = list(range(0, count, self.batch_size))
+        end = lambda i: min(count, starts[i] + self.batch_size)               # noqa: E731
+
+        def chunk(i: int) -> Tensor:
+            out = _logits(self.fm, make(starts[i], end(i)))
+            return out.cpu() if ddp.active else out
+
+        outs, _ = map_chunks(len(starts), chunk, piece=lambda i: f"batch-{i}", dist=ddp, progress=self.progress,
+                             desc="interp", done_of=lambda i, d=self.done: d + end(i), total=self.total)
+        self.done += count
+        return torch.cat([o.to(self.fm.device) for o in outs])
 
 
 # --- the measurements ---------------------------------------------------------------------------
