@@ -181,17 +181,23 @@ def _torchrun(*argv, timeout=600) -> subprocess.CompletedProcess:
                           cwd=ROOT)
 
 
+def _one_and_two(argv: list[str]) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
+    """The same probe command as one process, then under torchrun with two ranks; both succeed
+    and the second prints one JSON object (rank 0's)."""
+    one = _probe(*argv)
+    assert one.returncode == 0, one.stderr[-500:]
+    two = _torchrun(*argv)
+    assert two.returncode == 0, two.stderr[-800:]
+    assert len([line for line in two.stdout.splitlines() if line.startswith("{")]) == 1
+    return one, two
+
+
 def test_a_surface_grid_shared_out_by_chunks_equals_one_process(tmp_path):
     """float64, 7 x 7 points in chunks of 5: the two ranks take alternate chunks, rank 0 stores one
     row, equal to the single-process surface within 1e-10."""
     argv = ["surface", "--model", "tiny_add", "--n", "24", "--grid", "-1:1:7", "--chunk", "5", "--dtype", "float64",
             "--runs", str(tmp_path), "--json", "--quiet"]
-    one = _probe(*argv)
-    assert one.returncode == 0, one.stderr[-500:]
-    two = _torchrun(*argv)
-    assert two.returncode == 0, two.stderr[-800:]
-    outs = [line for line in two.stdout.splitlines() if line.startswith("{")]
-    assert len(outs) == 1
+    _one_and_two(argv)
     store = RunStore(tmp_path)
     rows = store.list_probes(kind="surface")
     assert len(rows) == 2                                  # one per command: rank 0 alone stored
@@ -208,10 +214,7 @@ def test_a_checkpoint_sweep_shared_out_by_target_equals_one_process(tmp_path):
     rid = json.loads(train.stdout)["run_id"]
     argv = ["gradvar", "--run", rid, "--checkpoint", "all", "--n", "64", "--batches", "2", "--batch-size", "16",
             "--seeds", "1", "--runs", str(tmp_path), "--json", "--quiet"]
-    one = _probe(*argv)
-    assert one.returncode == 0, one.stderr[-500:]
-    two = _torchrun(*argv)
-    assert two.returncode == 0, two.stderr[-800:]
+    _, two = _one_and_two(argv)
     doc = json.loads([line for line in two.stdout.splitlines() if line.startswith("{")][0])
     assert [r["epoch"] for r in doc["results"]] == [0, 1, 2]       # in checkpoint order
     rows = RunStore(tmp_path).list_probes(kind="gradvar")
@@ -229,10 +232,7 @@ def test_hessian_products_by_data_shards_equal_one_process(tmp_path):
     Hutchinson trace over a fixed probe set and the density equal the single-process ones."""
     argv = ["hessian", "--model", "tiny_add", "--n", "30", "--k", "3", "--trace-matvecs", "12", "--density-probes", "1",
             "--density-steps", "8", "--dtype", "float64", "--runs", str(tmp_path), "--json", "--quiet"]
-    one = _probe(*argv)
-    assert one.returncode == 0, one.stderr[-500:]
-    two = _torchrun(*argv)
-    assert two.returncode == 0, two.stderr[-800:]
+    _one_and_two(argv)
     rows = RunStore(tmp_path).list_probes(kind="hessian")
     assert len(rows) == 2
     a, b = rows[0]["summary"], rows[1]["summary"]
@@ -249,10 +249,7 @@ def test_the_ntk_kernel_in_tiles_over_ranks_equals_one_process(tmp_path, kind):
     its spectrum equal the single-process ones within 1e-10."""
     argv = ["ntk", "--model", "tiny_add", "--n", "18", "--kind", kind, "--dtype", "float64", "--trials", "2",
             "--runs", str(tmp_path), "--json", "--quiet"]
-    one = _probe(*argv)
-    assert one.returncode == 0, one.stderr[-500:]
-    two = _torchrun(*argv)
-    assert two.returncode == 0, two.stderr[-800:]
+    _one_and_two(argv)
     store = RunStore(tmp_path)
     rows = store.list_probes(kind="ntk")
     assert len(rows) == 2
@@ -269,10 +266,7 @@ def test_ntk_lanczos_products_by_data_shards_equal_one_process(tmp_path, operato
     (and the ntvp rows gathered): the top eigenvalues equal the single-process ones."""
     argv = ["ntk", "--model", "tiny_add", "--n", "40", "--method", "lanczos", "--lanczos-operator", operator,
             "--topk", "4", "--dtype", "float64", "--runs", str(tmp_path), "--json", "--quiet"]
-    one = _probe(*argv)
-    assert one.returncode == 0, one.stderr[-500:]
-    two = _torchrun(*argv)
-    assert two.returncode == 0, two.stderr[-800:]
+    one, two = _one_and_two(argv)
     a = json.loads(one.stdout)["results"][0]
     b = json.loads([line for line in two.stdout.splitlines() if line.startswith("{")][0])["results"][0]
     assert b["lanczos"]["method"] == operator
@@ -284,10 +278,7 @@ def test_interpolation_paths_shared_out_by_batches_equal_one_process(tmp_path):
     argv = ["interp", "--model", "tiny_add", "--n", "40", "--pairs", "12", "--steps", "9", "--max-degree", "6",
             "--triples", "1", "--plane-resolution", "7", "--batch-size", "16", "--dtype", "float64",
             "--runs", str(tmp_path), "--json", "--quiet"]
-    one = _probe(*argv)
-    assert one.returncode == 0, one.stderr[-500:]
-    two = _torchrun(*argv)
-    assert two.returncode == 0, two.stderr[-800:]
+    _one_and_two(argv)
     store = RunStore(tmp_path)
     rows = store.list_probes(kind="interp")
     assert len(rows) == 2
