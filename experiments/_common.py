@@ -69,7 +69,6 @@ def train_many(ctx: Context, configs, desc: str | None = None) -> list[str]:
     configs."""
     from probe.train import train
 
-    from probe.errors import UserError as _UserError
     from probe.train import TrainConfig
 
     finished: dict[str, str] = {}
@@ -77,7 +76,7 @@ def train_many(ctx: Context, configs, desc: str | None = None) -> list[str]:
         for run in ctx.store.list_runs(model=model, status="finished"):   # newest first
             try:  # the stored config read back as a config: options added since take their defaults
                 have = _recipe(TrainConfig.from_dict(run.get("config") or {}))
-            except _UserError:
+            except UserError:
                 continue
             finished.setdefault(_key(have), run["run_id"])
     out = []

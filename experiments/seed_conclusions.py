@@ -112,7 +112,7 @@ def pairs(conclusion: Conclusion) -> list[tuple[str, str]]:
     return out
 
 
-def _verdict_signed(ci: dict, expect: int) -> str:
+def _verdict(ci: dict, expect: int) -> str:
     lo, hi = sorted((expect * ci["lo"], expect * ci["hi"]))
     if not np.isfinite(lo):
         return "no pairs"
@@ -152,7 +152,7 @@ def run(ctx: Context) -> Outcome:
             ci = paired_ci(diffs)
             caltech = [seed_fusion(b).caltech101_top1 - seed_fusion(a).caltech101_top1 for a, b in ps]
             cal_mean = float(np.mean(caltech)) if caltech else None
-            verdict = _verdict_signed(ci, c.expect)
+            verdict = _verdict(ci, c.expect)
             seed_agrees = None if cal_mean is None or c.measure != "accuracy" else bool(c.expect * cal_mean > 0)
             table.append({"conclusion": c.key, "claim": c.claim, "measure": c.measure, "protocol": p.name,
                           "pairs": " ".join(f"{a}->{b}" for a, b in ps), "n_pairs": len(ps), "expect": c.expect,

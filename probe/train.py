@@ -426,9 +426,8 @@ def train(config: TrainConfig, store=None, *, run_id: str | None = None,
     The run's status ends ``finished``; ``failed`` with a one-line reason after a non-finite loss or
     weights (:class:`TrainingDiverged`), a full disk or any other error; ``interrupted`` after
     ``KeyboardInterrupt``. Every exception is re-raised after the status is recorded."""
-    from probe.store import RunStore
-
     from probe.dist import setup
+    from probe.store import RunStore
 
     config = config.validate()
     device = resolve_device(config.device)
@@ -696,7 +695,7 @@ def resume(run_ref: str, store=None, *, epochs: int | None = None, factory: str 
     needs ``factory`` or ``trust_factory`` (see :func:`model_name_for_run`)."""
     from probe.dist import DistError, current, launched, setup
 
-    ddp = current() if not launched() or _dist_ready() else setup(resolve_device(device or "auto"))
+    ddp = setup(resolve_device(device or "auto")) if launched() else current()
     if not ddp.main:  # rank 0 reads the run and tells the others what to train
         what = ddp.broadcast(None)
         if what[0] == "error":
@@ -715,12 +714,6 @@ def resume(run_ref: str, store=None, *, epochs: int | None = None, factory: str 
         return what[1]
     _, config, run_id, name = what
     return train(config, _store_or_default(store), run_id=run_id, model_name=name, on_epoch=on_epoch, progress=progress)
-
-
-def _dist_ready() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
 
 
 def _store_or_default(store):

@@ -192,16 +192,21 @@ def _one_and_two(argv: list[str]) -> tuple[subprocess.CompletedProcess, subproce
     return one, two
 
 
+def _stored_pair(root, kind: str):
+    """The two stored rows of ``kind`` (one process first, then two ranks) and their arrays."""
+    store = RunStore(root)
+    rows = store.list_probes(kind=kind)
+    assert len(rows) == 2                                  # one per command: rank 0 alone stored
+    return rows, store.load_probe_arrays(rows[0]["probe_id"]), store.load_probe_arrays(rows[1]["probe_id"])
+
+
 def test_a_surface_grid_shared_out_by_chunks_equals_one_process(tmp_path):
     """float64, 7 x 7 points in chunks of 5: the two ranks take alternate chunks, rank 0 stores one
     row, equal to the single-process surface within 1e-10."""
     argv = ["surface", "--model", "tiny_add", "--n", "24", "--grid", "-1:1:7", "--chunk", "5", "--dtype", "float64",
             "--runs", str(tmp_path), "--json", "--quiet"]
     _one_and_two(argv)
-    store = RunStore(tmp_path)
-    rows = store.list_probes(kind="surface")
-    assert len(rows) == 2                                  # one per command: rank 0 alone stored
-    a, b = (store.load_probe_arrays(r["probe_id"]) for r in rows)
+    rows, a, b = _stored_pair(tmp_path, "surface")
     assert a["loss"].shape == (7, 7) and np.abs(a["loss"] - b["loss"]).max() < 1e-10
     assert np.array_equal(a["accuracy"], b["accuracy"])
     assert rows[0]["summary"]["n_chunks"] == rows[1]["summary"]["n_chunks"] == 10
@@ -250,10 +255,7 @@ def test_the_ntk_kernel_in_tiles_over_ranks_equals_one_process(tmp_path, kind):
     argv = ["ntk", "--model", "tiny_add", "--n", "18", "--kind", kind, "--dtype", "float64", "--trials", "2",
             "--runs", str(tmp_path), "--json", "--quiet"]
     _one_and_two(argv)
-    store = RunStore(tmp_path)
-    rows = store.list_probes(kind="ntk")
-    assert len(rows) == 2
-    a, b = (store.load_probe_arrays(r["probe_id"]) for r in rows)
+    rows, a, b = _stored_pair(tmp_path, "ntk")
     assert a["kernel"].shape == b["kernel"].shape
     assert np.abs(a["kernel"] - b["kernel"]).max() <= 1e-10 * np.abs(a["kernel"]).max()
     assert np.array_equal(b["kernel"], b["kernel"].T)
@@ -279,10 +281,7 @@ def test_interpolation_paths_shared_out_by_batches_equal_one_process(tmp_path):
             "--triples", "1", "--plane-resolution", "7", "--batch-size", "16", "--dtype", "float64",
             "--runs", str(tmp_path), "--json", "--quiet"]
     _one_and_two(argv)
-    store = RunStore(tmp_path)
-    rows = store.list_probes(kind="interp")
-    assert len(rows) == 2
-    a, b = (store.load_probe_arrays(r["probe_id"]) for r in rows)
+    _, a, b = _stored_pair(tmp_path, "interp")
     assert set(a) == set(b)
     for key in a:
         if np.issubdtype(a[key].dtype, np.floating):

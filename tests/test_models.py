@@ -1,8 +1,6 @@
 """Model zoo: registry smoke test, fusion semantics, seed rows, parameter counts, gates."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn

@@ -128,10 +128,6 @@ def run_probe(store, probe: str | Probe, params: Any = None, *, model: str | Non
             for o in outcomes:
                 if o.result is not None:
                     _store_outcome(store, spec, o, o.info["model"])
-    elif writes:
-        for o in outcomes:
-            if o.result is not None and "probe_id" not in o.info:
-                _store_outcome(store, spec, o, o.info["model"])
     for o in outcomes:
         o.info.pop("index", None)
     if errors and len(errors) == len(outcomes):
