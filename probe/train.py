@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from probe._checks import check_bool, check_int, check_number
+from probe._train_state import one_line, restore, rng_state
 from probe.errors import StoreError, UserError
 from probe.probes.registry import Progress
 
@@ -383,28 +384,6 @@ class TrainResult:
         return d
 
 
-def _rng_state(loader_gen: torch.Generator, mix_rng: np.random.Generator, device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state(), "loader": loader_gen.get_state()}
-    bg = mix_rng.bit_generator.state  # PCG64: ints only
-    state["mixup"] = {"state": str(bg["state"]["state"]), "inc": str(bg["state"]["inc"]),
-                      "has_uint32": int(bg["has_uint32"]), "uinteger": int(bg["uinteger"])}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, loader_gen: torch.Generator, mix_rng: np.random.Generator,
-                   device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    loader_gen.set_state(state["loader"])
-    m = state["mixup"]
-    mix_rng.bit_generator.state = {"bit_generator": "PCG64",
-                                   "state": {"state": int(m["state"]), "inc": int(m["inc"])},
-                                   "has_uint32": m["has_uint32"], "uinteger": m["uinteger"]}
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 def _load_data(config: TrainConfig):
     from probe.data import load_data
 
@@ -492,7 +471,7 @@ def _train(config: TrainConfig, store, device: torch.device, ddp, *, run_id: str
         last = ddp.broadcast(store.latest_checkpoint(run_id) if ddp.main else None)
         if last is not None:
             ckpt = ddp.broadcast(store.load_checkpoint(run_id, last) if ddp.main else None)
-            start_epoch, best_acc, best_epoch = _restore(ckpt, f"checkpoint epoch {last} of run {run_id}", model,
+            start_epoch, best_acc, best_epoch = restore(ckpt, f"checkpoint epoch {last} of run {run_id}", model,
                                                          opt, loader_gen, mix_rng, device, ddp.rank)
     net = model
     if ddp.active:
@@ -577,7 +556,7 @@ def _train(config: TrainConfig, store, device: torch.device, ddp, *, run_id: str
                 ddp.all_reduce_(total)
             epoch_time = time.perf_counter() - t0
             train_time += epoch_time
-            rng = _rng_state(loader_gen, mix_rng, device)
+            rng = rng_state(loader_gen, mix_rng, device)
             if ddp.active:
                 ranks = ddp.gather(torch.get_rng_state())
                 if main:
@@ -620,16 +599,9 @@ def _train(config: TrainConfig, store, device: torch.device, ddp, *, run_id: str
         raise
     except BaseException as e:
         if main:
-            _mark(store, run_id, "failed", _one_line(e))
+            _mark(store, run_id, "failed", one_line(e))
         raise
     return result
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    if isinstance(e, UserError) and text:
-        return text
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _mark(store, run_id: str, status: str, error: str | Callable[[], str]) -> None:
@@ -650,40 +622,6 @@ def _nonfinite_weights(model: nn.Module, buffers: bool = False) -> str | None:
         if not bool(torch.isfinite(t).all()):
             return f"weights became non-finite (first: {name})"
     return None
-
-
-def _restore(ckpt, where: str, model: nn.Module, opt: torch.optim.Optimizer, loader_gen: torch.Generator,
-             mix_rng: np.random.Generator, device: torch.device, rank: int = 0):
-    """Load checkpoint ``ckpt`` (described by ``where``) into the training state; (completed
-    epochs, best_acc, best_epoch). Rank ``rank`` of a distributed run takes its own global RNG
-    state from the checkpoint's ``rng["ranks"]``.
-
-    A checkpoint that lacks a part or whose parts do not fit raises :class:`StoreError` naming it."""
-    if not isinstance(ckpt, dict):
-        raise StoreError(f"{where} is not a checkpoint dict; it cannot be resumed")
-    for key, kind in (("model", dict), ("optimizer", dict), ("rng", dict), ("epoch", int)):
-        if not isinstance(ckpt.get(key), kind):
-            raise StoreError(f"{where} has no valid {key!r} entry; it cannot be resumed (train the run again, "
-                             "or delete this checkpoint to resume from the one before)")
-    try:
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, TypeError, KeyError, ValueError) as e:
-        raise StoreError(f"{where} does not fit its model: {_one_line(e)}") from None
-    try:
-        opt.load_state_dict(ckpt["optimizer"])
-        _set_rng_state(ckpt["rng"], loader_gen, mix_rng, device)
-        ranks = ckpt["rng"].get("ranks")
-        if ranks is not None:
-            torch.set_rng_state(ranks[rank])
-    except (RuntimeError, TypeError, KeyError, ValueError, IndexError, AttributeError) as e:
-        raise StoreError(f"{where} has a malformed optimizer or RNG state ({_one_line(e)}); "
-                         "it cannot be resumed") from None
-    best_acc, best_epoch = ckpt.get("best_acc"), ckpt.get("best_epoch")
-    if not (best_acc is None or isinstance(best_acc, (int, float))):
-        best_acc = None
-    if not (best_epoch is None or isinstance(best_epoch, int)):
-        best_epoch = None
-    return int(ckpt["epoch"]), best_acc, best_epoch
 
 
 def resume(run_ref: str, store=None, *, epochs: int | None = None, factory: str | None = None,
