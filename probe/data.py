@@ -36,15 +36,15 @@ import gzip
 import math
 import os
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from probe._batches import Augment, Loader, make_loader  # noqa: F401  (re-exported)
 from probe._cifar_pickle import load_cifar_pickle
 from probe.errors import DataError, UserError
 
@@ -705,176 +705,16 @@ def _load_idx(key: str, *, root, image_size, seed) -> DataSplits:
     )
 
 
-# --------------------------------------------------------------------------------------------------
-# Image folders and Caltech-101
+def _load_imagefolder(**kw: Any) -> DataSplits:
+    from probe._imagefolder import load_imagefolder
 
-IMAGEFOLDER_LAYOUT = (
-    "<root>/train/<class>/<image> and <root>/test/<class>/<image>, or <root>/<class>/<image> "
-    f"(split automatically); images {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}"
-)
-CALTECH_LAYOUT = (
-    "<root>/101_ObjectCategories/<class>/image_XXXX.jpg (root may also be the 101_ObjectCategories "
-    "folder itself); the BACKGROUND_Google folder is ignored"
-)
+    return load_imagefolder(**kw)
 
 
-def _class_dirs(folder: Path, exclude: tuple[str, ...] = ()) -> list[Path]:
-    return sorted(
-        (p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in exclude),
-        key=lambda p: p.name,
-    )
+def _load_caltech101(**kw: Any) -> DataSplits:
+    from probe._imagefolder import load_caltech101
 
-
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(
-        (p for p in folder.iterdir()
-         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS),
-        key=lambda p: p.name,
-    )
-
-
-def _scan_tree(folder: Path, exclude: tuple[str, ...] = ()) -> tuple[list[str], list[Path], list[int]]:
-    """Class-major listing: classes sorted by name, files sorted by name; empty class folders skipped."""
-    classes, paths, labels = [], [], []
-    d = folder
-    try:
-        for d in _class_dirs(folder, exclude):
-            files = _image_files(d)
-            if not files:
-                continue
-            labels.extend([len(classes)] * len(files))
-            classes.append(d.name)
-            paths.extend(files)
-    except OSError as e:
-        raise DataError(f"{d}: cannot list ({type(e).__name__}: {e})") from None
-    return classes, paths, labels
-
-
-def _read_image(path: Path, size: int, mode: str) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
-    return arr.reshape(size, size, -1)  # (H, W, C)
-
-
-def _read_images(paths: list[Path], size: int, mode: str) -> torch.Tensor:
-    """uint8 ``(N, C, size, size)``; decoding runs on a few threads (Pillow releases the GIL)."""
-    channels = 1 if mode == "L" else 3
-    out = np.empty((len(paths), size, size, channels), dtype=np.uint8)
-    workers = min(8, os.cpu_count() or 1)
-
-    def one(i: int) -> None:
-        out[i] = _read_image(paths[i], size, mode)
-
-    if workers > 1 and len(paths) > 16:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(one, range(len(paths))))
-    else:
-        for i in range(len(paths)):
-            one(i)
-    return torch.from_numpy(out).permute(0, 3, 1, 2)
-
-
-def _stratified_split(labels: list[int], test_fraction: float, split_seed: int, where: Path):
-    from sklearn.model_selection import train_test_split
-
-    try:
-        return train_test_split(
-            np.arange(len(labels)), test_size=test_fraction, stratify=np.asarray(labels),
-            random_state=split_seed,
-        )
-    except ValueError as e:
-        raise DataError(
-            f"{where}: cannot make a stratified {test_fraction:g} test split ({e}); every class needs "
-            f"at least 2 images"
-        ) from None
-
-
-def _image_splits(
-    name: str, folder: Path, *, presplit: bool, size: int, channels: int, test_fraction: float,
-    split_seed: int, exclude: tuple[str, ...] = (), layout: str,
-) -> DataSplits:
-    if channels not in (1, 3):
-        raise UserError(f"{name}: channels must be 1 or 3, got {channels!r}")
-    if not 0 < test_fraction < 1:
-        raise UserError(f"{name}: test_fraction must be in (0, 1), got {test_fraction!r}")
-    mode = "L" if channels == 1 else "RGB"
-    mean, std = (IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD) if channels == 1 else (IMAGENET_MEAN, IMAGENET_STD)
-    if presplit:
-        classes, tr_paths, tr_labels = _scan_tree(folder / "train", exclude)
-        test_classes, te_paths, te_local = _scan_tree(folder / "test", exclude)
-        if not classes:
-            raise DataError(f"{folder / 'train'}: no class folders with images. Expected {layout}")
-        extra = sorted(set(test_classes) - set(classes))
-        if extra:
-            raise DataError(f"{folder / 'test'}: classes {', '.join(extra)} have no training images")
-        if not te_paths:
-            raise DataError(
-                f"{folder / 'test'}: no class folders with images, so the test split would be empty. "
-                f"Expected {layout}"
-            )
-        index = {c: i for i, c in enumerate(classes)}
-        te_labels = [index[test_classes[j]] for j in te_local]
-        source = f"image folders {folder}/train and {folder}/test"
-    else:
-        classes, paths, labels = _scan_tree(folder, exclude)
-        if not classes:
-            raise DataError(f"{folder}: no class folders with images. Expected {layout}")
-        tr, te = _stratified_split(labels, test_fraction, split_seed, folder)
-        tr_paths, tr_labels = [paths[i] for i in tr], [labels[i] for i in tr]
-        te_paths, te_labels = [paths[i] for i in te], [labels[i] for i in te]
-        source = (f"image folder {folder}, stratified split test_fraction={test_fraction:g} "
-                  f"random_state={split_seed}")
-    if exclude:
-        source += f", excluding {', '.join(exclude)}"
-    return DataSplits(
-        name=name,
-        x_train=_normalise_u8(_read_images(tr_paths, size, mode), mean, std, None),
-        y_train=torch.tensor(tr_labels, dtype=torch.int64),
-        x_test=_normalise_u8(_read_images(te_paths, size, mode), mean, std, None),
-        y_test=torch.tensor(te_labels, dtype=torch.int64),
-        num_classes=len(classes), class_names=tuple(classes), mean=mean, std=std, source=source,
-    )
-
-
-def _load_imagefolder(
-    *, root, image_size, seed, channels=3, test_fraction=0.2, split_seed=42
-) -> DataSplits:
-    if root is None:
-        raise DataError(f"imagefolder needs root=<folder>. Expected {IMAGEFOLDER_LAYOUT}")
-    folder = Path(root).expanduser()
-    if not folder.is_dir():
-        raise DataError(f"imagefolder: {folder} is not a directory. Expected {IMAGEFOLDER_LAYOUT}")
-    has_train, has_test = (folder / "train").is_dir(), (folder / "test").is_dir()
-    if has_train != has_test:
-        missing = "test" if has_train else "train"
-        raise DataError(f"imagefolder: {folder} has no {missing}/ folder. Expected {IMAGEFOLDER_LAYOUT}")
-    return _image_splits(
-        "imagefolder", folder, presplit=has_train, size=image_size or 32, channels=channels,
-        test_fraction=test_fraction, split_seed=split_seed, layout=IMAGEFOLDER_LAYOUT,
-    )
-
-
-CALTECH_EXCLUDE = ("BACKGROUND_Google",)
-
-
-def _load_caltech101(*, root, image_size, seed) -> DataSplits:
-    base = _default_root(root)
-    candidates = [base / "101_ObjectCategories", base / "caltech101" / "101_ObjectCategories"]
-    if base.name == "101_ObjectCategories" or (base / CALTECH_EXCLUDE[0]).is_dir():
-        candidates.insert(0, base)  # root is the categories folder itself
-    folder = next((c for c in candidates if c.is_dir() and _class_dirs(c, CALTECH_EXCLUDE)), None)
-    if folder is None:
-        raise DataError(f"caltech101 not found under {base}. Expected {CALTECH_LAYOUT}")
-    return _image_splits(
-        "caltech101", folder, presplit=False, size=image_size or 64, channels=3, test_fraction=0.2,
-        split_seed=42, exclude=CALTECH_EXCLUDE, layout=CALTECH_LAYOUT,
-    )
+    return load_caltech101(**kw)
 
 
 def _cifar_loader(key: str) -> Callable[..., DataSplits]:
@@ -902,100 +742,3 @@ _LOADERS: dict[str, tuple[Callable[..., DataSplits], tuple[str, ...]]] = {
     "imagefolder": (_load_imagefolder, ("channels", "test_fraction", "split_seed")),
     "caltech101": (_load_caltech101, ()),
 }
-
-
-# --------------------------------------------------------------------------------------------------
-# Batches
-
-
-@dataclass(frozen=True)
-class Augment:
-    """Per-batch training augmentation on normalised tensors ``(B, C, H, W)``.
-
-    ``crop_padding=p``: pad every side with ``p`` zeros (zero in normalised units, i.e. the data mean)
-    and crop back to ``H x W`` at an offset drawn uniformly from ``{0..2p}^2`` per image.
-    ``hflip``: mirror each image horizontally with probability 1/2.  Random draws come from the given
-    ``torch.Generator`` (crop rows, crop columns, then flips), so a batch is reproducible from the
-    generator state.  Use on the train split only.
-    """
-
-    crop_padding: int = 0
-    hflip: bool = False
-
-    def __post_init__(self) -> None:
-        if int(self.crop_padding) != self.crop_padding or self.crop_padding < 0:
-            raise UserError(f"crop_padding must be a non-negative integer, got {self.crop_padding!r}")
-
-    @property
-    def active(self) -> bool:
-        return self.crop_padding > 0 or self.hflip
-
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        b, _, h, w = x.shape
-        if self.crop_padding > 0:
-            p = int(self.crop_padding)
-            padded = F.pad(x, (p, p, p, p))  # (B, C, H+2p, W+2p)
-            oy = torch.randint(0, 2 * p + 1, (b,), generator=generator).to(x.device)
-            ox = torch.randint(0, 2 * p + 1, (b,), generator=generator).to(x.device)
-            rows = oy[:, None] + torch.arange(h, device=x.device)  # (B, H)
-            cols = ox[:, None] + torch.arange(w, device=x.device)  # (B, W)
-            bi = torch.arange(b, device=x.device)[:, None, None]
-            x = padded[bi, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B, C, H, W)
-        if self.hflip:
-            flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        return x.contiguous()
-
-
-class Loader:
-    """Batches ``(xb, yb)`` over in-memory tensors; see :func:`make_loader`."""
-
-    def __init__(
-        self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool,
-        generator: torch.Generator | None = None, augment: Augment | None = None, drop_last: bool = False,
-    ):
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"x has {x.shape[0]} samples but y has {y.shape[0]}")
-        if int(batch_size) != batch_size or batch_size < 1:
-            raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.x, self.y = x, y
-        self.batch_size = int(batch_size)
-        self.shuffle = bool(shuffle)
-        self.generator = generator
-        self.augment = augment if augment is not None and augment.active else None
-        self.drop_last = bool(drop_last)
-
-    def __len__(self) -> int:
-        n = int(self.x.shape[0])
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        # The permutation is drawn here, when the epoch starts, not on the first next().
-        order = torch.randperm(int(self.x.shape[0]), generator=self.generator) if self.shuffle else None
-        return self._batches(order)
-
-    def _batches(self, order: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        bs = self.batch_size
-        for k in range(len(self)):
-            if order is None:
-                xb, yb = self.x[k * bs:(k + 1) * bs], self.y[k * bs:(k + 1) * bs]
-            else:
-                idx = order[k * bs:(k + 1) * bs].to(self.x.device)
-                xb, yb = self.x[idx], self.y[idx.to(self.y.device)]
-            if self.augment is not None:
-                xb = self.augment(xb, self.generator)
-            yield xb, yb
-
-
-def make_loader(
-    x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool,
-    generator: torch.Generator | None = None, augment: Augment | None = None, drop_last: bool = False,
-) -> Loader:
-    """An epoch iterator of ``(xb, yb)`` batches over tensors ``x (N, ...)`` and ``y (N,)``.
-
-    With ``shuffle`` each ``iter()`` draws ``torch.randperm(N, generator=generator)``; augmentation
-    draws from the same generator.  Saving ``generator.get_state()`` before an epoch and restoring it
-    reproduces that epoch's batches exactly (the global RNG is used when ``generator`` is None).
-    ``len(loader)`` is the number of batches; the last one is short unless ``drop_last``.
-    """
-    return Loader(x, y, batch_size, shuffle=shuffle, generator=generator, augment=augment, drop_last=drop_last)
