@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-slow test-all test-browser demo clean
+.PHONY: venv test test-slow test-all test-browser demo data clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,22 @@ test-browser: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/probe demo
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist, in /usr/share/datasets/fashion-mnist (searched by
+# default): installed when run as root, otherwise the command to run is printed.
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+FASHION_FILES := $(addprefix $(FASHION_DIR)/,train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz \
+	t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz)
+APT_INSTALL := apt-get install -y --no-install-recommends dataset-fashion-mnist
+
+data:
+	@if ls $(FASHION_FILES) >/dev/null 2>&1; then \
+		echo "fashion-mnist: already in $(FASHION_DIR)"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		$(APT_INSTALL) || { apt-get update && $(APT_INSTALL); }; \
+	else \
+		echo "fashion-mnist: run as root: $(APT_INSTALL)  (or: sudo make data)"; exit 1; \
+	fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info

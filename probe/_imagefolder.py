@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from probe.data import (IMAGE_EXTENSIONS, IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD, IMAGENET_MEAN, IMAGENET_STD,
-                        DataSplits, _default_root, _normalise_u8)
+                        DataSplits, _normalise_u8, _search)
 from probe.errors import DataError, UserError
 
-__all__ = ["load_imagefolder", "load_caltech101"]
+__all__ = ["load_imagefolder", "load_caltech101", "locate_caltech101"]
 
 
 IMAGEFOLDER_LAYOUT = (
@@ -172,14 +172,16 @@ def load_imagefolder(
 CALTECH_EXCLUDE = ("BACKGROUND_Google",)
 
 
-def load_caltech101(*, root, image_size, seed) -> DataSplits:
-    base = _default_root(root)
+def locate_caltech101(base: Path) -> tuple[Path | None, list[str]]:
+    """The ``101_ObjectCategories`` folder under ``base`` (or ``base`` itself), None when absent."""
     candidates = [base / "101_ObjectCategories", base / "caltech101" / "101_ObjectCategories"]
     if base.name == "101_ObjectCategories" or (base / CALTECH_EXCLUDE[0]).is_dir():
         candidates.insert(0, base)  # root is the categories folder itself
-    folder = next((c for c in candidates if c.is_dir() and _class_dirs(c, CALTECH_EXCLUDE)), None)
-    if folder is None:
-        raise DataError(f"caltech101 not found under {base}. Expected {CALTECH_LAYOUT}")
+    return next((c for c in candidates if c.is_dir() and _class_dirs(c, CALTECH_EXCLUDE)), None), []
+
+
+def load_caltech101(*, root, image_size, seed) -> DataSplits:
+    folder = _search("caltech101", root, locate_caltech101, CALTECH_LAYOUT)
     return _image_splits(
         "caltech101", folder, presplit=False, size=image_size or 64, channels=3, test_fraction=0.2,
         split_seed=42, exclude=CALTECH_EXCLUDE, layout=CALTECH_LAYOUT,

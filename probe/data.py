@@ -2,7 +2,22 @@
 
 :func:`load_data` returns a :class:`DataSplits`: normalised float32 images ``(N, C, H, W)`` and int64
 labels ``(N,)`` for a train and a test split.  Nothing is downloaded; real data sets are read from local
-files under ``root`` (default: ``$PROBE_DATA`` or ``./data``).
+files, looked for in the folders :func:`data_roots` lists (:func:`find_data` says where a data set's files
+are without reading them):
+
+=================================  ============================================================================
+folder, in search order            searched
+=================================  ============================================================================
+``root`` (``--data-root``)         when given, and then alone
+``$PROBE_DATA``                    when set
+``./data``                         always (relative to the working directory)
+``$PROBE_SYSTEM_DATA/<name>``      always; data sets installed as system packages.  The base defaults to
+                                   ``/usr/share/datasets``: Debian's ``dataset-fashion-mnist`` installs
+                                   ``/usr/share/datasets/fashion-mnist``
+=================================  ============================================================================
+
+The first folder holding a complete copy wins.  ``imagefolder`` reads only ``root``; ``digits`` and
+``synthetic`` read no files.
 
 =================  ==========================================================================  ==========
 name               source and split                                                            mean / std
@@ -13,7 +28,7 @@ name               source and split                                             
 ``cifar10``        binary (``data_batch_{1..5}.bin``, ``test_batch.bin``) or python format     CIFAR-10
 ``cifar100``       binary (``train.bin``, ``test.bin``; fine labels) or python format          CIFAR-100
 ``mnist``          idx files, optionally ``.gz``                                               MNIST
-``fashion-mnist``  idx files, optionally ``.gz``                                               F-MNIST
+``fashion-mnist``  idx files, optionally ``.gz``; Debian package ``dataset-fashion-mnist``     F-MNIST
 ``imagefolder``    ``root/{train,test}/<class>/<image>`` or ``root/<class>/<image>`` split     ImageNet
                    stratified (``test_fraction=0.2``, ``split_seed=42``)
 ``caltech101``     ``101_ObjectCategories`` without ``BACKGROUND_Google``, stratified 80/20    ImageNet
@@ -23,7 +38,7 @@ name               source and split                                             
 Splits of real data sets never depend on ``seed``; ``seed`` only drives ``synthetic``.  The CIFAR python
 format is a pickle: it is read with an allow-list unpickler that refuses anything a CIFAR batch does not
 need, without running it.  Every missing, truncated or malformed file raises :class:`DataError` with the
-expected on-disk layout.  Reading is bounded, so that a hostile file cannot exhaust memory or time: file
+expected on-disk layout; a missing data set's error also names every folder searched and how to get it.  Reading is bounded, so that a hostile file cannot exhaust memory or time: file
 sizes are capped (``MAX_CIFAR_BATCH_BYTES``, ``MAX_CIFAR_META_BYTES``), an idx header is checked before its
 payload (``MAX_IDX_BYTES``) and a gzip stream is decompressed only as far as the header says, and a pickle
 is refused (:mod:`probe._cifar_pickle`) past ``MAX_PICKLE_OPS`` opcodes, ``MAX_PICKLE_DEPTH`` levels of nesting or
@@ -48,7 +63,7 @@ from probe._batches import Augment, Loader, make_loader  # noqa: F401  (re-expor
 from probe._cifar_pickle import load_cifar_pickle
 from probe.errors import DataError, UserError
 
-__all__ = ["DATASETS", "DataSplits", "Augment", "Loader", "load_data", "make_loader"]
+__all__ = ["DATASETS", "DataSplits", "Augment", "Loader", "data_roots", "find_data", "load_data", "make_loader"]
 
 DATASETS = (
     "digits",
@@ -78,6 +93,11 @@ FASHION_CLASSES = (
     "Ankle boot",
 )
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+#: where packaged data sets live, one folder per data set; ``$PROBE_SYSTEM_DATA`` overrides it
+SYSTEM_DATA = "/usr/share/datasets"
+#: the Debian package that installs a data set under :data:`SYSTEM_DATA`
+SYSTEM_PACKAGES = {"fashion-mnist": "dataset-fashion-mnist"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,10 +167,11 @@ def load_data(
 ) -> DataSplits:
     """Load data set ``name`` (one of :data:`DATASETS`) into memory.
 
-    ``root``: where local files live (default ``$PROBE_DATA`` or ``./data``); ignored by ``digits``
-    and ``synthetic``.  ``image_size``: square output side; images are resized bilinearly (antialiased
-    when shrinking) ignoring the aspect ratio; ``None`` keeps the native size (32 for ``imagefolder``,
-    64 for ``caltech101``, 8 for ``synthetic``).  ``seed`` only affects ``synthetic``.
+    ``root``: the folder holding the data set's files, then the only one searched (default: the
+    search path of :func:`data_roots`); ignored by ``digits`` and ``synthetic``.  ``image_size``: square
+    output side; images are resized bilinearly (antialiased when shrinking) ignoring the aspect ratio;
+    ``None`` keeps the native size (32 for ``imagefolder``, 64 for ``caltech101``, 8 for ``synthetic``).
+    ``seed`` only affects ``synthetic``.
 
     ``limit_train`` / ``limit_test`` keep a deterministic, class-balanced subset: the first samples of
     each class in file order, taken round-robin over classes (so class counts differ by at most one
@@ -211,10 +232,75 @@ def _balanced_subset(y: torch.Tensor, limit: int | None) -> torch.Tensor | slice
     return torch.from_numpy(keep)
 
 
-def _default_root(root: str | os.PathLike | None) -> Path:
-    if root is None:
-        root = os.environ.get("PROBE_DATA", "data")
-    return Path(root).expanduser()
+# --------------------------------------------------------------------------------------------------
+# Where the files are
+
+# locate(base) -> (the folder under base that holds a complete copy, or None; notes on partial copies)
+_Locate = Callable[[Path], tuple[Path | None, list[str]]]
+
+
+def data_roots(name: str, root: str | os.PathLike | None = None) -> list[Path]:
+    """The folders searched for data set ``name``'s files, in order.
+
+    ``root`` given: ``[root]`` alone.  Otherwise ``$PROBE_DATA`` (when set), ``./data`` and
+    ``$PROBE_SYSTEM_DATA/<name>`` (default ``/usr/share/datasets/<name>``, where packaged data sets are
+    installed).  Empty for the data sets that read no files (``digits``, ``synthetic``) and for
+    ``imagefolder`` without ``root``.
+    """
+    key = _canonical_name(name)
+    if key in ("digits", "synthetic"):
+        return []
+    if root is not None:
+        return [Path(root).expanduser()]
+    if key == "imagefolder":
+        return []
+    roots = [Path(p).expanduser().absolute() for p in (os.environ.get("PROBE_DATA"), "data") if p]
+    roots.append(Path(os.environ.get("PROBE_SYSTEM_DATA") or SYSTEM_DATA).expanduser().absolute() / key)
+    return list(dict.fromkeys(roots))
+
+
+def find_data(name: str, root: str | os.PathLike | None = None) -> Path | None:
+    """The folder holding a complete copy of data set ``name``'s files, the first in :func:`data_roots`
+    order, found without reading them; ``None`` when there is none or the data set reads no files."""
+    key = _canonical_name(name)
+    locate = _locator(key)
+    return next((f for f in (locate(base)[0] for base in data_roots(key, root)) if f is not None), None)
+
+
+def _locator(key: str) -> _Locate:
+    if key in _CIFAR:
+        return lambda base: _locate_cifar(_CIFAR[key], base, "auto")
+    if key in _IDX_SUBDIRS:
+        return lambda base: _locate_idx(key, base)
+    if key == "caltech101":
+        from probe._imagefolder import locate_caltech101
+
+        return locate_caltech101
+    return lambda base: (base if base.is_dir() else None, [])  # imagefolder: root itself
+
+
+def _search(key: str, root: str | os.PathLike | None, locate: _Locate, layout: str) -> Path:
+    """The first folder ``locate`` finds over :func:`data_roots`; when none, a :class:`DataError` naming
+    every folder searched, the expected ``layout`` and how to get the data set."""
+    roots = data_roots(key, root)
+    notes: list[str] = []
+    for base in roots:
+        folder, partial = locate(base)
+        if folder is not None:
+            return folder
+        notes += partial
+    detail = f" ({'; '.join(notes)})" if notes else ""
+    if root is not None:
+        where, there = f"under {roots[0]}", "that folder"
+    else:
+        where, there = f"in {', '.join(map(str, roots))}", "one of those folders"
+    get = f"put the files under {there}"
+    package = SYSTEM_PACKAGES.get(key)
+    if package:
+        unless = " (searched only when no root is given)" if root is not None else ""
+        get = (f"install it with `apt-get install {package}` (or `make data`), which puts it in "
+               f"{Path(SYSTEM_DATA) / key}{unless}, or {get}")
+    raise DataError(f"{key} not found {where}{detail}. Expected {layout}. To get it, {get}")
 
 
 def _normalise_u8(
@@ -442,23 +528,33 @@ def _cifar_layout(spec: _CifarSpec) -> str:
     )
 
 
-def _find_cifar(spec: _CifarSpec, root: Path, fmt: str) -> tuple[str, Path]:
-    formats = ("binary", "python") if fmt == "auto" else (fmt,)
-    missing_report = []
-    for kind in formats:
-        sub, needed = (
-            (spec.bin_dir, spec.bin_train + (spec.bin_test,)) if kind == "binary"
-            else (spec.py_dir, spec.py_train + (spec.py_test,))
-        )
-        for folder in (root / sub, root):
+def _cifar_needed(spec: _CifarSpec, kind: str) -> tuple[str, ...]:
+    return spec.bin_train + (spec.bin_test,) if kind == "binary" else spec.py_train + (spec.py_test,)
+
+
+def _cifar_formats(fmt: str) -> tuple[str, ...]:
+    return ("binary", "python") if fmt == "auto" else (fmt,)
+
+
+def _locate_cifar(spec: _CifarSpec, base: Path, fmt: str) -> tuple[Path | None, list[str]]:
+    notes = []
+    for kind in _cifar_formats(fmt):
+        needed = _cifar_needed(spec, kind)
+        for folder in (base / (spec.bin_dir if kind == "binary" else spec.py_dir), base):
             if folder.is_dir():
                 absent = [n for n in needed if not (folder / n).is_file()]
                 if not absent:
-                    return kind, folder
+                    return folder, []
                 if len(absent) < len(needed):  # a partial copy: say what is missing
-                    missing_report.append(f"{folder} lacks {', '.join(absent)}")
-    detail = f" ({'; '.join(missing_report)})" if missing_report else ""
-    raise DataError(f"{spec.name} not found under {root}{detail}. Expected {_cifar_layout(spec)}")
+                    notes.append(f"{folder} lacks {', '.join(absent)}")
+    return None, notes
+
+
+def _find_cifar(spec: _CifarSpec, root: str | os.PathLike | None, fmt: str) -> tuple[str, Path]:
+    folder = _search(spec.name, root, lambda base: _locate_cifar(spec, base, fmt), _cifar_layout(spec))
+    formats = _cifar_formats(fmt)
+    kind = next((k for k in formats if all((folder / n).is_file() for n in _cifar_needed(spec, k))), formats[-1])
+    return kind, folder
 
 
 def _read_cifar_binary(spec: _CifarSpec, path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -526,7 +622,7 @@ def _load_cifar(key: str, *, root, image_size, seed, format="auto") -> DataSplit
     spec = _CIFAR[key]
     if format not in ("auto", "binary", "python"):
         raise UserError(f"{key}: format must be auto, binary or python, got {format!r}")
-    kind, folder = _find_cifar(spec, _default_root(root), format)
+    kind, folder = _find_cifar(spec, root, format)
     read = _read_cifar_binary if kind == "binary" else _read_cifar_python
     train_files = spec.bin_train if kind == "binary" else spec.py_train
     test_file = spec.bin_test if kind == "binary" else spec.py_test
@@ -577,29 +673,34 @@ def _idx_layout(key: str) -> str:
     )
 
 
-def _find_idx(key: str, root: Path) -> dict[str, Path]:
-    folders = [root] + [root / s for s in _IDX_SUBDIRS[key]]
-    best: dict[str, Path] = {}
-    for folder in folders:
-        if not folder.is_dir():
-            continue
-        found = {}
-        for role, base in _IDX_FILES.items():
-            dotted = base.replace("-idx", ".idx")  # some copies name them train-images.idx3-ubyte
-            for cand in (base, base + ".gz", dotted, dotted + ".gz"):
-                if (folder / cand).is_file():
-                    found[role] = folder / cand
-                    break
+def _idx_files(folder: Path) -> dict[str, Path]:
+    """role -> file for the idx files ``folder`` holds (all four roles when complete)."""
+    found = {}
+    for role, name in _IDX_FILES.items():
+        dotted = name.replace("-idx", ".idx")  # some copies name them train-images.idx3-ubyte
+        for cand in (name, name + ".gz", dotted, dotted + ".gz"):
+            if (folder / cand).is_file():
+                found[role] = folder / cand
+                break
+    return found
+
+
+def _locate_idx(key: str, base: Path) -> tuple[Path | None, list[str]]:
+    best: tuple[Path, dict[str, Path]] | None = None
+    for folder in [base] + [base / s for s in _IDX_SUBDIRS[key]]:
+        found = _idx_files(folder) if folder.is_dir() else {}
         if len(found) == len(_IDX_FILES):
-            return found
-        if len(found) > len(best):
-            best = found
-    detail = ""
-    if best:
-        folder = next(iter(best.values())).parent
-        missing = [_IDX_FILES[r] for r in _IDX_FILES if r not in best]
-        detail = f" ({folder} lacks {', '.join(missing)})"
-    raise DataError(f"{key} not found under {root}{detail}. Expected {_idx_layout(key)}")
+            return folder, []
+        if found and (best is None or len(found) > len(best[1])):
+            best = folder, found
+    if best is None:
+        return None, []
+    missing = [_IDX_FILES[r] for r in _IDX_FILES if r not in best[1]]
+    return None, [f"{best[0]} lacks {', '.join(missing)}"]
+
+
+def _find_idx(key: str, root: str | os.PathLike | None) -> dict[str, Path]:
+    return _idx_files(_search(key, root, lambda base: _locate_idx(key, base), _idx_layout(key)))
 
 
 def _read_idx(path: Path, ndim: int, key: str) -> np.ndarray:
@@ -673,7 +774,7 @@ def _read_idx(path: Path, ndim: int, key: str) -> np.ndarray:
 
 
 def _load_idx(key: str, *, root, image_size, seed) -> DataSplits:
-    files = _find_idx(key, _default_root(root))
+    files = _find_idx(key, root)
     mean, std = (MNIST_MEAN, MNIST_STD) if key == "mnist" else (FASHION_MEAN, FASHION_STD)
 
     def split(prefix: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from sklearn.model_selection import train_test_split
 
-from probe.data import DATASETS, Augment, DataSplits, load_data, make_loader
+from probe.data import DATASETS, Augment, DataSplits, data_roots, find_data, load_data, make_loader
 from probe.errors import DataError, UserError
 
 # Un-normalising float32 images and scaling by 255 carries a few ulps of error; a tolerance of
@@ -582,6 +582,119 @@ def test_unknown_name_suggests_close_match():
     assert set(DATASETS) >= {"digits", "synthetic", "cifar10", "caltech101"}
     with pytest.raises(UserError, match="does not take"):
         load_data("digits", channels=3)
+
+
+# --------------------------------------------------------------------------------------------------
+# Search path: root alone when given, else $PROBE_DATA, ./data, $PROBE_SYSTEM_DATA/<name>
+
+
+@pytest.fixture
+def places(tmp_path, monkeypatch):
+    """Empty stand-ins for $PROBE_DATA, ./data (the working directory's) and the system folder."""
+    env, cwd, system = tmp_path / "env", tmp_path / "cwd", tmp_path / "system"
+    for folder in (env, cwd, system):
+        folder.mkdir()
+    monkeypatch.setenv("PROBE_DATA", str(env))
+    monkeypatch.setenv("PROBE_SYSTEM_DATA", str(system))
+    monkeypatch.chdir(cwd)
+    return env, cwd / "data", system / "fashion-mnist"
+
+
+def test_search_order_env_then_cwd_data_then_system(places, monkeypatch):
+    env, local, system = places
+    assert data_roots("fashion_mnist") == [env, local, system]
+    assert data_roots("mnist")[-1] == system.parent / "mnist"
+    assert data_roots("digits") == [] and data_roots("imagefolder") == []
+    assert find_data("fashion-mnist") is None
+    raws = {
+        system: write_idx(system, np.random.default_rng(20), gz=True),
+        local: write_idx(local / "fashion-mnist", np.random.default_rng(21)),
+        env: write_idx(env, np.random.default_rng(22), gz=True),
+    }
+    write_idx(env / "raw", np.random.default_rng(23))  # an incomplete copy never shadows a complete one
+    (env / "raw" / "t10k-labels-idx1-ubyte").unlink()
+    for folder, found in ((env, env), (local, local / "fashion-mnist"), (system, system)):
+        assert find_data("fashion-mnist") == found
+        d = load_data("fashion-mnist")
+        check_idx(d, raws[folder])
+        assert d.source == f"idx files at {found}"
+        for f in found.glob("*-ubyte*"):
+            f.unlink()
+    assert find_data("fashion-mnist") is None
+    monkeypatch.delenv("PROBE_DATA")
+    assert data_roots("fashion-mnist") == [local, system]
+
+
+def test_system_folder_alone_is_found_with_no_root(places, monkeypatch):
+    _, _, system = places
+    monkeypatch.delenv("PROBE_DATA")
+    raw = write_idx(system, np.random.default_rng(24), gz=True)
+    d = load_data("fashion-mnist", limit_train=2)
+    assert d.name == "fashion-mnist" and str(system) in d.source
+    check_idx(load_data("fashion-mnist"), raw)
+
+
+def test_explicit_root_wins_and_is_the_only_place_searched(places, tmp_path):
+    env, local, system = places
+    for i, folder in enumerate((env, local, system)):
+        write_idx(folder, np.random.default_rng(30 + i))
+    mine = tmp_path / "mine"
+    raw = write_idx(mine, np.random.default_rng(33))
+    assert data_roots("fashion-mnist", mine) == [mine] and find_data("fashion-mnist", mine) == mine
+    check_idx(load_data("fashion-mnist", root=mine), raw)
+    empty = tmp_path / "empty"
+    assert find_data("fashion-mnist", empty) is None
+    with pytest.raises(DataError) as info:
+        load_data("fashion-mnist", root=empty)
+    msg = str(info.value)
+    assert f"not found under {empty}." in msg and "apt-get install dataset-fashion-mnist" in msg
+    assert str(env) not in msg and str(local) not in msg
+
+
+def test_missing_data_names_searched_folders_and_package(places):
+    env, local, system = places
+    with pytest.raises(DataError) as info:
+        load_data("fashion-mnist")
+    msg = str(info.value)
+    assert f"fashion-mnist not found in {env}, {local}, {system}. Expected <root>/{{train-images-idx3-ubyte" in msg
+    assert "`apt-get install dataset-fashion-mnist` (or `make data`)" in msg and "\n" not in msg
+    assert msg.endswith("or put the files under one of those folders")
+    write_idx(local, np.random.default_rng(25))
+    (local / "train-labels-idx1-ubyte").unlink()
+    with pytest.raises(DataError, match=f"{local} lacks train-labels-idx1-ubyte"):
+        load_data("fashion-mnist")
+    with pytest.raises(DataError) as info:
+        load_data("cifar10")
+    assert f"in {env}, {local}, {system.parent / 'cifar10'}." in str(info.value)
+    assert "apt-get" not in str(info.value)
+
+
+def test_cifar_and_caltech_follow_the_search_path(places):
+    env, local, system = places
+    raw = write_cifar10_binary(local / "cifar-10-batches-bin", np.random.default_rng(26))
+    assert find_data("cifar10") == local / "cifar-10-batches-bin"
+    d = load_data("cifar10")
+    check_cifar(d, raw, [f"data_batch_{i}.bin" for i in range(1, 6)], "test_batch.bin")
+    cats = system.parent / "caltech101" / "101_ObjectCategories"
+    write_tree(cats, ["a", "b"], 5)
+    assert find_data("caltech-101") == cats
+    assert load_data("caltech101", image_size=8).source.startswith(f"image folder {cats},")
+    assert find_data("imagefolder") is None and find_data("imagefolder", cats) == cats
+
+
+@pytest.mark.slow
+def test_real_fashion_mnist_package(tmp_path, monkeypatch):
+    """Debian's dataset-fashion-mnist, where installed: the full 60000/10000 split, 28x28."""
+    monkeypatch.delenv("PROBE_DATA", raising=False)
+    monkeypatch.delenv("PROBE_SYSTEM_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    if find_data("fashion-mnist") is None:
+        pytest.skip("dataset-fashion-mnist is not installed (make data)")
+    d = load_data("fashion-mnist")
+    assert d.x_train.shape == (60000, 1, 28, 28) and d.x_test.shape == (10000, 1, 28, 28)
+    counts = d.describe()
+    assert counts["train_class_counts"] == [6000] * 10 and counts["test_class_counts"] == [1000] * 10
+    assert abs(float(d.x_train.mean())) < 0.01 and abs(float(d.x_train.std()) - 1) < 0.01
 
 
 # --------------------------------------------------------------------------------------------------

@@ -157,8 +157,9 @@ def test_local_data_sets_add_protocols_in_the_full_setting(tmp_path, monkeypatch
 
     assert local_protocols(tmp_path) == ()
     (tmp_path / "cifar-10-batches-bin").mkdir()
-    (tmp_path / "cifar-10-batches-bin" / "data_batch_1.bin").write_bytes(b"")
-    (tmp_path / "101_ObjectCategories").mkdir()
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        (tmp_path / "cifar-10-batches-bin" / name).write_bytes(b"")
+    (tmp_path / "101_ObjectCategories" / "accordion").mkdir(parents=True)
     found = local_protocols(tmp_path)
     assert [p.data for p in found] == ["cifar10", "caltech101"]
     monkeypatch.setenv("PROBE_DATA", str(tmp_path))

@@ -209,7 +209,7 @@ _TRAIN_HELP = {
     "model": "registered model name (`probe models`) or package.module:factory (required, unless by "
              "default from --preset or --resume)",
     "data": "data set: digits, synthetic, cifar10, cifar100, mnist, fashion-mnist, imagefolder, caltech101",
-    "data_root": "folder with the data set's local files (default: $PROBE_DATA or ./data)",
+    "data_root": "folder with the data set's files (default: $PROBE_DATA, ./data, /usr/share/datasets/<name>)",
     "fusion": "fusion spec, seed row id (fmm01..fmm59), add or mul (default: the model's own)",
     "epochs": "number of epochs", "batch_size": "training batch size", "lr": "peak learning rate",
     "momentum": "SGD momentum", "weight_decay": "SGD weight decay",

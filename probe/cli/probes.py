@@ -58,8 +58,8 @@ def _target_args(p: argparse.ArgumentParser, default_n: int) -> None:
     p.add_argument("--data", default=None, help="data set for a model given by name (default: digits; a run "
                                                 "uses its own)")
     p.add_argument("--data-root", default=None, metavar="DIR",
-                   help="folder with the data set's local files (default: $PROBE_DATA or ./data; a run uses the "
-                        "one it was trained with)")
+                   help="folder with the data set's local files (default: a run's own, else $PROBE_DATA, ./data, "
+                        "/usr/share/datasets/<name>)")
     p.add_argument("--image-size", type=int, default=None,
                    help="square input side for a model given by name (default: the data set's own; a run uses "
                         "its own)")
