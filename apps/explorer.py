@@ -1,9 +1,10 @@
 """The explorer: a thin Streamlit view over the run store (``probe explore``).
 
 Pages: Runs (table and training curves), one page per registered probe (its figure builder over
-any selection of stored results), Compare (two runs side by side on every probe both have) and
-the seed's fusion table. Everything comes from the catalog under the runs root, opened read-only;
-figures come from :mod:`probe.figures` and the probes' own builders; nothing stored is executed.
+any selection of stored results), Compare (two runs side by side on every probe both have), the
+seed's fusion table and Findings (the experiments' stored numbers, drawn). Everything comes from
+the catalog under the runs root, opened read-only; figures come from :mod:`probe.figures` and the
+probes' own builders; nothing stored is executed, and stored text is shown as text.
 
     streamlit run apps/explorer.py -- --runs DIR
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 
 import streamlit as st
@@ -50,6 +52,12 @@ def load_catalog(root: str, stamp: tuple) -> dict:
     return {"runs": runs, "probes": probes, "skipped": skipped}
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def load_findings(root: str, stamp: tuple) -> dict:
+    store = probe.RunStore(root, readonly=True)
+    return {"findings": store.list_findings(), "skipped": list(store.skipped)}
+
+
 @st.cache_data(show_spinner=False, max_entries=256)
 def load_metrics(root: str, run_id: str, stamp: tuple) -> list[dict]:
     return probe.RunStore(root, readonly=True).get_metrics(run_id)
@@ -85,6 +93,12 @@ def _download(fig, name: str, key: str) -> None:
 def _show(fig, name: str, key: str) -> None:
     st.plotly_chart(fig, width="stretch", key=f"chart-{key}")
     _download(fig, name, key=f"dl-{key}")
+
+
+def _plain(text) -> str:
+    """Stored text for a Streamlit element that reads markdown: one line, every markup character
+    escaped, so it shows as written."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~$:&=^])", r"\\\1", " ".join(str(text).split()))
 
 
 # --- pages -----------------------------------------------------------------------------------
@@ -265,12 +279,82 @@ def page_seed(root: str, cat: dict) -> None:
     st.dataframe(rows, width="stretch", hide_index=True)
 
 
+def _frame(rows: list[dict]):
+    """A table of rows for st.dataframe: a column mixing text with other values (e.g. a depth that
+    is a number or ``all``) becomes text."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    for col in frame.columns:
+        values = [v for v in frame[col] if v is not None and not (isinstance(v, float) and math.isnan(v))]
+        if any(isinstance(v, str) for v in values) and not all(isinstance(v, str) for v in values):
+            frame[col] = [None if v is None else str(v) for v in frame[col]]
+    return frame
+
+
+def _finding(finding: dict) -> None:
+    """One stored finding: its title, figures and tables, or one line saying why it is not drawn."""
+    from probe.figures.findings import FINDING_KINDS, finding_figures, finding_tables, validate_finding
+
+    payload, fid = finding.get("payload"), finding["finding_id"]
+    title = payload.get("title") if isinstance(payload, dict) else None
+    kind = payload.get("kind") if isinstance(payload, dict) else None
+    st.subheader(_plain(title if isinstance(title, str) and title.strip() else finding["name"]))
+    st.caption(_plain(f"{finding['experiment']} / {finding['name']} ({kind or 'no kind'}), saved "
+                      f"{str(finding['created_at'])[:19]}, id {fid}"))
+    if finding.get("error"):
+        st.error(_plain(finding["error"]))
+        return
+    where = f"finding {finding['experiment']}/{finding['name']} ({fid})"
+    if kind not in FINDING_KINDS:
+        st.warning(_plain(f"{where}: unknown kind {kind!r}; this explorer draws {', '.join(FINDING_KINDS)}"))
+        return
+    problem = validate_finding(payload)
+    if problem:
+        st.error(_plain(f"{where} is malformed: {problem}"))
+        return
+    if kind == "verdict":
+        st.caption(_plain(f"baseline {payload['baseline']}"))
+        st.markdown(_plain(payload["paragraph"]))
+    try:
+        figures = finding_figures(payload)
+    except Exception as e:  # noqa: BLE001 - one finding that cannot be drawn leaves the page standing
+        st.error(_plain(f"{where}: its figure could not be built ({type(e).__name__}: {e})"))
+        figures = []
+    for i, fig in enumerate(figures):
+        _show(fig, f"{fid}_{i}", f"finding-{fid}-{i}")
+    for name, rows in finding_tables(payload):
+        st.dataframe(_frame(rows), width="stretch", hide_index=True, key=f"table-{fid}-{name}")
+
+
+def page_findings(root: str) -> None:
+    st.header("Findings")
+    data = load_findings(root, catalog_stamp(root))
+    for msg in data["skipped"]:
+        st.warning(_plain(msg))
+    if not data["findings"]:
+        st.info(f"No findings in {root} yet: the experiments store them; run "
+                f"`python -m experiments regimes --quick --runs {root}` and "
+                f"`python -m experiments fusion_table --quick --runs {root}`.")
+        return
+    st.caption("What the experiments found, drawn from the numbers they stored (the newest finding of each "
+               "experiment and name).")
+    by_experiment: dict[str, list[dict]] = {}
+    for finding in data["findings"]:
+        by_experiment.setdefault(finding["experiment"], []).append(finding)
+    for experiment, findings in by_experiment.items():
+        with st.expander(_plain(f"{experiment} ({len(findings)} finding{'s' if len(findings) > 1 else ''})"),
+                         expanded=True):
+            for finding in findings:
+                _finding(finding)
+
+
 def main() -> None:
     st.set_page_config(page_title="landscape-probe explorer", layout="wide")
     root = runs_root()
     st.sidebar.title("landscape-probe")
     st.sidebar.caption(f"runs root: {root}")
-    pages = ["Runs", *probe.list_probes(), "Compare", "Seed table"]
+    pages = ["Runs", *probe.list_probes(), "Compare", "Seed table", "Findings"]
     page = st.sidebar.radio("page", pages, key="page")
     try:
         cat = load_catalog(root, catalog_stamp(root))
@@ -286,6 +370,8 @@ def main() -> None:
             page_compare(root, cat)
         elif page == "Seed table":
             page_seed(root, cat)
+        elif page == "Findings":
+            page_findings(root)
         else:
             page_probe(root, cat, page)
     except probe.UserError as e:

@@ -1,5 +1,5 @@
-"""Rebuilding the catalog from the run folders and probe sidecars, the source of truth for what
-exists (:meth:`probe.store.RunStore.rebuild_catalog`, ``probe runs --rebuild-catalog``)."""
+"""Rebuilding the catalog from the run folders, probe sidecars and finding files, the source of
+truth for what exists (:meth:`probe.store.RunStore.rebuild_catalog`, ``probe runs --rebuild-catalog``)."""
 from __future__ import annotations
 
 import contextlib
@@ -15,17 +15,18 @@ from typing import Any, Callable
 
 from probe._atomic import _disk_errors, _fsync_dir, _no_space, _temp_file
 from probe.errors import DiskFullError, StoreError
-from probe.store import (_INSERT_CHECKPOINT, _INSERT_METRICS, _INSERT_PROBE, _INSERT_RUN, _PROBE_FIELDS,
-                         CATALOG_NAME, METRIC_COLUMNS, RunStore, _checkpoint_rel, _create_schema,
-                         _dumps, _first_problem, _is_int, _is_obj, _is_str, _json, _metric_values,
-                         _mtime_stamp, _probe_params, _probe_rel, _sha256, _show,
-                         _valid_id, _where, _why)
+from probe.store import (_FINDING_FIELDS, _INSERT_CHECKPOINT, _INSERT_FINDING, _INSERT_METRICS, _INSERT_PROBE,
+                         _INSERT_RUN, _PROBE_FIELDS, CATALOG_NAME, FINDING_MAX_BYTES, METRIC_COLUMNS, RunStore,
+                         _checkpoint_rel, _create_schema, _dumps, _finding_rel, _first_problem, _is_int,
+                         _is_obj, _is_str, _json, _load_finding_payload, _metric_values, _mtime_stamp,
+                         _probe_params, _probe_rel, _sha256, _show, _valid_id, _where, _why)
 
 __all__ = ["rebuild_catalog"]
 
 
 def rebuild_catalog(root: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Rebuild ``catalog.sqlite`` from the run folders and probe sidecars (the source of truth).
+    """Rebuild ``catalog.sqlite`` from the run folders, probe sidecars and finding files (the source
+    of truth).
 
     Runs come from ``runs/<id>/config.json`` (model and data from ``config["model"]`` /
     ``config["data"]``); checkpoints from ``runs/<id>/checkpoints/epoch_NNNN.pt`` that load with
@@ -33,11 +34,13 @@ def rebuild_catalog(root: str | os.PathLike | None = None) -> dict[str, Any]:
     summary (``best_acc``, ``best_epoch``, its epoch), the metrics table (its ``metrics`` list,
     when present) and the status (``finished`` once its epoch reaches ``config["epochs"]``, else
     ``interrupted``); probes come from ``probes/<id>.json`` with their ``.npz`` checked (a probe
-    whose run is gone keeps run_id ``None``). The new catalog is built in a temp file and renamed
+    whose run is gone keeps run_id ``None``); findings from ``findings/<id>.json`` (a JSON object
+    with the finding's fields and a payload object with a ``kind``). The new catalog is built in a
+    temp file and renamed
     in place; the old one (with its -wal / -shm) is moved to ``catalog.sqlite.broken-<UTC stamp>``,
     never deleted. Run it while no other process uses the root.
 
-    Returns ``{"runs", "checkpoints", "metrics", "probes": counts restored, "skipped": [one line
+    Returns ``{"runs", "checkpoints", "metrics", "probes", "findings": counts restored, "skipped": [one line
     per item left out, with the reason], "old_catalog": path or None, "catalog": path}``.
     """
     store = RunStore.__new__(RunStore)
@@ -86,7 +89,8 @@ def _move_catalog_aside(store: RunStore) -> str | None:
 
 def _restore(store: RunStore, con: sqlite3.Connection) -> dict[str, Any]:
     """Insert what the run folders and probe sidecars hold into the new catalog ``con``."""
-    report: dict[str, Any] = {"runs": 0, "checkpoints": 0, "metrics": 0, "probes": 0, "skipped": []}
+    report: dict[str, Any] = {"runs": 0, "checkpoints": 0, "metrics": 0, "probes": 0, "findings": 0,
+                              "skipped": []}
     skip = report["skipped"].append
     restored = set()
     for name in _scan(store, "runs", skip):
@@ -104,6 +108,10 @@ def _restore(store: RunStore, con: sqlite3.Connection) -> dict[str, Any]:
                  "not restored")
         elif suffix == ".json" and _restore_probe(store, con, stem, restored, skip):
             report["probes"] += 1
+    for file in _scan(store, "findings", skip):
+        stem, suffix = os.path.splitext(file)
+        if suffix == ".json" and _restore_finding(store, con, stem, skip):
+            report["findings"] += 1
     return report
 
 def _restore_run(store: RunStore, con: sqlite3.Connection, name: str,
@@ -193,6 +201,42 @@ def _restore_probe(store: RunStore, con: sqlite3.Connection, probe_id: str, runs
         fields["run_id"] = None
     con.execute(_INSERT_PROBE, _probe_params(fields))
     return True
+
+def _restore_finding(store: RunStore, con: sqlite3.Connection, finding_id: str,
+                     skip: Callable[[str], None]) -> bool:
+    """Insert the finding of the file ``findings/<finding_id>.json`` if it checks out."""
+    rel = _finding_rel(finding_id)
+    try:
+        if not _valid_id(finding_id):
+            raise StoreError("not a valid finding id")
+        size = os.stat(store._inside(rel)).st_size
+        if size > FINDING_MAX_BYTES + 4096:
+            raise StoreError(f"{size} bytes, over the {FINDING_MAX_BYTES // 2**20} MiB limit of a finding")
+        fields = _load_finding_payload(_json_text(store._get(rel, "finding")))
+        problem = (_first_problem(fields, _FINDING_FIELDS) if _is_obj(fields) else
+                   f"not a JSON object ({_show(fields)})")
+        payload = fields.get("payload") if problem is None else None
+        if problem is None and fields["finding_id"] != finding_id:
+            problem = f"finding_id {_show(fields['finding_id'])} is not the file's name"
+        elif problem is None and not (_is_obj(payload) and _is_str(payload.get("kind"))):
+            problem = "its payload is not a JSON object with a kind"
+        if problem:
+            raise StoreError(problem)
+        text = json.dumps(payload, allow_nan=False)
+    except (StoreError, OSError, RecursionError) as e:
+        why = e if isinstance(e, StoreError) else _why(e)
+        skip(f"{_where(rel)}: {why}; finding not restored")
+        return False
+    con.execute(_INSERT_FINDING, (finding_id, fields["experiment"], fields["name"], fields["created_at"], text))
+    return True
+
+
+def _json_text(data: bytes) -> str | None:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
 
 def _scan(store: RunStore, rel: str, skip: Callable[[str], None]) -> list[str]:
     """Sorted names in the folder ``root/rel`` but temp files ([] when absent; a folder that

@@ -7,15 +7,19 @@ Layout of a runs root (``--runs DIR``, else ``$PROBE_RUNS``, else ``./runs``)::
     <root>/runs/<run_id>/checkpoints/epoch_0007.pt   torch.save'd dict, loaded with weights_only=True
     <root>/probes/<probe_id>.npz                arrays of one probe result (runs or bare models alike)
     <root>/probes/<probe_id>.json               sidecar: the probe's catalog row (params, summary, ...)
+    <root>/findings/<finding_id>.json           one finding of an experiment (its catalog row, payload included)
 
 Probe artifacts live in one flat ``probes/`` folder whether or not the probe belongs to a run, because
 a probe on an untrained model (``--model NAME``) has no run folder; the catalog row links it to its run.
 
-The catalog has five tables: ``schema_version`` (one row), ``runs``, ``metrics`` (one row per run and
-epoch), ``checkpoints`` (one row per run and epoch: path relative to the root, sha256, size) and
-``probes``. The files are the source of truth for what exists: :meth:`RunStore.rebuild_catalog`
-rebuilds a lost or damaged catalog from the run folders (config.json, checkpoints, whose dicts carry
-the summary and per-epoch ``metrics``) and the probe sidecars, keeping the old catalog aside.
+The catalog has six tables: ``schema_version`` (one row), ``runs``, ``metrics`` (one row per run and
+epoch), ``checkpoints`` (one row per run and epoch: path relative to the root, sha256, size),
+``probes`` and ``findings`` (an experiment's numbers by name, a JSON object with a ``kind``: data
+for :mod:`probe.figures.findings`, never markup or code; a newer finding of the same experiment and
+name supersedes the older ones, which are kept). The files are the source of truth for what exists:
+:meth:`RunStore.rebuild_catalog` rebuilds a lost or damaged catalog from the run folders
+(config.json, checkpoints, whose dicts carry the summary and per-epoch ``metrics``), the probe
+sidecars and the finding files, keeping the old catalog aside.
 
 Threat model: a runs root may come from someone else, so everything in it is data. Run and probe ids
 must match ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}`` without ``..``; file paths are derived from the ids,
@@ -93,12 +97,13 @@ __all__ = [
     "atomic_savez",
     "to_jsonable",
     "SCHEMA_VERSION",
+    "FINDING_MAX_BYTES",
     "STATUSES",
     "METRIC_COLUMNS",
 ]
 
 #: Version of the catalog layout this code writes; a newer catalog is refused.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: Allowed values of a run's (and a probe's) ``status``.
 STATUSES = ("running", "finished", "failed", "interrupted")
 #: Metrics with their own column; any other keyword of :meth:`RunStore.log_epoch` goes to ``extra_json``.
@@ -112,6 +117,10 @@ CATALOG_NAME = "catalog.sqlite"
 RESERVE_NAME = ".space-reserve"
 RESERVE_BYTES = 512 * 1024
 BUSY_TIMEOUT_S = 30.0
+#: Largest payload of one finding (its JSON text, in bytes).
+FINDING_MAX_BYTES = 16 * 1024 * 1024
+#: Longest experiment or finding name.
+FINDING_NAME_MAX = 200
 
 _SCHEMA_VERSION_TABLE = "CREATE TABLE schema_version (version INTEGER NOT NULL)"
 # Each entry brings the catalog from version i to i + 1 (list index i).
@@ -170,6 +179,16 @@ _MIGRATIONS: list[list[str]] = [
         "CREATE INDEX probes_by_run ON probes (run_id, kind)",
         "CREATE INDEX probes_by_kind ON probes (kind, created_at)",
     ],
+    [
+        """CREATE TABLE findings (
+            finding_id   TEXT PRIMARY KEY,
+            experiment   TEXT NOT NULL,
+            name         TEXT NOT NULL,
+            created_at   TEXT NOT NULL,
+            payload_json TEXT NOT NULL
+        )""",
+        "CREATE INDEX findings_by_name ON findings (experiment, name, created_at)",
+    ],
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -182,6 +201,8 @@ _INSERT_CHECKPOINT = ("INSERT OR REPLACE INTO checkpoints (run_id, epoch, path, 
 _INSERT_PROBE = ("INSERT INTO probes (probe_id, run_id, model, kind, checkpoint_epoch, created_at, status,"
                  " params_json, summary_json, artifact, artifact_sha256, artifact_size)"
                  " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT_FINDING = ("INSERT INTO findings (finding_id, experiment, name, created_at, payload_json)"
+                   " VALUES (?, ?, ?, ?, ?)")
 
 _REBUILD = ("rebuild it from the run folders with `probe runs --rebuild-catalog` or "
             "RunStore.rebuild_catalog(root) (the old catalog is kept aside)")
@@ -339,6 +360,77 @@ def _probe_rel(probe_id: str, suffix: str = ".npz") -> str:
     return f"probes/{probe_id}{suffix}"
 
 
+def _finding_rel(finding_id: str) -> str:
+    return f"findings/{finding_id}.json"
+
+
+def _check_name(value: Any, what: str) -> str:
+    """An experiment or finding name: one line of printable text, 1 to :data:`FINDING_NAME_MAX` long."""
+    if not isinstance(value, str) or not value.strip() or len(value) > FINDING_NAME_MAX or \
+            not value.isprintable():
+        raise UserError(f"invalid {what} {_show(value)}: give 1-{FINDING_NAME_MAX} characters of printable "
+                        "text on one line")
+    return value
+
+
+def _finding_payload(payload: Any, what: str) -> tuple[dict, str]:
+    """A finding's payload as plain JSON types and as its JSON text; UserError when it is not a dict
+    with a ``kind``, cannot be stored as JSON, is too large or does not have its kind's shape."""
+    if not isinstance(payload, Mapping):
+        raise UserError(f"{what}: the payload must be a dict, got a {type(payload).__name__}")
+    try:
+        obj = to_jsonable(payload)
+        text = json.dumps(obj, allow_nan=False)
+    except TypeError as e:
+        raise UserError(f"{what}: the payload cannot be stored as JSON ({str(e)[:200]})") from None
+    except RecursionError:
+        raise UserError(f"{what}: the payload is nested too deeply to store") from None
+    if not isinstance(obj.get("kind"), str) or not obj["kind"]:
+        raise UserError(f"{what}: the payload needs a 'kind' (a string), got {_show(obj.get('kind'))}")
+    size = len(text.encode())
+    if size > FINDING_MAX_BYTES:
+        raise UserError(f"{what}: the payload is {size} bytes of JSON, over the "
+                        f"{FINDING_MAX_BYTES // 2**20} MiB limit; store fewer rows")
+    from probe.figures.findings import FINDING_KINDS, validate_finding
+
+    if obj["kind"] in FINDING_KINDS:
+        problem = validate_finding(obj)
+        if problem:
+            raise UserError(f"{what}: {problem}")
+    return obj, text
+
+
+def _finding_constant(_: str) -> None:
+    return None
+
+
+def _finding_float(text: str) -> float | None:
+    value = float(text)
+    return value if math.isfinite(value) else None
+
+
+def _load_finding_payload(text: Any) -> Any:
+    """A stored payload's JSON text parsed (NaN, infinities and overflowing numbers become None);
+    ``_BAD_JSON`` when it is not JSON."""
+    if not isinstance(text, str):
+        return _BAD_JSON
+    try:
+        return json.loads(text, parse_constant=_finding_constant, parse_float=_finding_float)
+    except (ValueError, RecursionError):
+        return _BAD_JSON
+
+
+def _finding_label(experiment: Any, name: Any) -> str:
+    """``experiment/name`` for a message, hostile text escaped and cut."""
+    return f"{_label_part(experiment)}/{_label_part(name)}"
+
+
+def _label_part(value: Any) -> str:
+    if isinstance(value, str) and value.isprintable() and len(value) <= 80:
+        return value
+    return _show(value)
+
+
 def _opt(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda v: v is None or check(v)
 
@@ -378,6 +470,8 @@ _RUN_FIELDS = {"run_id": _valid_id, "model": _is_str, "data": _opt(_is_str), "cr
 _CHECKPOINT_FIELDS = {"epoch": _is_count, "path": _is_str, "sha256": _is_sha, "size": _is_count,
                       "created_at": _is_str}
 _METRIC_FIELDS = {"epoch": _is_int, **{c: _is_number for c in METRIC_COLUMNS}, "extra": _is_obj}
+#: A finding's fields but its payload, as in its file ``findings/<finding_id>.json``.
+_FINDING_FIELDS = {"finding_id": _valid_id, "experiment": _is_str, "name": _is_str, "created_at": _is_str}
 #: A probe's fields, as in its sidecar ``probes/<probe_id>.json``.
 _PROBE_FIELDS = {"probe_id": _valid_id, "run_id": _opt(_valid_id), "model": _is_str, "kind": _is_str,
                  "checkpoint_epoch": _opt(_is_int), "created_at": _is_str, "status": _is_status,
@@ -454,29 +548,33 @@ def _probe_id_for(kind: str, model: str) -> str:
     return f"{stamp}-{_slug(kind, 'probe')}-{_slug(model, 'model')}-{secrets.token_hex(4)}"
 
 
+def _finding_id_for(experiment: str, name: str) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return f"{stamp}-{_slug(experiment, 'experiment')}-{_slug(name, 'finding')}-{secrets.token_hex(4)}"
+
+
 def _is_busy(exc: BaseException) -> bool:
     text = str(exc).lower()
     return "locked" in text or "busy" in text
 
 
-def _create_schema(con: sqlite3.Connection, version: int = 0) -> None:
-    """Bring a catalog from ``version`` (0: no tables) to :data:`SCHEMA_VERSION` (in the caller's
-    transaction)."""
+def _create_schema(con: sqlite3.Connection, version: int = 0, target: int = SCHEMA_VERSION) -> None:
+    """Bring a catalog from ``version`` (0: no tables) to ``target`` (in the caller's transaction)."""
     if version == 0:
         con.execute(_SCHEMA_VERSION_TABLE)
-    for step in range(version, SCHEMA_VERSION):
+    for step in range(version, target):
         for statement in _MIGRATIONS[step]:
             con.execute(statement)
     con.execute("DELETE FROM schema_version")
-    con.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+    con.execute("INSERT INTO schema_version (version) VALUES (?)", (target,))
 
 
-@functools.lru_cache(maxsize=1)
-def _expected_columns() -> dict[str, frozenset[str]]:
-    """Table -> column names of a current catalog (built once in memory from the migrations)."""
+@functools.lru_cache(maxsize=None)
+def _expected_columns(version: int = SCHEMA_VERSION) -> dict[str, frozenset[str]]:
+    """Table -> column names of a catalog of ``version`` (built once in memory from the migrations)."""
     con = sqlite3.connect(":memory:")
     try:
-        _create_schema(con)
+        _create_schema(con, target=version)
         tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
         return {t: frozenset(r[1] for r in con.execute(f"PRAGMA table_info({t})")) for t in tables}
     finally:
@@ -493,10 +591,13 @@ class RunStore:
 
     ``readonly=True`` opens the catalog read-only (``mode=ro``, or ``immutable=1`` on a folder it
     cannot write while no writer has the catalog open) and creates, migrates and removes nothing;
-    a root without a catalog reads as an empty store. Every write then raises StoreError.
+    a root without a catalog reads as an empty store, a catalog of an older schema version as it
+    is (what that version lacks, e.g. the findings, reads as empty). Every write then raises
+    StoreError.
 
     ``skipped`` holds one line per damaged row that the last listing (:meth:`list_runs`,
-    :meth:`list_probes`, :meth:`list_checkpoints`, :meth:`get_metrics`) left out.
+    :meth:`list_probes`, :meth:`list_checkpoints`, :meth:`get_metrics`, :meth:`list_findings`)
+    left out.
 
     The object can be pickled (e.g. passed to a spawned process); the copy re-opens the catalog.
     """
@@ -609,10 +710,10 @@ class RunStore:
 
     def _sweep(self) -> None:
         """Remove ``.*.tmp`` files of dead writers (their lock is free) in the root, ``probes/``,
-        ``runs/*/`` and ``runs/*/checkpoints/``; symlinked folders are not entered."""
+        ``findings/``, ``runs/*/`` and ``runs/*/checkpoints/``; symlinked folders are not entered."""
         if fcntl is None:
             return
-        folders, runs = [self.root, self.root / "probes"], self.root / "runs"
+        folders, runs = [self.root, self.root / "probes", self.root / "findings"], self.root / "runs"
         with contextlib.suppress(OSError):
             if not runs.is_symlink():
                 with os.scandir(runs) as entries:
@@ -693,13 +794,10 @@ class RunStore:
                 version = self._inspect(con)
                 if version == 0:  # no tables at all: ours to initialise, unless runs exist
                     self._refuse_lost_catalog()
-                if self.readonly:
+                if self.readonly:  # an older catalog is read as it is
                     if version == 0:
                         self.close()
                         self._empty = True
-                    elif version < SCHEMA_VERSION:
-                        raise StoreError(f"catalog {cat} has the older schema version {version}; "
-                                         "open it once without readonly to upgrade it")
                     return
                 if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
                     mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -767,18 +865,17 @@ class RunStore:
         if version > SCHEMA_VERSION:
             raise StoreError(f"catalog {cat} has schema version {version} but this "
                              f"landscape-probe knows up to {SCHEMA_VERSION}; upgrade landscape-probe")
-        if version == SCHEMA_VERSION:
-            for table, expected in _expected_columns().items():
-                have = {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
-                problem = (f"table {table} is missing" if not have else
-                           f"table {table} lacks column(s) {', '.join(sorted(expected - have))}"
-                           if expected - have else None)
-                if problem:
-                    raise StoreError(f"catalog {cat} is damaged ({problem}); {_REBUILD}")
-            check = [r[0] for r in con.execute("PRAGMA quick_check")]
-            if check != ["ok"]:
-                raise StoreError(f"catalog {cat} is damaged ({_show(check[0] if check else '')}); "
-                                 f"{_REBUILD}")
+        for table, expected in _expected_columns(version).items():
+            have = {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
+            problem = (f"table {table} is missing" if not have else
+                       f"table {table} lacks column(s) {', '.join(sorted(expected - have))}"
+                       if expected - have else None)
+            if problem:
+                raise StoreError(f"catalog {cat} is damaged ({problem}); {_REBUILD}")
+        check = [r[0] for r in con.execute("PRAGMA quick_check")]
+        if check != ["ok"]:
+            raise StoreError(f"catalog {cat} is damaged ({_show(check[0] if check else '')}); "
+                             f"{_REBUILD}")
         return version
 
     def _migrate(self) -> None:
@@ -1278,6 +1375,91 @@ class RunStore:
             return {}
         data = self._get(_probe_rel(probe_id), "probe artifact", size, sha, "run the probe again")
         return _load_npz(data, d["artifact"])
+
+    # ---- findings ------------------------------------------------------------------------------
+
+    def save_finding(self, experiment: str, name: str, payload: Mapping[str, Any]) -> str:
+        """Store one finding of an experiment and return its id
+        (``YYYYmmdd-HHMMSS-<experiment>-<name>-<8 hex>``).
+
+        ``payload`` is a dict of JSON-able values (numpy / torch numbers and arrays allowed; NaN and
+        infinities become ``None``, see :func:`to_jsonable`) with a string ``kind``; a payload of
+        a kind that :mod:`probe.figures.findings` draws must have that kind's shape
+        (:func:`~probe.figures.findings.validate_finding`); its JSON may take up to
+        :data:`FINDING_MAX_BYTES`. The finding is written to ``findings/<finding_id>.json`` (for
+        :meth:`rebuild_catalog`), then to the catalog. A newer finding of the same experiment and
+        name supersedes the older ones in :meth:`list_findings` and :meth:`get_finding` (they are
+        kept). Raises :class:`~probe.errors.UserError` for a bad name or payload.
+        """
+        self._require_writable()
+        experiment = _check_name(experiment, "experiment name")
+        name = _check_name(name, "finding name")
+        obj, text = _finding_payload(payload, f"finding {_finding_label(experiment, name)}")
+        finding_id = _finding_id_for(experiment, name)
+        fields = {"finding_id": finding_id, "experiment": experiment, "name": name, "created_at": _now()}
+        data = json.dumps({**fields, "payload": obj}, allow_nan=False).encode()
+        path = self._put(_finding_rel(finding_id), data + b"\n")
+        try:
+            with self._write() as con:
+                con.execute(_INSERT_FINDING, (*fields.values(), text))
+        except BaseException:  # leave no file without a row
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        return finding_id
+
+    def _finding_dict(self, row: sqlite3.Row) -> dict[str, Any]:
+        """A finding row as :meth:`list_findings` returns it; a row whose payload is not a JSON object
+        with a kind comes with ``payload`` None and a one-line ``error``; a row whose other fields
+        are damaged raises StoreError."""
+        d = {k: row[k] for k in _FINDING_FIELDS}
+        problem = _first_problem(d, _FINDING_FIELDS)
+        if problem:
+            raise self._row_error("finding", _show(row["finding_id"]), problem)
+        text, size = row["payload_json"], row["payload_size"]
+        payload = _BAD_JSON if text is None else _load_finding_payload(text)
+        if text is None and _is_count(size):
+            problem = f"its payload is {size} bytes, over the {FINDING_MAX_BYTES // 2**20} MiB limit"
+        elif payload is _BAD_JSON:
+            problem = "its payload is not valid JSON"
+        elif not isinstance(payload, dict):
+            problem = f"its payload is not a JSON object ({type(payload).__name__})"
+        elif not isinstance(payload.get("kind"), str) or not payload["kind"]:
+            problem = f"its payload has no kind (kind is {_show(payload.get('kind'))})"
+        d["payload"] = None if problem else payload
+        if problem:
+            d["error"] = (f"finding {_finding_label(d['experiment'], d['name'])} ({d['finding_id']}) "
+                          f"in catalog {self.catalog_path} is damaged: {problem}; run its experiment again")
+        return d
+
+    def _newest_findings(self, where: str, args: tuple) -> list[sqlite3.Row]:
+        """The newest finding row per (experiment, name) among those matching ``where``; a payload
+        over the size limit is not read (``payload_json`` NULL, ``payload_size`` its size)."""
+        if not self._read("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'findings'"):
+            return []  # a read-only catalog of an older schema version
+        return self._read(
+            "SELECT f.finding_id, f.experiment, f.name, f.created_at,"
+            " length(CAST(f.payload_json AS BLOB)) AS payload_size,"
+            f" CASE WHEN length(CAST(f.payload_json AS BLOB)) <= {FINDING_MAX_BYTES}"
+            " THEN f.payload_json END AS payload_json"
+            " FROM findings f JOIN (SELECT rowid AS row_key, ROW_NUMBER() OVER (PARTITION BY experiment, name"
+            f" ORDER BY created_at DESC, rowid DESC) AS newest FROM findings WHERE {where}) n"
+            " ON f.rowid = n.row_key WHERE n.newest = 1 ORDER BY f.experiment, f.created_at, f.rowid", args)
+
+    def list_findings(self, experiment: str | None = None) -> list[dict[str, Any]]:
+        """The newest finding per experiment and name (of one experiment, or all), ordered by
+        experiment, then oldest first: dicts ``finding_id, experiment, name, created_at, payload``.
+        A finding whose payload is damaged (not JSON, not an object, no kind) has ``payload`` None and
+        ``error``, one line naming it; a row whose other fields are damaged is left out and reported
+        in :attr:`skipped`. Empty for a read-only catalog older than findings."""
+        where, args = ("1", ()) if experiment is None else ("experiment = ?", (experiment,))
+        return self._listing(self._newest_findings(where, args), self._finding_dict)
+
+    def get_finding(self, experiment: str, name: str) -> dict[str, Any] | None:
+        """The newest finding of ``experiment`` named ``name`` (as :meth:`list_findings` gives
+        it), or ``None`` when there is none."""
+        rows = self._newest_findings("experiment = ? AND name = ?", (experiment, name))
+        return self._finding_dict(rows[0]) if rows else None
 
     # ---- rebuilding the catalog ----------------------------------------------------------------
 

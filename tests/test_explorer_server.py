@@ -1,5 +1,6 @@
 """``probe explore`` serves the explorer on localhost; once in a real headless Chromium (marker
-``browser``): the runs table and a plotly chart render, and no error element shows."""
+``browser``): the runs table and a plotly chart render, the Findings page draws the stored findings,
+and no error element shows."""
 from __future__ import annotations
 
 import os
@@ -18,6 +19,20 @@ from probe.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "tests" / ".artifacts"
+FINDING_TITLES = ("Browser cells", "Browser correlations")
+
+
+def _findings(store: RunStore) -> None:
+    """Two small findings for the Findings page."""
+    cells = [{"regime": "small", "data": "digits", "n_train": 64, "depth": 8, "image_size": None, "epochs": 2,
+              "variant": v, "formula": f, "seed": seed, "run_id": f"r{seed}", "status": "finished",
+              "train_loss": 0.1, "train_err": tr, "test_loss": 0.2, "test_err": te}
+             for v, f, seed, tr, te in (("fmm01", "r + s", 0, 1.0, 5.0), ("fmm08", "r * s", 0, 8.0, None))]
+    store.save_finding("regimes", "cells", {"kind": "cells", "title": FINDING_TITLES[0], "rows": cells})
+    rows = [{"measure": "sat", "label": "saturation", "kind": "optimisation", "group": g, "rho": rho, "lo": None,
+             "hi": None, "p": None, "p_holm": None, "n": 5} for g, rho in (("all", 0.3), ("mul", None))]
+    store.save_finding("fusion_table", "correlations",
+                       {"kind": "correlations", "title": FINDING_TITLES[1], "when": "trained", "rows": rows})
 
 
 def _free_port() -> int:
@@ -28,11 +43,12 @@ def _free_port() -> int:
 
 @pytest.fixture
 def served(tmp_path):
-    """A store with two tiny runs, served by `probe explore` on a free localhost port."""
+    """A store with two tiny runs and two findings, served by `probe explore` on a free localhost port."""
     root = tmp_path / "runs"
     store = RunStore(root)
     for model in ("tiny_add", "tiny_mul"):
         train(TrainConfig(model=model, epochs=2, limit_train=64, limit_test=32), store)
+    _findings(store)
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "probe.cli", "explore", "--port", str(port), "--runs", str(root)],
                             env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
@@ -110,6 +126,18 @@ def test_explorer_renders_in_headless_chromium(served):
         time.sleep(1.0)  # let the last frames paint before the screenshot
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         shot = ARTIFACTS / "explorer.png"
+        driver.save_screenshot(str(shot))
+        assert not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
+        assert not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stAlertContentError"]')
+        assert shot.stat().st_size > 20_000
+
+        driver.find_element(By.XPATH, '//*[@data-testid="stSidebar"]//label[normalize-space()="Findings"]').click()
+        for title in FINDING_TITLES:
+            wait.until(lambda d, t=title: d.find_elements(By.XPATH, f'//h3[contains(normalize-space(), "{t}")]'))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .main-svg")) >= 2)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '[data-testid="stDataFrame"]')) >= 2)
+        time.sleep(1.0)
+        shot = ARTIFACTS / "explorer_findings.png"
         driver.save_screenshot(str(shot))
         assert not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
         assert not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stAlertContentError"]')
