@@ -32,7 +32,9 @@ def test_quick_landscape_experiment_end_to_end(tmp_path, capsys):
     store = RunStore(runs)
     assert sorted(r["model"] for r in store.list_runs()) == ["add_resnet", "mul_resnet"]
     assert set(meta["run_ids"]) == {r["run_id"] for r in store.list_runs()}
-    assert (folder / "contours.html").stat().st_size > 10_000
+    page = (folder / "contours.html").read_text()
+    assert '"type":"contour"' in page.replace(" ", "") and "../plotly.min.js" in page   # the figure, the shared bundle
+    assert (folder.parent / "plotly.min.js").stat().st_size > 1_000_000
     fig = json.loads((folder / "contours.json").read_text())
     assert fig["data"] and fig["data"][0]["type"] == "contour"
     rows = _rows(folder / "numbers.csv")
