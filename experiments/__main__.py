@@ -1,5 +1,6 @@
 """``python -m experiments [all | NAME ...] [--quick] [--force]``: regenerate the experiments'
-outputs (html, figure json, numbers.csv, runs.json) under ``--out`` from the runs in ``--runs``."""
+outputs (html, figure json, numbers.csv, runs.json) under ``--out`` from the runs in ``--runs``.
+``python -m experiments report [--out DIR] [--to FILE]``: one page with all of their figures and tables."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,7 @@ HERE = Path(__file__).resolve().parent
 
 def build_parser() -> argparse.ArgumentParser:
     from experiments import EXPERIMENTS
+    from experiments._common import cpu_cores
 
     p = argparse.ArgumentParser(prog="python -m experiments", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -27,7 +29,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars or logs on stderr")
+    p.add_argument("--jobs", type=_positive, default=1, metavar="N",
+                   help="runs trained at once, each in its own worker process (1: one after the other in this "
+                        "process)")
+    p.add_argument("--threads-per-job", type=_positive, default=argparse.SUPPRESS, metavar="N",
+                   help="torch threads of each job (default: the CPU cores shared out, max(1, cores // jobs); "
+                        f"{cpu_cores()} cores here)")
     return p
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 1024:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 1024, got {text!r}")
+    return value
 
 
 def _how(r: dict) -> str:
@@ -37,6 +55,10 @@ def _how(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else list(argv)
+    if given[:1] == ["report"]:                      # one page with every experiment's outputs
+        from experiments.report import main as report_main
+        return report_main(given[1:])
     from experiments import EXPERIMENTS, run_experiment
     from experiments._common import Context
     from probe.cli._util import user_error_types
@@ -63,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     progress = TqdmProgress(args.quiet)
     results = []
     try:
-        ctx = Context(store=RunStore(args.runs), out=Path(args.out), quick=args.quick, log=log, progress=progress)
+        ctx = Context(store=RunStore(args.runs), out=Path(args.out), quick=args.quick, log=log, progress=progress,
+                      jobs=args.jobs, threads_per_job=getattr(args, "threads_per_job", None))
         bar = tqdm(names, desc="experiments", file=sys.stderr, disable=args.quiet, dynamic_ncols=True)
         for name in bar:
             bar.set_postfix_str(name)
