@@ -7,13 +7,13 @@ store; nothing here re-implements a measurement.
 from __future__ import annotations
 
 from experiments import (fusion_table, pair_gradvar, pair_hessian, pair_interp, pair_landscape, pair_ntk,
-                         seed_conclusions, verdict)
+                         regimes, seed_conclusions, verdict)
 
 __all__ = ["EXPERIMENTS", "run_experiment"]
 
 #: name -> module (NAME, TITLE, DESCRIPTION, run(ctx)), in the order ``all`` runs them.
-EXPERIMENTS = {m.NAME: m for m in (fusion_table, seed_conclusions, verdict, pair_gradvar, pair_ntk, pair_hessian,
-                                    pair_landscape, pair_interp)}
+EXPERIMENTS = {m.NAME: m for m in (fusion_table, seed_conclusions, verdict, regimes, pair_gradvar, pair_ntk,
+                                    pair_hessian, pair_landscape, pair_interp)}
 
 
 def run_experiment(ctx, name: str, *, force: bool = False) -> dict:

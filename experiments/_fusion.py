@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -49,16 +48,16 @@ _PROTOCOLS = (
 
 
 def local_protocols(root: str | os.PathLike | None = None) -> tuple[Protocol, ...]:
-    """Protocols on the data sets found in the local data folder (``root``, default
-    ``$PROBE_DATA`` or ``./data``, as the loaders read it): CIFAR-10 (binary or python batches)
-    and Caltech-101 (``101_ObjectCategories``, the seed's own data, at its 64x64)."""
-    base = Path(root if root is not None else os.environ.get("PROBE_DATA", "data")).expanduser()
+    """Protocols on the data sets found locally (in ``root`` alone when given, else on the loaders'
+    search path, :func:`probe.data.data_roots`): CIFAR-10 (binary or python batches) and
+    Caltech-101 (``101_ObjectCategories``, the seed's own data, at its 64x64)."""
+    from probe.data import find_data
+
     out = []
-    cifar = [("cifar-10-batches-bin", "data_batch_1.bin"), ("cifar-10-batches-py", "data_batch_1")]
-    if any((base / d / f).is_file() or (base / f).is_file() for d, f in cifar):
+    if find_data("cifar10", root) is not None:
         out.append(Protocol("cifar10-limited", 2000, 10, 64, "CIFAR-10 found locally: 2,000 training samples, "
                             "10 epochs (the baseline far from its ceiling)", data="cifar10"))
-    if (base / "101_ObjectCategories").is_dir() or (base / "caltech101" / "101_ObjectCategories").is_dir():
+    if find_data("caltech101", root) is not None:
         out.append(Protocol("caltech101", None, 30, 64, "Caltech-101 found locally: the seed's data and split, "
                             "30 epochs", data="caltech101"))
     return tuple(out)
@@ -71,7 +70,8 @@ def protocols(quick: bool) -> tuple[Protocol, ...]:
 
 
 def seeds(quick: bool) -> tuple[int, ...]:
-    return (0, 1) if quick else (0, 1, 2, 3, 4)
+    """Seeds per cell: three in the quick setting (an interval over seeds needs them), five in full."""
+    return (0, 1, 2) if quick else (0, 1, 2, 3, 4)
 
 
 def row_ids() -> list[str]:

@@ -102,5 +102,23 @@ def run(ctx: Context) -> Outcome:
     found.append(f"lowest under {protos[0].name}: " + "; ".join(
         f"{r['id']} {r['formula']} {fmt(r[protos[0].name + '.best_mean'], '.1f')}% (Caltech {r['caltech101_top1']})"
         for r in worst))
+    for p, c in zip(protos, corr):
+        ctx.store.save_finding(NAME, f"seed_table_{p.name}", seed_table_finding(table, p, c, len(seed_list)))
     return Outcome(_figures(table, corr, protos), table, sorted(set(runs.values())), [], found,
                    tables={"correlations": corr})
+
+
+def seed_table_finding(table: list[dict], protocol, corr: dict, n_seeds: int) -> dict:
+    """The stored finding of one protocol (kind ``seed_table``): each row's seed Caltech-101
+    accuracy next to its reproduced mean best top-1, with Spearman's rho and its interval."""
+    import math
+
+    def num(v):
+        return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+    return {"kind": "seed_table", "protocol": protocol.name, "rho": num(corr["rho"]), "lo": num(corr["lo"]),
+            "hi": num(corr["hi"]), "n": int(corr["n"]),
+            "title": f"The seed's Caltech-101 column against {protocol.data} ({protocol.name}: {protocol.why})",
+            "rows": [{"id": r["id"], "formula": r["formula"], "group": r["group"], "caltech": num(r["caltech101_top1"]),
+                      "acc_mean": num(r[f"{protocol.name}.best_mean"]), "acc_sd": num(r[f"{protocol.name}.best_sd"]),
+                      "n_seeds": n_seeds} for r in table]}

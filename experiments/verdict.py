@@ -9,10 +9,12 @@ Every variant of the fusion table's first protocol (seed 0) is probed at its las
 over seeds minus the baseline's) is given over all variants and within each seed group of at least
 five rows, with a bootstrap interval.
 
+These measures are *descriptive*: taken after training, a measure can follow the gap rather than
+cause it (the ``regimes`` experiment reports the *predictive* ones, taken at initialisation, apart).
+Each rho is given with Holm's adjusted p-value over the measures tested together in its group.
+
 Limits, stated with the numbers: correlation over one small architecture and data set, one seed
-of probes per variant, measured after training (a measure can follow the gap rather than cause
-it), groups of five to sixteen rows (wide intervals), and many measures tested at once (no
-multiplicity correction: a single interval excluding zero is weak evidence).
+of probes per variant, and groups of five to sixteen rows (wide intervals).
 """
 from __future__ import annotations
 
@@ -56,15 +58,38 @@ def run(ctx: Context) -> Outcome:
             ctx.progress("verdict: probing variants", i + 1, len(rows))
     groups = ["all"] + [g for g in dict.fromkeys(v["group"] for v in variants)
                         if sum(v["group"] == g for v in variants) >= _MIN_GROUP]
-    corr = []
-    for m in MEASURES:
-        for g in groups:
-            mine = [v for v in variants if g == "all" or v["group"] == g]
-            ci = spearman_ci([v[m.key] if v[m.key] is not None else np.nan for v in mine], [v["gap"] for v in mine])
-            corr.append({"measure": m.key, "label": m.label, "kind": m.kind, "group": g, **ci})
+    corr = correlations(variants, groups)
     found = _findings(corr, variants, first)
+    ctx.store.save_finding(NAME, "correlations", {
+        "kind": "correlations", "when": "trained",
+        "title": f"Measures after training against the accuracy gap to bn(r) + s ({first}, descriptive; Spearman, "
+                 f"Holm over the {len(MEASURES)} measures per group)",
+        "rows": [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in c.items()}
+                 for c in corr]})
     return Outcome(_figures(corr, variants, groups), variants, sorted(set(runs.values())), probe_ids, found,
                    tables={"correlations": corr})
+
+
+def correlations(variants: list[dict], groups: list[str]) -> list[dict]:
+    """Spearman's rho of every measure with the gap per group, with its bootstrap interval, its
+    p-value and Holm's adjusted p-value over the measures tested together in that group."""
+    from experiments._regimes import holm, spearman_p
+    from probe.headline import MEASURES
+
+    corr = []
+    for g in groups:
+        mine = [v for v in variants if g == "all" or v["group"] == g]
+        rows = []
+        for m in MEASURES:
+            x = [v[m.key] if v[m.key] is not None else np.nan for v in mine]
+            y = [v["gap"] for v in mine]
+            rows.append({"measure": m.key, "label": m.label, "kind": m.kind, "group": g, **spearman_ci(x, y),
+                         "p": spearman_p(x, y)["p"]})
+        for r, adj in zip(rows, holm([r["p"] for r in rows])):
+            r["p_holm"] = adj
+        corr += rows
+    order = {m.key: i for i, m in enumerate(MEASURES)}
+    return sorted(corr, key=lambda c: order[c["measure"]])
 
 
 def split_gap(variants: list[dict], baseline: str = "fmm01", train_key: str = "train_eval_top1") -> dict:
@@ -104,7 +129,8 @@ def _findings(corr: list[dict], variants: list[dict], protocol: str) -> list[str
     for c in overall:
         sig = np.isfinite(c["lo"]) and (c["lo"] > 0 or c["hi"] < 0)
         found.append(f"{c['kind']:<14} {c['label']:<15} rho {fmt(c['rho'], '+.2f')} [{fmt(c['lo'], '+.2f')}, "
-                     f"{fmt(c['hi'], '+.2f')}] n={c['n']}{'  (interval excludes 0)' if sig else ''}")
+                     f"{fmt(c['hi'], '+.2f')}] p_holm {fmt(c['p_holm'], '.2g')} n={c['n']}"
+                     f"{'  (interval excludes 0)' if sig else ''}")
     for kind in ("optimisation", "generalisation"):
         mine = [c for c in overall if c["kind"] == kind and np.isfinite(c["rho"])]
         strong = [c["label"] for c in mine if c["lo"] > 0 or c["hi"] < 0]
