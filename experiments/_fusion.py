@@ -27,7 +27,7 @@ BASELINE = "fmm01"
 @dataclass(frozen=True)
 class Protocol:
     """A training recipe for every row: ``limit_train`` class-balanced digits samples (None: all
-    1,437), ``epochs``, ``batch_size``; SGD momentum 0.9, lr 0.02 cosine, weight decay 5e-4."""
+    1,347), ``epochs``, ``batch_size``; SGD momentum 0.9, lr 0.02 cosine, weight decay 5e-4."""
 
     name: str
     limit_train: int | None
@@ -41,7 +41,7 @@ _PROTOCOLS = (
     Protocol("data-limited", 128, 8, 32,
              "128 training samples, 8 epochs: the additive baseline stays near 88%, far from its ceiling"),
     Protocol("short", None, 3, 64,
-             "all 1,437 samples but 3 epochs: the baseline near 95%, slow starters still behind"),
+             "all 1,347 samples but 3 epochs: the baseline near 95%, slow starters still behind"),
     Protocol("converged", None, 15, 64,
              "all samples, 15 epochs: the baseline near its 98% ceiling (full setting only)"),
 )

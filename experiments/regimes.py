@@ -12,7 +12,7 @@ checkpoint is measured in eval mode on its own training samples and on the test 
 * **matched training loss**: whichever side of a pair fits worse is re-trained over longer
   schedules (``Settings.extend``) until its training loss reaches the other's; a gap that closes
   there is optimisation, one that persists is generalisation (a side whose training loss stays
-  above half of a uniform guess's does not train at all: that is read as optimisation without
+  above 0.9 of a uniform guess's (ln K) does not train at all: that is read as optimisation without
   re-training it);
 * **trainability at depth**: which measure at initialisation (signal-propagation slope over the
   blocks, NTK condition number, Hessian lambda_max, gradient SNR, gate saturation) goes with the
@@ -36,6 +36,7 @@ from experiments._common import Context, Outcome, fmt, train_many
 from experiments._regimes import (BASELINE, MATCH_TOLERANCE, Regime, Settings, answer_for, extended_config, gap_split,
                                   holm, is_trained, matched_reading, regime_config, settings, spearman_p)
 from probe.errors import UserError
+from probe.store import to_jsonable as _clean   # NaN / inf -> None: a missing number, drawn as a gap
 
 NAME = "regimes"
 TITLE = "Regimes: optimisation or generalisation, per data set, training-set size and depth"
@@ -393,19 +394,6 @@ def _trainability(S: Settings, regimes: list[Regime], cells: list[dict], init: d
     return rows, tests
 
 
-def _clean(obj):
-    """NaN and inf become None (JSON null): a missing number, drawn as a gap."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return _clean(obj.item())
-    return obj
-
-
 def _paragraph(verdict_rows: list[dict], train_rows: list[dict]) -> str:
     """The one-paragraph answer for the pair (fmm18 against the baseline), built from the rows."""
     pair = [r for r in verdict_rows if r["variant"] == "fmm18"]
@@ -420,8 +408,8 @@ def _paragraph(verdict_rows: list[dict], train_rows: list[dict]) -> str:
     text = (f"bn(r) * bn(s) against bn(r) + s, read per regime from the gap split and the matched-training-loss "
             f"comparison: {'; '.join(parts)}.")
     if dead:
-        text += (f" At depth {', '.join(map(str, dead))} some fmm18 runs do not train at all (training loss above "
-                 f"half of ln 10): there multiplication fails by optimisation before generalisation can be asked.")
+        text += (f" At depth {', '.join(map(str, dead))} some fmm18 runs do not train at all (eval-mode training "
+                 f"loss above 0.9 ln 10): there multiplication fails by optimisation before generalisation can be asked.")
     if live:
         text += f" fmm18 trains at depth {', '.join(map(str, live))} in at least one seed."
     return text

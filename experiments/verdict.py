@@ -64,8 +64,7 @@ def run(ctx: Context) -> Outcome:
         "kind": "correlations", "when": "trained",
         "title": f"Measures after training against the accuracy gap to bn(r) + s ({first}, descriptive; Spearman, "
                  f"Holm over the {len(MEASURES)} measures per group)",
-        "rows": [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in c.items()}
-                 for c in corr]})
+        "rows": corr})                       # non-finite numbers are stored as missing
     return Outcome(_figures(corr, variants, groups), variants, sorted(set(runs.values())), probe_ids, found,
                    tables={"correlations": corr})
 

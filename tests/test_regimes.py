@@ -94,8 +94,8 @@ def test_gap_split_bootstrap_resamples_seeds_jointly_and_skips_missing():
 
 
 def test_trained_means_well_below_a_uniform_guess():
-    assert is_trained(0.3) and not is_trained(2.25) and not is_trained(None) and not is_trained(float("nan"))
-    assert not is_trained(0.5 * math.log(10))
+    assert is_trained(0.3) and is_trained(1.5) and not is_trained(2.25) and not is_trained(None)
+    assert not is_trained(float("nan")) and not is_trained(0.9 * math.log(10))
 
 
 def test_regime_names_and_the_settings_grid():
