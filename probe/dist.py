@@ -194,9 +194,17 @@ def setup(device: str | torch.device = "cpu") -> Dist:
     return current()
 
 
-def teardown() -> None:
-    """Leave the process group (if any)."""
+def teardown(*, wait: bool = True) -> None:
+    """Leave the process group (if any). ``wait`` (after work that ended normally): first wait
+    until every rank has got here, so that no rank closes its connections while a peer still
+    uses them (gloo aborts the peer on a closed connection). After an error the ranks leave at
+    once: a peer may be stuck in another collective."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            try:
+                dist.barrier()
+            except RuntimeError:   # a peer already gone: nothing left to wait for
+                pass
         dist.destroy_process_group()

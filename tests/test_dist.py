@@ -181,13 +181,21 @@ def _torchrun(*argv, timeout=600) -> subprocess.CompletedProcess:
                           cwd=ROOT)
 
 
+def _why(proc: subprocess.CompletedProcess) -> str:
+    """What a failed torchrun printed: every rank's own error lines first (torchrun's summary
+    alone names only the signal), then the tail."""
+    own = [line for line in proc.stderr.splitlines()
+           if any(w in line for w in ("terminate", "what()", "Error", "error:", "Traceback"))]
+    return "\n".join(own[:20]) + "\n...\n" + proc.stderr[-600:]
+
+
 def _one_and_two(argv: list[str]) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
     """The same probe command as one process, then under torchrun with two ranks; both succeed
     and the second prints one JSON object (rank 0's)."""
     one = _probe(*argv)
     assert one.returncode == 0, one.stderr[-500:]
     two = _torchrun(*argv)
-    assert two.returncode == 0, two.stderr[-800:]
+    assert two.returncode == 0, _why(two)
     assert len([line for line in two.stdout.splitlines() if line.startswith("{")]) == 1
     return one, two
 

@@ -138,6 +138,7 @@ def cmd_train(args) -> Output:
     store = _store(args) if main else None
     progress = TqdmProgress(args.quiet or not main)
     log = None if args.quiet or not main else _epoch_line
+    ended = False
     try:
         if args.resume:
             result = resume(args.resume, store, epochs=args.epochs, factory=args.factory,
@@ -145,12 +146,14 @@ def cmd_train(args) -> Output:
                             on_epoch=log, progress=progress)
         else:
             result = train(config, store, on_epoch=log, progress=progress)
+        ended = True
     except TrainingDiverged as e:
+        ended = True                 # every rank saw the same all-reduced loss and stops here
         raise UserError(str(e)) from None
     finally:
         progress.close()
         if ddp is not None:
-            teardown()
+            teardown(wait=ended)
     if not main:
         return None
     data = result.summary()

@@ -138,13 +138,15 @@ def _command(spec):
         ddp = setup(resolve_device(args.device)) if launched() else None
         main = ddp is None or ddp.main
         progress = TqdmProgress(args.quiet or not main)
+        ended = False
         try:
             outcomes = run_probe(_store(args, readonly=not main), spec, _param_values(args, spec.params),
                                  progress=progress, **kwargs)
+            ended = True
         finally:
             progress.close()
             if ddp is not None:
-                teardown()
+                teardown(wait=ended)
         if not main:
             return None
         lines = []
