@@ -149,7 +149,7 @@ def _work(root: str, config, run_id: str | None, threads: int | None) -> tuple[s
 
 def _settings(ctx: Context) -> tuple[int, int | None]:
     """(jobs, threads per job or None for torch's own count), checked."""
-    from probe._checks import check_int
+    from probe.checks import check_int
     from probe.dist import launched
 
     jobs = check_int("jobs", ctx.jobs, 1, 1024)

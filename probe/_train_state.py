@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from probe.errors import StoreError, UserError
+from probe.errors import StoreError, UserError, first_line
 
 __all__ = ["rng_state", "set_rng_state", "restore", "one_line"]
 
@@ -38,7 +38,7 @@ def set_rng_state(state: dict, loader_gen: torch.Generator, mix_rng: np.random.G
 
 def one_line(e: BaseException) -> str:
     """The first line of an error: the message alone for a UserError, else prefixed by its type."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = first_line(e, default="")
     if isinstance(e, UserError) and text:
         return text
     return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from probe._text import format_table
+from probe.text import format_table
 from probe.errors import UserError
 from probe.train import TrainConfig, train
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from probe.errors import UserError
+from probe.errors import UserError, first_line
 
 __all__ = ["COMM", "Dist", "DistError", "setup", "current", "local", "teardown", "launched", "DEFAULT_TIMEOUT_S"]
 
@@ -89,7 +89,7 @@ class Dist:
         try:
             return fn(*args, **kwargs)
         except RuntimeError as e:   # DistBackendError and gloo's connection errors are RuntimeErrors
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            detail = first_line(e)
             raise DistError(f"rank {self.rank} of {self.world}: {what} failed, a peer rank stopped or did not "
                             f"answer within {_timeout_s():.0f} s ({detail[:200]}); the job ends on every rank "
                             f"and resumes with --resume") from None
@@ -190,7 +190,7 @@ def setup(device: str | torch.device = "cpu") -> Dist:
     try:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=_timeout_s()))
     except (RuntimeError, ValueError) as e:
-        raise DistError(f"could not join the process group ({backend}): {str(e).strip().splitlines()[0][:200]}") from None
+        raise DistError(f"could not join the process group ({backend}): {first_line(e)[:200]}") from None
     return current()
 
 

@@ -6,8 +6,12 @@ else is a bug and keeps its traceback.
 from __future__ import annotations
 
 
-class UserError(Exception):
-    """A mistake in the user's input; the message says what was wrong and what to do."""
+__all__ = ["UserError", "DataError", "StoreError", "DiskFullError", "first_line"]
+
+
+class UserError(ValueError):
+    """A mistake in the user's input; the message says what was wrong and what to do. A
+    ``ValueError``, so library callers catch bad arguments the usual way."""
 
 
 class DataError(UserError):
@@ -20,3 +24,12 @@ class StoreError(UserError):
 
 class DiskFullError(StoreError):
     """No space (or no inodes) left while writing to the runs root; what was stored before is intact."""
+
+
+def first_line(e: BaseException, *, default: str | None = None) -> str:
+    """The first line of an error's message; ``default`` (the error's type name when None) for
+    an empty message."""
+    text = str(e).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(e).__name__ if default is None else default

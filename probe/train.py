@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from probe._checks import check_bool, check_int, check_number
+from probe.checks import check_bool, check_int, check_number
 from probe._train_state import one_line, restore, rng_state
-from probe.errors import StoreError, UserError
+from probe.errors import StoreError, UserError, first_line
 from probe.probes.registry import Progress
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "PRESETS", "train", "resume", "lr_at",
@@ -256,7 +256,7 @@ def check_model(model: nn.Module, x: torch.Tensor, num_classes: int, name: str =
             model.eval()
             out = model(x)
     except Exception as e:  # a user model may raise anything
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = first_line(e, default="")
         raise UserError(f"model {name!r} failed on a batch of shape {tuple(x.shape)}: "
                         f"{type(e).__name__}{': ' + first if first else ''}") from None
     finally:

@@ -9,7 +9,7 @@ import argparse
 import re
 import sys
 
-from probe._text import format_table
+from probe.text import format_table
 from probe.cli._util import OneLineParser, Output, run_command
 
 __all__ = ["main", "build_parser"]

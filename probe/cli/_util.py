@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from probe.errors import UserError
+from probe.errors import UserError, first_line
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -56,10 +56,6 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     return (UserError, ModelNameError, ModelConfigError, FusionSpecError)
 
 
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
 def run_command(func: Callable[[argparse.Namespace], "Output | None"], args: argparse.Namespace, prog: str) -> int:
     """Run one subcommand: its output on stdout; a user error, a full disk or running out of memory
     as one line on stderr with exit 2; Ctrl-C (or SIGTERM) as exit 130. Anything else is a bug and
@@ -70,7 +66,7 @@ def run_command(func: Callable[[argparse.Namespace], "Output | None"], args: arg
         with warnings.catch_warnings(record=True) as caught:
             out = func(args)
     except user_error_types() as e:
-        print(f"{prog}: error: {_first_line(e)}", file=sys.stderr)
+        print(f"{prog}: error: {first_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -90,7 +86,7 @@ def run_command(func: Callable[[argparse.Namespace], "Output | None"], args: arg
         return 0
     if not getattr(args, "quiet", False):  # library warnings, one line each (dropped on an error: it says why)
         for text in dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught):
-            print(f"{prog}: warning: {_first_line(RuntimeError(text))}", file=sys.stderr)
+            print(f"{prog}: warning: {first_line(RuntimeError(text))}", file=sys.stderr)
     if getattr(args, "json", False):
         sys.stdout.write(json.dumps(jsonable(out.data), allow_nan=False) + "\n")
     elif out.text:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from probe._text import format_table
+from probe.text import format_table
 from probe.cli._util import Output
 from probe.errors import UserError
 

@@ -13,9 +13,9 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from probe._checks import check_int
+from probe.checks import check_int
 from probe.dist import current, local
-from probe.errors import UserError
+from probe.errors import UserError, first_line
 from probe.functional import calibrate_batchnorm
 from probe.jobs.partial import PartialResults, model_fingerprint, partial_key
 from probe.jobs.targets import MAX_PROBE_INPUTS, iter_targets, probe_inputs
@@ -114,8 +114,7 @@ def run_probe(store, probe: str | Probe, params: Any = None, *, model: str | Non
                 result = spec.compute(ctx, params)
         except UserError as e:
             errors.append(e)
-            outcomes.append(Outcome(info, error=str(e).strip().splitlines()[0] if str(e).strip() else
-                                    type(e).__name__, params=params_row))
+            outcomes.append(Outcome(info, error=first_line(e), params=params_row))
             continue
         outcomes.append(Outcome(info, result=result, params=params_row))
         if partial is not None:

@@ -75,7 +75,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from probe._checks import check_choice, check_int, check_number
+from probe.checks import check_choice, check_int, check_number
 from probe.errors import UserError
 from probe.figures.interp import (interp_across_training, interp_degree_figure, interp_paths_figure,
                                   interp_planes_figure)

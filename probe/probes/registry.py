@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from probe._checks import check_choice
+from probe.checks import check_choice
 from probe.errors import UserError
 
 __all__ = ["Probe", "ProbeContext", "ProbeResult", "StoredResult", "Progress", "register", "get_probe", "list_probes",

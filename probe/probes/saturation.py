@@ -81,7 +81,7 @@ from models.attention import CBAM, NAM, SE, CoordAtt, TripletAttention
 from models.blocks import LastConv
 from models.fusion import Fusion
 from models.gates import Gate
-from probe._checks import check_int, check_number
+from probe.checks import check_int, check_number
 from probe.errors import UserError
 from probe.functional import eval_mode
 from probe.figures.saturation import saturation_by_group, saturation_figure

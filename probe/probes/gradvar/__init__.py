@@ -71,7 +71,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from probe._checks import check_number
+from probe.checks import check_number
 from probe.errors import UserError
 from probe.figures.gradvar import gradvar_figure
 from probe.probes.registry import Probe, ProbeContext, Progress, register

@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 from probe import functional as _fn
 
-from probe._checks import check_bool, check_choice, check_int, check_number
+from probe.checks import check_bool, check_choice, check_int, check_number
 from probe.errors import UserError
 from probe.probes.registry import Progress
 

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad
 
-from probe._checks import check_int
+from probe.checks import check_int
 from probe.errors import UserError
 from probe.probes.registry import Progress
 from probe.probes.gradvar._common import (LossFn, _Fwd, _check_data, _norm64, _progress, bn_mode,

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from torch.func import grad, vjp, vmap
 
 from probe import functional as _fn
-from probe._checks import check_choice, check_int
+from probe.checks import check_choice, check_int
 from probe.probes.registry import Progress
 from probe.probes.gradvar._common import (LossFn, _Fwd, _check_data, _norm64, _progress,
                                           bn_mode, cross_entropy_per_sample)

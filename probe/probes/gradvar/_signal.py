@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from probe import functional as _fn
 
-from probe._checks import check_choice
+from probe.checks import check_choice
 from probe.errors import UserError
 from probe.probes.registry import Progress
 from probe.probes.gradvar._common import (LossFn, _BN_MODES, _Fwd, _check_data, _progress,

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from probe.errors import UserError
+from probe.errors import UserError, first_line
 from probe.functional import FunctionalModel, couples_samples, eval_mode, select_output
 
 __all__ = ["Criterion", "HessianOperator", "GGNOperator", "batchnorm_train_mode", "check_batching",
@@ -231,11 +231,13 @@ class _LossOperator:
         if self.vectorize == "vmap" and b > 1:
             try:
                 return vmap(one, chunk_size=self.vmap_chunk)(T)
+            except UserError:      # a ValueError, but the user's mistake, not vmap's
+                raise
             except (RuntimeError, NotImplementedError, ValueError) as exc:
                 if not self._fallback:
                     raise
                 self.vectorize = "loop"
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                first = first_line(exc)
                 self.notes.append(f"{self.kind}: vmap over the vectors of a block failed ({first[:200]}); "
                                   f"products are looped")
         outs = [one({k: t[j] for k, t in T.items()}) for j in range(b)]

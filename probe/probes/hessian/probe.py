@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from probe._checks import check_int
+from probe.checks import check_int
 from probe.errors import UserError
 from probe.figures.hessian import hessian_across_training, hessian_blocks_figure, hessian_figure
 from probe.probes.registry import Probe, ProbeContext, StoredResult, register
@@ -70,7 +70,7 @@ class HessianProbeResult(StoredResult):
         return None if v is None else np.asarray(v)
 
     def text(self) -> str:
-        from probe._text import format_table
+        from probe.text import format_table
 
         r = self.data
         lines = [f"{r['operator']} of the {r['criterion']} loss on {r['n']} {r.get('data', '')} samples "

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from probe._checks import check_int, check_number
+from probe.checks import check_int, check_number
 from probe.figures.ntk import eigenlearning_figure, ntk_across_training, ntk_spectrum_figure
 from probe.probes.registry import Probe, ProbeContext, StoredResult, register
 
@@ -53,7 +53,7 @@ class NTKProbeResult(StoredResult):
         return np.asarray(self.array_data["eigenvalues"])
 
     def text(self) -> str:
-        from probe._text import format_table
+        from probe.text import format_table
 
         r = self.data
         wall = r.get("wall_time_s", r.get("lanczos", {}).get("wall_time_s", 0.0)) or 0.0

@@ -288,6 +288,8 @@ def _try_vmap(fm, theta0, D, x, y, plan: Plan, vectorize: str, chunk: int, notes
     try:
         evaluate_points(fm, theta0, D, np.zeros((2, D.shape[0])), x, y, replace(plan, vmap_batch=2))
         return plan
+    except UserError:              # a ValueError, but the user's mistake, not vmap's
+        raise
     except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         if vectorize == "vmap":

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from probe._checks import check_int, check_number
+from probe.checks import check_int, check_number
 from probe.errors import UserError
 from probe.figures.surface import surface_3d, surface_curves, surface_figure, surface_trajectory
 from probe.probes.registry import Probe, ProbeContext, StoredResult, register
