@@ -298,7 +298,7 @@ def write_report(out: Path, to: Path | None = None) -> Path:
     output root ``out`` (the folders holding a ``done.json`` or ``runs.json``) to ``to`` (default
     ``<out>/report.html``); returns its path. Raises :class:`~probe.errors.UserError` when there is
     nothing to report."""
-    from probe._atomic import atomic_write_text
+    from probe.store import atomic_write_text
 
     out = Path(out)
     if not out.is_dir():

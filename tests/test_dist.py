@@ -70,7 +70,7 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(tmp_path):
 KILLER = r"""
 import os, signal, sys
 at = int(sys.argv[1])
-import probe.store as st
+import probe.store.files as st
 original = st.atomic_write_bytes
 def patched(path, data):
     original(path, data)

@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import probe.store as store_mod
+import probe.store.findings as store_mod
 from probe.errors import StoreError, UserError
 from probe.figures.findings import (FINDING_KINDS, cells_figure, correlations_figure, finding_figures, finding_tables,
                                     seed_table_figure, trainability_loss_figure, trainability_tests_figure,
                                     validate_finding, verdict_figure)
 from probe.store import SCHEMA_VERSION, RunStore
+from probe.store.records import valid_id
 
 APP = str(Path(__file__).resolve().parents[1] / "apps" / "explorer.py")
 
@@ -117,7 +118,7 @@ def test_save_list_get_round_trip_and_the_newer_supersedes(store):
     payload = cells_payload()
     payload["extra"] = {"acc": np.float32(0.5), "n": np.int64(3), "arr": np.arange(3), "nan": float("nan")}
     fid = store.save_finding("regimes", "cells", payload)
-    assert store_mod._valid_id(fid) and "regimes-cells" in fid
+    assert valid_id(fid) and "regimes-cells" in fid
     other = store.save_finding("fusion_table", "seed_table", seed_table_payload())
     got = store.get_finding("regimes", "cells")
     assert got["finding_id"] == fid and got["experiment"] == "regimes" and got["name"] == "cells"

@@ -23,13 +23,13 @@ import os, signal, sys
 import torch
 mode, at_epoch, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(threads)
-import probe._atomic as _atomic
-import probe.store as st
+import probe.store.atomic as _atomic
+import probe.store.files as st
 original = st.atomic_write_bytes
 def patched(path, data):
     if mode != "none" and str(path).endswith(f"epoch_{at_epoch:04d}.pt"):
         if mode == "during":
-            with _atomic._atomic_file(path) as f:
+            with _atomic.atomic_file(path) as f:
                 f.write(data[: len(data) // 2])
                 f.flush()
                 os.kill(os.getpid(), signal.SIGKILL)

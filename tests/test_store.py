@@ -1,4 +1,4 @@
-"""Tests of the run store (probe/store.py): catalog, files, integrity checks and concurrency."""
+"""Tests of the run store (probe/store/): catalog, files, integrity checks and concurrency."""
 from __future__ import annotations
 
 import hashlib

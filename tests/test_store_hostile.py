@@ -1,4 +1,4 @@
-"""The run store against hostile, damaged, read-only and full runs roots (probe/store.py).
+"""The run store against hostile, damaged, read-only and full runs roots (probe/store/).
 
 A runs root may come from someone else: its catalog and files are data. Nothing in them may make
 the store read or write outside the root, alter a foreign file, print a traceback or give a wrong
@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 import probe.store as store_mod
-from probe._atomic import _atomic_file
+from probe.store.atomic import atomic_file as _atomic_file
 from probe.errors import StoreError, UserError
 from probe.store import RunStore
 
@@ -505,7 +505,7 @@ def test_temp_file_removed_by_a_sweep_before_it_is_locked_is_replaced(tmp_path, 
 
 _KILLED_WRITER = """
 import sys, time
-from probe._atomic import _atomic_file
+from probe.store.atomic import atomic_file as _atomic_file
 with _atomic_file(sys.argv[1]) as f:
     f.write(b"half of it")
     f.flush()
@@ -531,7 +531,7 @@ def test_sweep_removes_only_dead_writers_temp_files(tmp_path):
         p.write_bytes(b"partial")
     # a writer killed while writing: its temp file stays, its lock goes with it
     writer = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(root / "probes" / "w.npz")],
-                              stdout=subprocess.PIPE, cwd=Path(store_mod.__file__).parents[1])
+                              stdout=subprocess.PIPE, cwd=Path(store_mod.__file__).parents[2])
     try:
         assert writer.stdout.readline() == b"writing\n"
         live = next((root / "probes").glob(".w.npz.*.tmp"))

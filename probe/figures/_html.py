@@ -17,7 +17,7 @@ def write_plotlyjs(path: str | os.PathLike) -> Path:
     """Write the plotly.js bundle at ``path`` (atomically), unless the same bundle is already
     there; returns the path."""
     import plotly.offline
-    from probe._atomic import atomic_write_bytes
+    from probe.store.atomic import atomic_write_bytes
 
     path = Path(path)
     bundle = plotly.offline.get_plotlyjs().encode("utf-8")
@@ -36,7 +36,7 @@ def write_html(fig, path: str | os.PathLike, *, plotlyjs: str | os.PathLike | No
     ``plotlyjs`` None: plotly.js is embedded in the page (about 4.8 MB). A path (a file name
     ending in ``.js``): the bundle is written there once (:func:`write_plotlyjs`) and the page
     loads it by its path relative to the page."""
-    from probe._atomic import atomic_write_text
+    from probe.store.atomic import atomic_write_text
 
     path = Path(path)
     if plotlyjs is None:

@@ -90,7 +90,7 @@ class PartialResults:
     def get(self, piece: str) -> dict[str, np.ndarray] | None:
         """The arrays saved for ``piece``, or None when it was not saved (or cannot be read: a
         note says so and the piece is to be recomputed)."""
-        from probe.store import _load_npz
+        from probe.store.files import load_npz as _load_npz
 
         rel = f"{self.rel}/{self._name(piece)}.npz"
         try:
@@ -110,7 +110,7 @@ class PartialResults:
 
     def put(self, piece: str, arrays: Mapping[str, Any]) -> None:
         """Save ``piece`` (name -> array) atomically; an earlier copy is replaced."""
-        from probe._atomic import _savez
+        from probe.store.atomic import write_npz as _savez
 
         buf = io.BytesIO()
         _savez(buf, {k: np.asarray(v) for k, v in arrays.items()})

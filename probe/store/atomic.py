@@ -19,31 +19,32 @@ try:
 except ImportError:  # pragma: no cover - platforms without flock
     fcntl = None
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "atomic_savez"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "atomic_savez", "atomic_file",
+           "write_npz", "temp_file", "fsync_dir", "disk_errors", "no_space_message", "NO_SPACE"]
 
-_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
-def _no_space(what: Any) -> str:
+def no_space_message(what: Any) -> str:
     return (f"no space left on device writing {what}; nothing stored was lost, "
             "free space and resume / retry")
 
 
 @contextlib.contextmanager
-def _disk_errors(path: Path) -> Iterator[None]:
+def disk_errors(path: Path) -> Iterator[None]:
     """OSError while writing ``path`` -> StoreError (no space / cannot write); FileExistsError passes."""
     try:
         yield
     except FileExistsError:
         raise
     except OSError as e:
-        if e.errno in _NO_SPACE:
-            raise DiskFullError(_no_space(path)) from None
+        if e.errno in NO_SPACE:
+            raise DiskFullError(no_space_message(path)) from None
         raise StoreError(f"cannot write {path} ({e.strerror or e}); check the disk and the "
                          "permissions of the runs root") from None
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # platforms without directory handles
@@ -56,7 +57,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _temp_file(directory: Path, name: str) -> tuple[int, Path]:
+def temp_file(directory: Path, name: str) -> tuple[int, Path]:
     """Create ``directory/.<name>.<hex>.tmp`` exclusively and hold an exclusive ``flock`` on it.
 
     The lock tells the sweep of :class:`RunStore` that the writer is alive; it goes with the
@@ -85,12 +86,12 @@ def _temp_file(directory: Path, name: str) -> tuple[int, Path]:
 
 
 @contextlib.contextmanager
-def _atomic_file(path: str | os.PathLike) -> Iterator[io.BufferedWriter]:
+def atomic_file(path: str | os.PathLike) -> Iterator[io.BufferedWriter]:
     """Yield a binary file; on clean exit it replaces ``path`` atomically, on error it vanishes."""
     path = Path(path)
     directory = path.parent
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temp_file(directory, path.name)
+    fd, tmp = temp_file(directory, path.name)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -101,7 +102,7 @@ def _atomic_file(path: str | os.PathLike) -> Iterator[io.BufferedWriter]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -110,7 +111,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     Parent folders are created. On any error the previous file, if any, is left untouched and no
     temporary file remains. Returns ``Path(path)``.
     """
-    with _atomic_file(path) as f:
+    with atomic_file(path) as f:
         f.write(data)
     return Path(path)
 
@@ -128,12 +129,14 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """
     import torch
 
-    with _atomic_file(path) as f:
+    with atomic_file(path) as f:
         torch.save(obj, f)
     return Path(path)
 
 
-def _savez(f: Any, arrays: Mapping[str, Any]) -> None:
+def write_npz(f: Any, arrays: Mapping[str, Any]) -> None:
+    """``numpy.savez_compressed`` of ``arrays`` into the open binary file ``f``; object arrays are
+    refused (they would need pickle to load back)."""
     import numpy as np
 
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
@@ -149,5 +152,5 @@ def atomic_savez(path: str | os.PathLike, **arrays: Any) -> Path:
     Object arrays are refused (they would need pickle to load back).
     """
     buf = io.BytesIO()
-    _savez(buf, arrays)
+    write_npz(buf, arrays)
     return atomic_write_bytes(path, buf.getvalue())
