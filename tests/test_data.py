@@ -309,20 +309,20 @@ def test_cifar_python_batch_with_no_rows(tmp_path, protocol):
 
 
 def test_cifar_file_size_caps(tmp_path, monkeypatch):
-    import probe.data
+    import probe.data.cifar
 
     rng = np.random.default_rng(15)
     write_cifar10_binary(tmp_path / "cifar-10-batches-bin", rng)
     write_cifar10_python(tmp_path / "cifar-10-batches-py", rng)
     with monkeypatch.context() as m:
-        m.setattr(probe.data, "MAX_CIFAR_BATCH_BYTES", 2 * 3073)  # the 2-record train batches fit, 3 do not
+        m.setattr(probe.data.cifar, "MAX_CIFAR_BATCH_BYTES", 2 * 3073)  # the 2-record train batches fit, 3 do not
         with pytest.raises(DataError, match=r"test_batch\.bin: 9219 bytes, above the 6146-byte limit for a "
                                             r"CIFAR batch \(MAX_CIFAR_BATCH_BYTES\); refused without reading"):
             load_data("cifar10", root=tmp_path, format="binary")
         size = (tmp_path / "cifar-10-batches-py" / "data_batch_1").stat().st_size
         with pytest.raises(DataError, match=f"data_batch_1: {size} bytes, above the 6146-byte limit"):
             load_data("cifar10", root=tmp_path, format="python")
-    monkeypatch.setattr(probe.data, "MAX_CIFAR_META_BYTES", 10)
+    monkeypatch.setattr(probe.data.cifar, "MAX_CIFAR_META_BYTES", 10)
     for fmt, meta in (("binary", "batches.meta.txt"), ("python", "batches.meta")):
         with pytest.raises(DataError, match=f"{meta}: .* bytes, above the 10-byte limit .*MAX_CIFAR_META_BYTES"):
             load_data("cifar10", root=tmp_path, format=fmt)
@@ -434,14 +434,14 @@ def test_idx_longer_than_header(tmp_path, gz):
 
 
 def test_idx_declared_size_cap(tmp_path, monkeypatch):
-    import probe.data
+    import probe.data.idx
 
     write_idx(tmp_path, np.random.default_rng(18), gz=True)
-    monkeypatch.setattr(probe.data, "MAX_IDX_BYTES", 5 * 28 * 28 - 1)
+    monkeypatch.setattr(probe.data.idx, "MAX_IDX_BYTES", 5 * 28 * 28 - 1)
     with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: header declares 5 x 28 x 28 = 3920 bytes "
                                         r"of images, above the 3919-byte limit .*\(MAX_IDX_BYTES\); refused"):
         load_data("mnist", root=tmp_path)
-    monkeypatch.setattr(probe.data, "MAX_IDX_BYTES", 5 * 28 * 28)
+    monkeypatch.setattr(probe.data.idx, "MAX_IDX_BYTES", 5 * 28 * 28)
     assert load_data("mnist", root=tmp_path).x_train.shape == (5, 1, 28, 28)
 
 
@@ -582,6 +582,52 @@ def test_unknown_name_suggests_close_match():
     assert set(DATASETS) >= {"digits", "synthetic", "cifar10", "caltech101"}
     with pytest.raises(UserError, match="does not take"):
         load_data("digits", channels=3)
+
+
+# --------------------------------------------------------------------------------------------------
+# A data set registered from outside the package
+
+
+@pytest.fixture
+def tinyset():
+    """``tinyset`` (alias ``tiny-set``): a loader of in-memory tensors, registered for one test."""
+    from probe.data import register_dataset, unregister_dataset
+
+    def load(*, root, image_size, seed, classes=2):
+        y = torch.arange(6) % classes
+        x = y.float().view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous()
+        return DataSplits(name="tinyset", x_train=x, y_train=y, x_test=x[:classes], y_test=y[:classes],
+                          num_classes=classes, class_names=tuple(map(str, range(classes))), mean=(0.0,), std=(1.0,),
+                          source=f"in memory, seed={seed}")
+
+    register_dataset("tinyset", load, aliases=("tiny-set",), options=("classes",), files="none")
+    try:
+        yield
+    finally:
+        unregister_dataset("tinyset")
+
+
+def test_registered_dataset_loads_by_name_and_alias_and_is_in_cli_help(tinyset, monkeypatch, capsys):
+    import probe.data
+    from probe.cli import build_parser
+
+    assert probe.data.DATASETS[-1] == "tinyset"
+    d = load_data("tinyset", classes=3, seed=4, limit_train=3)
+    assert d.name == "tinyset" and d.num_classes == 3 and d.y_train.tolist() == [0, 1, 2]
+    assert d.source == "in memory, seed=4"
+    assert load_data("Tiny_Set").describe() == load_data("tinyset").describe()
+    assert data_roots("tiny-set") == [] and find_data("tinyset") is None
+    with pytest.raises(UserError, match=r"data set 'tinyset' does not take option\(s\) format; accepted: classes"):
+        load_data("tiny-set", format="binary")
+    with pytest.raises(ValueError, match="already registered"):
+        probe.data.register_dataset("tiny-set", lambda **kw: None)
+
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("--data DATA"))
+    assert "data set: digits, synthetic, cifar10, cifar100, mnist, fashion-mnist, imagefolder, caltech101, " \
+           "tinyset (default: digits)" in line
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-import probe._cifar_pickle
+import probe.data.cifar_pickle
 import probe.data
 from probe.data import load_data
 from probe.errors import DataError
@@ -88,7 +88,7 @@ def object_array_short_list() -> bytes:
 GUARD = r"""
 import json, resource, sys, time
 import torch  # noqa: F401  (the address space any real run starts with)
-import probe._cifar_pickle
+import probe.data.cifar_pickle
 import probe.data
 from probe.errors import DataError
 
@@ -209,7 +209,7 @@ def test_pickle_refusals(tmp_path, blob, message):
 def test_pickle_opcode_cap(tmp_path, monkeypatch):
     folder = tmp_path / "cifar-10-batches-py"
     write_cifar10_python(folder, {"test_batch": b"(" + b"]" * 5000 + b"l."})
-    monkeypatch.setattr(probe._cifar_pickle, "MAX_PICKLE_OPS", 1000)
+    monkeypatch.setattr(probe.data.cifar_pickle, "MAX_PICKLE_OPS", 1000)
     with pytest.raises(DataError, match="test_batch.*more than 1000 pickle opcodes.*MAX_PICKLE_OPS"):
         load_data("cifar10", root=tmp_path)
 

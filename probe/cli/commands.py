@@ -176,12 +176,14 @@ def _pct(v) -> str:
 
 @_register
 def _reg_train(sub, common):
+    from probe.data.registry import dataset_help
     from probe.train import TrainConfig
 
     p = sub.add_parser("train", parents=[common], help="train a model into the run store")
     defaults = TrainConfig(model="-").to_dict()
+    helps = {**_TRAIN_HELP, "data": dataset_help()}  # the registered data sets, as they are now
     for flag, (name, typ) in _TRAIN_FLAGS.items():
-        text = _TRAIN_HELP.get(name, name.replace("_", " "))
+        text = helps.get(name, name.replace("_", " "))
         if "default" not in text:
             text += f" (default: {'none' if defaults[name] is None else defaults[name]})"
         p.add_argument(flag, dest=name, type=typ, default=None, help=text)
@@ -211,7 +213,6 @@ def _reg_train(sub, common):
 _TRAIN_HELP = {
     "model": "registered model name (`probe models`) or package.module:factory (required, unless by "
              "default from --preset or --resume)",
-    "data": "data set: digits, synthetic, cifar10, cifar100, mnist, fashion-mnist, imagefolder, caltech101",
     "data_root": "folder with the data set's files (default: $PROBE_DATA, ./data, /usr/share/datasets/<name>)",
     "fusion": "fusion spec, seed row id (fmm01..fmm59), add or mul (default: the model's own)",
     "epochs": "number of epochs", "batch_size": "training batch size", "lr": "peak learning rate",

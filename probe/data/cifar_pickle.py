@@ -5,7 +5,7 @@ arguments (no ``numpy.ndarray(shape)`` of any size, plain numeric dtypes only, l
 the pure-Python unpickler counts every opcode (at most :data:`MAX_PICKLE_OPS`), and the object it
 builds is walked before anything else touches it (at most :data:`MAX_PICKLE_DEPTH` levels and
 :data:`MAX_PICKLE_ELEMENTS` elements, a shared container counted each time it is reached). The file
-itself is read size-capped by :mod:`probe.data`.
+itself is read size-capped by :mod:`probe.data.cifar`.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Training batches over in-memory tensors: the seeded epoch iterator and its augmentation
-(re-exported by :mod:`probe.data`)."""
+(exported by :mod:`probe.data`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,6 +1,8 @@
-"""Image-folder data sets: ``imagefolder`` (a train/test tree or one tree split stratified) and
-the ``caltech101`` preset (the seed's split), read with Pillow in threads. Loaded through
-:func:`probe.data.load_data`."""
+"""Image-folder data sets, read with Pillow in threads and normalised with ImageNet statistics:
+``imagefolder`` (``root/{train,test}/<class>/<image>``, or ``root/<class>/<image>`` split stratified
+with ``test_fraction=0.2``, ``split_seed=42``; native size 32) and the ``caltech101`` preset
+(``101_ObjectCategories`` without ``BACKGROUND_Google``, stratified 80/20 split with
+``random_state=42``, resized to 64x64 ignoring the aspect ratio)."""
 from __future__ import annotations
 
 import os
@@ -10,11 +12,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from probe.data import (IMAGE_EXTENSIONS, IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD, IMAGENET_MEAN, IMAGENET_STD,
-                        DataSplits, _normalise_u8, _search)
+from probe.data.registry import register_dataset
+from probe.data.search import search_data
+from probe.data.splits import DataSplits, normalise_u8
 from probe.errors import DataError, UserError
 
-__all__ = ["load_imagefolder", "load_caltech101", "locate_caltech101"]
+__all__ = ["IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGENET_GRAY_MEAN", "IMAGENET_GRAY_STD",
+           "load_imagefolder", "load_caltech101", "locate_caltech101"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+# Per-channel statistics of ImageNet's pixel values in [0, 1]; grey images: the average of the three channels.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD = (0.449,), (0.226,)
 
 
 IMAGEFOLDER_LAYOUT = (
@@ -143,9 +152,9 @@ def _image_splits(
         source += f", excluding {', '.join(exclude)}"
     return DataSplits(
         name=name,
-        x_train=_normalise_u8(_read_images(tr_paths, size, mode), mean, std, None),
+        x_train=normalise_u8(_read_images(tr_paths, size, mode), mean, std, None),
         y_train=torch.tensor(tr_labels, dtype=torch.int64),
-        x_test=_normalise_u8(_read_images(te_paths, size, mode), mean, std, None),
+        x_test=normalise_u8(_read_images(te_paths, size, mode), mean, std, None),
         y_test=torch.tensor(te_labels, dtype=torch.int64),
         num_classes=len(classes), class_names=tuple(classes), mean=mean, std=std, source=source,
     )
@@ -181,8 +190,13 @@ def locate_caltech101(base: Path) -> tuple[Path | None, list[str]]:
 
 
 def load_caltech101(*, root, image_size, seed) -> DataSplits:
-    folder = _search("caltech101", root, locate_caltech101, CALTECH_LAYOUT)
+    folder = search_data("caltech101", root, locate_caltech101, CALTECH_LAYOUT)
     return _image_splits(
         "caltech101", folder, presplit=False, size=image_size or 64, channels=3, test_fraction=0.2,
         split_seed=42, exclude=CALTECH_EXCLUDE, layout=CALTECH_LAYOUT,
     )
+
+
+register_dataset("imagefolder", load_imagefolder, aliases=("image-folder",),
+                 options=("channels", "test_fraction", "split_seed"), files="root")
+register_dataset("caltech101", load_caltech101, aliases=("caltech-101",), locate=locate_caltech101)
