@@ -54,7 +54,7 @@ def _finding_payload(payload: Any, what: str) -> tuple[dict, str]:
     if size > FINDING_MAX_BYTES:
         raise UserError(f"{what}: the payload is {size} bytes of JSON, over the "
                         f"{FINDING_MAX_BYTES // 2**20} MiB limit; store fewer rows")
-    from probe.figures.findings import FINDING_KINDS, validate_finding
+    from probe.store.finding_shapes import FINDING_KINDS, validate_finding
 
     if obj["kind"] in FINDING_KINDS:
         problem = validate_finding(obj)
@@ -111,7 +111,7 @@ class FindingsMixin(Catalog):
         ``payload`` is a dict of JSON-able values (numpy / torch numbers and arrays allowed; NaN and
         infinities become ``None``, see :func:`to_jsonable`) with a string ``kind``; a payload of
         a kind that :mod:`probe.figures.findings` draws must have that kind's shape
-        (:func:`~probe.figures.findings.validate_finding`); its JSON may take up to
+        (:func:`~probe.store.finding_shapes.validate_finding`); its JSON may take up to
         :data:`FINDING_MAX_BYTES`. The finding is written to ``findings/<finding_id>.json`` (for
         :meth:`rebuild_catalog`), then to the catalog. A newer finding of the same experiment and
         name supersedes the older ones in :meth:`list_findings` and :meth:`get_finding` (they are
