@@ -62,7 +62,7 @@ def worker(args) -> None:
     import numpy as np
     import torch
 
-    from probe.dist import COMM, current, setup, teardown
+    from probe.runtime.dist import COMM, current, setup, teardown
 
     ddp = setup("cpu")
     if args.job == "ntk":

@@ -89,7 +89,7 @@ class Plan:
 
 
 def _bytes_per_sample(fm: FunctionalModel, x: Tensor) -> int:
-    from probe._memory import MemoryMeter
+    from probe.runtime.memory import MemoryMeter
 
     s = min(int(x.shape[0]), 8)
     with torch.no_grad(), MemoryMeter(fm.device) as meter:
