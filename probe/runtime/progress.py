@@ -1,8 +1,4 @@
-"""The progress callback the library reports long work through.
-
-``progress(description, done, total)``: the library reports long work through this; the CLI
-renders it with tqdm on stderr. ``None`` means silent.
-"""
+"""The progress callback type through which the library reports long work."""
 from __future__ import annotations
 
 from typing import Callable
