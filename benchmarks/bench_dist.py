@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +38,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
+
+from benchmarks._harness import log, print_result, run_worker
 
 JOBS = ("ntk", "surface")
 
@@ -62,7 +63,7 @@ def worker(args) -> None:
     import numpy as np
     import torch
 
-    from probe.dist import COMM, current, setup, teardown
+    from probe.runtime.dist import COMM, current, setup, teardown
 
     ddp = setup("cpu")
     if args.job == "ntk":
@@ -81,8 +82,8 @@ def worker(args) -> None:
     wall = time.perf_counter() - t0
     if current().main:
         np.save(args.out, np.asarray(out, dtype=np.float64))
-        print(json.dumps({"job": args.job, "world": ddp.world, "threads": torch.get_num_threads(), "wall_s": wall,
-                          "comm_s": COMM["seconds"], "comm_calls": COMM["calls"]}), flush=True)
+        print_result({"job": args.job, "world": ddp.world, "threads": torch.get_num_threads(), "wall_s": wall,
+                      "comm_s": COMM["seconds"], "comm_calls": COMM["calls"]})
     teardown()
 
 
@@ -92,10 +93,10 @@ def _run(job: str, world: int, threads: int, args, out: str) -> dict:
           "--surface-n", str(args.surface_n), "--out", out]
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", *me]
            if world > 1 else [sys.executable, *me])
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0:
-        raise SystemExit(f"{job} w{world}t{threads} failed:\n{proc.stderr[-2000:]}")
-    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    done = run_worker(cmd, env=env, timeout=3600)
+    if not done.ok:
+        raise SystemExit(f"{job} w{world}t{threads} failed:\n{done.stderr[-2000:]}")
+    return done.result
 
 
 def main(argv=None) -> None:
@@ -122,7 +123,7 @@ def main(argv=None) -> None:
                 out = os.path.join(tmp, f"{job}-{name}.npy")
                 runs[name] = _run(job, world, threads, args, out)
                 runs[name]["result"] = np.load(out)
-                print(f"{job:<8} {name}: {runs[name]['wall_s']:8.2f} s", file=sys.stderr, flush=True)
+                log(f"{job:<8} {name}: {runs[name]['wall_s']:8.2f} s")
             ref, two = runs["w1t1"]["result"], runs["w2t1"]["result"]
             scale = float(np.nanmax(np.abs(ref))) or 1.0
             row = {"job": job, **{f"{k}_s": v["wall_s"] for k, v in runs.items()},

@@ -29,28 +29,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks._harness import peak_rss_mib, print_result, rss_mib, run_worker, script_command
+
 METHODS = ("ours", "ours_vmap", "loop", "vmap_all")
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def child(method: str, model_name: str, n: int, chunk: int, threads: int | None, repeats: int) -> dict:
-    sys.path.insert(0, str(ROOT))
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -110,7 +102,7 @@ def child(method: str, model_name: str, n: int, chunk: int, threads: int | None,
 
     fn = {"ours": ours, "ours_vmap": ours_vmap, "loop": loop, "vmap_all": vmap_all}[method]
     fn(x[:2], y[:2])                                                   # warm-up
-    base = _rss_mib()
+    base = rss_mib()
     walls = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -118,17 +110,17 @@ def child(method: str, model_name: str, n: int, chunk: int, threads: int | None,
         walls.append(time.perf_counter() - t0)
     wall = min(walls)
     return {"method": method, "model": model_name, "n": n, "chunk": chunk, "wall_s": wall, "walls_s": walls,
-            "peak_mib": _peak_mib(), "base_mib": base, "extra_mib": max(_peak_mib() - base, 0.0),
+            "peak_mib": peak_rss_mib(), "base_mib": base, "extra_mib": max(peak_rss_mib() - base, 0.0),
             "params": sum(model.get_parameter(k).numel() for k in names), "threads": torch.get_num_threads(),
             "variance": [float(v) for v in var]}
 
 
 def run_child(method: str, model: str, n: int, chunk: int, threads: int | None, repeats: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", method, model, str(n), str(chunk), str(threads or 0), str(repeats)]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if r.returncode:
-        return {"method": method, "model": model, "error": (r.stderr.strip().splitlines() or ["?"])[-1]}
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    done = run_worker(script_command(__file__, "--child", method, model, str(n), str(chunk), str(threads or 0),
+                                     str(repeats)), cwd=ROOT)
+    if not done.ok:
+        return {"method": method, "model": model, "error": done.tail(1) or "?"}
+    return done.result
 
 
 def main(argv=None) -> int:
@@ -145,7 +137,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.child:
         method, model, n, chunk, threads, repeats = args.child
-        print(json.dumps(child(method, model, int(n), int(chunk), int(threads) or None, int(repeats))))
+        print_result(child(method, model, int(n), int(chunk), int(threads) or None, int(repeats)))
         return 0
     n = args.n or (64 if args.quick else 256)
     chunk = args.chunk or (16 if args.quick else 64)

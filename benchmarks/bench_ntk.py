@@ -68,8 +68,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -80,6 +78,9 @@ if __package__ in (None, ""):
 
 import numpy as np
 import torch
+
+from benchmarks._harness import (environment, log, peak_rss_mib, pip_install, print_result, run_worker,
+                                 script_command)
 
 METHODS = ["ours", "naive", "vmap_jacrev", "vmap_jacrev_once", "nngeometry"]
 HEADLINE = "vmap_jacrev_once"                  # the baseline the targets are stated against
@@ -183,16 +184,9 @@ RUNNERS = {"ours": run_ours, "naive": run_naive, "vmap_jacrev": run_vmap_jacrev,
 def install_nngeometry(where: str) -> str | None:
     """``pip install --no-deps --target where nngeometry==0.4``; the path, or None (with the reason
     printed) when it fails."""
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--disable-pip-version-check",
-           "--target", where, NNGEOMETRY]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        print(f"nngeometry: install failed ({e}); skipped", file=sys.stderr)
-        return None
-    if out.returncode != 0:
-        tail = " ".join(out.stderr.strip().splitlines()[-2:])
-        print(f"nngeometry: pip install {NNGEOMETRY} failed ({tail}); skipped", file=sys.stderr)
+    why = pip_install([NNGEOMETRY], where, timeout=300)
+    if why is not None:
+        log(f"nngeometry: pip install {NNGEOMETRY} failed ({why}); skipped")
         return None
     return where
 
@@ -200,21 +194,17 @@ def install_nngeometry(where: str) -> str | None:
 # --- workers (one per subprocess) ----------------------------------------------------------------
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0    # Linux: KiB
-
-
 def worker_time(args) -> dict:
     if args.warmup:                                  # first-call costs, not timed
         RUNNERS[args.worker](*build(args.model, 2, args.size), args)
     model, x = build(args.model, args.n, args.size)
-    base = _rss_mb()
+    base = peak_rss_mib()
     t0, c0 = time.perf_counter(), time.process_time()
     K, info = RUNNERS[args.worker](model, x, args)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if args.save:
         np.save(args.save, K)
-    return {"wall_s": wall, "cpu_s": cpu, "rss_base_mb": base, "rss_peak_mb": _rss_mb(), **info}
+    return {"wall_s": wall, "cpu_s": cpu, "rss_base_mb": base, "rss_peak_mb": peak_rss_mib(), **info}
 
 
 def _flop_counter():
@@ -266,13 +256,13 @@ def worker_lanczos(args) -> dict:
     """One full top-20 run of ``ntk_topk_lanczos`` with ``--lanczos-method``."""
     from probe.probes.ntk import ntk_topk_lanczos
     model, x = build(args.model, args.n, 8, in_chans=1)
-    base = _rss_mb()
+    base = peak_rss_mib()
     t0 = time.perf_counter()
     res = ntk_topk_lanczos(model, x, k=20, kind="trace", method=args.lanczos_method,
                            memory_budget_bytes=int(args.budget_gib * 2 ** 30),
                            block_vectors=args.block_vectors, tol=args.tol)
     return {"method": res.method, "wall_s": time.perf_counter() - t0, "rss_base_mb": base,
-            "rss_peak_mb": _rss_mb(), "n_matvecs": res.n_matvecs, "n_passes": res.n_passes,
+            "rss_peak_mb": peak_rss_mib(), "n_matvecs": res.n_matvecs, "n_passes": res.n_passes,
             "block_vectors": res.block_vectors, "converged": res.converged,
             "subspace_dim": res.subspace_dim, "eigenvalues": res.eigenvalues.tolist(),
             "max_rel_residual": float(res.residuals.max() / res.eigenvalues[0]),
@@ -281,34 +271,28 @@ def worker_lanczos(args) -> dict:
 
 
 def worker_matvec(args) -> dict:
-    """Seconds per Lanczos vector of the VJP/JVP operator (``ntvp``) at N: one product K v."""
-    from probe.functional import eval_mode, functionalize
-    from probe.probes.ntk import NtkKind
-    from probe.probes.ntk._operators import _NtkOperator
-    from probe.probes.ntk._util import _LANCZOS_MAX_BLOCK, _out_of_range
+    """Seconds per Lanczos vector of the VJP/JVP operator (``ntvp``) at N: one product K v, in the
+    dtype ``ntk_topk_lanczos`` would run in."""
+    from probe.probes.ntk import ntk_operator
     model, x = build(args.model, args.n, 8, in_chans=1)
-    with torch.no_grad():                 # the dtype ntk_topk_lanczos would run in
-        y_max = max(float(model(x[i:i + 500]).abs().max()) for i in range(0, args.n, 500))
-    fm = functionalize(model, dtype=torch.float64 if _out_of_range(torch.float32, y_max) else None)
-    with eval_mode(model):
-        op = _NtkOperator(fm, fm.prepare(x), NtkKind.TRACE, 10, min(args.n, _LANCZOS_MAX_BLOCK))
-        v = np.random.default_rng(0).standard_normal((args.n, 1))
-        t0 = time.perf_counter()
-        op.matmat(v)
-        return {"s_per_vector": time.perf_counter() - t0, "dtype": str(fm.dtype)}
+    op = ntk_operator(model, x, "trace")
+    v = np.random.default_rng(0).standard_normal((args.n, 1))
+    t0 = time.perf_counter()
+    op.matmat(v)
+    return {"s_per_vector": time.perf_counter() - t0, "dtype": str(op.fm.dtype)}
 
 
 def spawn(argv: list[str], fatal: bool = True) -> dict | None:
-    cmd = [sys.executable, str(Path(__file__).resolve())] + argv
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        tail = "\n".join(out.stderr.strip().splitlines()[-3:])
-        msg = f"worker {' '.join(argv)} failed (exit {out.returncode}):\n{tail}"
+    """The result of this script run as a worker with ``argv``; a failure ends the benchmark
+    (``fatal``) or is reported and gives None."""
+    done = run_worker(script_command(__file__, *argv))
+    if not done.ok:
+        msg = f"worker {' '.join(argv)} failed (exit {done.returncode}):\n{done.tail()}"
         if fatal:
             raise SystemExit(msg)
-        print(msg, file=sys.stderr)
+        log(msg)
         return None
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return done.result
 
 
 # --- driver --------------------------------------------------------------------------------------
@@ -363,19 +347,18 @@ def main(argv=None) -> int:
             out = worker_flops(args)
         else:
             out = worker_time(args)
-        print(json.dumps(out))
+        print_result(out)
         return 0
 
     common = ["--size", str(args.size), "--method", args.method, "--budget-gib", str(args.budget_gib)]
     if args.warmup:
         common.append("--warmup")
-    env = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
-           "load_avg_start": os.getloadavg()}
+    env = environment()
     peak = spawn(["--worker", "matmul"])["gflops"]
     ns = [] if args.lanczos_only else args.n
     methods = list(args.methods)
     rows, summary = [], []
-    log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    say = (lambda *a: None) if args.json else log
     with tempfile.TemporaryDirectory() as tmp:
         if "nngeometry" in methods and ns and not set(ns).isdisjoint(args.nngeometry_n):
             where = install_nngeometry(os.path.join(tmp, "nngeometry"))
@@ -398,7 +381,7 @@ def main(argv=None) -> int:
                 run_here = [m for m in methods if m != "nngeometry" or n in args.nngeometry_n]
                 for rep in range(args.repeats):
                     for m in run_here:                # interleaved repeats
-                        log(f"{name} N={n} {m} (repeat {rep})")
+                        say(f"{name} N={n} {m} (repeat {rep})")
                         path = os.path.join(tmp, f"{name}_{m}_{n}.npy")
                         r = spawn(["--worker", m, "--n", str(n), "--save", path] + mc,
                                   fatal=m != "nngeometry")
@@ -440,7 +423,7 @@ def main(argv=None) -> int:
         lanczos = {"runs": [], "compare": [], "baseline_at_n": []}
 
         def lz(name, n, method):
-            log(f"{name} Lanczos N={n} {method}")
+            say(f"{name} Lanczos N={n} {method}")
             argv = ["--worker", "lanczos", "--model", name, "--n", str(n), "--budget-gib",
                     str(args.lanczos_budget_gib), "--json",
                     "--lanczos-method", method]
@@ -451,7 +434,7 @@ def main(argv=None) -> int:
             r = spawn(argv)
             r.update(model=name, n=n)
             lanczos["runs"].append(r)
-            log(json.dumps(r))                   # kept even if a later worker fails
+            say(json.dumps(r))                   # kept even if a later worker fails
             return r
         for name in args.lanczos_models or args.models:
             if args.lanczos_compare_n:           # both operators end to end, same N, same inputs

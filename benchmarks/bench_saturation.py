@@ -31,18 +31,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks._harness import peak_rss_mib, print_result, run_worker, script_command
+
 METHODS = ("forward", "ours", "baseline")
-
-
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # Linux: KiB
 
 
 def _baseline(model, x, batch_size: int, bins: int, threshold: float, hist_max: float) -> dict:
@@ -108,7 +107,7 @@ def worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
     else:
-        base = _rss_mib()
+        base = peak_rss_mib()
     best, numbers = float("inf"), None
     for _ in range(args.repeats):
         t0 = time.perf_counter()
@@ -128,7 +127,7 @@ def worker(args) -> dict:
         if cuda:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mib()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mib()
     params = sum(p.numel() for p in model.parameters())
     return {"method": args.method, "seconds": best, "base_mib": base, "peak_mib": peak, "extra_mib": peak - base,
             "params": params, "numbers": numbers}
@@ -166,19 +165,18 @@ def main(argv=None) -> int:
     p.add_argument("--method", help=argparse.SUPPRESS)                   # worker mode
     args = p.parse_args(argv)
     if args.method:
-        print(json.dumps(worker(args)))
+        print_result(worker(args))
         return 0
     rows = {}
     for method in args.methods:
-        cmd = [sys.executable, __file__, "--method", method] + [
+        cmd = script_command(__file__, "--method", method, *[
             a for k, v in vars(args).items() if k not in ("methods", "json", "method")
-            for a in (f"--{k.replace('_', '-')}", str(v))]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
-        if proc.returncode:
-            print(proc.stderr, file=sys.stderr)
-            return proc.returncode
-        rows[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+            for a in (f"--{k.replace('_', '-')}", str(v))])
+        done = run_worker(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if not done.ok:
+            print(done.stderr, file=sys.stderr)
+            return done.returncode or 1
+        rows[method] = done.result
     check = _compare(rows.get("ours", {}).get("numbers"), rows.get("baseline", {}).get("numbers"))
     if args.json:
         print(json.dumps({"settings": {k: v for k, v in vars(args).items() if k != "method"},

@@ -41,16 +41,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
 if __package__ in (None, ""):
-    sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._harness import environment, log, pip_install
 
 METHODS = ["ours", "loop", "loss-landscapes"]
 PACKAGE = "loss-landscapes==3.0.6"
@@ -58,7 +57,7 @@ PACKAGE = "loss-landscapes==3.0.6"
 
 def make_point(n: int, size: int, seed: int):
     import torch
-    from bench_ntk import build
+    from benchmarks.bench_ntk import build
 
     model, x = build("resnet20_add", n, size, in_chans=3, seed=seed)
     y = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(seed + 3))
@@ -160,12 +159,11 @@ def forward_time(model, x, batch: int, repeats: int) -> float:
     return best
 
 
-def install(where: str, log) -> bool:
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", where, PACKAGE]
+def install(where: str) -> bool:
     log("installing " + PACKAGE)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        log("  install failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1])
+    why = pip_install([PACKAGE], where)
+    if why is not None:
+        log("  install failed: " + why)
         return False
     return True
 
@@ -188,14 +186,9 @@ def main(argv=None) -> int:
         ap.error("--skip-install needs --lib-dir")
 
     import numpy as np
-    import torch
     from probe.probes.surface import random_directions
 
-    def log(*a):
-        print(*a, file=sys.stderr, flush=True)
-
-    env = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
-           "load_avg_start": os.getloadavg()}
+    env = environment()
     model, x, y = make_point(args.n, args.size, args.seed)
     S = args.steps
     grid = f"-1:1:{S}"
@@ -232,7 +225,7 @@ def main(argv=None) -> int:
         if lib is None:
             tmp = tempfile.TemporaryDirectory()
             lib = tmp.name
-        ok = True if args.skip_install else install(lib, log)
+        ok = True if args.skip_install else install(lib)
         if ok:
             log(f"loss-landscapes: random_plane steps={S}")
             wall, vals, centre, used, error = run_loss_landscapes(model, x, y, S, lib)

@@ -43,12 +43,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -59,10 +55,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks._harness import (GIB, MIB, environment, log, print_ready, print_result, reset_peak, run_watched,
+                                 script_command, status_kib)
+
 NTK_METHODS = ["auto", "jacobian", "layerwise", "ntvp"]
 LANCZOS_METHODS = ["gram", "ntvp"]
-GIB = 2 ** 30
-MIB = 2 ** 20
 
 
 # --- the models ----------------------------------------------------------------------------------
@@ -100,8 +97,7 @@ def build_mlp(width: int, n: int, seed: int = 0):
 def build_resnet(name: str, n: int, size: int, in_chans: int = 3, seed: int = 0):
     """The registry's ``name`` in eval mode with BatchNorm running statistics averaged over 256
     random inputs, and n random normal inputs: ``benchmarks/bench_ntk.py``'s construction."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_ntk import build as build_bench
+    from benchmarks.bench_ntk import build as build_bench
     return build_bench(name, n, size, in_chans=in_chans, seed=seed)
 
 
@@ -112,16 +108,6 @@ def build(case: dict):
 
 
 # --- the worker (one per subprocess) -------------------------------------------------------------
-
-
-def _status_kib(field: str, pid: str = "self") -> int | None:
-    """A ``kB`` field (VmRSS, VmHWM) of /proc/<pid>/status, KiB; None when the process is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            m = re.search(rf"^{field}:\s+(\d+)\s+kB", f.read(), re.M)
-    except OSError:
-        return None
-    return int(m.group(1)) if m else None
 
 
 def _call(case: dict, model, x):
@@ -156,10 +142,9 @@ def worker(case: dict) -> dict:
     model, x = build(case)
     n_params = sum(p.numel() for p in model.parameters())
     gc.collect()
-    base = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:       # VmHWM := VmRSS
-        f.write("5")
-    print("READY " + json.dumps({"rss_base_kib": base, "n_params": n_params}), flush=True)
+    base = status_kib("VmRSS")
+    reset_peak()                                        # VmHWM := VmRSS
+    print_ready({"rss_base_kib": base, "n_params": n_params})
     out = {"n_params": n_params, "model_bytes": 4 * n_params, "rss_base_kib": base}
     t0 = time.perf_counter()
     try:
@@ -177,7 +162,7 @@ def worker(case: dict) -> dict:
     except UserError as e:
         out.update(status="refused", message=str(e))
     out["wall_s"] = time.perf_counter() - t0
-    out["rss_peak_kib"] = _status_kib("VmHWM")
+    out["rss_peak_kib"] = status_kib("VmHWM")
     return out
 
 
@@ -186,43 +171,18 @@ def worker(case: dict) -> dict:
 
 def spawn(case: dict, kill_above_gib: float, timeout_s: float) -> dict:
     """Runs ``case`` in a fresh subprocess under the RSS watchdog; returns its result row."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(case)]
-    cap_kib = int(kill_above_gib * GIB / 1024)
-    lines: list[str] = []
-    with tempfile.TemporaryFile(mode="w+") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
-        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-        reader.start()
-        pid, t0, seen_kib, why, measuring = str(proc.pid), time.monotonic(), 0, None, False
-        while proc.poll() is None:
-            if not measuring and lines:        # READY: the child has reset its VmHWM
-                measuring, seen_kib = True, 0
-            rss, hwm = _status_kib("VmRSS", pid), _status_kib("VmHWM", pid)
-            seen_kib = max(seen_kib, rss or 0, hwm or 0)
-            if rss is not None and rss > cap_kib:
-                why = f"killed above {kill_above_gib:g} GiB"
-            elif time.monotonic() - t0 > timeout_s:
-                why = f"timeout after {timeout_s:g} s"
-            if why:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-                break
-            time.sleep(0.2)
-        reader.join(timeout=5)
-        err.seek(0)
-        stderr = err.read()
-    ready = next((json.loads(ln[6:]) for ln in lines if ln.startswith("READY ")), None)
+    w = run_watched(script_command(__file__, "--worker", json.dumps(case)), cap_gib=kill_above_gib,
+                    timeout_s=timeout_s, peak_after_ready=True)
     row = dict(case)
-    if ready:
-        row.update(ready)
-    if why:
-        row.update(status="killed" if why.startswith("killed") else "timeout", message=why,
-                   wall_s=time.monotonic() - t0, rss_peak_kib=seen_kib)
-    elif proc.returncode != 0 or not lines or lines[-1].startswith("READY "):
-        tail = " | ".join(stderr.strip().splitlines()[-3:])
-        row.update(status="error", message=f"exit {proc.returncode}: {tail}", rss_peak_kib=seen_kib)
+    if w.ready:
+        row.update(w.ready)
+    if w.stopped:
+        row.update(status="killed" if w.killed else "timeout", message=w.stopped, wall_s=w.wall_s,
+                   rss_peak_kib=w.seen_kib)
+    elif not w.ok:
+        row.update(status="error", message=f"exit {w.returncode}: {w.tail(3, ' | ')}", rss_peak_kib=w.seen_kib)
     else:
-        row.update(json.loads(lines[-1]))
+        row.update(w.result)
     if row.get("rss_base_kib") is not None and row.get("rss_peak_kib"):
         row["extra_bytes"] = (row["rss_peak_kib"] - row["rss_base_kib"]) * 1024
     budget = int(row["budget_gib"] * GIB)
@@ -345,14 +305,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+        print_result(worker(json.loads(args.worker)))
         return 0
 
-    def log(*a):                          # progress on stderr, also with --json (long runs)
-        print(*a, file=sys.stderr, flush=True)
     widths = [4096] if args.quick else args.widths
-    env = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
-           "load_avg_start": os.getloadavg(), "kill_above_gib": args.kill_above_gib}
+    env = environment(kill_above_gib=args.kill_above_gib)
     part1, part2 = [], []
     with tempfile.TemporaryDirectory() as tmp:
         cases, warm = [], {"warmup": not args.no_warmup}

@@ -150,7 +150,7 @@ def _work(root: str, config, run_id: str | None, threads: int | None) -> tuple[s
 def _settings(ctx: Context) -> tuple[int, int | None]:
     """(jobs, threads per job or None for torch's own count), checked."""
     from probe.checks import check_int
-    from probe.dist import launched
+    from probe.runtime.dist import launched
 
     jobs = check_int("jobs", ctx.jobs, 1, 1024)
     threads = None if ctx.threads_per_job is None else check_int("threads_per_job", ctx.threads_per_job, 1, 4096)
@@ -172,7 +172,7 @@ def _sweep_lock(ctx: Context):
         import fcntl
     except ImportError:  # pragma: no cover - not on every platform
         fcntl = None
-    from probe.dist import launched
+    from probe.runtime.dist import launched
 
     if fcntl is None or launched() or getattr(ctx.store, "readonly", False):
         yield
@@ -276,7 +276,7 @@ def _train_here(ctx: Context, todo: dict, threads: int | None, finish: Callable)
     import torch
 
     from probe._train_state import one_line
-    from probe.dist import launched
+    from probe.runtime.dist import launched
 
     before = torch.get_num_threads()
     if threads is not None:

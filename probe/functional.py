@@ -41,7 +41,8 @@ ParamFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 #: the mapping, or a callable taking the output and returning the tensor.
 OutputSelector = Union[None, str, Callable[[object], Tensor]]
 
-__all__ = ["couples_samples", "FunctionalModel", "OutputSelector", "ParamFilter", "eval_mode", "functionalize",
+__all__ = ["couples_samples", "FunctionalModel", "OutputSelector", "ParamFilter", "eval_mode",
+           "batchnorm_train_mode", "functionalize",
            "flatten_params", "unflatten_like", "select_param_names", "select_output",
            "calibrate_batchnorm", "fix_batch_statistics", "check_sample_independence"]
 
@@ -108,6 +109,23 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+@contextmanager
+def batchnorm_train_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Every module in eval mode, except BatchNorm layers, which use batch statistics without
+    reading or updating their running statistics (``training=True``, ``track_running_stats=False``:
+    ``F.batch_norm`` then gets no running buffers). All flags are restored afterwards."""
+    with eval_mode(model):
+        saved = [(m, m.training, m.track_running_stats) for m in model.modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        try:
+            for m, _, _ in saved:
+                m.training, m.track_running_stats = True, False
+            yield model
+        finally:
+            for m, training, track in saved:
+                m.training, m.track_running_stats = training, track
 
 
 def couples_samples(model: nn.Module) -> bool:

@@ -405,7 +405,7 @@ def train(config: TrainConfig, store=None, *, run_id: str | None = None,
     The run's status ends ``finished``; ``failed`` with a one-line reason after a non-finite loss or
     weights (:class:`TrainingDiverged`), a full disk or any other error; ``interrupted`` after
     ``KeyboardInterrupt``. Every exception is re-raised after the status is recorded."""
-    from probe.dist import setup
+    from probe.runtime.dist import setup
     from probe.store import RunStore
 
     config = config.validate()
@@ -631,7 +631,7 @@ def resume(run_ref: str, store=None, *, epochs: int | None = None, factory: str 
     extending it to ``epochs``, on another ``device`` or reading its data from another
     ``data_root``; everything else comes from the stored config. A run built by a user factory
     needs ``factory`` or ``trust_factory`` (see :func:`model_name_for_run`)."""
-    from probe.dist import DistError, current, launched, setup
+    from probe.runtime.dist import DistError, current, launched, setup
 
     ddp = setup(resolve_device(device or "auto")) if launched() else current()
     if not ddp.main:  # rank 0 reads the run and tells the others what to train

@@ -119,7 +119,7 @@ def test_a_sigkilled_distributed_run_resumes_exactly(tmp_path):
 SURVIVOR = r"""
 import os, signal, sys
 import torch
-from probe.dist import DistError, setup
+from probe.runtime.dist import DistError, setup
 import probe.probes.surface.api as api
 from probe.probes.surface import loss_surface, random_directions
 d = setup("cpu")

@@ -20,10 +20,10 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 from probe.errors import UserError
-from probe.linalg import DenseOperator, SymmetricOperator
+from probe.linalg import (DenseOperator, SymmetricOperator, extreme_eigenpairs, hutchinson_trace, hutchpp_trace,
+                          slq_density)
 from probe.probes import hessian as hs
-from probe.probes.hessian import (GGNOperator, HessianOperator, curvature_operator, group_blocks,
-                                  hessian_spectrum, hutchinson_trace, hutchpp_trace, slq_density)
+from probe.probes.hessian import GGNOperator, HessianOperator, curvature_operator, group_blocks, hessian_spectrum
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 D = torch.float64
@@ -423,16 +423,16 @@ def test_slq_exact_on_few_distinct_eigenvalues():
 def test_extreme_eigenpairs_on_dense_and_repeated_smallest():
     lam = np.concatenate([[-3.0, -3.0, -3.0], np.linspace(-1, 5, 57)])
     A = _sym(60, 4, spectrum=lam)
-    top = hs.extreme_eigenpairs(DenseOperator(A), 3, "largest", block_size=1)
-    low = hs.extreme_eigenpairs(DenseOperator(A), 4, "smallest", block_size=4, return_vectors=True)
+    top = extreme_eigenpairs(DenseOperator(A), 3, "largest", block_size=1)
+    low = extreme_eigenpairs(DenseOperator(A), 4, "smallest", block_size=4, return_vectors=True)
     ref = np.sort(lam)
     np.testing.assert_allclose(top.eigenvalues, ref[::-1][:3], atol=1e-8 * 5, rtol=0)
     np.testing.assert_allclose(low.eigenvalues, ref[:4], atol=1e-8 * 5, rtol=0)             # ascending
     np.testing.assert_allclose(A @ low.vectors.numpy(), low.vectors.numpy() * low.eigenvalues, atol=1e-7)
-    two = hs.extreme_eigenpairs(DenseOperator(A), 3, "smallest", block_size=2)
+    two = extreme_eigenpairs(DenseOperator(A), 3, "smallest", block_size=2)
     assert any("among the smallest" in n for n in two.notes)            # a block of 2 may miss copies
     with pytest.raises(ValueError, match="largest' or 'smallest"):
-        hs.extreme_eigenpairs(DenseOperator(A), 1, "middle")
+        extreme_eigenpairs(DenseOperator(A), 1, "middle")
 
 
 # --------------------------------------------------------------------------------------------

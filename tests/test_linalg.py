@@ -204,3 +204,13 @@ def test_gram_operator_lanczos_matches_the_explicit_kernel(tiny, kind):
     dense = np.linalg.eigvalsh(K[kind])[::-1]
     assert res.converged and op.sweeps == res.n_blocks
     np.testing.assert_allclose(res.eigenvalues, dense[:4], rtol=RTOL)
+
+
+@pytest.mark.parametrize("kind", ["trace", "full"])
+def test_public_ntk_operator_is_the_ntvp_operator(tiny, kind):
+    from probe.probes.ntk import ntk_operator
+    model, x, K = tiny
+    op = ntk_operator(model, x, kind, block_size=3)
+    V = np.random.default_rng(0).standard_normal((op.size, 2))
+    assert op.size == K[kind].shape[0] and op.dtype == torch.float64
+    np.testing.assert_allclose(op.matmat(V).numpy(), K[kind] @ V, rtol=1e-8, atol=1e-10 * np.abs(K[kind]).max())

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -24,7 +23,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+
+from benchmarks._harness import status_kib
+from benchmarks.ntk_memory import NtkMLP
 
 WIDTH = 8192                     # 12 -> 8192 -> 8192 -> 10: 67.3 M parameters, 269 MB in float32
 N = 8
@@ -35,30 +36,9 @@ KILL_ABOVE = 6 * 2 ** 30         # resident set at which the watchdog stops a wo
 TIMEOUT_S = 600
 
 
-class NtkMLP(nn.Module):
-    """12 -> width -> width -> 10, ReLU, NTK parametrisation (N(0, 1) weights and biases, each
-    layer's output times 1/sqrt(fan_in))."""
-
-    def __init__(self, width: int, d_in: int = 12, d_out: int = 10):
-        super().__init__()
-        dims = [d_in, width, width, d_out]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        with torch.no_grad():
-            for layer in self.layers:
-                layer.weight.normal_()
-                layer.bias.normal_()
-
-    def forward(self, x):
-        for i, layer in enumerate(self.layers):
-            x = layer(x) * layer.in_features ** -0.5
-            if i < len(self.layers) - 1:
-                x = torch.relu(x)
-        return x
-
-
 def _mlp(width: int, n: int, dtype=torch.float32, seed: int = 0):
     torch.manual_seed(seed)
-    model = NtkMLP(width).to(dtype).eval()
+    model = NtkMLP(12, width, 10).to(dtype).eval()        # 12 -> width -> width -> 10
     x = torch.randn(n, 12, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     return model, x
 
@@ -84,15 +64,6 @@ def _reference_trace_ntk(model: NtkMLP, x: torch.Tensor) -> torch.Tensor:
     return K
 
 
-def _status_kib(field: str, pid: str = "self") -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            m = re.search(rf"^{field}:\s+(\d+)\s+kB", f.read(), re.M)
-    except OSError:
-        return None
-    return int(m.group(1)) if m else None
-
-
 def _worker(method: str, width: int, n: int, budget: int) -> dict:
     from probe.errors import UserError
     from probe.probes.ntk import empirical_ntk
@@ -102,7 +73,7 @@ def _worker(method: str, width: int, n: int, budget: int) -> dict:
         pass
     model, x = _mlp(width, n)
     model_bytes = 4 * sum(p.numel() for p in model.parameters())
-    base = _status_kib("VmRSS")
+    base = status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     out = {"model_bytes": model_bytes}
@@ -114,7 +85,7 @@ def _worker(method: str, width: int, n: int, budget: int) -> dict:
         res = None
         out.update(status="refused", message=str(e))
     out["wall_s"] = time.perf_counter() - t0
-    out["extra"] = (_status_kib("VmHWM") - base) * 1024
+    out["extra"] = (status_kib("VmHWM") - base) * 1024
     if res is not None:
         with torch.enable_grad():
             ref = _reference_trace_ntk(model, x)
@@ -130,7 +101,7 @@ def _run(method: str, budget: int, width: int = WIDTH, n: int = N) -> dict:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     t0, why = time.monotonic(), None
     while proc.poll() is None:
-        rss = _status_kib("VmRSS", str(proc.pid))
+        rss = status_kib("VmRSS", str(proc.pid))
         if rss is not None and rss * 1024 > KILL_ABOVE:
             why = f"killed: resident set above {KILL_ABOVE / 2 ** 30:g} GiB"
         elif time.monotonic() - t0 > TIMEOUT_S:

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from probe.jobs.partial import PartialResults, model_fingerprint, partial_key
+from probe.runtime.partial import PartialResults, model_fingerprint, partial_key
 from probe.store import RunStore
 
 

@@ -119,7 +119,7 @@ def launch_torchrun(args, argv: list[str]) -> int:
     --nproc-per-node N`` (one machine); its exit status is this command's."""
     import subprocess
 
-    from probe.dist import launched
+    from probe.runtime.dist import launched
 
     n = args.nproc
     if not isinstance(n, int) or not 1 <= n <= 1024:

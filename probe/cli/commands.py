@@ -129,7 +129,7 @@ def cmd_train(args) -> Output:
 
     config = check_train_args(args)
     from probe.cli.probes import TqdmProgress
-    from probe.dist import launched, setup, teardown
+    from probe.runtime.dist import launched, setup, teardown
     from probe.train import resolve_device
 
     # under torchrun: join the group; rank 0 alone opens the store and reports

@@ -130,7 +130,7 @@ def _command(spec):
     def run(args) -> Output:
         from probe.jobs import figure_entries, run_probe
 
-        from probe.dist import launched, setup, teardown
+        from probe.runtime.dist import launched, setup, teardown
         from probe.train import resolve_device
 
         kwargs = _target_kwargs(args)

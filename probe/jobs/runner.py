@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from probe.checks import check_int
-from probe.dist import current, local
 from probe.errors import UserError, first_line
 from probe.functional import calibrate_batchnorm
-from probe.jobs.partial import PartialResults, model_fingerprint, partial_key
 from probe.jobs.targets import MAX_PROBE_INPUTS, iter_targets, probe_inputs
-from probe.probes.registry import Probe, ProbeContext, Progress, get_probe, make_params, params_dict
+from probe.probes.registry import Probe, ProbeContext, get_probe, make_params, params_dict
+from probe.runtime.dist import current, local
+from probe.runtime.partial import PartialResults, model_fingerprint, partial_key
+from probe.runtime.progress import Progress
 
 __all__ = ["Outcome", "run_probe", "load_result", "figure_entries"]
 

@@ -1,10 +1,11 @@
 """Inner products and norms accumulated in float64, for vectors stored in any precision."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["norm64", "dot64"]
+__all__ = ["norm64", "dot64", "coldot64"]
 
 
 def norm64(t: Tensor, dim: int | None = None, chunk: int = 1 << 20) -> Tensor:
@@ -30,3 +31,12 @@ def dot64(A: Tensor, B: Tensor, chunk: int = 1 << 16) -> Tensor:
     for c0 in range(0, A.shape[1], chunk):
         out += A[:, c0:c0 + chunk].double() @ B[:, c0:c0 + chunk].double().T
     return out
+
+
+def coldot64(A: Tensor, B: Tensor, chunk: int = 1 << 16) -> np.ndarray:
+    """Per-column inner products of A and B (n, c) accumulated in float64 over chunks of ``chunk``
+    rows: (c,) float64 numpy."""
+    out = torch.zeros(A.shape[1], dtype=torch.float64, device=A.device)
+    for lo in range(0, A.shape[0], chunk):
+        out += (A[lo:lo + chunk].double() * B[lo:lo + chunk].double()).sum(0)
+    return out.cpu().numpy()

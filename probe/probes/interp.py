@@ -282,9 +282,9 @@ class _Batches:
 
     def run(self, count: int, make) -> Tensor:
         """Outputs (count, C) of ``make(lo, hi)`` -> inputs (hi - lo, ...) for consecutive ranges
-        (shared out over the ranks under ``torchrun``, :func:`probe.jobs.chunks.map_chunks`)."""
-        from probe.dist import current
-        from probe.jobs.chunks import map_chunks
+        (shared out over the ranks under ``torchrun``, :func:`probe.runtime.chunks.map_chunks`)."""
+        from probe.runtime.dist import current
+        from probe.runtime.chunks import map_chunks
 
         ddp = current()
         starts = list(range(0, count, self.batch_size))

@@ -34,14 +34,10 @@ from torch import nn
 
 from probe.checks import check_choice
 from probe.errors import UserError
+from probe.runtime.progress import Progress
 
 __all__ = ["Probe", "ProbeContext", "ProbeResult", "StoredResult", "Progress", "register", "get_probe", "list_probes",
            "load_probes", "param_fields", "make_params", "params_dict"]
-
-#: ``progress(description, done, total)``: the library reports long work through this; the CLI
-#: renders it with tqdm on stderr. ``None`` means silent.
-Progress = Callable[[str, int, int], None]
-
 
 @dataclass(frozen=True)
 class ProbeContext:
@@ -70,7 +66,7 @@ class ProbeContext:
     #: ``rebuild(seed)``: the same architecture freshly initialised from ``seed`` (for probes that
     #: average over initialisations); ``None`` where the target cannot be rebuilt.
     rebuild: Callable[[int], nn.Module] | None = None
-    #: saved pieces of this job (:class:`probe.jobs.partial.PartialResults`): a probe that splits
+    #: saved pieces of this job (:class:`probe.runtime.partial.PartialResults`): a probe that splits
     #: into pieces saves each one as it finishes and reuses those an interrupted attempt of the
     #: same job saved; ``None`` when results are not saved.
     partial: Any = None

@@ -13,7 +13,7 @@ flattened in ``named_parameters`` order). Two operators (:mod:`._operators`), bo
 evaluated with explicit parameters and buffers (``torch.func.functional_call``), BatchNorm in
 eval mode unless ``bn="train"``, in mini-batches whose products are summed with weights b / n.
 
-On these operators, generic estimators (:mod:`._estimators`, any symmetric operator): the k
+On these operators, generic estimators (:mod:`probe.linalg`, any symmetric operator): the k
 largest / smallest eigenpairs by :func:`probe.linalg.block_lanczos`, the trace by Hutchinson or
 Hutch++, the spectral density by stochastic Lanczos quadrature. :func:`hessian_spectrum` runs
 them on a model and returns a :class:`HessianResult` (:mod:`.results`), per parameter block on
@@ -22,16 +22,12 @@ request (:func:`group_blocks`).
     >>> res = hessian_spectrum(model, x, y, k=5, blocks="stage")
     >>> res.eigenvalues, res.trace_estimate, res.blocks["layer1"].largest
 """
-from probe.probes.hessian._estimators import (DensityEstimate, TraceEstimate, extreme_eigenpairs,
-                                              hutchinson_trace, hutchpp_trace, slq_density)
-from probe.probes.hessian._operators import GGNOperator, HessianOperator, batchnorm_train_mode
+from probe.probes.hessian._operators import GGNOperator, HessianOperator
 from probe.probes.hessian.api import curvature_operator, group_blocks, hessian_spectrum, resolve_criterion
 from probe.probes.hessian.results import BlockResult, Eigenpairs, HessianResult
 
 __all__ = ["hessian_spectrum", "curvature_operator", "group_blocks", "resolve_criterion",
-           "HessianOperator", "GGNOperator", "batchnorm_train_mode",
-           "hutchinson_trace", "hutchpp_trace", "slq_density", "extreme_eigenpairs",
-           "TraceEstimate", "DensityEstimate", "Eigenpairs", "BlockResult", "HessianResult"]
+           "HessianOperator", "GGNOperator", "Eigenpairs", "BlockResult", "HessianResult"]
 
 from probe.probes.hessian.probe import HESSIAN_PROBE, HessianParams, HessianProbeResult  # noqa: E402  (registers `probe hessian`)
 

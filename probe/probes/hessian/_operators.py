@@ -55,9 +55,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from probe.errors import UserError, first_line
-from probe.functional import FunctionalModel, couples_samples, eval_mode, select_output
+from probe.functional import FunctionalModel, batchnorm_train_mode, couples_samples, eval_mode, select_output
 
-__all__ = ["Criterion", "HessianOperator", "GGNOperator", "batchnorm_train_mode", "check_batching",
+__all__ = ["Criterion", "HessianOperator", "GGNOperator", "check_batching",
            "has_batchnorm", "couples_samples"]
 
 #: ``criterion(outputs (b, ...), targets (b, ...)) -> ()``: the mean loss over a batch.
@@ -70,22 +70,6 @@ _VECTORIZE = ("auto", "graph", "loop", "vmap")
 def has_batchnorm(model: nn.Module) -> bool:
     """Whether ``model`` has a BatchNorm layer (1d/2d/3d, sync or lazy)."""
     return any(isinstance(m, _BN) for m in model.modules())
-
-
-@contextmanager
-def batchnorm_train_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Every module in eval mode, except BatchNorm layers, which use batch statistics without
-    reading or updating their running statistics (``training=True``, ``track_running_stats=False``:
-    ``F.batch_norm`` then gets no running buffers). All flags are restored afterwards."""
-    with eval_mode(model):
-        saved = [(m, m.training, m.track_running_stats) for m in model.modules() if isinstance(m, _BN)]
-        try:
-            for m, _, _ in saved:
-                m.training, m.track_running_stats = True, False
-            yield model
-        finally:
-            for m, training, track in saved:
-                m.training, m.track_running_stats = training, track
 
 
 def check_batching(model: nn.Module, n: int, batch_size: int, bn: str) -> None:

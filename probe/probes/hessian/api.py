@@ -2,7 +2,7 @@
 grouping of its parameters, and :func:`hessian_spectrum` (top-k, trace, density, per block).
 
 :func:`hessian_spectrum` fixes one seeded data subset, builds a Hessian or GGN operator on it
-(:mod:`._operators`) and runs the generic estimators (:mod:`._estimators`) on it: extreme
+(:mod:`._operators`) and runs the generic estimators (:mod:`probe.linalg`) on it: extreme
 eigenpairs by :func:`probe.linalg.block_lanczos`, the trace by Hutch++ or Hutchinson, the
 spectral density by stochastic Lanczos quadrature; on request the same per parameter block.
 """
@@ -11,26 +11,24 @@ from __future__ import annotations
 import fnmatch
 import re
 import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from probe.dist import current
 from probe.errors import UserError
 from probe.functional import FunctionalModel, OutputSelector, ParamFilter, functionalize
-from probe.probes.hessian._estimators import (TraceEstimate, extreme_eigenpairs, hutchinson_trace,
-                                              hutchpp_trace, slq_density)
+from probe.linalg import TraceEstimate, extreme_eigenpairs, hutchinson_trace, hutchpp_trace, slq_density
+from probe.runtime.dist import current
+from probe.runtime.progress import Progress
 from probe.probes.hessian._operators import (Criterion, DataShardedOperator, GGNOperator, HessianOperator,
                                              couples_samples, has_batchnorm)
 from probe.probes.hessian.results import BlockResult, Eigenpairs, HessianResult
 
 __all__ = ["hessian_spectrum", "curvature_operator", "group_blocks", "resolve_criterion"]
 
-#: ``progress(description, done, total)``, as :data:`probe.probes.registry.Progress`.
-Progress = Callable[[str, int, int], None]
 
 _OPERATORS = {"hessian": HessianOperator, "ggn": GGNOperator}
 _CRITERIA = ("cross_entropy", "mse")

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from probe.probes.hessian._estimators import DensityEstimate, TraceEstimate
+from probe.linalg import DensityEstimate, TraceEstimate
 
 __all__ = ["Eigenpairs", "BlockResult", "HessianResult"]
 
@@ -82,8 +82,8 @@ class HessianResult:
 
     ``operator`` ``"hessian"`` or ``"ggn"``; ``criterion`` its name; ``largest`` / ``smallest``
     the extreme eigenpairs asked for (:class:`Eigenpairs`, None when not asked); ``trace`` a
-    :class:`~probe.probes.hessian._estimators.TraceEstimate` (None when not asked);
-    ``density`` a :class:`~probe.probes.hessian._estimators.DensityEstimate` (None when not
+    :class:`~probe.linalg.TraceEstimate` (None when not asked);
+    ``density`` a :class:`~probe.linalg.DensityEstimate` (None when not
     asked); ``blocks`` {block name: :class:`BlockResult`} in parameter order (empty without
     blocks); ``loss`` the mean loss over the subset at the probe point; ``n_params`` P;
     ``n_samples`` and ``batch_size`` of the fixed data subset; ``bn`` the BatchNorm mode;

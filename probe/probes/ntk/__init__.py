@@ -32,11 +32,12 @@ two Lanczos operators); the per-layer closed forms live in :mod:`probe.autodiff`
 spectrum statistics in :mod:`probe.linalg`.
 """
 from probe.probes.ntk.api import empirical_ntk, ntk_spectrum, ntk_topk_lanczos
+from probe.probes.ntk.operator import ntk_operator
 from probe.probes.ntk.results import (LanczosMethod, LanczosResult, NtkKind, NtkMethod, NtkResult,
                                       SpectrumResult)
 
 __all__ = ["NtkKind", "NtkMethod", "LanczosMethod", "NtkResult", "SpectrumResult", "LanczosResult",
-           "empirical_ntk", "ntk_spectrum", "ntk_topk_lanczos"]
+           "empirical_ntk", "ntk_spectrum", "ntk_topk_lanczos", "ntk_operator"]
 
 from probe.probes.ntk.probe import NTK_PROBE, NTKParams, NTKProbeResult  # noqa: E402  (registers `probe ntk`)
 

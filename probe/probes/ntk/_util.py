@@ -53,7 +53,7 @@ def _ranges(n: int, b: int) -> list[tuple[int, int]]:
 
 class _progress:
     """Counts units of work and reports them as ``progress(desc, done, total)`` (the library's
-    progress callback, see :data:`probe.probes.registry.Progress`; ``None`` is silent)."""
+    progress callback, see :data:`probe.runtime.progress.Progress`; ``None`` is silent)."""
 
     def __init__(self, total: int, desc: str, progress=None):
         self.total, self.desc, self.report, self.done = int(total), desc, progress, 0

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from probe.autodiff import find_structured_layers as _find_layers
-from probe.dist import current
+from probe.runtime.dist import current
 from probe.errors import UserError
-from probe._memory import MemoryMeter
+from probe.runtime.memory import MemoryMeter
 from probe.functional import (FunctionalModel, OutputSelector, ParamFilter, check_sample_independence,
                               couples_samples, eval_mode, fix_batch_statistics, functionalize)
 from probe.linalg import CallableOperator, SymmetricOperator, block_lanczos, dense_eigenvalues, spectrum_stats
@@ -215,11 +215,11 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
 def _tiled(ddp, model: nn.Module, x1: Tensor, x2: Tensor | None, t0: float, *, kind: NtkKind, **kw) -> NtkResult:
     """The kernel under ``torchrun``: the samples in ``ddp.world`` contiguous row (and column)
     blocks, the tiles of the upper triangle (all tiles when x2 is given) shared out over the ranks
-    (:func:`probe.jobs.chunks.map_chunks`), each computed alone by :func:`empirical_ntk`, and
+    (:func:`probe.runtime.chunks.map_chunks`), each computed alone by :func:`empirical_ntk`, and
     assembled on every rank; the lower triangle is the transpose of the upper. Models whose
     samples interact (BatchNorm statistics of the batch) are not tiled."""
-    from probe.dist import local
-    from probe.jobs.chunks import map_chunks
+    from probe.runtime.dist import local
+    from probe.runtime.chunks import map_chunks
 
     sym = x2 is None
     rows = [c for c in torch.arange(x1.shape[0]).tensor_split(ddp.world) if c.numel()]
@@ -330,7 +330,7 @@ def _calibrated(c: _Ctx, plan: _Plan, free: int, make, notes: list[str]) -> _Pla
     """``plan``, or the same method re-planned for its measured working set.
 
     A plan that takes more than an eighth of ``free`` is first run on a block of at most
-    ``_TRIAL`` samples under a :class:`probe._memory.MemoryMeter` (which also shows early that a
+    ``_TRIAL`` samples under a :class:`probe.runtime.memory.MemoryMeter` (which also shows early that a
     method does not work on the model). When the measured peak exceeds that small plan's estimate
     (by more than ``_TRIAL_SLACK``), the method is re-planned with the budget divided by the
     ratio; raises ``RuntimeError`` (a failure of this method) when it then does not fit.

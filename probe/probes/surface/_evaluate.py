@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from probe.errors import UserError
-from probe.functional import FunctionalModel, couples_samples, unflatten_like
+from probe.functional import FunctionalModel, batchnorm_train_mode, couples_samples, unflatten_like
 
 __all__ = ["Plan", "plan_evaluation", "evaluate_points", "centre_point", "RECALIBRATE_BATCH",
            "VMAP_MAX_POINT_BYTES", "VMAP_CALL_BYTES"]
@@ -89,7 +89,7 @@ class Plan:
 
 
 def _bytes_per_sample(fm: FunctionalModel, x: Tensor) -> int:
-    from probe._memory import MemoryMeter
+    from probe.runtime.memory import MemoryMeter
 
     s = min(int(x.shape[0]), 8)
     with torch.no_grad(), MemoryMeter(fm.device) as meter:
@@ -157,8 +157,6 @@ def _point_loss(fm: FunctionalModel, params: dict, buffers: dict, x: Tensor, y: 
 
 def _recalibrated(fm: FunctionalModel, params: dict, x: Tensor) -> dict:
     """The buffers with every BatchNorm's running mean / variance re-estimated at ``params``."""
-    from probe.probes.hessian import batchnorm_train_mode
-
     bns = [(name, m) for name, m in fm.model.named_modules() if isinstance(m, _BN) and m.running_mean is not None]
     if not bns:
         return fm.buffers

@@ -24,7 +24,7 @@ def stored_hessian_vectors(ctx, n_params: int, k: int):
     this target -- same model, run, checkpoint epoch and parameter count (and for a model given by
     name, the same seed and data: the same initial weights) -- with at least ``k`` vectors; None
     when there is none."""
-    from probe.jobs import load_result
+    from probe.probes.registry import get_probe
 
     store = ctx.store
     if store is None:
@@ -40,7 +40,7 @@ def stored_hessian_vectors(ctx, n_params: int, k: int):
         if ctx.run_id is None and (params.get("seed") != ctx.seed or params.get("data") != ctx.data):
             continue
         try:
-            _, result = load_result(store, row["probe_id"])
+            result = get_probe(row["kind"]).result.from_store(row["summary"], store.load_probe_arrays(row["probe_id"]))
         except UserError:                       # a damaged artifact: look further back
             continue
         V = result.eigenvectors

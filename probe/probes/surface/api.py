@@ -5,7 +5,7 @@ Cost: one forward pass over the n fixed samples per grid point (twice that with
 ``bn="recalibrate"``); Li et al.'s default 51 x 51 grid is 2601 passes. The subset lives on the
 device for the whole grid; points go in chunks (:mod:`._evaluate`: one ``vmap`` over
 ``functional_call`` per batch of points where that pays, a plain loop where it does not), and
-every finished chunk is saved through ``partial`` (:class:`probe.jobs.partial.PartialResults`)
+every finished chunk is saved through ``partial`` (:class:`probe.runtime.partial.PartialResults`)
 so that an interrupted grid resumes where it stopped and equals an uninterrupted one exactly:
 the evaluation plan (chunk size, vmap or loop, samples per pass) is saved first and reused.
 """
@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from probe.errors import UserError
-from probe.jobs.chunks import map_chunks
+from probe.runtime.chunks import map_chunks
+from probe.runtime.progress import Progress
 from probe.functional import couples_samples, flatten_params, functionalize
 from probe.probes.surface._directions import Directions, flat_params
 from probe.probes.surface._evaluate import LOOP_CHUNK, Plan, centre_point, evaluate_points, plan_evaluation
@@ -28,8 +29,6 @@ from probe.probes.surface._grid import Grid, parse_grid
 
 __all__ = ["loss_surface", "SurfaceResult", "as_directions", "mean_rise"]
 
-#: ``progress(description, done, total)``, as :data:`probe.probes.registry.Progress`.
-Progress = Callable[[str, int, int], None]
 _BN_MODES = ("eval", "recalibrate")
 _VECTORIZE = ("auto", "vmap", "loop")
 

@@ -22,11 +22,11 @@ def map_chunks(n: int, compute: Callable[[int], dict[str, np.ndarray]], *, piece
                total: int | None = None) -> tuple[list[dict[str, np.ndarray]], int]:
     """``([compute(0), ..., compute(n - 1)], number taken from partial)`` on every rank.
 
-    ``piece(i)`` names chunk i in ``partial`` (:class:`probe.jobs.partial.PartialResults`, read
+    ``piece(i)`` names chunk i in ``partial`` (:class:`probe.runtime.partial.PartialResults`, read
     and written by rank 0 only); ``fits(i, arrays)`` whether a saved chunk belongs to this job's
-    layout; ``dist`` the :class:`probe.dist.Dist` (default: :func:`probe.dist.current`);
+    layout; ``dist`` the :class:`probe.runtime.dist.Dist` (default: :func:`probe.runtime.dist.current`);
     ``progress(desc, done_of(i), total)`` after each chunk."""
-    from probe.dist import current
+    from probe.runtime.dist import current
 
     ddp = dist if dist is not None else current()
     saved: dict[int, dict] = {}
