@@ -67,7 +67,7 @@ def _parse_model_args(items: list[str] | None) -> dict:
 
 
 def train_config_from_args(args):
-    from probe.train import PRESETS, TrainConfig
+    from probe.training import PRESETS, TrainConfig
 
     base: dict = {}
     if args.preset:
@@ -106,7 +106,7 @@ def _resume_conflicts(args) -> list[str]:
 def check_train_args(args):
     """The checks a train command passes before anything runs (also before ``--nproc`` starts
     torchrun): the new run's validated config, or None for ``--resume``."""
-    from probe.train import resolve_device
+    from probe.training import resolve_device
 
     if not args.resume and (args.factory or args.trust_factory):
         raise UserError("--factory / --trust-factory apply to --resume of a run built by a user factory; "
@@ -125,12 +125,12 @@ def check_train_args(args):
 
 
 def cmd_train(args) -> Output:
-    from probe.train import TrainingDiverged, resume, train
+    from probe.training import TrainingDiverged, resume, train
 
     config = check_train_args(args)
     from probe.cli.probes import TqdmProgress
     from probe.dist import launched, setup, teardown
-    from probe.train import resolve_device
+    from probe.training import resolve_device
 
     # under torchrun: join the group; rank 0 alone opens the store and reports
     ddp = setup(resolve_device(args.device or (config.device if config else "auto"))) if launched() else None
@@ -176,7 +176,7 @@ def _pct(v) -> str:
 
 @_register
 def _reg_train(sub, common):
-    from probe.train import TrainConfig
+    from probe.training import TrainConfig
 
     p = sub.add_parser("train", parents=[common], help="train a model into the run store")
     defaults = TrainConfig(model="-").to_dict()

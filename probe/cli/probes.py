@@ -131,7 +131,7 @@ def _command(spec):
         from probe.jobs import figure_entries, run_probe
 
         from probe.dist import launched, setup, teardown
-        from probe.train import resolve_device
+        from probe.training import resolve_device
 
         kwargs = _target_kwargs(args)
         # under torchrun: every rank reads the store, rank 0 alone writes and reports
