@@ -16,35 +16,47 @@ __all__ = ["TrainConfig", "PRESETS", "MAX_EPOCHS", "MAX_BATCH", "MAX_LR", "MAX_S
            "check_device", "resolve_device"]
 
 
+def _opt(default: Any, text: str, *, flag: bool = True):
+    """A field with its default and its help (``flag=False``: no command-line flag of its own)."""
+    return field(default=default, metadata={"help": text} if flag else {"help": text, "flag": False})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that defines a training run (stored with the run as its config)."""
+    """Everything that defines a training run (stored with the run as its config).
 
-    model: str
-    data: str = "digits"
-    data_root: str | None = None
-    fusion: str | None = None               # canonical fusion name, seed id (fmm08), add or mul
-    model_kwargs: dict = field(default_factory=dict)
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"                # multistep:60,120,160:0.2 | step:30:0.1 | cosine | constant
-    label_smoothing: float = 0.0
-    mixup: float = 0.0                      # Beta(alpha, alpha) mixup; 0 = off
-    crop_padding: int = 0                   # augmentation on the train split only
-    hflip: bool = False
-    rebuild_optimizer_each_epoch: bool = False  # the seed re-created SGD every epoch (momentum reset)
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = False
-    image_size: int | None = None
-    limit_train: int | None = None
-    limit_test: int | None = None
-    eval_batch_size: int = 512
-    sync_bn: bool = False                   # under torchrun: BatchNorm statistics over the global batch (CUDA)
+    Every field carries ``metadata={"help": ...}``; ``probe train`` makes a flag of each one
+    (``batch_size`` is ``--batch-size``, a bool field a switch) unless its metadata says
+    ``"flag": False``."""
+
+    model: str = field(metadata={"help": "registered model name or package.module:factory"})
+    data: str = _opt("digits", "data set name (see probe.data)")
+    data_root: str | None = _opt(None, "folder with the data set's files (None: $PROBE_DATA, ./data, "
+                                       "/usr/share/datasets/<name>)")
+    fusion: str | None = _opt(None, "fusion spec, seed row id (fmm01..fmm59), add or mul (default: the model's own)")
+    model_kwargs: dict = field(default_factory=dict, metadata={"help": "extra arguments of the model builder",
+                                                               "flag": False})
+    epochs: int = _opt(10, "number of epochs")
+    batch_size: int = _opt(64, "training batch size")
+    lr: float = _opt(0.1, "peak learning rate")
+    momentum: float = _opt(0.9, "SGD momentum")
+    nesterov: bool = _opt(False, "Nesterov momentum")
+    weight_decay: float = _opt(5e-4, "SGD weight decay")
+    schedule: str = _opt("cosine", "multistep:60,120,160:0.2 | step:30:0.1 | cosine | constant")
+    label_smoothing: float = _opt(0.0, "label smoothing in [0, 1)")
+    mixup: float = _opt(0.0, "mixup Beta(alpha, alpha); 0 is off")
+    crop_padding: int = _opt(0, "random-crop padding in pixels (train split)")
+    hflip: bool = _opt(False, "random horizontal flips (train split)")
+    rebuild_optimizer_each_epoch: bool = _opt(False, "re-create SGD every epoch as the seed code did (resets momentum)")
+    seed: int = _opt(0, "seed of init, data order, augmentation")
+    device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
+    amp: bool = _opt(False, "mixed precision (float16 on CUDA, bfloat16 on CPU)")
+    image_size: int | None = _opt(None, "square input side (default: the data set's own)")
+    limit_train: int | None = _opt(None, "class-balanced subset of the train split (default: all)")
+    limit_test: int | None = _opt(None, "class-balanced subset of the test split (default: all)")
+    eval_batch_size: int = _opt(512, "evaluation batch size", flag=False)
+    sync_bn: bool = _opt(False, "under torchrun, BatchNorm statistics over the global batch (SyncBatchNorm, CUDA "
+                                "only; default: each rank normalises its own part)")
 
     def to_dict(self) -> dict:
         return asdict(self)
