@@ -60,7 +60,7 @@ def sweep(configs: list, jobs: int, threads: int) -> dict:
 def warm_up() -> None:
     """Load the data and build a model once in this process (imports, the digits set)."""
     from probe.data import load_data
-    from probe.train import build_model
+    from probe.training import build_model
 
     data = load_data("digits", None, seed=0, limit_train=64)
     build_model("wrn", num_classes=data.num_classes, in_chans=data.in_channels, image_size=data.image_size[0],

@@ -1,4 +1,4 @@
-"""Training throughput: ``probe.train.train`` (what ``probe train`` runs) vs a plain PyTorch loop.
+"""Training throughput: ``probe.train`` (what ``probe train`` runs) vs a plain PyTorch loop.
 
 Both loops train the same model (same constructor, same seed), on the same data tensors, with the same
 batch size and optimizer (SGD, momentum 0.9, weight decay 5e-4, constant lr 0.05, no augmentation), and
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from probe.data import load_data
 from probe.errors import UserError
 from probe.store import RunStore
-from probe.train import TrainConfig, TrainingDiverged, build_model, resolve_device, train
+from probe.training import TrainConfig, TrainingDiverged, build_model, resolve_device, train
 
 LR = 0.05
 MOMENTUM = 0.9

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
 
     from experiments._regimes import regime_config, settings
     from probe.store import RunStore
-    from probe.train import train
+    from probe.training import train
 
     full = [r for r in settings(False).regimes if r.data == "fashion-mnist"]
     per_depth = {}

@@ -61,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return report_main(given[1:])
     from experiments import EXPERIMENTS, run_experiment
     from experiments._common import Context
-    from probe.cli._util import user_error_types
-    from probe.cli.probes import TqdmProgress
+    from probe.cli.common import TqdmProgress, user_error_types
 
     args = build_parser().parse_args(argv)
     if args.list:

@@ -88,7 +88,7 @@ def cpu_cores() -> int:
 
 
 def _diverged(run: dict) -> bool:
-    """Whether a run stopped on a non-finite loss or weights (:class:`probe.train.TrainingDiverged`)."""
+    """Whether a run stopped on a non-finite loss or weights (:class:`probe.training.TrainingDiverged`)."""
     error = (run.get("error") or "").lower()
     return run["status"] == "failed" and ("diverged" in error or "non-finite" in error)
 
@@ -97,7 +97,7 @@ def _stored_runs(store, configs) -> dict[str, dict[str, str]]:
     """``{recipe: {kind: newest run id}}`` of the runs in the store of the configs' models, kind
     ``finished``, ``diverged`` or ``open`` (any other state: interrupted, failed otherwise, or
     left ``running`` by a process that died)."""
-    from probe.train import TrainConfig
+    from probe.training import TrainConfig
 
     found: dict[str, dict[str, str]] = {}
     for model in dict.fromkeys(c.model for c in configs):
@@ -116,7 +116,7 @@ def _train_or_resume(store, config, run_id: str | None, progress=None) -> tuple[
     given: ``("finished", run id)``, or ``("diverged", run id)`` for a run stopped by a non-finite
     loss. Any other error is raised."""
     from models import is_factory_name
-    from probe.train import TrainingDiverged, resume, train
+    from probe.training import TrainingDiverged, resume, train
 
     try:
         if run_id is None:
@@ -135,7 +135,7 @@ def _work(root: str, config, run_id: str | None, threads: int | None) -> tuple[s
     ``threads`` torch threads, an error returned as ``("error", its first line)``."""
     import torch
 
-    from probe._train_state import one_line
+    from probe.training.state import one_line
     from probe.store import RunStore
 
     if threads is not None:
@@ -200,7 +200,7 @@ def train_many(ctx: Context, configs, desc: str | None = None) -> list[str]:
     * else the newest run of it that diverged (a non-finite loss): returned as it is, a failed
       run, since training it again would diverge again;
     * else the newest unfinished run of it (interrupted, failed otherwise, or left ``running``
-      by a process that died), continued from its last checkpoint (:func:`probe.train.resume`);
+      by a process that died), continued from its last checkpoint (:func:`probe.training.resume`);
     * else a new run trained now.
 
     Runs are trained ``ctx.jobs`` at a time, in worker processes (spawned, each with its own
@@ -216,7 +216,7 @@ def train_many(ctx: Context, configs, desc: str | None = None) -> list[str]:
 
     Under ``torchrun`` the runs are trained one after the other, each by all the ranks together
     (``jobs`` must be 1; the first error stops the sweep). Sharing the configs out to the ranks,
-    one run per rank, is not done: :func:`probe.train.train` joins the ranks' process group for
+    one run per rank, is not done: :func:`probe.train` joins the ranks' process group for
     every run."""
     configs = list(configs)
     jobs, threads = _settings(ctx)
@@ -275,7 +275,7 @@ def _train_here(ctx: Context, todo: dict, threads: int | None, finish: Callable)
     stops the sweep: the ranks must stay in step)."""
     import torch
 
-    from probe._train_state import one_line
+    from probe.training.state import one_line
     from probe.runtime.dist import launched
 
     before = torch.get_num_threads()
@@ -300,7 +300,7 @@ def _train_in_workers(ctx: Context, todo: dict, jobs: int, threads: int | None, 
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    from probe._train_state import one_line
+    from probe.training.state import one_line
 
     pool = ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn"))
     try:

@@ -81,8 +81,8 @@ def row_ids() -> list[str]:
 
 
 def fusion_config(row: str, protocol: Protocol, seed: int):
-    """The :class:`~probe.train.TrainConfig` of one seed row under one protocol."""
-    from probe.train import TrainConfig
+    """The :class:`~probe.training.TrainConfig` of one seed row under one protocol."""
+    from probe.training import TrainConfig
 
     return TrainConfig(model="wrn", fusion=row, model_kwargs={"depth": 10, "widen": 2}, data=protocol.data,
                        epochs=protocol.epochs, batch_size=protocol.batch_size, lr=0.02, momentum=0.9,
@@ -163,7 +163,7 @@ def eval_train_accuracy(ctx: Context, run_id: str) -> float:
     BatchNorm running statistics, as at test time): the training fit that the test accuracy is
     compared with, free of the train-mode / eval-mode difference of the per-epoch train top-1."""
     from probe import evaluate, load_data, load_run_model
-    from probe.train import TrainConfig
+    from probe.training import TrainConfig
 
     model, run, _ = load_run_model(ctx.store, run_id, "last")
     cfg = TrainConfig.from_dict(run["config"])

@@ -87,7 +87,7 @@ class _Evaluator:
 
     def __call__(self, run_id: str) -> dict:
         from probe import evaluate, load_run_model
-        from probe.train import TrainConfig
+        from probe.training import TrainConfig
 
         run = self.store.get_run(run_id)
         status = run["status"]

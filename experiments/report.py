@@ -316,7 +316,7 @@ def write_report(out: Path, to: Path | None = None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``report`` subcommand: prints the page's path (or one JSON object with ``--json``)."""
-    from probe.cli._util import user_error_types
+    from probe.cli.common import user_error_types
 
     p = argparse.ArgumentParser(prog="python -m experiments report",
                                 description="one standalone HTML page with every experiment's figures and tables",

@@ -22,9 +22,9 @@ _EXPORTS = {
     # data
     "load_data": "probe.data", "DataSplits": "probe.data", "DATASETS": "probe.data",
     # training
-    "TrainConfig": "probe.train", "TrainResult": "probe.train", "TrainingDiverged": "probe.train",
-    "resume": "probe.train", "load_run_model": "probe.train", "lr_at": "probe.train",
-    "evaluate": "probe.train", "PRESETS": "probe.train",
+    "train": "probe.training", "TrainConfig": "probe.training", "TrainResult": "probe.training",
+    "TrainingDiverged": "probe.training", "resume": "probe.training", "load_run_model": "probe.training",
+    "lr_at": "probe.training", "evaluate": "probe.training", "PRESETS": "probe.training",
     # probes: registry, runner, targets
     "Probe": "probe.probes.registry", "ProbeContext": "probe.probes.registry", "register": "probe.probes.registry",
     "get_probe": "probe.probes.registry", "list_probes": "probe.probes.registry",
@@ -36,12 +36,7 @@ _EXPORTS = {
     "figures": "probe.figures",
 }
 
-__all__ = ["UserError", "DataError", "StoreError", "DiskFullError", "train", *_EXPORTS]
-
-
-# ``probe.train`` is also a submodule: importing it anywhere would rebind the package attribute to
-# the module, so the function is bound here, after its module, once and for all.
-from probe.train import train  # noqa: E402
+__all__ = ["UserError", "DataError", "StoreError", "DiskFullError", *_EXPORTS]
 
 
 def __getattr__(name: str):

@@ -10,7 +10,7 @@ import time
 
 from probe.text import format_table
 from probe.errors import UserError
-from probe.train import TrainConfig, train
+from probe.training import TrainConfig, train
 
 __all__ = ["DEMO_MODELS", "demo_config", "run_demo"]
 

@@ -17,7 +17,7 @@ from experiments._common import Context, train_many
 from experiments._fusion import Protocol, fusion_config
 from probe.errors import UserError
 from probe.store import RunStore
-from probe.train import TrainConfig, train
+from probe.training import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny runs: one thread beats two on a busy machine
 

@@ -10,7 +10,7 @@ import pytest
 from probe.jobs import run_probe
 from probe.probes.registry import list_probes
 from probe.store import RunStore
-from probe.train import TrainConfig, train
+from probe.training import TrainConfig, train
 
 APP = str(Path(__file__).resolve().parents[1] / "apps" / "explorer.py")
 FAST = {"ntk": {"trials": 2}, "saturation": {"batch_size": 8},

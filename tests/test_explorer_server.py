@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from probe.store import RunStore
-from probe.train import TrainConfig, train
+from probe.training import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "tests" / ".artifacts"

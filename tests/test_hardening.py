@@ -14,7 +14,7 @@ import torch
 from probe.cli import main
 from probe.errors import UserError
 from probe.store import RunStore
-from probe.train import TrainConfig, load_run_model, resume, train
+from probe.training import TrainConfig, load_run_model, resume, train
 
 
 def cli(capsys, *argv):

@@ -11,7 +11,7 @@ import torch
 from probe.errors import UserError
 from probe.jobs import load_result, run_probe
 from probe.store import RunStore
-from probe.train import TrainConfig, train
+from probe.training import TrainConfig, train
 from tests.test_probe_framework import cli
 
 FAST = {"k": 2, "trace_matvecs": 6, "density_probes": 1, "density_steps": 6}

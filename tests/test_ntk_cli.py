@@ -8,7 +8,7 @@ import pytest
 
 from probe.cli import main
 from probe.store import RunStore
-from probe.train import TrainConfig, train
+from probe.training import TrainConfig, train
 
 
 def cli(capsys, *argv):

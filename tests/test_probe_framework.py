@@ -16,7 +16,7 @@ from probe.jobs import load_result, run_probe
 from probe.probes import registry
 from probe.probes.registry import Probe, get_probe, list_probes
 from probe.store import RunStore, to_jsonable
-from probe.train import TrainConfig, lr_at, train
+from probe.training import TrainConfig, lr_at, train
 
 
 def cli(capsys, *argv):
@@ -153,7 +153,7 @@ def test_checkpoint_sweep_loads_data_once_and_keeps_going(toy, tiny_run, capsys,
     assert [s["lr"] for s in SEEN] == [lr_at(config, 0), lr_at(config, 1), lr_at(config, 1)]
     # BN statistics estimated on the probe data at init only; a checkpoint keeps its own
     from probe.functional import calibrate_batchnorm
-    from probe.train import load_run_model
+    from probe.training import load_run_model
 
     init, _, _ = load_run_model(RunStore(root), run_id, "init")
     bn_key = next(k for k in init.state_dict() if k.endswith("running_var"))
@@ -234,7 +234,7 @@ def test_every_registered_probe_runs_stores_and_loads_back_equal(name, tiny_run,
 
 def test_public_api_names_resolve_to_what_they_say():
     import probe
-    import probe.train  # noqa: F401  (a submodule of the same name must not shadow the function)
+    import probe.training.loop  # noqa: F401  (importing the training modules must not shadow the function)
 
     assert callable(probe.train) and probe.train.__name__ == "train"
     for name in probe.__all__:

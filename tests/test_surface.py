@@ -26,7 +26,7 @@ from probe.jobs.targets import probe_inputs
 from probe.probes.surface import (SurfaceParams, excluded_names, loss_surface, parse_grid, pca_directions,
                                   random_directions)
 from probe.store import RunStore, to_jsonable
-from probe.train import TrainConfig, load_run_model, train
+from probe.training import TrainConfig, load_run_model, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

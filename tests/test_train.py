@@ -16,7 +16,7 @@ import torch
 from probe.cli import main
 from probe.errors import UserError
 from probe.store import RunStore
-from probe.train import TrainConfig, TrainingDiverged, load_run_model, lr_at, train
+from probe.training import TrainConfig, TrainingDiverged, load_run_model, lr_at, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def test_train_logs_metrics_checkpoints_best_and_final(tmp_path):
     # the checkpoint rebuilds the model (self-describing run) with identical predictions
     model, _, epoch = load_run_model(store, res.run_id, "last")
     assert epoch == 3
-    from probe.train import evaluate
+    from probe.training import evaluate
     from probe.data import load_data
     d = load_data("digits", limit_test=100)
     assert evaluate(model, d.x_test, d.y_test)["top1"] == pytest.approx(res.final_acc)

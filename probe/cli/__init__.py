@@ -10,7 +10,7 @@ import re
 import sys
 
 from probe.text import format_table
-from probe.cli._util import OneLineParser, Output, run_command
+from probe.cli.common import OneLineParser, Output, run_command
 
 __all__ = ["main", "build_parser"]
 
@@ -129,7 +129,7 @@ def launch_torchrun(args, argv: list[str]) -> int:
         print("probe train: error: --nproc starts torchrun itself; under torchrun give --nproc-per-node to torchrun "
               "instead", file=sys.stderr)
         return 2
-    from probe.cli._util import user_error_types
+    from probe.cli.common import user_error_types
     from probe.cli.commands import check_train_args
 
     try:  # bad input is one line here, before any process starts

@@ -1,15 +1,16 @@
 """Subcommands beyond models / fusions: train, runs, show, demo (the probes: :mod:`probe.cli.probes`).
 
 Each ``register(sub, common)`` adds one subparser; each ``cmd_*`` parses, calls the library,
-saves, and returns an :class:`probe._cli_util.Output`.
+saves, and returns an :class:`probe.cli.common.Output`.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import sys
 
 from probe.text import format_table
-from probe.cli._util import Output
+from probe.cli.common import (Output, TqdmProgress, factory_args, field_type, flag_name, open_store,
+                              parse_model_args, runs_arg)
 from probe.errors import UserError
 
 REGISTER: list = []
@@ -18,16 +19,6 @@ REGISTER: list = []
 def _register(fn):
     REGISTER.append(fn)
     return fn
-
-
-def _runs_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--runs", metavar="DIR", default=None,
-                   help="runs root (default: $PROBE_RUNS or ./runs)")
-
-
-def _store(args, readonly: bool = False):
-    from probe.store import RunStore
-    return RunStore(args.runs, readonly=True) if readonly else RunStore(args.runs)
 
 
 def _report_skipped(store) -> list[str]:
@@ -39,49 +30,48 @@ def _report_skipped(store) -> list[str]:
 
 
 # --- probe train -------------------------------------------------------------------------------
-
-_TRAIN_FLAGS = {  # flag -> (TrainConfig field, type)
-    "--model": ("model", str), "--data": ("data", str), "--data-root": ("data_root", str),
-    "--fusion": ("fusion", str), "--epochs": ("epochs", int), "--batch-size": ("batch_size", int),
-    "--lr": ("lr", float), "--momentum": ("momentum", float), "--weight-decay": ("weight_decay", float),
-    "--schedule": ("schedule", str), "--label-smoothing": ("label_smoothing", float),
-    "--mixup": ("mixup", float), "--crop-padding": ("crop_padding", int), "--seed": ("seed", int),
-    "--device": ("device", str), "--image-size": ("image_size", int), "--limit-train": ("limit_train", int),
-    "--limit-test": ("limit_test", int),
-}
+#
+# Its flags are TrainConfig's fields (help from their metadata): a value field gives a flag whose
+# default is None (unset: the preset's or the config's default), a bool field a switch.
 
 
-def _parse_model_args(items: list[str] | None) -> dict:
-    import json
+def _train_fields() -> list[dataclasses.Field]:
+    """TrainConfig's fields that are flags of ``probe train``, in field order."""
+    from probe.training import TrainConfig
 
-    out = {}
-    for item in items or []:
-        key, sep, val = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--model-arg {item!r}: expected KEY=VALUE, e.g. --model-arg width=8")
-        try:
-            out[key] = json.loads(val)
-        except ValueError:
-            out[key] = val
-    return out
+    return [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("flag", True)]
+
+
+def _value_fields() -> list[dataclasses.Field]:
+    return [f for f in _train_fields() if not isinstance(f.default, bool)]
+
+
+#: The switches shown before ``--resume`` in ``probe train --help``; the other bool fields follow ``--nproc``.
+_FIRST_SWITCHES = ("hflip", "amp", "nesterov", "rebuild_optimizer_each_epoch")
+
+
+def _switches() -> list[str]:
+    """The bool fields, in the order of their switches."""
+    rest = [f.name for f in _train_fields() if isinstance(f.default, bool) and f.name not in _FIRST_SWITCHES]
+    return [*_FIRST_SWITCHES, *rest]
 
 
 def train_config_from_args(args):
-    from probe.train import PRESETS, TrainConfig
+    from probe.training import PRESETS, TrainConfig
 
     base: dict = {}
     if args.preset:
         if args.preset not in PRESETS:
             raise UserError(f"unknown preset {args.preset!r}; presets: {', '.join(PRESETS)}")
         base.update(PRESETS[args.preset])
-    for flag, (name, _) in _TRAIN_FLAGS.items():
-        value = getattr(args, name)
+    for f in _value_fields():
+        value = getattr(args, f.name)
         if value is not None:
-            base[name] = value
-    for name in ("hflip", "amp", "nesterov", "rebuild_optimizer_each_epoch", "sync_bn"):
+            base[f.name] = value
+    for name in _switches():
         if getattr(args, name):
             base[name] = True
-    extra = _parse_model_args(args.model_arg)
+    extra = parse_model_args(args.model_arg)
     if extra:
         base["model_kwargs"] = {**base.get("model_kwargs", {}), **extra}
     if "model" not in base:
@@ -94,19 +84,17 @@ _RESUME_FLAGS = ("epochs", "device", "data_root")
 
 
 def _resume_conflicts(args) -> list[str]:
-    flags = [flag for flag, (name, _) in _TRAIN_FLAGS.items()
-             if name not in _RESUME_FLAGS and getattr(args, name) is not None]
-    flags += [f"--{name.replace('_', '-')}" for name in ("preset", "model_arg")
-              if getattr(args, name) is not None]
-    flags += [f"--{name.replace('_', '-')}" for name in ("hflip", "amp", "nesterov", "rebuild_optimizer_each_epoch",
-                                                         "sync_bn") if getattr(args, name)]
+    flags = [flag_name(f.name) for f in _value_fields()
+             if f.name not in _RESUME_FLAGS and getattr(args, f.name) is not None]
+    flags += [flag_name(name) for name in ("preset", "model_arg") if getattr(args, name) is not None]
+    flags += [flag_name(name) for name in _switches() if getattr(args, name)]
     return flags
 
 
 def check_train_args(args):
     """The checks a train command passes before anything runs (also before ``--nproc`` starts
     torchrun): the new run's validated config, or None for ``--resume``."""
-    from probe.train import resolve_device
+    from probe.training import resolve_device
 
     if not args.resume and (args.factory or args.trust_factory):
         raise UserError("--factory / --trust-factory apply to --resume of a run built by a user factory; "
@@ -125,17 +113,16 @@ def check_train_args(args):
 
 
 def cmd_train(args) -> Output:
-    from probe.train import TrainingDiverged, resume, train
+    from probe.training import TrainingDiverged, resume, train
 
     config = check_train_args(args)
-    from probe.cli.probes import TqdmProgress
     from probe.runtime.dist import launched, setup, teardown
-    from probe.train import resolve_device
+    from probe.training import resolve_device
 
     # under torchrun: join the group; rank 0 alone opens the store and reports
     ddp = setup(resolve_device(args.device or (config.device if config else "auto"))) if launched() else None
     main = ddp is None or ddp.main
-    store = _store(args) if main else None
+    store = open_store(args) if main else None
     progress = TqdmProgress(args.quiet or not main)
     log = None if args.quiet or not main else _epoch_line
     ended = False
@@ -177,61 +164,42 @@ def _pct(v) -> str:
 @_register
 def _reg_train(sub, common):
     from probe.data.registry import dataset_help
-    from probe.train import TrainConfig
+    from probe.training import TrainConfig
 
     p = sub.add_parser("train", parents=[common], help="train a model into the run store")
-    defaults = TrainConfig(model="-").to_dict()
     helps = {**_TRAIN_HELP, "data": dataset_help()}  # the registered data sets, as they are now
-    for flag, (name, typ) in _TRAIN_FLAGS.items():
-        text = helps.get(name, name.replace("_", " "))
+    for f in _value_fields():
+        text = helps.get(f.name, f.metadata["help"])
         if "default" not in text:
-            text += f" (default: {'none' if defaults[name] is None else defaults[name]})"
-        p.add_argument(flag, dest=name, type=typ, default=None, help=text)
+            text += f" (default: {'none' if f.default is None else f.default})"
+        p.add_argument(flag_name(f.name), dest=f.name, type=field_type(TrainConfig, f.name), default=None, help=text)
     p.add_argument("--preset", help="fmm-caltech101 (the seed's WRN-16-10 recipe) or nku-cifar100; flags given "
                    "override it (default: none)")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                    help="extra model argument (JSON value), e.g. --model-arg width=8; repeatable")
-    p.add_argument("--hflip", action="store_true", help="random horizontal flips (train split)")
-    p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
-    p.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
-    p.add_argument("--rebuild-optimizer-each-epoch", dest="rebuild_optimizer_each_epoch", action="store_true",
-                   help="re-create SGD every epoch as the seed code did (resets momentum)")
+    by_name = {f.name: f for f in _train_fields()}
+    for name in _FIRST_SWITCHES:
+        p.add_argument(flag_name(name), dest=name, action="store_true", help=by_name[name].metadata["help"])
     p.add_argument("--resume", metavar="RUN", help="continue RUN (id, unique prefix or 'last') from its last "
                    "checkpoint (or from the start when it has none) with its stored config")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="train with N processes on this machine: starts `torchrun --standalone --nproc-per-node N "
                         "-m probe train ...` (gloo on CPU, NCCL on CUDA: one process per GPU); a distributed run "
                         "resumes with the same N (default: 1, this process)")
-    p.add_argument("--sync-bn", dest="sync_bn", action="store_true",
-                   help="under torchrun, BatchNorm statistics over the global batch (SyncBatchNorm, CUDA only; "
-                        "default: each rank normalises its own part)")
-    _factory_args(p)
-    _runs_arg(p)
+    for name in _switches()[len(_FIRST_SWITCHES):]:
+        p.add_argument(flag_name(name), dest=name, action="store_true", help=by_name[name].metadata["help"])
+    factory_args(p)
+    runs_arg(p)
     p.set_defaults(func=cmd_train)
 
 
+#: Help worded for the command line (how a model, a data set and its files are named there), in
+#: place of the field's own.
 _TRAIN_HELP = {
     "model": "registered model name (`probe models`) or package.module:factory (required, unless by "
              "default from --preset or --resume)",
     "data_root": "folder with the data set's files (default: $PROBE_DATA, ./data, /usr/share/datasets/<name>)",
-    "fusion": "fusion spec, seed row id (fmm01..fmm59), add or mul (default: the model's own)",
-    "epochs": "number of epochs", "batch_size": "training batch size", "lr": "peak learning rate",
-    "momentum": "SGD momentum", "weight_decay": "SGD weight decay",
-    "schedule": "multistep:60,120,160:0.2 | step:30:0.1 | cosine | constant",
-    "label_smoothing": "label smoothing in [0, 1)", "mixup": "mixup Beta(alpha, alpha); 0 is off",
-    "crop_padding": "random-crop padding in pixels (train split)", "seed": "seed of init, data order, augmentation",
-    "device": "auto | cpu | cuda | cuda:N", "image_size": "square input side (default: the data set's own)",
-    "limit_train": "class-balanced subset of the train split (default: all)",
-    "limit_test": "class-balanced subset of the test split (default: all)",
 }
-
-
-def _factory_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--factory", metavar="PKG.MODULE:FN", default=None,
-                   help="for a run built by a user factory: the factory to rebuild it with (a name stored in "
-                        "a runs folder is never imported)")
-    p.add_argument("--trust-factory", action="store_true",
-                   help="import the user factory named in the run's stored config (only for runs you trust)")
 
 
 # --- probe runs / show -------------------------------------------------------------------------
@@ -250,7 +218,7 @@ def cmd_runs(args) -> Output:
     if args.rebuild_catalog:
         from probe.store import RunStore, resolve_runs_root
         rebuilt = RunStore.rebuild_catalog(resolve_runs_root(args.runs))
-    store = _store(args, readonly=not args.rebuild_catalog)
+    store = open_store(args, readonly=not args.rebuild_catalog)
     rows = [_run_row(r) for r in store.list_runs(model=args.model, status=args.status)]
     skipped = _report_skipped(store)
     text = format_table(rows, [("run_id", "run"), ("model", "model"), ("data", "data"), ("status", "status"),
@@ -274,7 +242,7 @@ def _rebuilt_text(r: dict) -> str:
 
 
 def cmd_show(args) -> Output:
-    store = _store(args, readonly=True)
+    store = open_store(args, readonly=True)
     run = store.get_run(args.run)
     metrics = store.get_metrics(run["run_id"])
     ckpts = [c["epoch"] for c in store.list_checkpoints(run["run_id"])]
@@ -303,11 +271,11 @@ def _reg_runs(sub, common):
     p.add_argument("--rebuild-catalog", action="store_true",
                    help="rebuild catalog.sqlite from the run folders (the old catalog is kept beside it), "
                         "then list")
-    _runs_arg(p)
+    runs_arg(p)
     p.set_defaults(func=cmd_runs)
     p = sub.add_parser("show", parents=[common], help="one run: config, per-epoch metrics, checkpoints, probes")
     p.add_argument("run", help="run id, unique prefix, or 'last'")
-    _runs_arg(p)
+    runs_arg(p)
     p.set_defaults(func=cmd_show)
 
 
@@ -316,8 +284,6 @@ def _reg_runs(sub, common):
 
 def cmd_demo(args) -> Output:
     from probe.demo import run_demo
-
-    from probe.cli.probes import TqdmProgress
 
     progress = TqdmProgress(args.quiet)
     try:
@@ -334,7 +300,7 @@ def _reg_demo(sub, common):
     p = sub.add_parser("demo", parents=[common], help="the main job: train add_resnet and mul_resnet on digits and compare")
     p.add_argument("--quick", action="store_true", help="a couple of epochs on a subset (a smoke run)")
     p.add_argument("--epochs", type=int, default=None, help="override the number of epochs (default: 12, 2 with --quick)")
-    _runs_arg(p)
+    runs_arg(p)
     p.set_defaults(func=cmd_demo)
 
 
@@ -372,5 +338,5 @@ def _reg_explore(sub, common):
     p.add_argument("--port", type=int, default=8501, help="port to serve on (default: 8501)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: 127.0.0.1, this machine only)")
-    _runs_arg(p)
+    runs_arg(p)
     p.set_defaults(func=cmd_explore)

@@ -10,42 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 
-from probe.cli._util import Output
-from probe.cli.commands import _factory_args, _parse_model_args, _runs_arg, _store
+from probe.cli.common import (Output, TqdmProgress, factory_args, flag_name, open_store, parse_model_args,
+                              runs_arg)
 from probe.errors import UserError
 
-__all__ = ["register_probe_commands", "TqdmProgress"]
-
-
-class TqdmProgress:
-    """The library's ``progress(desc, done, total)`` callback rendered as tqdm bars on stderr (one
-    bar per description; silent with ``--quiet``)."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.bars: dict = {}
-
-    def __call__(self, desc: str, done: int, total: int) -> None:
-        if self.quiet:
-            return
-        from tqdm import tqdm
-
-        bar = self.bars.get(desc)
-        if bar is None or bar.total != total:
-            if bar is not None:
-                bar.close()
-            bar = self.bars[desc] = tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-            self.bars.pop(desc, None)
-
-    def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
-        self.bars.clear()
+__all__ = ["register_probe_commands"]
 
 
 def _target_args(p: argparse.ArgumentParser, default_n: int) -> None:
@@ -65,12 +35,12 @@ def _target_args(p: argparse.ArgumentParser, default_n: int) -> None:
                         "its own)")
     p.add_argument("--n", type=int, default=default_n, help=f"number of probe inputs (default: {default_n})")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra model argument (with --model)")
-    _factory_args(p)
+    factory_args(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init and the probe data (default: 0)")
     p.add_argument("--html", metavar="PATH", default=None,
                    help="also write the probe's figure as a standalone page (plotly.js embedded)")
-    _runs_arg(p)
+    runs_arg(p)
 
 
 def _target_kwargs(args) -> dict:
@@ -87,12 +57,8 @@ def _target_kwargs(args) -> dict:
         raise UserError("--model-arg applies to --model; a run rebuilds its model from its stored config")
     return dict(model=args.model, run=args.run, checkpoint=args.checkpoint, data=args.data,
                 data_root=args.data_root, image_size=args.image_size, n=args.n, device=args.device,
-                seed=args.seed, model_args=_parse_model_args(args.model_arg), factory=args.factory,
+                seed=args.seed, model_args=parse_model_args(args.model_arg), factory=args.factory,
                 trust_factory=args.trust_factory)
-
-
-def _flag(f: dataclasses.Field) -> str:
-    return "--" + f.name.replace("_", "-")
 
 
 def _add_param_flags(p: argparse.ArgumentParser, params: type) -> None:
@@ -106,13 +72,13 @@ def _add_param_flags(p: argparse.ArgumentParser, params: type) -> None:
                 p.add_argument("--no-" + f.name.replace("_", "-"), dest=f"param_{f.name}", action="store_false",
                                default=True, help=f"turn off: {text}")
             else:
-                p.add_argument(_flag(f), dest=f"param_{f.name}", action="store_true", default=False,
+                p.add_argument(flag_name(f.name), dest=f"param_{f.name}", action="store_true", default=False,
                                help=f"{text} (default: off)")
             continue
         kind = type(default) if isinstance(default, (int, float, str)) else str
         # choices are checked with the other values (one-line error naming the option), not by argparse
         shown = f"one of {', '.join(map(str, choices))}; " if choices else ""
-        p.add_argument(_flag(f), dest=f"param_{f.name}", type=kind, default=default, metavar=f.name.upper(),
+        p.add_argument(flag_name(f.name), dest=f"param_{f.name}", type=kind, default=default, metavar=f.name.upper(),
                        help=f"{text} ({shown}default: {default})")
 
 
@@ -131,7 +97,7 @@ def _command(spec):
         from probe.jobs import figure_entries, run_probe
 
         from probe.runtime.dist import launched, setup, teardown
-        from probe.train import resolve_device
+        from probe.training import resolve_device
 
         kwargs = _target_kwargs(args)
         # under torchrun: every rank reads the store, rank 0 alone writes and reports
@@ -140,7 +106,7 @@ def _command(spec):
         progress = TqdmProgress(args.quiet or not main)
         ended = False
         try:
-            outcomes = run_probe(_store(args, readonly=not main), spec, _param_values(args, spec.params),
+            outcomes = run_probe(open_store(args, readonly=not main), spec, _param_values(args, spec.params),
                                  progress=progress, **kwargs)
             ended = True
         finally:

@@ -63,7 +63,7 @@ def run_probe(store, probe: str | Probe, params: Any = None, *, model: str | Non
     ``factory`` or ``trust_factory``). ``n`` probe inputs (default: the probe's), drawn class-balanced
     and deterministically from the probe's split; ``seed`` seeds the model init (by name) and the
     probe. Returns one :class:`Outcome` per target, in order."""
-    from probe.train import MAX_SEED, resolve_device
+    from probe.training import MAX_SEED, resolve_device
 
     spec = probe if isinstance(probe, Probe) else get_probe(probe)
     if params is None or isinstance(params, dict):

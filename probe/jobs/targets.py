@@ -2,7 +2,7 @@
 the data it is probed on (the run's own settings).
 
 Stored content is data: a run built by a user factory is rebuilt only with a factory the caller
-names again or with an explicit trust flag (see :func:`probe.train.model_name_for_run`).
+names again or with an explicit trust flag (see :func:`probe.training.build.model_name_for_run`).
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def iter_targets(store, *, model: str | None = None, run: str | None = None, che
     ``data`` (default digits; ``data_root``, ``image_size``). ``run``: a stored run at ``checkpoint``
     (an epoch, ``last``, ``init`` or ``all``), probed on the data it was trained on; a run built by a
     user factory needs ``factory`` or ``trust_factory`` (stored names are never imported)."""
-    from probe.train import TrainConfig, build_model, check_model, load_run_model, lr_at
+    from probe.training import TrainConfig, build_model, check_model, load_run_model, lr_at
 
     if (model is None) == (run is None):
         raise UserError("give exactly one of a model name or a run")

@@ -107,7 +107,7 @@ def _trajectory(ctx, p, theta0: torch.Tensor) -> Directions:
 
 
 def _other_point(ctx, p) -> tuple[torch.Tensor, str]:
-    from probe.train import load_run_model
+    from probe.training import load_run_model
 
     store = _need_store(ctx, "towards")
     if p.to_run:

@@ -1,4 +1,6 @@
-"""Shared plumbing for the ``probe`` CLI: one-line errors, JSON output, tables."""
+"""Shared plumbing for the ``probe`` CLI: one-line errors, JSON output, progress bars, and the
+flags several subcommands share (the runs root, user factories, model arguments, flags named
+after dataclass fields)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +12,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from probe.errors import UserError, first_line
+
+__all__ = ["OneLineParser", "Output", "jsonable", "user_error_types", "run_command", "TqdmProgress", "runs_arg",
+           "open_store", "factory_args", "parse_model_args", "flag_name", "field_type"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -92,3 +97,82 @@ def run_command(func: Callable[[argparse.Namespace], "Output | None"], args: arg
     elif out.text:
         print(out.text)
     return 0
+
+
+class TqdmProgress:
+    """The library's ``progress(desc, done, total)`` callback rendered as tqdm bars on stderr (one
+    bar per description; silent with ``--quiet``)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bars: dict = {}
+
+    def __call__(self, desc: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        bar = self.bars.get(desc)
+        if bar is None or bar.total != total:
+            if bar is not None:
+                bar.close()
+            bar = self.bars[desc] = tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+            self.bars.pop(desc, None)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()
+
+
+# --- shared flags ------------------------------------------------------------------------------
+
+
+def runs_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs", metavar="DIR", default=None,
+                   help="runs root (default: $PROBE_RUNS or ./runs)")
+
+
+def open_store(args, readonly: bool = False):
+    """The :class:`probe.store.RunStore` at ``--runs``."""
+    from probe.store import RunStore
+    return RunStore(args.runs, readonly=True) if readonly else RunStore(args.runs)
+
+
+def factory_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--factory", metavar="PKG.MODULE:FN", default=None,
+                   help="for a run built by a user factory: the factory to rebuild it with (a name stored in "
+                        "a runs folder is never imported)")
+    p.add_argument("--trust-factory", action="store_true",
+                   help="import the user factory named in the run's stored config (only for runs you trust)")
+
+
+def parse_model_args(items: list[str] | None) -> dict:
+    """``--model-arg KEY=VALUE`` items as keyword arguments (a value is JSON where it parses)."""
+    out = {}
+    for item in items or []:
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--model-arg {item!r}: expected KEY=VALUE, e.g. --model-arg width=8")
+        try:
+            out[key] = json.loads(val)
+        except ValueError:
+            out[key] = val
+    return out
+
+
+def flag_name(field_name: str) -> str:
+    """The flag of a dataclass field: ``batch_size`` is ``--batch-size``."""
+    return "--" + field_name.replace("_", "-")
+
+
+def field_type(cls: type, field_name: str) -> type:
+    """The plain type of a dataclass field, for its flag's values (``int`` for ``int | None``)."""
+    import typing
+
+    hint = typing.get_type_hints(cls)[field_name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
