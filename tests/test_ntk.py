@@ -514,12 +514,12 @@ def test_result_round_trip_and_summary_is_json(cases):
     model, x1, _, _, _ = cases["bn_cnn"]
     res = empirical_ntk(model, x1, kind="diagonal", dtype=torch.float64, progress=lambda *a: None)
     summary = json.loads(json.dumps(res.summary()))
-    back = NtkResult.from_store(res.to_arrays(), summary)
+    back = NtkResult.from_store(summary, res.to_arrays())
     assert np.array_equal(back.kernel, res.kernel)
     assert (back.kind, back.method, back.n_outputs, back.schedule, back.notes) == (
         res.kind, res.method, res.n_outputs, res.schedule, res.notes)
     sp = ntk_spectrum(res.kernel[0])
-    back = SpectrumResult.from_store(sp.to_arrays(), json.loads(json.dumps(sp.summary())))
+    back = SpectrumResult.from_store(json.loads(json.dumps(sp.summary())), sp.to_arrays())
     assert back.condition_number == sp.condition_number
     lz = ntk_topk_lanczos(model, x1, k=2, dtype=torch.float64)
     assert json.dumps(lz.summary()) and set(lz.to_arrays()) == {"eigenvalues", "residuals"}

@@ -1,24 +1,29 @@
-"""The probe registry: a probe is one module, registered once.
+"""The probe registry: a probe is one package, registered once.
 
-A probe module (``probe/probes/<name>.py`` or a small package) holds
+A probe package ``probe/probes/<name>/`` holds the same files:
 
-- a pure function over ``(model, data)`` that never mutates the model (the library API),
-- a frozen **parameters** dataclass: one field per probe option, each with a default and
-  ``metadata={"help": "...", "choices": (...)}``; ``__post_init__`` raises :class:`UserError` on a
-  bad value (messages name the field, never a CLI flag),
-- a frozen **result** dataclass with ``summary() -> dict`` (JSON-able: the catalog row and the
-  ``--json`` output), ``arrays() -> dict[str, np.ndarray]`` (the ``.npz`` artifact),
-  ``from_store(summary, arrays)`` (classmethod, the inverse: ``from_store(r.summary(), r.arrays())``
-  equals ``r``) and ``text() -> str`` (the lines the CLI prints),
-- a ``compute(ctx: ProbeContext, params) -> result`` adapter from the runner's context to the pure
-  function, and
-- one call ``register(Probe(...))``.
+- ``api.py``: the pure functions over ``(model, data)`` that never mutate the model (the library API),
+- ``result.py``: the **result** type(s): a frozen dataclass with ``summary() -> dict`` (JSON-able:
+  the catalog row and the ``--json`` output), ``arrays() -> dict[str, np.ndarray]`` (the ``.npz``
+  artifact), ``from_store(summary, arrays)`` (classmethod, the inverse: ``from_store(r.summary(),
+  r.arrays())`` equals ``r``) and ``text() -> str`` (the lines the CLI prints); :class:`StoredResult`
+  gives all but ``text`` to a result kept in its stored form,
+- ``probe.py``: the frozen **parameters** dataclass (one field per probe option, each with a default
+  and ``metadata={"help": "...", "choices": (...)}``; ``__post_init__`` raises :class:`UserError` on
+  a bad value, messages naming the field, never a CLI flag), a ``compute(ctx: ProbeContext, params)
+  -> result`` adapter from the runner's context to the pure function, and one call
+  ``register(Probe(...))``,
+- ``__init__.py``: the public names (the pure functions and result types), and ``from .probe
+  import ...`` so that importing the package registers the probe;
+
+other private helper modules (``_name.py``) may sit beside them.
 
 Registering gives the probe its CLI subcommand (the shared target flags come from the runner, the
 probe's own flags from its parameters dataclass), its catalog kind (``Probe.name``), the
 ``--checkpoint all`` sweep with a per-target error entry, ``--html`` through its figure builder
-(``probe/figures/``), and its explorer page. Nothing else needs to change to add a probe: the
-modules of :mod:`probe.probes` are discovered by :func:`load_probes`.
+(``probe/figures/``), its explorer page, and its rows of the headline table
+(:mod:`probe.headline`). Nothing else needs to change to add a probe: the packages of
+:mod:`probe.probes` are discovered by :func:`load_probes`.
 """
 from __future__ import annotations
 

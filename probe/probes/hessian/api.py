@@ -25,7 +25,7 @@ from probe.probes.hessian._estimators import (TraceEstimate, extreme_eigenpairs,
                                               hutchpp_trace, slq_density)
 from probe.probes.hessian._operators import (Criterion, DataShardedOperator, GGNOperator, HessianOperator,
                                              couples_samples, has_batchnorm)
-from probe.probes.hessian.results import BlockResult, Eigenpairs, HessianResult
+from probe.probes.hessian.result import BlockResult, Eigenpairs, HessianResult
 
 __all__ = ["hessian_spectrum", "curvature_operator", "group_blocks", "resolve_criterion"]
 

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from probe.probes.ntk._plan import _Ctx
 from probe.probes.ntk._util import _ranges
-from probe.probes.ntk.results import NtkKind
+from probe.probes.ntk.result import NtkKind
 
 
 def _block_shape(kind: NtkKind, b1: int, b2: int, O: int) -> tuple[int, ...]:

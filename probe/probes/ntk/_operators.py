@@ -24,7 +24,7 @@ from probe.autodiff import (LayerCall, StructuredLayer, conv_patches, input_leaf
                             record_forward)
 from probe.functional import FunctionalModel
 from probe.probes.ntk._util import _GRAM_ROW_BYTES, _Pushforward, _SampleJacobian, _ranges
-from probe.probes.ntk.results import NtkKind
+from probe.probes.ntk.result import NtkKind
 
 
 class _NtkOperator:

@@ -22,7 +22,7 @@ from probe.errors import UserError
 from probe.probes.ntk._util import (_BWD_FP, _GRAM_BLOCK, _GRAM_MAX_CHUNK, _JVP_FP, _LANCZOS_MAX_BLOCK,
                                     _NTVP_BLOCK,
                                     _VMAP_OVERHEAD, _mib, _ranges)
-from probe.probes.ntk.results import LanczosMethod, NtkKind, NtkMethod
+from probe.probes.ntk.result import LanczosMethod, NtkKind, NtkMethod
 
 aten = torch.ops.aten
 

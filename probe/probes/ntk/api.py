@@ -32,8 +32,8 @@ from probe.probes.ntk._util import (_LANCZOS_MAX_BLOCK, _MODEL_ERRORS, DEFAULT_M
                                     _check_finite, _enum, _first_line, _has_batchnorm, _mib,
                                     _out_of_range, _overflow_error, _prepare_inputs, _progress,
                                     _promoted)
-from probe.probes.ntk.results import (LanczosMethod, LanczosResult, NtkKind, NtkMethod, NtkResult,
-                                      SpectrumResult)
+from probe.probes.ntk.result import (LanczosMethod, LanczosResult, NtkKind, NtkMethod, NtkResult,
+                                     SpectrumResult)
 
 __all__ = ["empirical_ntk", "ntk_spectrum", "ntk_topk_lanczos"]
 

@@ -8,9 +8,10 @@ import numpy as np
 
 from probe.checks import check_int, check_number
 from probe.figures.ntk import eigenlearning_figure, ntk_across_training, ntk_spectrum_figure
-from probe.probes.registry import Probe, ProbeContext, StoredResult, register
+from probe.probes.ntk.result import NTKProbeResult
+from probe.probes.registry import Probe, ProbeContext, register
 
-__all__ = ["NTKParams", "NTKProbeResult", "compute"]
+__all__ = ["NTKParams", "compute"]
 
 
 @dataclass(frozen=True)
@@ -41,41 +42,6 @@ class NTKParams:
         check_int("topk", self.topk, 1, 100_000)
         check_int("trials", self.trials, 1, 10_000)
         check_number("memory budget (GiB)", self.memory_gb, 1e-6, 1e6)
-
-
-class NTKProbeResult(StoredResult):
-    """The stored NTK result: the summary the catalog and ``--json`` show, and its arrays
-    (``labels``, ``eigenvalues``, ``kernel`` unless Lanczos, ``el_n`` / ``el_predicted`` /
-    ``el_measured`` with eigenlearning)."""
-
-    @property
-    def eigenvalues(self) -> np.ndarray:
-        return np.asarray(self.array_data["eigenvalues"])
-
-    def text(self) -> str:
-        from probe.text import format_table
-
-        r = self.data
-        wall = r.get("wall_time_s", r.get("lanczos", {}).get("wall_time_s", 0.0)) or 0.0
-        lines = [f"{r['kind']} NTK on {r['n']} {r.get('data', '')} samples, method {r['method']}, {wall:.1f}s"]
-        if "lanczos" in r:
-            lz = r["lanczos"]
-            lines.append(f"Lanczos operator {lz['method']}: {lz['n_matvecs']} vectors in {lz['n_passes']} passes "
-                         f"over the data, converged={lz['converged']}")
-        lines.append("top eigenvalues: " + ", ".join(f"{v:.4g}" for v in r["top_eigenvalues"]))
-        if "spectrum" in r:
-            s = r["spectrum"]
-            align = s["alignment"] if s["alignment"] is None else round(s["alignment"], 4)
-            lines.append(f"condition number {s['condition_number']:.4g}   effective rank "
-                         f"{s['effective_rank']:.4g}   kernel-target alignment {align}")
-        if "eigenlearning" in r:
-            lines.append("eigenlearning (kernel regression with this NTK, centred one-hot targets):")
-            lines.append("  " + format_table(r["eigenlearning"]["rows"], [
-                ("n", "n"), ("predicted_test_mse", "predicted test MSE"), ("measured_test_mse", "measured KRR"),
-                ("measured_test_mse_std", "+-"), ("predicted_learnability", "pred. learnability"),
-                ("measured_learnability", "meas. learnability")]).replace("\n", "\n  "))
-        lines += [f"note: {note}" for note in r.get("notes", [])]
-        return "\n".join(lines)
 
 
 def _eigenlearning(K: np.ndarray, y: np.ndarray, num_classes: int, ns: list[int], trials: int, seed: int) -> dict:

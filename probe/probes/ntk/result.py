@@ -1,4 +1,5 @@
-"""Options and result types of the NTK probe: kinds, methods, and the frozen result dataclasses."""
+"""Options and result types of the NTK probe: kinds, methods, the frozen result dataclasses of the
+library functions and the stored result of ``probe ntk`` (:class:`NTKProbeResult`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,8 +10,9 @@ import numpy as np
 
 from probe.errors import UserError
 from probe.probes.ntk._util import _fro
+from probe.probes.registry import StoredResult
 
-__all__ = ["NtkKind", "NtkMethod", "LanczosMethod", "NtkResult", "SpectrumResult", "LanczosResult"]
+__all__ = ["NtkKind", "NtkMethod", "LanczosMethod", "NtkResult", "SpectrumResult", "LanczosResult", "NTKProbeResult"]
 
 
 class NtkKind(str, Enum):
@@ -129,8 +131,8 @@ class NtkResult:
         }
 
     @classmethod
-    def from_store(cls, arrays: dict[str, np.ndarray], summary: dict[str, Any]) -> "NtkResult":
-        """Rebuild from :meth:`to_arrays` / :meth:`summary` output."""
+    def from_store(cls, summary: dict[str, Any], arrays: dict[str, np.ndarray]) -> "NtkResult":
+        """Rebuild from :meth:`summary` / :meth:`to_arrays` output."""
         names = {f for f in cls.__dataclass_fields__} - {"kernel", "notes"}
         kw = {k: summary[k] for k in names if k in summary}
         return cls(kernel=np.asarray(arrays["kernel"], dtype=np.float64),
@@ -163,7 +165,7 @@ class SpectrumResult:
                 "lambda_min": float(ev[-1]) if ev.size else None, "notes": list(self.notes)}
 
     @classmethod
-    def from_store(cls, arrays: dict[str, np.ndarray], summary: dict[str, Any]) -> "SpectrumResult":
+    def from_store(cls, summary: dict[str, Any], arrays: dict[str, np.ndarray]) -> "SpectrumResult":
         names = ("condition_number", "effective_rank", "participation_ratio", "alignment", "floor",
                  "n_below_floor", "trace")
         return cls(eigenvalues=np.asarray(arrays["eigenvalues"], dtype=np.float64),
@@ -211,3 +213,37 @@ class LanczosResult:
                 "block_vectors": self.block_vectors, "subspace_dim": self.subspace_dim,
                 "method": self.method, "n_passes": self.n_passes, "notes": list(self.notes)}
 
+
+class NTKProbeResult(StoredResult):
+    """The stored NTK result: the summary the catalog and ``--json`` show, and its arrays
+    (``labels``, ``eigenvalues``, ``kernel`` unless Lanczos, ``el_n`` / ``el_predicted`` /
+    ``el_measured`` with eigenlearning)."""
+
+    @property
+    def eigenvalues(self) -> np.ndarray:
+        return np.asarray(self.array_data["eigenvalues"])
+
+    def text(self) -> str:
+        from probe.text import format_table
+
+        r = self.data
+        wall = r.get("wall_time_s", r.get("lanczos", {}).get("wall_time_s", 0.0)) or 0.0
+        lines = [f"{r['kind']} NTK on {r['n']} {r.get('data', '')} samples, method {r['method']}, {wall:.1f}s"]
+        if "lanczos" in r:
+            lz = r["lanczos"]
+            lines.append(f"Lanczos operator {lz['method']}: {lz['n_matvecs']} vectors in {lz['n_passes']} passes "
+                         f"over the data, converged={lz['converged']}")
+        lines.append("top eigenvalues: " + ", ".join(f"{v:.4g}" for v in r["top_eigenvalues"]))
+        if "spectrum" in r:
+            s = r["spectrum"]
+            align = s["alignment"] if s["alignment"] is None else round(s["alignment"], 4)
+            lines.append(f"condition number {s['condition_number']:.4g}   effective rank "
+                         f"{s['effective_rank']:.4g}   kernel-target alignment {align}")
+        if "eigenlearning" in r:
+            lines.append("eigenlearning (kernel regression with this NTK, centred one-hot targets):")
+            lines.append("  " + format_table(r["eigenlearning"]["rows"], [
+                ("n", "n"), ("predicted_test_mse", "predicted test MSE"), ("measured_test_mse", "measured KRR"),
+                ("measured_test_mse_std", "+-"), ("predicted_learnability", "pred. learnability"),
+                ("measured_learnability", "meas. learnability")]).replace("\n", "\n  "))
+        lines += [f"note: {note}" for note in r.get("notes", [])]
+        return "\n".join(lines)
