@@ -10,6 +10,7 @@ BN mode or a transposed axis moves entries by O(1)).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -21,8 +22,8 @@ from torch import nn
 import probe.probes.ntk.api as ntk_mod
 from probe.functional import eval_mode, flatten_params, functionalize, select_param_names, unflatten_like
 from probe.errors import UserError
-from probe.probes.ntk import (NtkKind, NtkMethod, NtkResult, SpectrumResult, empirical_ntk, ntk_spectrum,
-                              ntk_topk_lanczos)
+from probe.probes.ntk import (KERNEL_METHODS, NtkKind, NtkMethod, NtkResult, SpectrumResult, empirical_ntk,
+                              ntk_spectrum, ntk_topk_lanczos)
 
 RTOL = 1e-10      # exact identity in float64 (see the module docstring)
 pytestmark = [
@@ -420,8 +421,8 @@ def test_impossible_budget_raises_before_allocating(monkeypatch):
 
     def boom(*args, **kwargs):
         raise AssertionError("an engine ran although the budget cannot hold the work")
-    for engine in ("_run_jacobian", "_run_ntvp", "_run_layerwise"):
-        monkeypatch.setattr(ntk_mod, engine, boom)
+    for name, method in KERNEL_METHODS.items():   # every kernel method's runner
+        monkeypatch.setitem(KERNEL_METHODS, name, dataclasses.replace(method, run=boom))
     # the kernel itself does not fit: 8*8*3*3 float64 = 4.6 kB
     with pytest.raises(UserError, match=r"alone needs .*at most N1=\d+ samples fit"):
         empirical_ntk(model, x, kind="full", memory_budget_bytes=2000, dtype=torch.float64)

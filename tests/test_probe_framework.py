@@ -97,7 +97,7 @@ def toy():
                                    compute=_toy_compute, figure=_toy_figure, default_n=12))
     SEEN.clear()
     yield spec
-    registry._REGISTRY.pop("toy", None)
+    registry.unregister("toy")
 
 
 @pytest.fixture(scope="module")
@@ -200,21 +200,13 @@ def test_bad_probe_options_are_one_line(toy, tmp_path, capsys):
 
 # --- every registered probe ---------------------------------------------------------------------
 
-#: Small settings per probe so that the registry-wide test stays fast; probes not listed run with
-#: their defaults.
-FAST = {"ntk": {"trials": 2}, "saturation": {"batch_size": 8},
-        "gradvar": {"batches": 2, "batch_size": 4, "seeds": 2, "chunk": 8},
-        "hessian": {"k": 2, "trace_matvecs": 6, "density_probes": 1, "density_steps": 6},
-        "surface": {"grid": "-1:1:3"},
-        "interp": {"pairs": 6, "steps": 9, "max_degree": 4, "triples": 1, "plane_resolution": 5}}
-
 
 @pytest.mark.parametrize("name", list_probes())
 def test_every_registered_probe_runs_stores_and_loads_back_equal(name, tiny_run, tmp_path, capsys):
     spec = get_probe(name)
     root, run_id = tiny_run
     store = RunStore(tmp_path)
-    outcomes = run_probe(store, name, FAST.get(name), model="tiny_mul", n=16)
+    outcomes = run_probe(store, name, spec.smoke, model="tiny_mul", n=16)  # the probe's small settings
     assert len(outcomes) == 1 and outcomes[0].error is None
     result = outcomes[0].result
     json.dumps(to_jsonable(result.summary()), allow_nan=False)  # the catalog can hold it
@@ -225,7 +217,7 @@ def test_every_registered_probe_runs_stores_and_loads_back_equal(name, tiny_run,
         fig = spec.figure([(outcomes[0].info, result), (dict(outcomes[0].info, model="again"), loaded)])
         assert len(fig.data) >= 1
     # through the CLI, on every checkpoint of a run
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in (FAST.get(name) or {}).items()]
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in spec.smoke.items()]
     code, out, err = cli(capsys, name, "--run", run_id, "--checkpoint", "all", "--n", "16", *flags,
                          "--runs", root, "--json", "--quiet")
     assert code == 0, err

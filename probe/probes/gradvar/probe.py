@@ -4,7 +4,7 @@ from probe.figures.gradvar import gradvar_figure
 from probe.probes.gradvar._common import GradVarParams
 from probe.probes.gradvar.api import gradient_variance
 from probe.probes.gradvar.result import GradVarResult
-from probe.probes.registry import Probe, ProbeContext, register
+from probe.probes.registry import Measure, Probe, ProbeContext, register, summary_number
 
 __all__ = ["GradVarParams", "compute", "GRADVAR_PROBE"]
 
@@ -19,6 +19,12 @@ GRADVAR_PROBE = register(Probe(
     name="gradvar",
     help="per-layer gradient variance, SNR, noise scale and relative update size; depth curves at init",
     params=GradVarParams, result=GradVarResult, compute=compute, figure=gradvar_figure, default_n=512,
+    quick=({"batches": 4, "batch_size": 32, "seeds": 2}, 128), full=({}, 512),
+    smoke={"batches": 2, "batch_size": 4, "seeds": 2, "chunk": 8}, order=20,
+    measures=(Measure("grad_snr", "grad SNR", "optimisation", summary_number("aggregates", "snr"),
+                      "|mean gradient|^2 / trace of the mini-batch gradient covariance"),
+              Measure("rel_update", "rel. update", "optimisation", summary_number("aggregates", "rel_update"),
+                      "lr x rms mini-batch gradient / weight norm: the step size relative to the weights")),
     description=("Over K seeded mini-batches (without replacement): per layer the mean gradient norm |G|, the "
                  "trace of the mini-batch gradient covariance tr(Sigma_B), SNR |G|^2/tr(Sigma_B), the gradient "
                  "noise scale B_simple = B tr(Sigma_B)/|G|^2 (McCandlish et al. 2018) and the relative update "

@@ -11,7 +11,7 @@ from probe.checks import check_int
 from probe.errors import UserError
 from probe.figures.hessian import hessian_across_training, hessian_blocks_figure, hessian_figure
 from probe.probes.hessian.result import HessianProbeResult
-from probe.probes.registry import Probe, ProbeContext, register
+from probe.probes.registry import Figure, Measure, Probe, ProbeContext, register, summary_number
 
 __all__ = ["HESSIAN_PROBE", "HessianParams", "compute"]
 
@@ -125,8 +125,14 @@ def compute(ctx: ProbeContext, p: HessianParams) -> HessianProbeResult:
 HESSIAN_PROBE = register(Probe(
     name="hessian", help="Hessian / Gauss-Newton spectrum: top-k, trace, density, per block",
     params=HessianParams, result=HessianProbeResult, compute=compute, figure=hessian_figure, default_n=200,
-    extra_figures=(("per-block curvature", hessian_blocks_figure),
-                   ("sharpness across training vs 2/lr", hessian_across_training)),
+    extra_figures=(Figure("per-block curvature", hessian_blocks_figure),
+                   Figure("sharpness across training vs 2/lr", hessian_across_training, series=True)),
+    quick=({"k": 2, "trace_matvecs": 20, "density": False}, 64), full=({"k": 5, "trace_matvecs": 100}, 200),
+    smoke={"k": 2, "trace_matvecs": 6, "density_probes": 1, "density_steps": 6}, order=30,
+    measures=(Measure("lambda_max", "Hessian l_max", "optimisation", summary_number("lambda_max"),
+                      "largest Hessian eigenvalue of the mean cross-entropy"),
+              Measure("hessian_trace", "Hessian trace", "optimisation", summary_number("trace", "estimate"),
+                      "Hutchinson estimate of the Hessian trace")),
     description="Curvature of the cross-entropy loss over n fixed, seeded probe samples (200 by default, as "
                 "PyHessian's example): the k largest (or smallest) eigenvalues and eigenvectors by block Lanczos "
                 "over Hessian-vector products (jvp over grad), the trace by Hutch++ or Hutchinson with a fixed "

@@ -8,7 +8,7 @@ from probe.figures.interp import (interp_across_training, interp_degree_figure, 
                                   interp_planes_figure)
 from probe.probes.interp.api import check_options, interpolation_paths
 from probe.probes.interp.result import InterpResult
-from probe.probes.registry import Probe, ProbeContext, register
+from probe.probes.registry import Figure, Measure, Probe, ProbeContext, register, summary_number
 
 __all__ = ["InterpParams", "compute", "INTERP_PROBE"]
 
@@ -58,10 +58,17 @@ INTERP_PROBE = register(Probe(
     name="interp",
     help="the function in input space: mixup paths between test samples (deviation from linear, degree) and planes",
     params=InterpParams, result=InterpResult, compute=compute, figure=interp_paths_figure,
-    extra_figures=(("decision regions on planes through three samples", interp_planes_figure),
-                   ("fitted polynomial degree of the paths", interp_degree_figure),
-                   ("across training", interp_across_training)),
+    extra_figures=(Figure("decision regions on planes through three samples", interp_planes_figure),
+                   Figure("fitted polynomial degree of the paths", interp_degree_figure),
+                   Figure("across training", interp_across_training, series=True)),
     default_n=256, split="test",
+    quick=({"pairs": 32, "steps": 17, "max_degree": 8, "triples": 1, "plane_resolution": 15}, 128), full=({}, 256),
+    smoke={"pairs": 6, "steps": 9, "max_degree": 4, "triples": 1, "plane_resolution": 5}, order=60,
+    measures=(Measure("path_deviation", "path deviation", "generalisation",
+                      summary_number("all", "deviation_max_mean"),
+                      "mean over mixup paths of the largest deviation of the logits from the chord (relative)"),
+              Measure("path_degree", "path degree", "generalisation", summary_number("all", "degree_mean"),
+                      "mean Chebyshev degree that fits the logits along a mixup path")),
     description=("The model's logits along straight mixup paths x(t) = (1-t) x_a + t x_b between seeded pairs of "
                  "test samples (same-class and different-class): deviation from the chord between the end "
                  "outputs relative to its length, the lowest Chebyshev degree fitting the path within degree_tol, "

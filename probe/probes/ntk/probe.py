@@ -3,13 +3,15 @@ with the probe framework (``probe ntk``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 
 from probe.checks import check_int, check_number
 from probe.figures.ntk import eigenlearning_figure, ntk_across_training, ntk_spectrum_figure
+from probe.probes.ntk._methods import KERNEL_METHODS
 from probe.probes.ntk.result import NTKProbeResult
-from probe.probes.registry import Probe, ProbeContext, register
+from probe.probes.registry import Figure, Measure, Probe, ProbeContext, register, summary_number
 
 __all__ = ["NTKParams", "compute"]
 
@@ -23,7 +25,7 @@ class NTKParams:
         "choices": ("trace", "full", "diagonal")})
     method: str = field(default="auto", metadata={
         "help": "kernel method, or lanczos for matrix-free top-k eigenvalues",
-        "choices": ("auto", "jacobian", "ntvp", "layerwise", "lanczos")})
+        "choices": ("auto", *KERNEL_METHODS, "lanczos")})
     topk: int = field(default=10, metadata={"help": "eigenvalues to print / compute with lanczos"})
     lanczos_operator: str = field(default="auto", metadata={
         "help": "with method lanczos: gram (parameter space, one data pass per block) or ntvp (VJP/JVP "
@@ -100,11 +102,30 @@ def compute(ctx: ProbeContext, p: NTKParams) -> NTKProbeResult:
     return NTKProbeResult(summary, arrays)
 
 
+
+def _last_eigenlearning(key: str) -> Callable[[dict, Any], float | None]:
+    """A headline getter: ``key`` of the last (largest n) eigenlearning row."""
+    def get(summary: dict, result: Any) -> float | None:
+        rows = (summary.get("eigenlearning") or {}).get("rows") or []
+        v = rows[-1].get(key) if rows else None
+        return float(v) if isinstance(v, (int, float)) else None
+    return get
+
+
 NTK_PROBE = register(Probe(
     name="ntk", help="empirical NTK spectrum and eigenlearning predictions", params=NTKParams,
     result=NTKProbeResult, compute=compute, figure=ntk_spectrum_figure, default_n=128,
-    extra_figures=(("condition number and effective rank across training", ntk_across_training),
-                   ("eigenlearning: predicted vs measured", eigenlearning_figure)),
+    extra_figures=(Figure("condition number and effective rank across training", ntk_across_training, series=True),
+                   Figure("eigenlearning: predicted vs measured", eigenlearning_figure)),
+    quick=({"trials": 4}, 32), full=({"trials": 10}, 128), smoke={"trials": 2}, order=50,
+    measures=(Measure("ntk_cond", "NTK cond", "generalisation", summary_number("spectrum", "condition_number"),
+                      "condition number of the trace NTK on the probe inputs"),
+              Measure("ntk_eff_rank", "NTK eff. rank", "generalisation", summary_number("spectrum", "effective_rank"),
+                      "effective rank (exp of the spectral entropy) of the trace NTK"),
+              Measure("el_pred_mse", "EL pred. MSE", "generalisation", _last_eigenlearning("predicted_test_mse"),
+                      "eigenlearning prediction of kernel regression's test MSE with the model's NTK"),
+              Measure("el_meas_mse", "KRR meas. MSE", "generalisation", _last_eigenlearning("measured_test_mse"),
+                      "measured test MSE of kernel regression with the same kernel")),
     description="Empirical neural tangent kernel of the target on n probe inputs: its spectrum (float64), "
                 "condition number, effective rank, kernel-target alignment, and eigenlearning predictions of "
                 "kernel regression checked against kernel regression with the same kernel."))

@@ -1,5 +1,6 @@
-"""Options and result types of the NTK probe: kinds, methods, the frozen result dataclasses of the
-library functions and the stored result of ``probe ntk`` (:class:`NTKProbeResult`)."""
+"""Options and result types of the NTK probe: kinds, Lanczos operators (the kernel methods are
+in :mod:`._methods`), the frozen result dataclasses of the library functions and the stored
+result of ``probe ntk`` (:class:`NTKProbeResult`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from probe.errors import UserError
 from probe.probes.ntk._util import _fro
 from probe.probes.registry import StoredResult
 
-__all__ = ["NtkKind", "NtkMethod", "LanczosMethod", "NtkResult", "SpectrumResult", "LanczosResult", "NTKProbeResult"]
+__all__ = ["NtkKind", "LanczosMethod", "NtkResult", "SpectrumResult", "LanczosResult", "NTKProbeResult"]
 
 
 class NtkKind(str, Enum):
@@ -24,37 +25,6 @@ class NtkKind(str, Enum):
     """(N1, N2), summed over outputs; memory N1*N2 float64."""
     DIAGONAL = "diagonal"
     """(O, N1, N2), one kernel per output; memory O*N1*N2 float64."""
-
-
-class NtkMethod(str, Enum):
-    """How the kernel is computed. N = N1 + N2 samples, O outputs, P parameters, [FP] one forward
-    pass of one sample, A the activations saved for the backward pass of one sample."""
-
-    AUTO = "auto"
-    """Pick the cheapest method whose memory plan fits ``memory_budget_bytes`` (cost model in
-    :func:`empirical_ntk`)."""
-    JACOBIAN = "jacobian"
-    """Per-sample Jacobians by ``vmap(jacrev)`` on blocks of samples, contracted block pair by block
-    pair. Time N*(1 + 2*O)*[FP] + N1*N2*O*P (trace, diagonal) or N1*N2*O^2*P (full); memory
-    N*O*P when every Jacobian fits, otherwise 2*b*O*P for blocks of b samples (Jacobians of
-    column blocks are then recomputed once per row block) or, below one sample, per parameter
-    group."""
-    NTVP = "ntvp"
-    """NTK-vector products: one VJP per column (sample j, output b) gives the parameter tangent
-    d f_b(x2_j)/d theta, one JVP over the row samples gives a whole kernel column. No Jacobian is
-    stored. Time ~N2*O*(3 + 2.5*N1)*[FP]; memory c*P + c*b*A for c columns and b rows at once."""
-    LAYERWISE = "layerwise"
-    """Structured per-layer contraction, no vmap. One batched forward pass over a block pair, then
-    per output one backward pass; as the gradient g at a Linear/Conv2d/BatchNorm output arrives,
-    that layer's per-sample Jacobian is rebuilt from (layer input, g) -- a sum over positions of
-    outer products, or sum g * x_hat for BatchNorm -- and contracted into the kernel before the
-    next layer's gradient exists. Layers with few positions T are contracted without forming
-    it, through the Gram identity sum_ts (a_it . a_js)(g_it . g_js) (cost T^2*(d_in + d_out)
-    instead of d_in*d_out per sample pair). Time ~N*(1 + 2*O)*[FP] + N1*N2*O*P; memory per sample
-    ~2A + one layer's Jacobian row and input patches, instead of O*P (``full`` keeps all O
-    output gradients per layer). Parameters elsewhere (or failing the built-in exactness
-    self-check) go through ``jacobian``. Needs a model whose eval-mode forward treats samples
-    independently."""
 
 
 class LanczosMethod(str, Enum):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from probe.figures.saturation import saturation_by_group, saturation_figure
-from probe.probes.registry import Probe, ProbeContext, register
+from probe.probes.registry import Figure, Measure, Probe, ProbeContext, register, summary_number
 from probe.probes.saturation.api import check_options, saturation
 from probe.probes.saturation.result import SaturationResult
 
@@ -42,8 +42,11 @@ SATURATION_PROBE = register(Probe(
     result=SaturationResult,
     compute=compute,
     figure=saturation_figure,
-    extra_figures=(("per gate kind", saturation_by_group),),
+    extra_figures=(Figure("per gate kind", saturation_by_group),),
     default_n=256,
+    quick=({}, 128), full=({}, 512), smoke={"batch_size": 8}, order=10,
+    measures=(Measure("sat_frac", "gate sat. frac", "optimisation", summary_number("model", "frac_logit_sat"),
+                      "fraction of gate logits with |z| > 3 over every gate (none: the model has no gate)"),),
     description=("For every gate (models.Gate, nn.Sigmoid/Tanh/Hardsigmoid/Hardswish modules, functional "
                  "torch.sigmoid/tanh/F.hardsigmoid calls) the distribution of its input logits over the probe "
                  "inputs: the fraction with |z| > threshold, the fraction of outputs outside [0.05, 0.95] "

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from probe.checks import check_int, check_number
 from probe.errors import UserError
 from probe.figures.surface import surface_3d, surface_curves, surface_figure, surface_trajectory
-from probe.probes.registry import Probe, ProbeContext, register
+from probe.probes.registry import Figure, Measure, Probe, ProbeContext, register
 from probe.probes.surface._directions import NORMS
 from probe.probes.surface._grid import parse_grid
 from probe.probes.surface.result import SurfaceProbeResult
@@ -82,11 +82,19 @@ def compute(ctx: ProbeContext, p: SurfaceParams) -> SurfaceProbeResult:
     return SurfaceProbeResult(summary, res.arrays())
 
 
+
+def _rise(summary: dict, result: SurfaceProbeResult) -> float | None:
+    return result.mean_rise(0.5)
+
+
 SURFACE_PROBE = register(Probe(
     name="surface", help="loss and accuracy over 1D / 2D weight-space directions (random, hessian, pca, towards)",
     params=SurfaceParams, result=SurfaceProbeResult, compute=compute, figure=surface_figure, default_n=256,
-    extra_figures=(("3D surface", surface_3d), ("1D curves", surface_curves),
-                   ("training trajectory (pca)", surface_trajectory)),
+    extra_figures=(Figure("3D surface", surface_3d), Figure("1D curves", surface_curves),
+                   Figure("training trajectory (pca)", surface_trajectory)),
+    quick=({"grid": "-1:1:9"}, 128), full=({"grid": "-1:1:21"}, 256), smoke={"grid": "-1:1:3"}, order=40,
+    measures=(Measure("surface_rise", "surface rise", "optimisation", _rise,
+                      "mean loss rise over the |a|, |b| <= 0.5 square of a filter-normalised random plane"),),
     description="Loss and top-1 accuracy of the cross-entropy over a grid theta0 + a d1 + b d2 in weight space, on "
                 "n fixed, seeded probe samples (256 by default) kept on the device. Li et al.'s defaults: grid "
                 "-1:1:51 on both axes, Gaussian directions normalised filter by filter against the weights, biases "
