@@ -31,6 +31,7 @@ import dataclasses
 import importlib
 import pkgutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -256,10 +257,8 @@ def unregister(name: str) -> Probe | None:
 
 
 def load_probes() -> None:
-    """Import every module of :mod:`probe.probes` (each registers its probe)."""
-    import probe.probes as package
-
-    for info in pkgutil.iter_modules(package.__path__):
+    """Import every package of :mod:`probe.probes` (each registers its probe)."""
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
         if not info.name.startswith("_") and info.name != "registry":
             importlib.import_module(f"probe.probes.{info.name}")
 

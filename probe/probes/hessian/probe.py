@@ -57,7 +57,7 @@ class HessianParams:
 
 def compute(ctx: ProbeContext, p: HessianParams) -> HessianProbeResult:
     """The curvature of the cross-entropy loss on the context's inputs and labels."""
-    from probe.probes.hessian import hessian_spectrum
+    from probe.probes.hessian.api import hessian_spectrum
 
     n = int(ctx.x.shape[0])
     res = hessian_spectrum(ctx.model, ctx.x, ctx.y, criterion="cross_entropy", operator=p.operator, k=p.k,

@@ -64,7 +64,7 @@ def _eigenlearning(K: np.ndarray, y: np.ndarray, num_classes: int, ns: list[int]
 
 def compute(ctx: ProbeContext, p: NTKParams) -> NTKProbeResult:
     """Kernel (or Lanczos top-k) on the context's inputs, its spectrum and eigenlearning."""
-    from probe.probes.ntk import empirical_ntk, ntk_spectrum, ntk_topk_lanczos
+    from probe.probes.ntk.api import empirical_ntk, ntk_spectrum, ntk_topk_lanczos
 
     x, y, n = ctx.x, ctx.y, int(ctx.x.shape[0])
     budget = int(p.memory_gb * 2 ** 30)
