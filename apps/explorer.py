@@ -182,9 +182,11 @@ def page_probe(root: str, cat: dict, name: str) -> None:
         return
     if spec.figure is not None:
         _show(spec.figure(entries), name, name)
-    for i, (title, build) in enumerate(spec.extra_figures):
-        st.subheader(title)
-        _show(build(entries), f"{name}_{i}", f"{name}-extra-{i}")
+    for i, fig in enumerate(spec.extra_figures):
+        st.subheader(fig.title)
+        if fig.series:
+            st.caption("across training: one point per chosen checkpoint of a run")
+        _show(fig.build(entries), f"{name}_{i}", f"{name}-extra-{i}")
     with st.expander("summaries"):
         for info, result in entries:
             st.text(f"{info['model']} @ {info['epoch']}\n{result.text()}")

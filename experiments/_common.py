@@ -387,15 +387,16 @@ def _slug(title: str) -> str:
 def probe_figures(probe: str, entries: Sequence[tuple[dict, Any]], main: str,
                   across: Sequence[tuple[dict, Any]] | None = None) -> dict:
     """The probe's own figures: its main figure under the stem ``main`` and every extra figure
-    under the slug of its title; figures whose title says "across training" get ``across``
-    (every checkpoint) when given, the others ``entries``."""
+    under the slug of its title; the figures that draw a series across training
+    (:attr:`probe.probes.registry.Figure.series`) get ``across`` (every checkpoint) when given,
+    the others ``entries``."""
     from probe.probes.registry import get_probe
 
     spec = get_probe(probe)
     out = {main: spec.figure(list(entries))}
-    for title, build in spec.extra_figures:
-        use = across if across is not None and "across training" in title else entries
-        out[_slug(title)] = build(list(use))
+    for fig in spec.extra_figures:
+        use = across if across is not None and fig.series else entries
+        out[_slug(fig.title)] = fig.build(list(use))
     return out
 
 

@@ -8,16 +8,11 @@ from pathlib import Path
 import pytest
 
 from probe.jobs import run_probe
-from probe.probes.registry import list_probes
+from probe.probes.registry import get_probe, list_probes
 from probe.store import RunStore
 from probe.training import TrainConfig, train
 
 APP = str(Path(__file__).resolve().parents[1] / "apps" / "explorer.py")
-FAST = {"ntk": {"trials": 2}, "saturation": {"batch_size": 8},
-        "gradvar": {"batches": 2, "batch_size": 4, "seeds": 2, "chunk": 8},
-        "hessian": {"k": 2, "trace_matvecs": 6, "density_probes": 1, "density_steps": 6},
-        "surface": {"grid": "-1:1:3"},
-        "interp": {"pairs": 6, "steps": 9, "max_degree": 4, "triples": 1, "plane_resolution": 5}}
 
 
 def _app(root, monkeypatch):
@@ -48,7 +43,7 @@ def store_root(tmp_path_factory):
         res = train(TrainConfig(model=model, epochs=2, limit_train=64, limit_test=32), store)
         ids.append(res.run_id)
         for name in list_probes():
-            run_probe(store, name, FAST.get(name), run=res.run_id, checkpoint="all", n=16)
+            run_probe(store, name, get_probe(name).smoke, run=res.run_id, checkpoint="all", n=16)
     return root, ids
 
 
@@ -58,8 +53,6 @@ def test_every_page_renders_without_an_exception(store_root, monkeypatch):
     assert not at.exception, at.exception
     assert len(at.dataframe) == 1 and at.dataframe[0].value.shape[0] == 2  # the runs table
     assert any(ids[0] in str(v) for v in at.dataframe[0].value["run"])
-    from probe.probes.registry import get_probe
-
     for page in (*list_probes(), "Compare", "Seed table"):
         _goto(at, page)
         assert not at.exception, (page, at.exception)

@@ -65,7 +65,7 @@ def test_checkpoint_sweep_and_the_edge_of_stability_line(run, capsys):
     lrs = [r["lr"] for r in results]
     assert all(lr and lr > 0 for lr in lrs)
     from probe.figures.hessian import hessian_across_training
-    from probe.probes.hessian.probe import HessianProbeResult
+    from probe.probes.hessian import HessianProbeResult
 
     entries = [({"run_id": run_id, "epoch": r["epoch"], "model": "tiny_mul"},
                 HessianProbeResult(r, {})) for r in results]

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from probe.errors import UserError
-from probe.probes.interp import InterpResult, _fit_errors, _select_pairs, interpolation_paths
+from probe.probes.interp import InterpResult, interpolation_paths
+from probe.probes.interp.api import _fit_errors, _select_pairs
 
 
 class Quadratic(nn.Module):

@@ -10,6 +10,7 @@ BN mode or a transposed axis moves entries by O(1)).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -21,8 +22,8 @@ from torch import nn
 import probe.probes.ntk.api as ntk_mod
 from probe.functional import eval_mode, flatten_params, functionalize, select_param_names, unflatten_like
 from probe.errors import UserError
-from probe.probes.ntk import (NtkKind, NtkMethod, NtkResult, SpectrumResult, empirical_ntk, ntk_spectrum,
-                              ntk_topk_lanczos)
+from probe.probes.ntk import (KERNEL_METHODS, NtkKind, NtkMethod, NtkResult, SpectrumResult, empirical_ntk,
+                              ntk_spectrum, ntk_topk_lanczos)
 
 RTOL = 1e-10      # exact identity in float64 (see the module docstring)
 pytestmark = [
@@ -420,8 +421,8 @@ def test_impossible_budget_raises_before_allocating(monkeypatch):
 
     def boom(*args, **kwargs):
         raise AssertionError("an engine ran although the budget cannot hold the work")
-    for engine in ("_run_jacobian", "_run_ntvp", "_run_layerwise"):
-        monkeypatch.setattr(ntk_mod, engine, boom)
+    for name, method in KERNEL_METHODS.items():   # every kernel method's runner
+        monkeypatch.setitem(KERNEL_METHODS, name, dataclasses.replace(method, run=boom))
     # the kernel itself does not fit: 8*8*3*3 float64 = 4.6 kB
     with pytest.raises(UserError, match=r"alone needs .*at most N1=\d+ samples fit"):
         empirical_ntk(model, x, kind="full", memory_budget_bytes=2000, dtype=torch.float64)
@@ -514,12 +515,12 @@ def test_result_round_trip_and_summary_is_json(cases):
     model, x1, _, _, _ = cases["bn_cnn"]
     res = empirical_ntk(model, x1, kind="diagonal", dtype=torch.float64, progress=lambda *a: None)
     summary = json.loads(json.dumps(res.summary()))
-    back = NtkResult.from_store(res.to_arrays(), summary)
+    back = NtkResult.from_store(summary, res.to_arrays())
     assert np.array_equal(back.kernel, res.kernel)
     assert (back.kind, back.method, back.n_outputs, back.schedule, back.notes) == (
         res.kind, res.method, res.n_outputs, res.schedule, res.notes)
     sp = ntk_spectrum(res.kernel[0])
-    back = SpectrumResult.from_store(sp.to_arrays(), json.loads(json.dumps(sp.summary())))
+    back = SpectrumResult.from_store(json.loads(json.dumps(sp.summary())), sp.to_arrays())
     assert back.condition_number == sp.condition_number
     lz = ntk_topk_lanczos(model, x1, k=2, dtype=torch.float64)
     assert json.dumps(lz.summary()) and set(lz.to_arrays()) == {"eigenvalues", "residuals"}

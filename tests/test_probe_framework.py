@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from probe.cli import main
 from probe.errors import UserError
 from probe.jobs import load_result, run_probe
 from probe.probes import registry
-from probe.probes.registry import Probe, get_probe, list_probes
+from probe.probes.registry import (Figure, Measure, Probe, StoredResult, get_probe, list_probes,
+                                   summary_number)
 from probe.store import RunStore, to_jsonable
 from probe.training import TrainConfig, lr_at, train
 
@@ -97,7 +99,7 @@ def toy():
                                    compute=_toy_compute, figure=_toy_figure, default_n=12))
     SEEN.clear()
     yield spec
-    registry._REGISTRY.pop("toy", None)
+    registry.unregister("toy")
 
 
 @pytest.fixture(scope="module")
@@ -200,21 +202,13 @@ def test_bad_probe_options_are_one_line(toy, tmp_path, capsys):
 
 # --- every registered probe ---------------------------------------------------------------------
 
-#: Small settings per probe so that the registry-wide test stays fast; probes not listed run with
-#: their defaults.
-FAST = {"ntk": {"trials": 2}, "saturation": {"batch_size": 8},
-        "gradvar": {"batches": 2, "batch_size": 4, "seeds": 2, "chunk": 8},
-        "hessian": {"k": 2, "trace_matvecs": 6, "density_probes": 1, "density_steps": 6},
-        "surface": {"grid": "-1:1:3"},
-        "interp": {"pairs": 6, "steps": 9, "max_degree": 4, "triples": 1, "plane_resolution": 5}}
-
 
 @pytest.mark.parametrize("name", list_probes())
 def test_every_registered_probe_runs_stores_and_loads_back_equal(name, tiny_run, tmp_path, capsys):
     spec = get_probe(name)
     root, run_id = tiny_run
     store = RunStore(tmp_path)
-    outcomes = run_probe(store, name, FAST.get(name), model="tiny_mul", n=16)
+    outcomes = run_probe(store, name, spec.smoke, model="tiny_mul", n=16)  # the probe's small settings
     assert len(outcomes) == 1 and outcomes[0].error is None
     result = outcomes[0].result
     json.dumps(to_jsonable(result.summary()), allow_nan=False)  # the catalog can hold it
@@ -225,7 +219,7 @@ def test_every_registered_probe_runs_stores_and_loads_back_equal(name, tiny_run,
         fig = spec.figure([(outcomes[0].info, result), (dict(outcomes[0].info, model="again"), loaded)])
         assert len(fig.data) >= 1
     # through the CLI, on every checkpoint of a run
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in (FAST.get(name) or {}).items()]
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in spec.smoke.items()]
     code, out, err = cli(capsys, name, "--run", run_id, "--checkpoint", "all", "--n", "16", *flags,
                          "--runs", root, "--json", "--quiet")
     assert code == 0, err
@@ -240,3 +234,94 @@ def test_public_api_names_resolve_to_what_they_say():
     for name in probe.__all__:
         assert getattr(probe, name) is not None, name
     assert probe.run_probe is run_probe and probe.RunStore is RunStore
+
+
+# --- a new probe is one package: registered from the tests alone, it is everywhere ----------------
+
+@dataclass(frozen=True)
+class ThrowawayParams:
+    power: float = field(default=2.0, metadata={"help": "power of the absolute logits averaged"})
+
+
+class ThrowawayResult(StoredResult):
+    def text(self) -> str:
+        return f"mean |logit|^p = {self.data['value']:.4g} over {self.data['n']} inputs"
+
+
+def _throwaway_compute(ctx, p: ThrowawayParams) -> ThrowawayResult:
+    from probe.functional import eval_mode
+
+    with eval_mode(ctx.model), torch.no_grad():
+        z = ctx.model(ctx.x).double()
+    return ThrowawayResult({"value": float(z.abs().pow(p.power).mean()), "n": int(z.shape[0])},
+                           {"logits": z.numpy()})
+
+
+def _throwaway_figure(entries):
+    import plotly.graph_objects as go
+
+    return go.Figure([go.Bar(y=[r.data["value"] for _, r in entries], x=[info["model"] for info, _ in entries])])
+
+
+def _throwaway_series(entries):
+    import plotly.graph_objects as go
+
+    return go.Figure([go.Scatter(x=[info.get("epoch") or 0 for info, _ in entries],
+                                 y=[r.data["value"] for _, r in entries])])
+
+
+@pytest.fixture
+def throwaway():
+    spec = registry.register(Probe(
+        name="throwaway", help="a probe registered from the tests alone", params=ThrowawayParams,
+        result=ThrowawayResult, compute=_throwaway_compute, figure=_throwaway_figure,
+        extra_figures=(Figure("value across training", _throwaway_series, series=True),), default_n=8,
+        quick=({"power": 1.0}, 8), smoke={"power": 1.0},
+        measures=(Measure("throwaway_value", "throwaway value", "generalisation", summary_number("value"),
+                          "mean |logit|^power"),)))
+    yield spec
+    registry.unregister("throwaway")
+    assert "throwaway" not in list_probes()
+
+
+def test_a_probe_registered_from_the_tests_alone_is_in_the_cli_catalog_headline_and_explorer(
+        throwaway, tmp_path, capsys, monkeypatch):
+    from probe.cli import build_parser
+    from probe.headline import MEASURES, PROBES, headline, probe_settings
+
+    # the CLI: its subcommand, with its own flags and default n
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args(["throwaway", "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    for text in ("a probe registered from the tests alone", "--power POWER", "power of the absolute logits",
+                 "(default: 8)", "--checkpoint", "--runs"):
+        assert text in out, text
+    # run by name on a tiny model into a runs root
+    root = tmp_path / "runs"
+    code, out, err = cli(capsys, "throwaway", "--model", "tiny_add", "--runs", root, "--json", "--quiet")
+    assert code == 0, err
+    entry = json.loads(out)["results"][0]
+    assert entry["n"] == 8 and entry["model"] == "tiny_add"
+    # the catalog: a stored row of its kind, loading back as its result
+    store = RunStore(root)
+    rows = store.list_probes(kind="throwaway")
+    assert [r["probe_id"] for r in rows] == [entry["probe_id"]]
+    row, result = load_result(store, entry["probe_id"])
+    assert isinstance(result, ThrowawayResult) and result.data["value"] == pytest.approx(entry["value"])
+    # the headline table: its measure, read from the stored row
+    assert "throwaway" in PROBES and [m.probe for m in MEASURES if m.key == "throwaway_value"] == ["throwaway"]
+    assert probe_settings(quick=True)["throwaway"] == ({"power": 1.0}, 8)
+    assert headline(store, {"throwaway": entry["probe_id"]})["throwaway_value"] == pytest.approx(entry["value"])
+    # the explorer: its page, with its stored result selected and its two figures drawn
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("PROBE_RUNS", str(root))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "apps" / "explorer.py"), default_timeout=60)
+    at.run()
+    assert "throwaway" in at.sidebar.radio(key="page").options
+    at.sidebar.radio(key="page").set_value("throwaway").run()
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    assert [h.value for h in at.header] == ["throwaway"]
+    assert len(at.multiselect(key="throwaway-pick").value) == 1
+    assert len(at.get("plotly_chart")) == 2 and [s.value for s in at.subheader] == ["value across training"]

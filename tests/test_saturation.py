@@ -16,7 +16,7 @@ from torch import nn
 import models
 from probe.errors import UserError
 from probe.figures.saturation import saturation_figure, saturation_histograms
-from probe.probes import saturation as sat_module
+from probe.probes.saturation import api as sat_module
 from probe.probes.registry import ProbeContext, get_probe, make_params, param_fields
 from probe.probes.saturation import (NO_GATES_NOTE, SaturationParams, SaturationResult, compute,
                                      saturation)

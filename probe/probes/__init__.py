@@ -1,5 +1,6 @@
-"""Probes: one module each, registered once (see :mod:`probe.probes.registry`)."""
-from probe.probes.registry import (Probe, ProbeContext, Progress, get_probe, list_probes, load_probes,
-                                   register)
+"""Probes: one package each (api, result, probe), registered once (see :mod:`probe.probes.registry`)."""
+from probe.probes.registry import (Figure, Measure, Probe, ProbeContext, Progress, StoredResult, get_probe,
+                                   list_probes, load_probes, register, summary_number, unregister)
 
-__all__ = ["Probe", "ProbeContext", "Progress", "register", "get_probe", "list_probes", "load_probes"]
+__all__ = ["Probe", "ProbeContext", "Progress", "StoredResult", "Figure", "Measure", "summary_number", "register",
+           "unregister", "get_probe", "list_probes", "load_probes"]

@@ -1,24 +1,29 @@
-"""The probe registry: a probe is one module, registered once.
+"""The probe registry: a probe is one package, registered once.
 
-A probe module (``probe/probes/<name>.py`` or a small package) holds
+A probe package ``probe/probes/<name>/`` holds the same files:
 
-- a pure function over ``(model, data)`` that never mutates the model (the library API),
-- a frozen **parameters** dataclass: one field per probe option, each with a default and
-  ``metadata={"help": "...", "choices": (...)}``; ``__post_init__`` raises :class:`UserError` on a
-  bad value (messages name the field, never a CLI flag),
-- a frozen **result** dataclass with ``summary() -> dict`` (JSON-able: the catalog row and the
-  ``--json`` output), ``arrays() -> dict[str, np.ndarray]`` (the ``.npz`` artifact),
-  ``from_store(summary, arrays)`` (classmethod, the inverse: ``from_store(r.summary(), r.arrays())``
-  equals ``r``) and ``text() -> str`` (the lines the CLI prints),
-- a ``compute(ctx: ProbeContext, params) -> result`` adapter from the runner's context to the pure
-  function, and
-- one call ``register(Probe(...))``.
+- ``api.py``: the pure functions over ``(model, data)`` that never mutate the model (the library API),
+- ``result.py``: the **result** type(s): a frozen dataclass with ``summary() -> dict`` (JSON-able:
+  the catalog row and the ``--json`` output), ``arrays() -> dict[str, np.ndarray]`` (the ``.npz``
+  artifact), ``from_store(summary, arrays)`` (classmethod, the inverse: ``from_store(r.summary(),
+  r.arrays())`` equals ``r``) and ``text() -> str`` (the lines the CLI prints); :class:`StoredResult`
+  gives all but ``text`` to a result kept in its stored form,
+- ``probe.py``: the frozen **parameters** dataclass (one field per probe option, each with a default
+  and ``metadata={"help": "...", "choices": (...)}``; ``__post_init__`` raises :class:`UserError` on
+  a bad value, messages naming the field, never a CLI flag), a ``compute(ctx: ProbeContext, params)
+  -> result`` adapter from the runner's context to the pure function, and one call
+  ``register(Probe(...))``,
+- ``__init__.py``: the public names (the pure functions and result types), and ``from .probe
+  import ...`` so that importing the package registers the probe;
+
+other private helper modules (``_name.py``) may sit beside them.
 
 Registering gives the probe its CLI subcommand (the shared target flags come from the runner, the
 probe's own flags from its parameters dataclass), its catalog kind (``Probe.name``), the
 ``--checkpoint all`` sweep with a per-target error entry, ``--html`` through its figure builder
-(``probe/figures/``), and its explorer page. Nothing else needs to change to add a probe: the
-modules of :mod:`probe.probes` are discovered by :func:`load_probes`.
+(``probe/figures/``), its explorer page, and its rows of the headline table
+(:mod:`probe.headline`). Nothing else needs to change to add a probe: the packages of
+:mod:`probe.probes` are discovered by :func:`load_probes`.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import dataclasses
 import importlib
 import pkgutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -36,8 +42,9 @@ from probe.checks import check_choice
 from probe.errors import UserError
 from probe.runtime.progress import Progress
 
-__all__ = ["Probe", "ProbeContext", "ProbeResult", "StoredResult", "Progress", "register", "get_probe", "list_probes",
-           "load_probes", "param_fields", "make_params", "params_dict"]
+__all__ = ["Probe", "ProbeContext", "ProbeResult", "StoredResult", "Progress", "Measure", "Figure", "summary_number",
+           "register", "unregister", "get_probe", "list_probes", "load_probes", "param_fields", "make_params",
+           "params_dict"]
 
 @dataclass(frozen=True)
 class ProbeContext:
@@ -130,6 +137,50 @@ def _same_array(a, b) -> bool:
     return bool(np.array_equal(a, b, equal_nan=floating))
 
 
+#: The two kinds of headline measure (:mod:`probe.headline`).
+MEASURE_KINDS = ("optimisation", "generalisation")
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One headline number of a probe: its ``key``, table ``label``, whether it is an
+    ``optimisation`` or a ``generalisation`` measure (``kind``), ``get(summary, result)`` (the
+    number from a stored row's summary and its loaded result; None when it has none) and a
+    ``help`` line. ``probe`` is the name of the probe that declares it (filled in by
+    :func:`register`)."""
+
+    key: str
+    label: str
+    kind: str
+    get: Callable[[dict, Any], "float | None"]
+    help: str = ""
+    probe: str = ""
+
+
+def summary_number(*keys: str) -> Callable[[dict, Any], "float | None"]:
+    """A :attr:`Measure.get` reading the number at ``summary[keys[0]][keys[1]]...`` (None when a
+    key is missing or the value is not a number)."""
+    def get(summary: dict, result: Any) -> "float | None":
+        v: Any = summary
+        for k in keys:
+            if not isinstance(v, dict):
+                return None
+            v = v.get(k)
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    return get
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One more figure of a probe, over the same entries as :attr:`Probe.figure`: its ``title``,
+    its ``build(entries)`` and whether it draws a ``series`` across training (one point per
+    checkpoint of a run: give it every checkpoint) or the results one by one."""
+
+    title: str
+    build: Callable[[Sequence[tuple[dict, Any]]], Any]
+    series: bool = False
+
+
 @dataclass(frozen=True)
 class Probe:
     """A registered probe.
@@ -138,6 +189,12 @@ class Probe:
     pairs: ``info`` a dict with ``model``, ``run_id``, ``epoch`` (the target) and ``probe_id``
     (when stored), ``result`` the probe's result object; several entries are several models or
     checkpoints overlaid or side by side.
+
+    Settings, each ``(params, n)`` (options given, the rest their defaults; ``n`` inputs):
+    ``quick`` seconds on a CPU with the demo's models, ``full`` the headline measurement
+    (:func:`probe.headline.measure`); ``smoke`` the options of the smallest run that still takes
+    every path of the probe (the tests' setting, with any ``n``). ``measures`` are the probe's
+    headline numbers, ``order`` places them in the headline table (lower first).
     """
 
     name: str                                   # CLI subcommand and catalog kind
@@ -146,31 +203,58 @@ class Probe:
     result: type                                # the result dataclass (has from_store)
     compute: Callable[[ProbeContext, Any], Any]
     figure: Callable[[Sequence[tuple[dict, Any]]], Any] | None = None
-    #: more ``(title, builder)`` pairs over the same entries, shown on the probe's explorer page
-    extra_figures: tuple = ()
+    #: more figures over the same entries (:class:`Figure`), shown on the probe's explorer page
+    extra_figures: tuple[Figure, ...] = ()
     default_n: int = 128                        # probe inputs by default (--n)
     split: str = "train"                        # which data split the inputs come from
     description: str = ""                       # longer text for `probe NAME --help`
+    quick: tuple[dict, int] | None = None       # None: ({}, default_n)
+    full: tuple[dict, int] | None = None        # None: ({}, default_n)
+    smoke: dict = dataclasses.field(default_factory=dict)
+    measures: tuple[Measure, ...] = ()
+    order: int = 100
+
+    def settings(self, quick: bool) -> tuple[dict, int]:
+        """``(params, n)`` of the quick or the full measurement (a copy of the params)."""
+        chosen = self.quick if quick else self.full
+        params, n = chosen if chosen is not None else ({}, self.default_n)
+        return dict(params), int(n)
 
 
 _REGISTRY: dict[str, Probe] = {}
 
 
 def register(probe: Probe) -> Probe:
-    """Register ``probe`` under ``probe.name`` (once)."""
+    """Register ``probe`` under ``probe.name`` (once); returns it with its measures' ``probe``
+    filled in."""
     if not dataclasses.is_dataclass(probe.params):
         raise TypeError(f"probe {probe.name!r}: params must be a dataclass")
-    if probe.name in _REGISTRY and _REGISTRY[probe.name] is not probe:
+    for fig in probe.extra_figures:
+        if not isinstance(fig, Figure):
+            raise TypeError(f"probe {probe.name!r}: extra_figures must be Figure records, got {type(fig).__name__}")
+    for m in probe.measures:
+        if m.kind not in MEASURE_KINDS:
+            raise TypeError(f"probe {probe.name!r}: measure {m.key!r} has kind {m.kind!r}, not one of "
+                            f"{', '.join(MEASURE_KINDS)}")
+    if any(m.probe != probe.name for m in probe.measures):
+        probe = dataclasses.replace(probe, measures=tuple(dataclasses.replace(m, probe=probe.name)
+                                                          for m in probe.measures))
+    known = _REGISTRY.get(probe.name)
+    if known is not None and known != probe:
         raise ValueError(f"probe {probe.name!r} is already registered")
     _REGISTRY[probe.name] = probe
     return probe
 
 
-def load_probes() -> None:
-    """Import every module of :mod:`probe.probes` (each registers its probe)."""
-    import probe.probes as package
+def unregister(name: str) -> Probe | None:
+    """Remove the probe registered as ``name`` (a probe registered for a while, as in a test);
+    returns it, or None when there was none."""
+    return _REGISTRY.pop(name, None)
 
-    for info in pkgutil.iter_modules(package.__path__):
+
+def load_probes() -> None:
+    """Import every package of :mod:`probe.probes` (each registers its probe)."""
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
         if not info.name.startswith("_") and info.name != "registry":
             importlib.import_module(f"probe.probes.{info.name}")
 

@@ -16,7 +16,7 @@ eval mode unless ``bn="train"``, in mini-batches whose products are summed with 
 On these operators, generic estimators (:mod:`probe.linalg`, any symmetric operator): the k
 largest / smallest eigenpairs by :func:`probe.linalg.block_lanczos`, the trace by Hutchinson or
 Hutch++, the spectral density by stochastic Lanczos quadrature. :func:`hessian_spectrum` runs
-them on a model and returns a :class:`HessianResult` (:mod:`.results`), per parameter block on
+them on a model and returns a :class:`HessianResult` (:mod:`.result`), per parameter block on
 request (:func:`group_blocks`).
 
     >>> res = hessian_spectrum(model, x, y, k=5, blocks="stage")
@@ -24,11 +24,11 @@ request (:func:`group_blocks`).
 """
 from probe.probes.hessian._operators import GGNOperator, HessianOperator
 from probe.probes.hessian.api import curvature_operator, group_blocks, hessian_spectrum, resolve_criterion
-from probe.probes.hessian.results import BlockResult, Eigenpairs, HessianResult
+from probe.probes.hessian.result import BlockResult, Eigenpairs, HessianProbeResult, HessianResult
 
 __all__ = ["hessian_spectrum", "curvature_operator", "group_blocks", "resolve_criterion",
-           "HessianOperator", "GGNOperator", "Eigenpairs", "BlockResult", "HessianResult"]
+           "HessianOperator", "GGNOperator", "Eigenpairs", "BlockResult", "HessianResult", "HessianProbeResult"]
 
-from probe.probes.hessian.probe import HESSIAN_PROBE, HessianParams, HessianProbeResult  # noqa: E402  (registers `probe hessian`)
+from probe.probes.hessian.probe import HESSIAN_PROBE, HessianParams, compute  # noqa: E402  (registers `probe hessian`)
 
-__all__ += ["HESSIAN_PROBE", "HessianParams", "HessianProbeResult"]
+__all__ += ["HESSIAN_PROBE", "HessianParams", "compute"]

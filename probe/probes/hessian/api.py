@@ -25,7 +25,7 @@ from probe.runtime.dist import current
 from probe.runtime.progress import Progress
 from probe.probes.hessian._operators import (Criterion, DataShardedOperator, GGNOperator, HessianOperator,
                                              couples_samples, has_batchnorm)
-from probe.probes.hessian.results import BlockResult, Eigenpairs, HessianResult
+from probe.probes.hessian.result import BlockResult, Eigenpairs, HessianResult
 
 __all__ = ["hessian_spectrum", "curvature_operator", "group_blocks", "resolve_criterion"]
 

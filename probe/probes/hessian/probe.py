@@ -10,9 +10,10 @@ import numpy as np
 from probe.checks import check_int
 from probe.errors import UserError
 from probe.figures.hessian import hessian_across_training, hessian_blocks_figure, hessian_figure
-from probe.probes.registry import Probe, ProbeContext, StoredResult, register
+from probe.probes.hessian.result import HessianProbeResult
+from probe.probes.registry import Figure, Measure, Probe, ProbeContext, register, summary_number
 
-__all__ = ["HESSIAN_PROBE", "HessianParams", "HessianProbeResult", "compute"]
+__all__ = ["HESSIAN_PROBE", "HessianParams", "compute"]
 
 
 @dataclass(frozen=True)
@@ -54,55 +55,9 @@ class HessianParams:
         check_int("batch size", self.batch_size, 0, 10_000_000)
 
 
-class HessianProbeResult(StoredResult):
-    """The stored Hessian result: the summary the catalog and ``--json`` show (``lambda_max``,
-    ``top_eigenvalues``, ``trace``, ``blocks``, ``loss``, ``lr``, ...) and its arrays
-    (``eigenvalues``, ``smallest_eigenvalues``, ``eigenvectors`` (P, k) float32, ``residuals``,
-    ``density_grid`` / ``density``, ``density_nodes`` / ``density_weights`` (probes x steps))."""
-
-    @property
-    def eigenvalues(self) -> np.ndarray:
-        return np.asarray(self.array_data.get("eigenvalues", np.zeros(0)))
-
-    @property
-    def eigenvectors(self) -> np.ndarray | None:
-        v = self.array_data.get("eigenvectors")
-        return None if v is None else np.asarray(v)
-
-    def text(self) -> str:
-        from probe.text import format_table
-
-        r = self.data
-        lines = [f"{r['operator']} of the {r['criterion']} loss on {r['n']} {r.get('data', '')} samples "
-                 f"(loss {r['loss']:.5g}, P={r['n_params']}, BatchNorm {r['bn']}): {r['n_hvps']} products, "
-                 f"{r['wall_time_s']:.1f}s"]
-        if r.get("top_eigenvalues"):
-            lines.append("largest eigenvalues: " + ", ".join(f"{v:.5g}" for v in r["top_eigenvalues"]))
-        if r.get("smallest_eigenvalues"):
-            lines.append("smallest eigenvalues: " + ", ".join(f"{v:.5g}" for v in r["smallest_eigenvalues"]))
-        if r.get("lr"):
-            lines.append(f"2/lr = {2.0 / r['lr']:.5g} (edge of stability) at lr {r['lr']:.3g}")
-        tr = r.get("trace")
-        if tr:
-            lines.append(f"trace ({tr['method']}, {tr['n_matvecs']} products): {tr['estimate']:.5g} "
-                         f"+- {tr['stderr']:.2g}")
-        if r.get("density"):
-            d = r["density"]
-            lines.append(f"density: SLQ, {d['probes']} probes x {d['steps']} steps, support "
-                         f"[{d['support'][0]:.4g}, {d['support'][1]:.4g}]")
-        if r.get("blocks"):
-            lines.append("per block:")
-            lines.append("  " + format_table(r["blocks"], [
-                ("name", "block"), ("n_params", "params"), ("lambda_max", "lambda_max"),
-                ("lambda_min", "lambda_min"), ("trace_estimate", "trace"), ("trace_stderr", "+-")]
-            ).replace("\n", "\n  "))
-        lines += [f"note: {note}" for note in r.get("notes", [])]
-        return "\n".join(lines)
-
-
 def compute(ctx: ProbeContext, p: HessianParams) -> HessianProbeResult:
     """The curvature of the cross-entropy loss on the context's inputs and labels."""
-    from probe.probes.hessian import hessian_spectrum
+    from probe.probes.hessian.api import hessian_spectrum
 
     n = int(ctx.x.shape[0])
     res = hessian_spectrum(ctx.model, ctx.x, ctx.y, criterion="cross_entropy", operator=p.operator, k=p.k,
@@ -170,8 +125,14 @@ def compute(ctx: ProbeContext, p: HessianParams) -> HessianProbeResult:
 HESSIAN_PROBE = register(Probe(
     name="hessian", help="Hessian / Gauss-Newton spectrum: top-k, trace, density, per block",
     params=HessianParams, result=HessianProbeResult, compute=compute, figure=hessian_figure, default_n=200,
-    extra_figures=(("per-block curvature", hessian_blocks_figure),
-                   ("sharpness across training vs 2/lr", hessian_across_training)),
+    extra_figures=(Figure("per-block curvature", hessian_blocks_figure),
+                   Figure("sharpness across training vs 2/lr", hessian_across_training, series=True)),
+    quick=({"k": 2, "trace_matvecs": 20, "density": False}, 64), full=({"k": 5, "trace_matvecs": 100}, 200),
+    smoke={"k": 2, "trace_matvecs": 6, "density_probes": 1, "density_steps": 6}, order=30,
+    measures=(Measure("lambda_max", "Hessian l_max", "optimisation", summary_number("lambda_max"),
+                      "largest Hessian eigenvalue of the mean cross-entropy"),
+              Measure("hessian_trace", "Hessian trace", "optimisation", summary_number("trace", "estimate"),
+                      "Hutchinson estimate of the Hessian trace")),
     description="Curvature of the cross-entropy loss over n fixed, seeded probe samples (200 by default, as "
                 "PyHessian's example): the k largest (or smallest) eigenvalues and eigenvectors by block Lanczos "
                 "over Hessian-vector products (jvp over grad), the trace by Hutch++ or Hutchinson with a fixed "

@@ -25,20 +25,23 @@ linear maps (a Linear/Conv2d weight Jacobian is a sum over positions of outer pr
 back-propagated output gradient and the layer input; BatchNorm's affine Jacobian is a sum of
 ``g * x_hat``), contracted one layer at a time so the whole Jacobian is never stored.
 
-Layout: :mod:`.api` (the public functions), :mod:`.results` (kinds, methods, result types),
-:mod:`._plan` (measuring pass, memory and cost models), :mod:`._jacobian`, :mod:`._ntvp`,
-:mod:`._layerwise` (the kernel methods, assembled by :mod:`._blocks`), :mod:`._operators` (the
+Layout: :mod:`.api` (the public functions), :mod:`.result` (kinds, Lanczos operators, result types),
+:mod:`.probe` (``probe ntk``), :mod:`._methods` (the kernel methods' table: name -> planner,
+runner; :class:`NtkMethod` and the CLI choices come from it), :mod:`._plan` (measuring pass,
+memory and cost models), :mod:`._jacobian`, :mod:`._ntvp`, :mod:`._layerwise` (the kernel
+methods, assembled by :mod:`._blocks`), :mod:`._operators` (the
 two Lanczos operators); the per-layer closed forms live in :mod:`probe.autodiff`, the solver and
 spectrum statistics in :mod:`probe.linalg`.
 """
 from probe.probes.ntk.api import empirical_ntk, ntk_spectrum, ntk_topk_lanczos
 from probe.probes.ntk.operator import ntk_operator
-from probe.probes.ntk.results import (LanczosMethod, LanczosResult, NtkKind, NtkMethod, NtkResult,
-                                      SpectrumResult)
+from probe.probes.ntk._methods import KERNEL_METHODS, KernelMethod, NtkMethod
+from probe.probes.ntk.result import (LanczosMethod, LanczosResult, NtkKind, NtkResult, NTKProbeResult,
+                                     SpectrumResult)
 
-__all__ = ["NtkKind", "NtkMethod", "LanczosMethod", "NtkResult", "SpectrumResult", "LanczosResult",
-           "empirical_ntk", "ntk_spectrum", "ntk_topk_lanczos", "ntk_operator"]
+__all__ = ["NtkKind", "NtkMethod", "KernelMethod", "KERNEL_METHODS", "LanczosMethod", "NtkResult", "SpectrumResult",
+           "LanczosResult", "NTKProbeResult", "empirical_ntk", "ntk_spectrum", "ntk_topk_lanczos", "ntk_operator"]
 
-from probe.probes.ntk.probe import NTK_PROBE, NTKParams, NTKProbeResult  # noqa: E402  (registers `probe ntk`)
+from probe.probes.ntk.probe import NTK_PROBE, NTKParams, compute  # noqa: E402  (registers `probe ntk`)
 
-__all__ += ["NTK_PROBE", "NTKParams", "NTKProbeResult"]
+__all__ += ["NTK_PROBE", "NTKParams", "compute"]

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from probe.probes.ntk._plan import _Ctx
 from probe.probes.ntk._util import _ranges
-from probe.probes.ntk.results import NtkKind
+from probe.probes.ntk.result import NtkKind
 
 
 def _block_shape(kind: NtkKind, b1: int, b2: int, O: int) -> tuple[int, ...]:
@@ -55,3 +55,17 @@ def _schedule(c: _Ctx, K: Tensor, block: int, feats: Callable[[Tensor], Any],
             pbar.update(1)
         del f1
 
+
+def _symmetrize_(K: Tensor, block: int = 1024) -> None:
+    """K = (K + K^T) / 2 over the last two axes, in place, by blocks (no kernel-sized temporary)."""
+    n = K.shape[-1]
+    for i in range(0, n, block):
+        for j in range(i, n, block):
+            a = K[..., i:i + block, j:j + block]
+            if i == j:
+                a.copy_(0.5 * (a + a.transpose(-1, -2)))
+            else:
+                b = K[..., j:j + block, i:i + block]
+                m = 0.5 * (a + b.transpose(-1, -2))
+                a.copy_(m)
+                b.copy_(m.transpose(-1, -2))

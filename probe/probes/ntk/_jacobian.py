@@ -10,7 +10,7 @@ from torch import Tensor
 from probe.probes.ntk._blocks import _block_shape, _schedule
 from probe.probes.ntk._plan import _Ctx, _Plan
 from probe.probes.ntk._util import _SampleJacobian, _ranges
-from probe.probes.ntk.results import NtkKind
+from probe.probes.ntk.result import NtkKind
 
 
 def _run_jacobian(c: _Ctx, plan: _Plan, names: Sequence[str], K: Tensor, pbar) -> None:

@@ -13,7 +13,7 @@ from probe.autodiff.layers import grad_blocks_scratch_numel, per_sample_grad_blo
 from probe.probes.ntk._blocks import _block_shape, _put, _schedule
 from probe.probes.ntk._plan import _Ctx, _Plan
 from probe.probes.ntk._util import _ranges
-from probe.probes.ntk.results import NtkKind
+from probe.probes.ntk.result import NtkKind
 
 
 def _run_layerwise(c: _Ctx, plan: _Plan, K: Tensor, pbar) -> None:

@@ -8,7 +8,7 @@ from torch.func import vjp, vmap
 
 from probe.probes.ntk._plan import _Ctx, _Plan
 from probe.probes.ntk._util import _MODEL_ERRORS, _Pushforward, _ranges
-from probe.probes.ntk.results import NtkKind
+from probe.probes.ntk.result import NtkKind
 
 
 def _run_ntvp(c: _Ctx, plan: _Plan, K: Tensor, pbar) -> None:

@@ -24,7 +24,7 @@ from probe.autodiff import (LayerCall, StructuredLayer, conv_patches, input_leaf
                             record_forward)
 from probe.functional import FunctionalModel
 from probe.probes.ntk._util import _GRAM_ROW_BYTES, _Pushforward, _SampleJacobian, _ranges
-from probe.probes.ntk.results import NtkKind
+from probe.probes.ntk.result import NtkKind
 
 
 class _NtkOperator:
@@ -273,3 +273,25 @@ class _GramOperator:
             for o, c0, c1, s0, s1, R in self._blocks(self.x[lo:hi], recs, grads):
                 self._unit_view(w, o)[s0:s1].addmm_(R, P[:, c0:c1].T)
         return out
+
+
+class _ShardedGram:
+    """J^T J over all samples under ``torchrun`` when each rank holds the gram operator of its
+    contiguous part of them: a product is the ranks' parts summed by an all-reduce (every rank
+    then holds it and the Lanczos iterations go on in step), ``rows_times`` the ranks' rows
+    gathered in sample order."""
+
+    def __init__(self, local: _GramOperator, dist):
+        self.local, self.dist = local, dist
+        self.size, self.F, self.dtype, self.device = local.size, local.F, local.dtype, local.device
+
+    def __getattr__(self, name: str):           # sweeps, matvecs: this rank's operator's
+        return getattr(self.__dict__["local"], name)
+
+    def matmat(self, V: Tensor) -> Tensor:
+        rows = self.local.matmat(V).T           # (s, F), contiguous
+        return self.dist.all_reduce_(rows.contiguous()).T
+
+    def rows_times(self, V: Tensor) -> Tensor:
+        part = self.local.rows_times(V)
+        return torch.cat([p.to(part.device) for p in self.dist.all_gather(part.cpu())], dim=0)

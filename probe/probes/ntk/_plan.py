@@ -22,7 +22,7 @@ from probe.errors import UserError
 from probe.probes.ntk._util import (_BWD_FP, _GRAM_BLOCK, _GRAM_MAX_CHUNK, _JVP_FP, _LANCZOS_MAX_BLOCK,
                                     _NTVP_BLOCK,
                                     _VMAP_OVERHEAD, _mib, _ranges)
-from probe.probes.ntk.results import LanczosMethod, NtkKind, NtkMethod
+from probe.probes.ntk.result import LanczosMethod, NtkKind
 
 aten = torch.ops.aten
 
@@ -153,7 +153,7 @@ class _Ctx:
 
 @dataclass
 class _Plan:
-    method: NtkMethod
+    method: str                   # the name of the kernel method (:data:`._methods.KERNEL_METHODS`)
     feasible: bool
     reason: str = ""
     block: int = 1
@@ -189,7 +189,7 @@ def _plan_jacobian(c: _Ctx, names: Sequence[str], free: int, block_size: int | N
     nmax = max(c.n1, c.n2)
     per_eval = (1 + _BWD_FP * O) * c.fp * _VMAP_OVERHEAD
     contraction = 2.0 * c.n1 * c.n2 * c.q * P
-    plan = _Plan(NtkMethod.JACOBIAN, False, min_bytes=3 * O * max(sizes.values()) * it + s_t)
+    plan = _Plan("jacobian", False, min_bytes=3 * O * max(sizes.values()) * it + s_t)
 
     def finish(block, chunk, groups, peak):
         pairs, evals = _pair_count(c.n1, c.n2, block, c.sym)
@@ -246,7 +246,7 @@ def _plan_ntvp(c: _Ctx, free: int, block_size: int | None) -> _Plan:
     it, O, S, P = c.itemsize, c.O, c.stats.saved_numel, c.fm.n_params
     col = (P + 2 * S) * it                      # one column's parameter tangent + its VJP
     cell = (2 * S + O) * it                     # one (column, row sample) JVP working set
-    plan = _Plan(NtkMethod.NTVP, False, min_bytes=col + cell)
+    plan = _Plan("ntvp", False, min_bytes=col + cell)
     ncols = c.n2 * O
     rows = min(c.n1, int(block_size) if block_size else c.n1)
     # columns per chunk: a quarter of the budget for tangents, then rows fill the rest
@@ -307,7 +307,7 @@ def _plan_layerwise(c: _Ctx, layers: list[StructuredLayer], fallback: list[str],
 
     it, O, S = c.itemsize, c.O, c.stats.saved_numel
     full = c.kind == NtkKind.FULL
-    plan = _Plan(NtkMethod.LAYERWISE, False)
+    plan = _Plan("layerwise", False)
     if not layers:
         plan.reason = "no Linear/Conv2d/BatchNorm parameter is selected"
         return plan
@@ -485,7 +485,7 @@ def _plan_gram(c: _Ctx, layers: list[StructuredLayer], fallback: list[str], k: i
     output gradients per sample; ``chunk``: samples whose layer rows are formed at once)."""
     it, O, S, P = c.itemsize, c.O, c.stats.saved_numel, c.fm.n_params
     F = P * (O if c.kind == NtkKind.TRACE else 1)
-    plan = _Plan(NtkMethod.LAYERWISE, False)
+    plan = _Plan("layerwise", False)
     sum_out = sum(layer.out_numel for layer in layers)
     clones = sum(layer.out_numel for layer in layers if layer.inplace_out)
     unf = max([layer.unfold_numel for layer in layers] + [0])
@@ -530,3 +530,18 @@ def _fit_n(free: int, q: int, n2: int | None) -> int:
         return int(math.isqrt(free // (8 * q)))
     return int(free // (8 * q * n2))
 
+
+def _no_plan_error(c: _Ctx, plans: list[_Plan], sym: bool) -> UserError:
+    """Why no plan fits: each method's reason, and for the memory-bound ones the budget needed."""
+    why = "; ".join(f"{p.method}: {p.reason}" for p in plans)
+    sized = [p for p in plans if p.min_bytes > 0]
+    if not sized:
+        return UserError(f"no NTK method can run: {why}")
+    best = min(sized, key=lambda p: p.min_bytes)
+    fit = _fit_n(c.budget - best.min_bytes - c.fm.copied_bytes, c.q, None if sym else c.n2)
+    fits = (f"with this budget at most N={fit} samples fit" if fit >= 1 else
+            "with this budget not even one sample fits")
+    return UserError(f"no NTK method fits memory_budget_bytes={_mib(c.budget)} (kernel "
+                     f"{_mib(c.kernel_bytes)}): {why}. method={best.method!r} needs "
+                     f"memory_budget_bytes >= {_mib(best.min_bytes + c.kernel_bytes + c.fm.copied_bytes)} "
+                     f"for this N; {fits}")

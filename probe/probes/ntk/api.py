@@ -21,19 +21,16 @@ from probe.runtime.memory import MemoryMeter
 from probe.functional import (FunctionalModel, OutputSelector, ParamFilter, check_sample_independence,
                               couples_samples, eval_mode, fix_batch_statistics, functionalize)
 from probe.linalg import CallableOperator, SymmetricOperator, block_lanczos, dense_eigenvalues, spectrum_stats
-from probe.probes.ntk._blocks import _block_shape
-from probe.probes.ntk._jacobian import _run_jacobian
-from probe.probes.ntk._layerwise import _run_layerwise
-from probe.probes.ntk._ntvp import _run_ntvp
-from probe.probes.ntk._operators import _GramOperator, _NtkOperator
-from probe.probes.ntk._plan import (_checked_layers, _Ctx, _default_block, _fit_n, _measure, _Plan,
-                                    _plan_gram, _plan_jacobian, _plan_layerwise, _plan_ntvp)
+from probe.probes.ntk._blocks import _block_shape, _symmetrize_
+from probe.probes.ntk._methods import KernelMethod, NtkMethod, candidates, run_plan
+from probe.probes.ntk._operators import _GramOperator, _NtkOperator, _ShardedGram
+from probe.probes.ntk._plan import (_checked_layers, _Ctx, _default_block, _fit_n, _measure, _no_plan_error, _Plan,
+                                    _plan_gram)
 from probe.probes.ntk._util import (_LANCZOS_MAX_BLOCK, _MODEL_ERRORS, DEFAULT_MEMORY_BUDGET,
                                     _check_finite, _enum, _first_line, _has_batchnorm, _mib,
                                     _out_of_range, _overflow_error, _prepare_inputs, _progress,
                                     _promoted)
-from probe.probes.ntk.results import (LanczosMethod, LanczosResult, NtkKind, NtkMethod, NtkResult,
-                                      SpectrumResult)
+from probe.probes.ntk.result import LanczosMethod, LanczosResult, NtkKind, NtkResult, SpectrumResult
 
 __all__ = ["empirical_ntk", "ntk_spectrum", "ntk_topk_lanczos"]
 
@@ -147,21 +144,17 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
 
         good: list = []
         fallback: list[str] = []
-        if method in (NtkMethod.AUTO, NtkMethod.LAYERWISE):
+        wanted = candidates(method)
+        if any(m.structured for m in wanted):
             good, fallback, bad = _checked_layers(c, layers, free, notes)
             if bad:
                 notes.append(f"layerwise: {len(bad)} parameter tensor(s) failed the closed-form "
                              f"check and use the generic Jacobian path")
+        by_name = {m.name: m for m in wanted}
 
-        def make(m: NtkMethod, ctx: _Ctx, room: int) -> _Plan:
-            if m == NtkMethod.LAYERWISE:
-                return _plan_layerwise(ctx, good, fallback, room, block_size)
-            if m == NtkMethod.JACOBIAN:
-                return _plan_jacobian(ctx, list(fm.params), room, block_size)
-            return _plan_ntvp(ctx, room, block_size)
+        def make(m: KernelMethod, ctx: _Ctx, room: int) -> _Plan:
+            return m.plan(ctx, (good, fallback), room, block_size)
 
-        wanted = ([NtkMethod.LAYERWISE, NtkMethod.JACOBIAN, NtkMethod.NTVP]
-                  if method == NtkMethod.AUTO else [method])
         plans = [make(m, c, free) for m in wanted]
         feasible = [p for p in plans if p.feasible]
         if not feasible:
@@ -171,9 +164,9 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
         plan = None
         for cand in sorted(feasible, key=lambda p: p.cost):
             try:
-                cand = _calibrated(c, cand, free, lambda ctx, room, m=cand.method: make(m, ctx, room),
+                cand = _calibrated(c, cand, free, lambda ctx, room, m=by_name[cand.method]: make(m, ctx, room),
                                    notes)
-                _run_plan(c, cand, K, progress)
+                run_plan(c, cand, K, progress)
                 plan = cand
                 break
             except UserError:
@@ -183,11 +176,11 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
                     raise UserError(f"method={method.value!r} does not work on this model "
                                     f"({_first_line(exc)}); method='auto' tries the other methods"
                                     ) from None
-                failures.append(f"{cand.method.value} failed on this model ({_first_line(exc)})")
+                failures.append(f"{cand.method} failed on this model ({_first_line(exc)})")
                 K.zero_()
         notes.extend(f"{f}; the next method was tried" for f in failures)
         if plan is None:
-            skipped = [f"{p.method.value}: {p.reason}" for p in plans if not p.feasible]
+            skipped = [f"{p.method}: {p.reason}" for p in plans if not p.feasible]
             raise UserError("no NTK method works for this model: " + "; ".join(failures + skipped))
         if plan.fallback is not None:
             notes.append(f"layerwise: {len(fallback)} parameter tensor(s) outside "
@@ -200,7 +193,7 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
         _symmetrize_(K)
     kernel = K.cpu().numpy()
     bn_mode = "eval" if _has_batchnorm(model) else "none"
-    return NtkResult(kernel=kernel, kind=kind.value, method=plan.method.value, n1=c.n1, n2=c.n2,
+    return NtkResult(kernel=kernel, kind=kind.value, method=plan.method, n1=c.n1, n2=c.n2,
                      n_outputs=c.O, n_params=fm.n_params, dtype=str(fm.dtype).replace("torch.", ""),
                      wall_time_s=time.perf_counter() - t0,
                      peak_memory_bytes=int(max(plan.peak_bytes, c.check_bytes) + c.kernel_bytes
@@ -260,28 +253,6 @@ def _tiled(ddp, model: nn.Module, x1: Tensor, x2: Tensor | None, t0: float, *, k
                                notes=notes)
 
 
-class _ShardedGram:
-    """J^T J over all samples under ``torchrun`` when each rank holds the gram operator of its
-    contiguous part of them: a product is the ranks' parts summed by an all-reduce (every rank
-    then holds it and the Lanczos iterations go on in step), ``rows_times`` the ranks' rows
-    gathered in sample order."""
-
-    def __init__(self, local: _GramOperator, dist):
-        self.local, self.dist = local, dist
-        self.size, self.F, self.dtype, self.device = local.size, local.F, local.dtype, local.device
-
-    def __getattr__(self, name: str):           # sweeps, matvecs: this rank's operator's
-        return getattr(self.__dict__["local"], name)
-
-    def matmat(self, V: Tensor) -> Tensor:
-        rows = self.local.matmat(V).T           # (s, F), contiguous
-        return self.dist.all_reduce_(rows.contiguous()).T
-
-    def rows_times(self, V: Tensor) -> Tensor:
-        part = self.local.rows_times(V)
-        return torch.cat([p.to(part.device) for p in self.dist.all_gather(part.cpu())], dim=0)
-
-
 def _independent(fm: FunctionalModel, x: Tensor, notes: list[str]):
     """(fm with BatchNorm statistics fixed where it has none, its structured layers, the
     measuring pass's statistics); raises :class:`UserError` when the forward couples samples."""
@@ -292,38 +263,6 @@ def _independent(fm: FunctionalModel, x: Tensor, notes: list[str]):
     layers = _find_layers(fm)
     stats = _measure(fm, x[:1].clone(), layers)
     return fm, layers, stats
-
-
-def _no_plan_error(c: _Ctx, plans: list[_Plan], sym: bool) -> UserError:
-    """Why no plan fits: each method's reason, and for the memory-bound ones the budget needed."""
-    why = "; ".join(f"{p.method.value}: {p.reason}" for p in plans)
-    sized = [p for p in plans if p.min_bytes > 0]
-    if not sized:
-        return UserError(f"no NTK method can run: {why}")
-    best = min(sized, key=lambda p: p.min_bytes)
-    fit = _fit_n(c.budget - best.min_bytes - c.fm.copied_bytes, c.q, None if sym else c.n2)
-    fits = (f"with this budget at most N={fit} samples fit" if fit >= 1 else
-            "with this budget not even one sample fits")
-    return UserError(f"no NTK method fits memory_budget_bytes={_mib(c.budget)} (kernel "
-                     f"{_mib(c.kernel_bytes)}): {why}. method={best.method.value!r} needs "
-                     f"memory_budget_bytes >= {_mib(best.min_bytes + c.kernel_bytes + c.fm.copied_bytes)} "
-                     f"for this N; {fits}")
-
-
-def _run_plan(c: _Ctx, plan: _Plan, K: Tensor, progress) -> None:
-    """K += the kernel by ``plan`` (and its Jacobian fallback for the other parameters)."""
-    fm = c.fm
-    total = plan.n_blocks + (plan.fallback.n_blocks if plan.fallback else 0)
-    with _progress(total, f"ntk {c.kind.value} ({plan.method.value})", progress) as pbar:
-        if plan.method == NtkMethod.JACOBIAN:
-            _run_jacobian(c, plan, list(fm.params), K, pbar)
-        elif plan.method == NtkMethod.NTVP:
-            _run_ntvp(c, plan, K, pbar)
-        else:
-            _run_layerwise(c, plan, K, pbar)
-            if plan.fallback is not None:
-                covered = {m for lay in plan.layers for m in lay.names}
-                _run_jacobian(c, plan.fallback, [n for n in fm.params if n not in covered], K, pbar)
 
 
 def _calibrated(c: _Ctx, plan: _Plan, free: int, make, notes: list[str]) -> _Plan:
@@ -346,7 +285,7 @@ def _calibrated(c: _Ctx, plan: _Plan, free: int, make, notes: list[str]) -> _Pla
     Kt = torch.zeros(_block_shape(c.kind, m1, m1 if c.sym else m2, c.O), dtype=torch.float64,
                      device=c.fm.device)
     with MemoryMeter(c.fm.device) as meter:
-        _run_plan(small, trial, Kt, None)
+        run_plan(small, trial, Kt, None)
     del Kt
     measured, est = meter.peak_bytes, trial.peak_bytes + small.kernel_bytes
     if measured <= est + _TRIAL_SLACK:
@@ -356,25 +295,10 @@ def _calibrated(c: _Ctx, plan: _Plan, free: int, make, notes: list[str]) -> _Pla
     if not again.feasible:
         raise RuntimeError(f"its measured working set ({_mib(measured)} on {m1} samples, "
                            f"{ratio:.1f}x the estimate) does not fit memory_budget_bytes")
-    notes.append(f"{plan.method.value}: measured working set on {m1} samples {_mib(measured)}, "
+    notes.append(f"{plan.method}: measured working set on {m1} samples {_mib(measured)}, "
                  f"{ratio:.1f}x the estimate; blocks sized for it ({again.schedule})")
     again.peak_bytes = int(again.peak_bytes * ratio)
     return again
-
-
-def _symmetrize_(K: Tensor, block: int = 1024) -> None:
-    """K = (K + K^T) / 2 over the last two axes, in place, by blocks (no kernel-sized temporary)."""
-    n = K.shape[-1]
-    for i in range(0, n, block):
-        for j in range(i, n, block):
-            a = K[..., i:i + block, j:j + block]
-            if i == j:
-                a.copy_(0.5 * (a + a.transpose(-1, -2)))
-            else:
-                b = K[..., j:j + block, i:i + block]
-                m = 0.5 * (a + b.transpose(-1, -2))
-                a.copy_(m)
-                b.copy_(m.transpose(-1, -2))
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from probe.functional import (OutputSelector, ParamFilter, check_sample_independ
 from probe.linalg import SymmetricOperator
 from probe.probes.ntk._operators import _NtkOperator
 from probe.probes.ntk._util import _LANCZOS_MAX_BLOCK, _enum, _out_of_range
-from probe.probes.ntk.results import NtkKind
+from probe.probes.ntk.result import NtkKind
 
 __all__ = ["ntk_operator"]
 

@@ -3,14 +3,17 @@ with the probe framework (``probe ntk``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 
 from probe.checks import check_int, check_number
 from probe.figures.ntk import eigenlearning_figure, ntk_across_training, ntk_spectrum_figure
-from probe.probes.registry import Probe, ProbeContext, StoredResult, register
+from probe.probes.ntk._methods import KERNEL_METHODS
+from probe.probes.ntk.result import NTKProbeResult
+from probe.probes.registry import Figure, Measure, Probe, ProbeContext, register, summary_number
 
-__all__ = ["NTKParams", "NTKProbeResult", "compute"]
+__all__ = ["NTKParams", "compute"]
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,7 @@ class NTKParams:
         "choices": ("trace", "full", "diagonal")})
     method: str = field(default="auto", metadata={
         "help": "kernel method, or lanczos for matrix-free top-k eigenvalues",
-        "choices": ("auto", "jacobian", "ntvp", "layerwise", "lanczos")})
+        "choices": ("auto", *KERNEL_METHODS, "lanczos")})
     topk: int = field(default=10, metadata={"help": "eigenvalues to print / compute with lanczos"})
     lanczos_operator: str = field(default="auto", metadata={
         "help": "with method lanczos: gram (parameter space, one data pass per block) or ntvp (VJP/JVP "
@@ -43,41 +46,6 @@ class NTKParams:
         check_number("memory budget (GiB)", self.memory_gb, 1e-6, 1e6)
 
 
-class NTKProbeResult(StoredResult):
-    """The stored NTK result: the summary the catalog and ``--json`` show, and its arrays
-    (``labels``, ``eigenvalues``, ``kernel`` unless Lanczos, ``el_n`` / ``el_predicted`` /
-    ``el_measured`` with eigenlearning)."""
-
-    @property
-    def eigenvalues(self) -> np.ndarray:
-        return np.asarray(self.array_data["eigenvalues"])
-
-    def text(self) -> str:
-        from probe.text import format_table
-
-        r = self.data
-        wall = r.get("wall_time_s", r.get("lanczos", {}).get("wall_time_s", 0.0)) or 0.0
-        lines = [f"{r['kind']} NTK on {r['n']} {r.get('data', '')} samples, method {r['method']}, {wall:.1f}s"]
-        if "lanczos" in r:
-            lz = r["lanczos"]
-            lines.append(f"Lanczos operator {lz['method']}: {lz['n_matvecs']} vectors in {lz['n_passes']} passes "
-                         f"over the data, converged={lz['converged']}")
-        lines.append("top eigenvalues: " + ", ".join(f"{v:.4g}" for v in r["top_eigenvalues"]))
-        if "spectrum" in r:
-            s = r["spectrum"]
-            align = s["alignment"] if s["alignment"] is None else round(s["alignment"], 4)
-            lines.append(f"condition number {s['condition_number']:.4g}   effective rank "
-                         f"{s['effective_rank']:.4g}   kernel-target alignment {align}")
-        if "eigenlearning" in r:
-            lines.append("eigenlearning (kernel regression with this NTK, centred one-hot targets):")
-            lines.append("  " + format_table(r["eigenlearning"]["rows"], [
-                ("n", "n"), ("predicted_test_mse", "predicted test MSE"), ("measured_test_mse", "measured KRR"),
-                ("measured_test_mse_std", "+-"), ("predicted_learnability", "pred. learnability"),
-                ("measured_learnability", "meas. learnability")]).replace("\n", "\n  "))
-        lines += [f"note: {note}" for note in r.get("notes", [])]
-        return "\n".join(lines)
-
-
 def _eigenlearning(K: np.ndarray, y: np.ndarray, num_classes: int, ns: list[int], trials: int, seed: int) -> dict:
     from probe.eigenlearning import kernel_regression_mse, predict_from_kernel
 
@@ -96,7 +64,7 @@ def _eigenlearning(K: np.ndarray, y: np.ndarray, num_classes: int, ns: list[int]
 
 def compute(ctx: ProbeContext, p: NTKParams) -> NTKProbeResult:
     """Kernel (or Lanczos top-k) on the context's inputs, its spectrum and eigenlearning."""
-    from probe.probes.ntk import empirical_ntk, ntk_spectrum, ntk_topk_lanczos
+    from probe.probes.ntk.api import empirical_ntk, ntk_spectrum, ntk_topk_lanczos
 
     x, y, n = ctx.x, ctx.y, int(ctx.x.shape[0])
     budget = int(p.memory_gb * 2 ** 30)
@@ -134,11 +102,30 @@ def compute(ctx: ProbeContext, p: NTKParams) -> NTKProbeResult:
     return NTKProbeResult(summary, arrays)
 
 
+
+def _last_eigenlearning(key: str) -> Callable[[dict, Any], float | None]:
+    """A headline getter: ``key`` of the last (largest n) eigenlearning row."""
+    def get(summary: dict, result: Any) -> float | None:
+        rows = (summary.get("eigenlearning") or {}).get("rows") or []
+        v = rows[-1].get(key) if rows else None
+        return float(v) if isinstance(v, (int, float)) else None
+    return get
+
+
 NTK_PROBE = register(Probe(
     name="ntk", help="empirical NTK spectrum and eigenlearning predictions", params=NTKParams,
     result=NTKProbeResult, compute=compute, figure=ntk_spectrum_figure, default_n=128,
-    extra_figures=(("condition number and effective rank across training", ntk_across_training),
-                   ("eigenlearning: predicted vs measured", eigenlearning_figure)),
+    extra_figures=(Figure("condition number and effective rank across training", ntk_across_training, series=True),
+                   Figure("eigenlearning: predicted vs measured", eigenlearning_figure)),
+    quick=({"trials": 4}, 32), full=({"trials": 10}, 128), smoke={"trials": 2}, order=50,
+    measures=(Measure("ntk_cond", "NTK cond", "generalisation", summary_number("spectrum", "condition_number"),
+                      "condition number of the trace NTK on the probe inputs"),
+              Measure("ntk_eff_rank", "NTK eff. rank", "generalisation", summary_number("spectrum", "effective_rank"),
+                      "effective rank (exp of the spectral entropy) of the trace NTK"),
+              Measure("el_pred_mse", "EL pred. MSE", "generalisation", _last_eigenlearning("predicted_test_mse"),
+                      "eigenlearning prediction of kernel regression's test MSE with the model's NTK"),
+              Measure("el_meas_mse", "KRR meas. MSE", "generalisation", _last_eigenlearning("measured_test_mse"),
+                      "measured test MSE of kernel regression with the same kernel")),
     description="Empirical neural tangent kernel of the target on n probe inputs: its spectrum (float64), "
                 "condition number, effective rank, kernel-target alignment, and eigenlearning predictions of "
                 "kernel regression checked against kernel regression with the same kernel."))

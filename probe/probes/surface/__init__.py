@@ -10,7 +10,7 @@ normalisation, biases and normalisation parameters zeroed by default), :func:`pc
 (the trajectory of a run's checkpoints), :func:`towards_direction` (to another point), or any
 vectors (e.g. Hessian eigenvectors). :func:`loss_surface` evaluates the grid (:mod:`._evaluate`:
 chunks of points by ``vmap`` over ``functional_call`` or a loop, each chunk saved so that a grid
-resumes) and returns a :class:`SurfaceResult` with its diagnostics: the centre loss, direction
+resumes) and returns a :class:`SurfaceResult` (:mod:`.result`) with its diagnostics: the centre loss, direction
 norms and cosine, the loss scale.
 
     >>> d = random_directions(model, 2)                     # filter-normalised, seed 123
@@ -21,11 +21,13 @@ from probe.probes.surface._directions import (NORMS, Directions, excluded_names,
                                               pca_directions, random_directions, towards_direction)
 from probe.probes.surface._evaluate import Plan
 from probe.probes.surface._grid import Grid, parse_grid
-from probe.probes.surface.api import SurfaceResult, as_directions, loss_surface
+from probe.probes.surface.api import as_directions, loss_surface
+from probe.probes.surface.result import SurfaceProbeResult, SurfaceResult, mean_rise
 
 __all__ = ["loss_surface", "SurfaceResult", "Directions", "as_directions", "random_directions", "pca_directions",
-           "towards_direction", "normalize_direction", "excluded_names", "parse_grid", "Grid", "Plan", "NORMS"]
+           "towards_direction", "normalize_direction", "excluded_names", "parse_grid", "Grid", "Plan", "NORMS",
+           "SurfaceProbeResult", "mean_rise"]
 
-from probe.probes.surface.probe import SURFACE_PROBE, SurfaceParams, SurfaceProbeResult  # noqa: E402  (registers `probe surface`)
+from probe.probes.surface.probe import SURFACE_PROBE, SurfaceParams, compute  # noqa: E402  (registers `probe surface`)
 
-__all__ += ["SURFACE_PROBE", "SurfaceParams", "SurfaceProbeResult"]
+__all__ += ["SURFACE_PROBE", "SurfaceParams", "compute"]

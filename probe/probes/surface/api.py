@@ -1,5 +1,6 @@
 """The public function of the surface probe: :func:`loss_surface`, the loss and accuracy of a model
-over a 1D or 2D grid in weight space, theta(a, b) = theta0 + a d1 + b d2, and its result.
+over a 1D or 2D grid in weight space, theta(a, b) = theta0 + a d1 + b d2 (its result:
+:class:`~probe.probes.surface.result.SurfaceResult`).
 
 Cost: one forward pass over the n fixed samples per grid point (twice that with
 ``bn="recalibrate"``); Li et al.'s default 51 x 51 grid is 2601 passes. The subset lives on the
@@ -12,7 +13,7 @@ the evaluation plan (chunk size, vmap or loop, samples per pass) is saved first 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -26,111 +27,12 @@ from probe.functional import couples_samples, flatten_params, functionalize
 from probe.probes.surface._directions import Directions, flat_params
 from probe.probes.surface._evaluate import LOOP_CHUNK, Plan, centre_point, evaluate_points, plan_evaluation
 from probe.probes.surface._grid import Grid, parse_grid
+from probe.probes.surface.result import SurfaceResult
 
-__all__ = ["loss_surface", "SurfaceResult", "as_directions", "mean_rise"]
+__all__ = ["loss_surface", "as_directions"]
 
 _BN_MODES = ("eval", "recalibrate")
 _VECTORIZE = ("auto", "vmap", "loop")
-
-
-@dataclass(frozen=True, eq=False)
-class SurfaceResult:
-    """A loss surface and its diagnostics.
-
-    ``alpha`` (n_a,) / ``beta`` (n_b,) the grid coordinates (``beta`` None in 1D); ``loss`` and
-    ``accuracy`` float64, (n_a, n_b) with ``loss[i, j]`` at (alpha[i], beta[j]) or (n_a,) in 1D,
-    NaN where the loss is not finite; ``centre_loss`` / ``centre_accuracy`` of the model as it is
-    (its own parameters and buffers: the model's loss on the subset); ``grid_centre_loss`` the
-    grid's value at (0, 0) when the grid has that point; ``direction_norms`` the L2 norms of the
-    directions, ``relative_norms`` over |theta0|, ``cosine`` between the two directions (None in
-    1D); ``directions`` the kind and facts of the directions (:class:`Directions.info`);
-    ``trajectory`` (E, dims) / ``trajectory_epochs`` (E,) for pca; ``plan`` how it was evaluated;
-    ``resumed_chunks`` chunks taken from an interrupted attempt; ``notes``.
-    """
-
-    kind: str
-    alpha: np.ndarray
-    beta: np.ndarray | None
-    loss: np.ndarray
-    accuracy: np.ndarray
-    centre_loss: float
-    centre_accuracy: float
-    grid_centre_loss: float | None
-    direction_norms: tuple[float, ...]
-    relative_norms: tuple[float, ...]
-    cosine: float | None
-    directions: dict
-    n_samples: int
-    n_params: int
-    bn: str
-    dtype: str
-    plan: Plan
-    n_chunks: int
-    resumed_chunks: int
-    wall_time_s: float
-    trajectory: np.ndarray | None = None
-    trajectory_epochs: np.ndarray | None = None
-    notes: tuple[str, ...] = field(default=())
-
-    @property
-    def dims(self) -> int:
-        return 1 if self.beta is None else 2
-
-    def loss_scale(self) -> dict[str, Any]:
-        """min / max / median of the finite losses, the finite fraction, and where the minimum is."""
-        finite = np.isfinite(self.loss)
-        out: dict[str, Any] = {"finite_fraction": float(finite.mean()), "min": None, "max": None,
-                               "median": None, "argmin": None}
-        if finite.any():
-            vals = self.loss[finite]
-            idx = np.unravel_index(int(np.nanargmin(self.loss)), self.loss.shape)
-            coords = [float(self.alpha[idx[0]])] + ([float(self.beta[idx[1]])] if self.beta is not None else [])
-            out.update(min=float(vals.min()), max=float(vals.max()), median=float(np.median(vals)), argmin=coords)
-        return out
-
-    def mean_rise(self, radius: float = 0.5) -> float | None:
-        """:func:`mean_rise` of this surface."""
-        return mean_rise(self.alpha, self.beta, self.loss, self.centre_loss, radius)
-
-    def summary(self) -> dict[str, Any]:
-        """JSON-able numbers (no NaN): the catalog row."""
-        acc = self.accuracy[np.isfinite(self.accuracy)]
-        grid = {"alpha": [float(self.alpha[0]), float(self.alpha[-1]), int(self.alpha.size)]}
-        if self.beta is not None:
-            grid["beta"] = [float(self.beta[0]), float(self.beta[-1]), int(self.beta.size)]
-        out = {"directions": self.kind, "dims": self.dims, "grid": grid, "n_points": int(self.loss.size),
-                "centre_loss": self.centre_loss, "centre_accuracy": self.centre_accuracy,
-                "grid_centre_loss": self.grid_centre_loss,
-                "direction_norms": list(self.direction_norms), "relative_norms": list(self.relative_norms),
-                "cosine": self.cosine, "direction_info": dict(self.directions), "loss_scale": self.loss_scale(),
-                "accuracy_max": float(acc.max()) if acc.size else None, "n_samples": self.n_samples,
-                "n_params": self.n_params, "bn": self.bn, "dtype": self.dtype,
-                "vectorize": "vmap" if self.plan.vmap else "loop", "chunk_points": self.plan.chunk,
-                "vmap_batch": self.plan.vmap_batch, "sample_batch": self.plan.sample_batch,
-                "n_chunks": self.n_chunks, "resumed_chunks": self.resumed_chunks,
-                "wall_time_s": self.wall_time_s, "notes": list(self.notes)}
-        return _finite_or_none(out)
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        out = {"alpha": self.alpha, "loss": self.loss, "accuracy": self.accuracy}
-        if self.beta is not None:
-            out["beta"] = self.beta
-        if self.trajectory is not None:
-            out["trajectory"] = np.asarray(self.trajectory, dtype=np.float64)
-            out["trajectory_epochs"] = np.asarray(self.trajectory_epochs, dtype=np.int64)
-        return out
-
-
-def mean_rise(alpha, beta, loss, centre_loss: float, radius: float = 0.5) -> float | None:
-    """The mean loss over the grid points with every coordinate within ``radius`` of the centre,
-    minus the centre loss: one sharpness number per surface (None when no finite point lies
-    there). ``beta`` None for a 1D surface."""
-    loss = np.asarray(loss, dtype=np.float64)
-    coords = np.meshgrid(alpha, beta, indexing="ij") if beta is not None else [np.asarray(alpha)]
-    inside = np.isfinite(loss)
-    for c in coords:
-        inside &= np.abs(c) <= radius
-    return float(loss[inside].mean() - centre_loss) if inside.any() and centre_loss is not None else None
 
 
 def as_directions(directions, n_params: int) -> Directions:
@@ -296,17 +198,6 @@ def _try_vmap(fm, theta0, D, x, y, plan: Plan, vectorize: str, chunk: int, notes
                             f"vectorize loop or auto") from None
         notes.append(f"vmap failed on this model ({type(exc).__name__}: {why}): grid points evaluated one by one")
         return replace(plan, vmap=False, vmap_batch=1, chunk=chunk or LOOP_CHUNK)
-
-
-def _finite_or_none(obj):
-    """``obj`` with every non-finite float replaced by None (the catalog holds strict JSON)."""
-    if isinstance(obj, float):
-        return obj if np.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_none(v) for v in obj]
-    return obj
 
 
 def _fits(arrays: dict, lo: int, hi: int) -> bool:

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from probe.checks import check_int, check_number
 from probe.errors import UserError
 from probe.figures.surface import surface_3d, surface_curves, surface_figure, surface_trajectory
-from probe.probes.registry import Probe, ProbeContext, StoredResult, register
+from probe.probes.registry import Figure, Measure, Probe, ProbeContext, register
 from probe.probes.surface._directions import NORMS
 from probe.probes.surface._grid import parse_grid
-from probe.probes.surface.api import mean_rise
+from probe.probes.surface.result import SurfaceProbeResult
 
-__all__ = ["SURFACE_PROBE", "SurfaceParams", "SurfaceProbeResult", "compute"]
+__all__ = ["SURFACE_PROBE", "SurfaceParams", "compute"]
 
 DIRECTIONS = ("random", "hessian", "pca", "towards")
 
@@ -70,66 +68,6 @@ class SurfaceParams:
             raise UserError("BatchNorm re-estimation (bn recalibrate) runs point by point; use vectorize auto or loop")
 
 
-class SurfaceProbeResult(StoredResult):
-    """The stored surface: the summary the catalog and ``--json`` show (``centre_loss``,
-    ``direction_norms``, ``cosine``, ``loss_scale``, ``directions``, ``grid``, ...) and its arrays
-    (``alpha`` (n_a,), ``beta`` (n_b,) in 2D, ``loss`` / ``accuracy`` (n_a, n_b) or (n_a,) with
-    ``loss[i, j]`` at (alpha[i], beta[j]) and NaN where not finite, ``trajectory`` (E, dims) and
-    ``trajectory_epochs`` (E,) for pca)."""
-
-    @property
-    def alpha(self) -> np.ndarray:
-        return np.asarray(self.array_data["alpha"])
-
-    @property
-    def beta(self) -> np.ndarray | None:
-        b = self.array_data.get("beta")
-        return None if b is None else np.asarray(b)
-
-    @property
-    def loss(self) -> np.ndarray:
-        return np.asarray(self.array_data["loss"])
-
-    @property
-    def accuracy(self) -> np.ndarray:
-        return np.asarray(self.array_data["accuracy"])
-
-    @property
-    def trajectory(self) -> np.ndarray | None:
-        t = self.array_data.get("trajectory")
-        return None if t is None else np.asarray(t)
-
-    def mean_rise(self, radius: float = 0.5) -> float | None:
-        """The mean loss rise within ``radius`` of the centre (:func:`~probe.probes.surface.api.mean_rise`)."""
-        return mean_rise(self.alpha, self.beta, self.loss, self.data.get("centre_loss"), radius)
-
-    def text(self) -> str:
-        r = self.data
-        g = r["grid"]
-        shape = "x".join(str(a[2]) for a in (g["alpha"], g.get("beta")) if a)
-        info = r.get("direction_info") or {}
-        how = f", {info['norm']}-normalised" if r["directions"] == "random" else ""
-        lines = [f"{r['directions']} directions{how}, {r['dims']}D grid {shape} on {r['n_samples']} "
-                 f"{r.get('data', '')} samples (P={r['n_params']}, BatchNorm {r['bn']}, {r['dtype']})"]
-        acc = r.get("centre_accuracy")
-        lines.append(f"centre loss {_f(r.get('centre_loss'))} (accuracy {_f(acc)})"
-                     + (f"; grid centre {_f(r['grid_centre_loss'])}" if r.get("grid_centre_loss") is not None else ""))
-        sc = r["loss_scale"]
-        lines.append(f"loss over the grid: min {_f(sc['min'])} at {sc['argmin']}, max {_f(sc['max'])}, "
-                     f"finite at {100 * sc['finite_fraction']:.1f}% of {r['n_points']} points")
-        norms = ", ".join(f"|d{i + 1}| {_f(v)} ({_f(rv)} of |theta|)"
-                          for i, (v, rv) in enumerate(zip(r["direction_norms"], r["relative_norms"])))
-        lines.append(f"directions: {norms}" + (f", cosine {r['cosine']:.3g}" if r.get("cosine") is not None else ""))
-        lines.append(f"evaluated by {r['vectorize']} in {r['n_chunks']} chunks of {r['chunk_points']} points "
-                     f"({r['resumed_chunks']} resumed), {r['wall_time_s']:.1f}s")
-        lines += [f"note: {note}" for note in r.get("notes", [])]
-        return "\n".join(lines)
-
-
-def _f(v) -> str:
-    return "n/a" if v is None else f"{v:.5g}"
-
-
 def compute(ctx: ProbeContext, p: SurfaceParams) -> SurfaceProbeResult:
     """The loss surface of the cross-entropy on the context's inputs and labels."""
     from probe.probes.surface._sources import directions_for
@@ -144,11 +82,19 @@ def compute(ctx: ProbeContext, p: SurfaceParams) -> SurfaceProbeResult:
     return SurfaceProbeResult(summary, res.arrays())
 
 
+
+def _rise(summary: dict, result: SurfaceProbeResult) -> float | None:
+    return result.mean_rise(0.5)
+
+
 SURFACE_PROBE = register(Probe(
     name="surface", help="loss and accuracy over 1D / 2D weight-space directions (random, hessian, pca, towards)",
     params=SurfaceParams, result=SurfaceProbeResult, compute=compute, figure=surface_figure, default_n=256,
-    extra_figures=(("3D surface", surface_3d), ("1D curves", surface_curves),
-                   ("training trajectory (pca)", surface_trajectory)),
+    extra_figures=(Figure("3D surface", surface_3d), Figure("1D curves", surface_curves),
+                   Figure("training trajectory (pca)", surface_trajectory)),
+    quick=({"grid": "-1:1:9"}, 128), full=({"grid": "-1:1:21"}, 256), smoke={"grid": "-1:1:3"}, order=40,
+    measures=(Measure("surface_rise", "surface rise", "optimisation", _rise,
+                      "mean loss rise over the |a|, |b| <= 0.5 square of a filter-normalised random plane"),),
     description="Loss and top-1 accuracy of the cross-entropy over a grid theta0 + a d1 + b d2 in weight space, on "
                 "n fixed, seeded probe samples (256 by default) kept on the device. Li et al.'s defaults: grid "
                 "-1:1:51 on both axes, Gaussian directions normalised filter by filter against the weights, biases "

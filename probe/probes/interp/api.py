@@ -68,66 +68,26 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, Mapping
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from probe.checks import check_choice, check_int, check_number
+from probe.checks import check_int, check_number
 from probe.errors import UserError
-from probe.figures.interp import (interp_across_training, interp_degree_figure, interp_paths_figure,
-                                  interp_planes_figure)
 from probe.functional import FunctionalModel, OutputSelector, check_sample_independence, fix_batch_statistics
-from probe.probes.registry import Probe, ProbeContext, Progress, register
+from probe.probes.interp.result import InterpResult
+from probe.probes.registry import Progress
 
-__all__ = ["InterpParams", "InterpResult", "interpolation_paths", "compute", "GROUPS"]
-
-#: Summary groups of paths.
-GROUPS = ("same_class", "different_class", "all")
+__all__ = ["interpolation_paths", "check_options"]
 
 _MAX_PAIRS = 1_000_000
 _MAX_STEPS = 10_000
 
 
-# --- parameters ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InterpParams:
-    """Options of ``probe interp``."""
-
-    pairs: int = field(default=64, metadata={
-        "help": "mixup paths between pairs of samples (same-class and different-class together)"})
-    same_class_fraction: float = field(default=0.5, metadata={
-        "help": "fraction of the pairs whose two samples share their label (the rest differ)"})
-    steps: int = field(default=33, metadata={"help": "points t along each path, both ends included"})
-    degree_tol: float = field(default=0.01, metadata={
-        "help": "a degree fits when it leaves at most this fraction of the path's logit variation "
-                "unexplained (relative least-squares residual)"})
-    max_degree: int = field(default=12, metadata={
-        "help": "highest polynomial degree tried (at most steps - 2); paths above it count as max_degree + 1"})
-    triples: int = field(default=3, metadata={
-        "help": "planes through three samples (decision regions); 0: none"})
-    plane_resolution: int = field(default=41, metadata={"help": "grid points per axis of each plane"})
-    plane_margin: float = field(default=0.25, metadata={
-        "help": "each plane axis spans [-margin, 1 + margin] in the frame of the three samples"})
-    batch_size: int = field(default=512, metadata={
-        "help": "inputs per forward pass (path and grid points of many pairs together)"})
-    dtype: str = field(default="float32", metadata={
-        "help": "dtype of the forward passes", "choices": ("float32", "float64")})
-
-    def __post_init__(self):
-        _check_options(pairs=self.pairs, same_class_fraction=self.same_class_fraction, steps=self.steps,
-                       degree_tol=self.degree_tol, max_degree=self.max_degree, triples=self.triples,
-                       plane_resolution=self.plane_resolution, plane_margin=self.plane_margin,
-                       batch_size=self.batch_size)
-        check_choice("dtype", self.dtype, ("float32", "float64"))
-
-
-def _check_options(*, pairs, same_class_fraction, steps, degree_tol, max_degree, triples, plane_resolution,
-                   plane_margin, batch_size) -> None:
+def check_options(*, pairs, same_class_fraction, steps, degree_tol, max_degree, triples, plane_resolution,
+                  plane_margin, batch_size) -> None:
+    """Raise :class:`UserError` on a bad option of :func:`interpolation_paths` (the messages name the option)."""
     check_int("pairs", pairs, 1, _MAX_PAIRS)
     check_number("same_class_fraction", same_class_fraction, 0.0, 1.0)
     check_int("steps", steps, 2, _MAX_STEPS)
@@ -358,9 +318,9 @@ def interpolation_paths(model: nn.Module, x: Tensor, y: Tensor, *, pairs: int = 
     model's classes, outputs that are not ``(M, C)`` logits or are not finite.
     """
     t0 = time.perf_counter()
-    _check_options(pairs=pairs, same_class_fraction=same_class_fraction, steps=steps, degree_tol=degree_tol,
-                   max_degree=max_degree, triples=triples, plane_resolution=plane_resolution,
-                   plane_margin=plane_margin, batch_size=batch_size)
+    check_options(pairs=pairs, same_class_fraction=same_class_fraction, steps=steps, degree_tol=degree_tol,
+                  max_degree=max_degree, triples=triples, plane_resolution=plane_resolution,
+                  plane_margin=plane_margin, batch_size=batch_size)
     if not isinstance(model, nn.Module):
         raise UserError(f"expected a torch.nn.Module, got {type(model).__name__}")
     x, y = torch.as_tensor(x), torch.as_tensor(y)
@@ -485,224 +445,3 @@ def interpolation_paths(model: nn.Module, x: Tensor, y: Tensor, *, pairs: int = 
         same_class_fraction=float(same_class_fraction), plane_margin=float(plane_margin), seed=int(seed),
         dtype=str(dt).replace("torch.", ""), wall_time_s=time.perf_counter() - t0, notes=tuple(notes))
 
-
-# --- the result ---------------------------------------------------------------------------------
-
-_ARRAY_FIELDS = ("t", "pair_index", "pair_same", "pair_labels", "logits", "probs", "pred", "ce_a", "ce_b", "loss",
-                 "barrier", "deviation", "gap", "deviation_max", "deviation_mean", "fit_error", "degree", "changes",
-                 "required", "plane_index", "plane_labels", "plane_u", "plane_v", "plane_pred", "plane_maxprob",
-                 "plane_frame")
-_SCALARS = {"n_samples": int, "num_classes": int, "degree_tol": float, "max_degree": int,
-            "same_class_fraction": float, "plane_margin": float, "seed": int, "dtype": str, "wall_time_s": float}
-
-
-def _num(v: float) -> float | None:
-    v = float(v)
-    return v if math.isfinite(v) else None
-
-
-def _nanstat(fn, v: np.ndarray) -> float | None:
-    v = np.asarray(v, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    return _num(fn(v)) if v.size else None
-
-
-@dataclass(frozen=True, eq=False)
-class InterpResult:
-    """Paths (P pairs x T points, C classes) and planes (K triples, R x R grid); see the module
-    docstring for every definition.
-
-    Paths: ``t`` (T,); ``pair_index`` / ``pair_labels`` (P, 2) int64 (samples a, b), ``pair_same``
-    (P,) bool; ``logits`` / ``probs`` (P, T, C) in the compute dtype; ``pred`` (P, T) int64;
-    ``ce_a`` / ``ce_b`` / ``loss`` (mixup) / ``deviation`` (P, T) float64; per path ``gap``
-    (``||f(x_b) - f(x_a)||``), ``barrier``, ``deviation_max``, ``deviation_mean`` (P,) float64,
-    ``fit_error`` (P, max_degree + 1) float64, ``degree``, ``changes``, ``required`` (P,) int64.
-    Planes: ``plane_index`` / ``plane_labels`` (K, 3) int64; ``plane_u`` / ``plane_v`` (R,);
-    ``plane_pred`` (K, R, R) int64 and ``plane_maxprob`` (K, R, R) float64 indexed [triple, v, u];
-    ``plane_frame`` (K, 3): ``||x_b - x_a||``, ``||x_c - x_a||`` and the cosine between the edges.
-    Equality compares every array (NaN equal to NaN) and every scalar but the wall time.
-    """
-
-    t: np.ndarray
-    pair_index: np.ndarray
-    pair_same: np.ndarray
-    pair_labels: np.ndarray
-    logits: np.ndarray
-    probs: np.ndarray
-    pred: np.ndarray
-    ce_a: np.ndarray
-    ce_b: np.ndarray
-    loss: np.ndarray
-    barrier: np.ndarray
-    deviation: np.ndarray
-    gap: np.ndarray
-    deviation_max: np.ndarray
-    deviation_mean: np.ndarray
-    fit_error: np.ndarray
-    degree: np.ndarray
-    changes: np.ndarray
-    required: np.ndarray
-    plane_index: np.ndarray
-    plane_labels: np.ndarray
-    plane_u: np.ndarray
-    plane_v: np.ndarray
-    plane_pred: np.ndarray
-    plane_maxprob: np.ndarray
-    plane_frame: np.ndarray
-    n_samples: int
-    num_classes: int
-    degree_tol: float
-    max_degree: int
-    same_class_fraction: float
-    plane_margin: float
-    seed: int
-    dtype: str
-    wall_time_s: float = 0.0
-    notes: tuple[str, ...] = ()
-
-    # -- derived -------------------------------------------------------------------------------
-
-    @property
-    def n_pairs(self) -> int:
-        return int(len(self.pair_index))
-
-    @property
-    def steps(self) -> int:
-        return int(len(self.t))
-
-    @property
-    def extra_change(self) -> np.ndarray:
-        """(P,) bool: more predicted-class changes along the path than its ends require."""
-        return np.asarray(self.changes) > np.asarray(self.required)
-
-    @property
-    def above(self) -> np.ndarray:
-        """(P,) bool: no degree up to ``max_degree`` fits within ``degree_tol``."""
-        return np.asarray(self.degree) > self.max_degree
-
-    def group_mask(self, group: str) -> np.ndarray:
-        check_choice("group", group, GROUPS)
-        same = np.asarray(self.pair_same, dtype=bool)
-        return same if group == "same_class" else ~same if group == "different_class" else np.ones_like(same)
-
-    def group(self, group: str) -> dict:
-        """Summary numbers of one group of paths (``same_class``, ``different_class``, ``all``);
-        ``None`` where the group is empty (or every path in it is degenerate)."""
-        m = self.group_mask(group)
-        dmax, dmean = self.deviation_max[m], self.deviation_mean[m]
-        deg = self.degree[m].astype(np.float64)
-        ends_ok = np.concatenate([self.pred[m, 0] == self.pair_labels[m, 0], self.pred[m, -1] == self.pair_labels[m, 1]])
-        cnt = int(m.sum())
-        return {"n": cnt, "degenerate": int((~np.isfinite(dmax)).sum()),
-                "deviation_max_mean": _nanstat(np.mean, dmax), "deviation_max_median": _nanstat(np.median, dmax),
-                "deviation_mean_mean": _nanstat(np.mean, dmean), "deviation_mean_median": _nanstat(np.median, dmean),
-                "degree_mean": _nanstat(np.mean, deg), "degree_median": _nanstat(np.median, deg),
-                "above_fraction": _nanstat(np.mean, self.above[m].astype(np.float64)),
-                "extra_change_fraction": _nanstat(np.mean, self.extra_change[m].astype(np.float64)),
-                "changes_mean": _nanstat(np.mean, self.changes[m].astype(np.float64)),
-                "barrier_mean": _nanstat(np.mean, self.barrier[m]),
-                "barrier_median": _nanstat(np.median, self.barrier[m]),
-                "loss_mean": _nanstat(np.mean, self.loss[m]),
-                "end_accuracy": _nanstat(np.mean, ends_ok.astype(np.float64))}
-
-    # -- the probe contract ---------------------------------------------------------------------
-
-    def summary(self) -> dict:
-        """JSON-able: the settings, one dict of numbers per group (see :meth:`group`) and notes."""
-        out: dict[str, Any] = {k: getattr(self, k) for k in _SCALARS}
-        same = int(np.asarray(self.pair_same, dtype=bool).sum())
-        out.update({"pairs": self.n_pairs, "n_same": same, "n_different": self.n_pairs - same, "steps": self.steps,
-                    "triples": int(len(self.plane_index)), "plane_resolution": int(len(self.plane_u))})
-        for g in GROUPS:
-            out[g] = self.group(g)
-        out["notes"] = list(self.notes)
-        return out
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {k: np.asarray(getattr(self, k)) for k in _ARRAY_FIELDS}
-
-    @classmethod
-    def from_store(cls, summary: Mapping, arrays: Mapping) -> "InterpResult":
-        """The inverse of :meth:`summary` / :meth:`arrays`."""
-        kw = {k: np.asarray(arrays[k]) for k in _ARRAY_FIELDS}
-        kw.update({k: conv(summary[k]) for k, conv in _SCALARS.items()})
-        return cls(**kw, notes=tuple(str(s) for s in summary.get("notes") or ()))
-
-    def differences(self, other: Any) -> list[str]:
-        """Names of the fields in which ``other`` differs (empty when equal; wall time ignored)."""
-        if not isinstance(other, InterpResult):
-            return ["type"]
-        out = []
-        for k in _ARRAY_FIELDS:
-            a, b = np.asarray(getattr(self, k)), np.asarray(getattr(other, k))
-            if a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(
-                    a, b, equal_nan=a.dtype.kind in "fc"):
-                out.append(k)
-        out += [k for k in (*_SCALARS, "notes") if k != "wall_time_s" and getattr(self, k) != getattr(other, k)]
-        return out
-
-    def __eq__(self, other: Any) -> bool:
-        if not isinstance(other, InterpResult):
-            return NotImplemented
-        return not self.differences(other)
-
-    __hash__ = None  # numpy arrays inside
-
-    def text(self) -> str:
-        """The lines the CLI prints: one per group of paths, then the planes."""
-        def f(v, fmt=".4g"):
-            return "-" if v is None else format(v, fmt)
-
-        s = self.summary()
-        lines = [f"{s['pairs']} mixup paths ({s['n_same']} same-class, {s['n_different']} different-class) x "
-                 f"{s['steps']} points between {self.n_samples} samples, {self.num_classes} classes, {self.dtype}, "
-                 f"{self.wall_time_s:.1f}s; degree: Chebyshev least squares within {self.degree_tol:g}, "
-                 f"up to {self.max_degree}"]
-        for g in GROUPS:
-            r = s[g]
-            if not r["n"]:
-                continue
-            lines.append(f"{g.replace('_', '-'):>15}: deviation max {f(r['deviation_max_mean'])} (median "
-                         f"{f(r['deviation_max_median'])}), mean {f(r['deviation_mean_mean'])}; degree "
-                         f"{f(r['degree_mean'], '.3g')} (above {self.max_degree}: {f(r['above_fraction'], '.0%')}); "
-                         f"extra class change {f(r['extra_change_fraction'], '.0%')}; loss barrier "
-                         f"{f(r['barrier_mean'])}; end accuracy {f(r['end_accuracy'], '.0%')}"
-                         + (f"; {r['degenerate']} degenerate" if r["degenerate"] else ""))
-        K = len(self.plane_index)
-        if K:
-            regions = [len(np.unique(self.plane_pred[k])) for k in range(K)]
-            lines.append(f"{K} plane(s) {len(self.plane_u)}x{len(self.plane_u)} over [-{self.plane_margin:g}, "
-                         f"{1 + self.plane_margin:g}]^2: classes per plane {regions}, mean max-probability "
-                         f"{float(np.mean(self.plane_maxprob)):.3g}")
-        lines += [f"note: {note}" for note in self.notes]
-        return "\n".join(lines)
-
-
-# --- registration ---------------------------------------------------------------------------------
-
-
-def compute(ctx: ProbeContext, p: InterpParams) -> InterpResult:
-    """The runner's adapter: :func:`interpolation_paths` on the context's (test) samples."""
-    return interpolation_paths(ctx.model, ctx.x, ctx.y, pairs=p.pairs, steps=p.steps,
-                               same_class_fraction=p.same_class_fraction, degree_tol=p.degree_tol,
-                               max_degree=p.max_degree, triples=p.triples, plane_resolution=p.plane_resolution,
-                               plane_margin=p.plane_margin, seed=ctx.seed, batch_size=p.batch_size,
-                               dtype=p.dtype, device=ctx.device, progress=ctx.progress)
-
-
-INTERP_PROBE = register(Probe(
-    name="interp",
-    help="the function in input space: mixup paths between test samples (deviation from linear, degree) and planes",
-    params=InterpParams, result=InterpResult, compute=compute, figure=interp_paths_figure,
-    extra_figures=(("decision regions on planes through three samples", interp_planes_figure),
-                   ("fitted polynomial degree of the paths", interp_degree_figure),
-                   ("across training", interp_across_training)),
-    default_n=256, split="test",
-    description=("The model's logits along straight mixup paths x(t) = (1-t) x_a + t x_b between seeded pairs of "
-                 "test samples (same-class and different-class): deviation from the chord between the end "
-                 "outputs relative to its length, the lowest Chebyshev degree fitting the path within degree_tol, "
-                 "predicted-class changes beyond those the ends require, and the mixup loss barrier; plus the "
-                 "predicted class and confidence over the plane through three samples. Per-group summary "
-                 "numbers (same vs different class) compare two models; --checkpoint all draws them across "
-                 "training."),
-))

@@ -1,4 +1,6 @@
-"""Result types of the Hessian probe: extreme eigenpairs, per-block results, the whole result.
+"""Result types of the Hessian probe: extreme eigenpairs, per-block results, the whole result of
+:func:`~probe.probes.hessian.hessian_spectrum`, and the stored result of ``probe hessian``
+(:class:`HessianProbeResult`).
 
 All arrays are numpy: eigenvalues, residuals, traces and densities in float64; eigenvectors
 (P, k) in float32 (P the number of selected parameter elements, flattened in the model's
@@ -13,8 +15,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from probe.linalg import DensityEstimate, TraceEstimate
+from probe.probes.registry import StoredResult
 
-__all__ = ["Eigenpairs", "BlockResult", "HessianResult"]
+__all__ = ["Eigenpairs", "BlockResult", "HessianResult", "HessianProbeResult"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -180,3 +183,49 @@ class HessianResult:
                 "batch_size": self.batch_size, "bn": self.bn, "dtype": self.dtype, "n_hvps": self.n_hvps,
                 "wall_time_s": self.wall_time_s, "seed": self.seed, "converged": self.converged,
                 "notes": list(self.notes)}
+
+
+class HessianProbeResult(StoredResult):
+    """The stored Hessian result: the summary the catalog and ``--json`` show (``lambda_max``,
+    ``top_eigenvalues``, ``trace``, ``blocks``, ``loss``, ``lr``, ...) and its arrays
+    (``eigenvalues``, ``smallest_eigenvalues``, ``eigenvectors`` (P, k) float32, ``residuals``,
+    ``density_grid`` / ``density``, ``density_nodes`` / ``density_weights`` (probes x steps))."""
+
+    @property
+    def eigenvalues(self) -> np.ndarray:
+        return np.asarray(self.array_data.get("eigenvalues", np.zeros(0)))
+
+    @property
+    def eigenvectors(self) -> np.ndarray | None:
+        v = self.array_data.get("eigenvectors")
+        return None if v is None else np.asarray(v)
+
+    def text(self) -> str:
+        from probe.text import format_table
+
+        r = self.data
+        lines = [f"{r['operator']} of the {r['criterion']} loss on {r['n']} {r.get('data', '')} samples "
+                 f"(loss {r['loss']:.5g}, P={r['n_params']}, BatchNorm {r['bn']}): {r['n_hvps']} products, "
+                 f"{r['wall_time_s']:.1f}s"]
+        if r.get("top_eigenvalues"):
+            lines.append("largest eigenvalues: " + ", ".join(f"{v:.5g}" for v in r["top_eigenvalues"]))
+        if r.get("smallest_eigenvalues"):
+            lines.append("smallest eigenvalues: " + ", ".join(f"{v:.5g}" for v in r["smallest_eigenvalues"]))
+        if r.get("lr"):
+            lines.append(f"2/lr = {2.0 / r['lr']:.5g} (edge of stability) at lr {r['lr']:.3g}")
+        tr = r.get("trace")
+        if tr:
+            lines.append(f"trace ({tr['method']}, {tr['n_matvecs']} products): {tr['estimate']:.5g} "
+                         f"+- {tr['stderr']:.2g}")
+        if r.get("density"):
+            d = r["density"]
+            lines.append(f"density: SLQ, {d['probes']} probes x {d['steps']} steps, support "
+                         f"[{d['support'][0]:.4g}, {d['support'][1]:.4g}]")
+        if r.get("blocks"):
+            lines.append("per block:")
+            lines.append("  " + format_table(r["blocks"], [
+                ("name", "block"), ("n_params", "params"), ("lambda_max", "lambda_max"),
+                ("lambda_min", "lambda_min"), ("trace_estimate", "trace"), ("trace_stderr", "+-")]
+            ).replace("\n", "\n  "))
+        lines += [f"note: {note}" for note in r.get("notes", [])]
+        return "\n".join(lines)

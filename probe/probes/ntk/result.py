@@ -1,4 +1,6 @@
-"""Options and result types of the NTK probe: kinds, methods, and the frozen result dataclasses."""
+"""Options and result types of the NTK probe: kinds, Lanczos operators (the kernel methods are
+in :mod:`._methods`), the frozen result dataclasses of the library functions and the stored
+result of ``probe ntk`` (:class:`NTKProbeResult`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,8 +11,9 @@ import numpy as np
 
 from probe.errors import UserError
 from probe.probes.ntk._util import _fro
+from probe.probes.registry import StoredResult
 
-__all__ = ["NtkKind", "NtkMethod", "LanczosMethod", "NtkResult", "SpectrumResult", "LanczosResult"]
+__all__ = ["NtkKind", "LanczosMethod", "NtkResult", "SpectrumResult", "LanczosResult", "NTKProbeResult"]
 
 
 class NtkKind(str, Enum):
@@ -22,37 +25,6 @@ class NtkKind(str, Enum):
     """(N1, N2), summed over outputs; memory N1*N2 float64."""
     DIAGONAL = "diagonal"
     """(O, N1, N2), one kernel per output; memory O*N1*N2 float64."""
-
-
-class NtkMethod(str, Enum):
-    """How the kernel is computed. N = N1 + N2 samples, O outputs, P parameters, [FP] one forward
-    pass of one sample, A the activations saved for the backward pass of one sample."""
-
-    AUTO = "auto"
-    """Pick the cheapest method whose memory plan fits ``memory_budget_bytes`` (cost model in
-    :func:`empirical_ntk`)."""
-    JACOBIAN = "jacobian"
-    """Per-sample Jacobians by ``vmap(jacrev)`` on blocks of samples, contracted block pair by block
-    pair. Time N*(1 + 2*O)*[FP] + N1*N2*O*P (trace, diagonal) or N1*N2*O^2*P (full); memory
-    N*O*P when every Jacobian fits, otherwise 2*b*O*P for blocks of b samples (Jacobians of
-    column blocks are then recomputed once per row block) or, below one sample, per parameter
-    group."""
-    NTVP = "ntvp"
-    """NTK-vector products: one VJP per column (sample j, output b) gives the parameter tangent
-    d f_b(x2_j)/d theta, one JVP over the row samples gives a whole kernel column. No Jacobian is
-    stored. Time ~N2*O*(3 + 2.5*N1)*[FP]; memory c*P + c*b*A for c columns and b rows at once."""
-    LAYERWISE = "layerwise"
-    """Structured per-layer contraction, no vmap. One batched forward pass over a block pair, then
-    per output one backward pass; as the gradient g at a Linear/Conv2d/BatchNorm output arrives,
-    that layer's per-sample Jacobian is rebuilt from (layer input, g) -- a sum over positions of
-    outer products, or sum g * x_hat for BatchNorm -- and contracted into the kernel before the
-    next layer's gradient exists. Layers with few positions T are contracted without forming
-    it, through the Gram identity sum_ts (a_it . a_js)(g_it . g_js) (cost T^2*(d_in + d_out)
-    instead of d_in*d_out per sample pair). Time ~N*(1 + 2*O)*[FP] + N1*N2*O*P; memory per sample
-    ~2A + one layer's Jacobian row and input patches, instead of O*P (``full`` keeps all O
-    output gradients per layer). Parameters elsewhere (or failing the built-in exactness
-    self-check) go through ``jacobian``. Needs a model whose eval-mode forward treats samples
-    independently."""
 
 
 class LanczosMethod(str, Enum):
@@ -129,8 +101,8 @@ class NtkResult:
         }
 
     @classmethod
-    def from_store(cls, arrays: dict[str, np.ndarray], summary: dict[str, Any]) -> "NtkResult":
-        """Rebuild from :meth:`to_arrays` / :meth:`summary` output."""
+    def from_store(cls, summary: dict[str, Any], arrays: dict[str, np.ndarray]) -> "NtkResult":
+        """Rebuild from :meth:`summary` / :meth:`to_arrays` output."""
         names = {f for f in cls.__dataclass_fields__} - {"kernel", "notes"}
         kw = {k: summary[k] for k in names if k in summary}
         return cls(kernel=np.asarray(arrays["kernel"], dtype=np.float64),
@@ -163,7 +135,7 @@ class SpectrumResult:
                 "lambda_min": float(ev[-1]) if ev.size else None, "notes": list(self.notes)}
 
     @classmethod
-    def from_store(cls, arrays: dict[str, np.ndarray], summary: dict[str, Any]) -> "SpectrumResult":
+    def from_store(cls, summary: dict[str, Any], arrays: dict[str, np.ndarray]) -> "SpectrumResult":
         names = ("condition_number", "effective_rank", "participation_ratio", "alignment", "floor",
                  "n_below_floor", "trace")
         return cls(eigenvalues=np.asarray(arrays["eigenvalues"], dtype=np.float64),
@@ -211,3 +183,37 @@ class LanczosResult:
                 "block_vectors": self.block_vectors, "subspace_dim": self.subspace_dim,
                 "method": self.method, "n_passes": self.n_passes, "notes": list(self.notes)}
 
+
+class NTKProbeResult(StoredResult):
+    """The stored NTK result: the summary the catalog and ``--json`` show, and its arrays
+    (``labels``, ``eigenvalues``, ``kernel`` unless Lanczos, ``el_n`` / ``el_predicted`` /
+    ``el_measured`` with eigenlearning)."""
+
+    @property
+    def eigenvalues(self) -> np.ndarray:
+        return np.asarray(self.array_data["eigenvalues"])
+
+    def text(self) -> str:
+        from probe.text import format_table
+
+        r = self.data
+        wall = r.get("wall_time_s", r.get("lanczos", {}).get("wall_time_s", 0.0)) or 0.0
+        lines = [f"{r['kind']} NTK on {r['n']} {r.get('data', '')} samples, method {r['method']}, {wall:.1f}s"]
+        if "lanczos" in r:
+            lz = r["lanczos"]
+            lines.append(f"Lanczos operator {lz['method']}: {lz['n_matvecs']} vectors in {lz['n_passes']} passes "
+                         f"over the data, converged={lz['converged']}")
+        lines.append("top eigenvalues: " + ", ".join(f"{v:.4g}" for v in r["top_eigenvalues"]))
+        if "spectrum" in r:
+            s = r["spectrum"]
+            align = s["alignment"] if s["alignment"] is None else round(s["alignment"], 4)
+            lines.append(f"condition number {s['condition_number']:.4g}   effective rank "
+                         f"{s['effective_rank']:.4g}   kernel-target alignment {align}")
+        if "eigenlearning" in r:
+            lines.append("eigenlearning (kernel regression with this NTK, centred one-hot targets):")
+            lines.append("  " + format_table(r["eigenlearning"]["rows"], [
+                ("n", "n"), ("predicted_test_mse", "predicted test MSE"), ("measured_test_mse", "measured KRR"),
+                ("measured_test_mse_std", "+-"), ("predicted_learnability", "pred. learnability"),
+                ("measured_learnability", "meas. learnability")]).replace("\n", "\n  "))
+        lines += [f"note: {note}" for note in r.get("notes", [])]
+        return "\n".join(lines)
