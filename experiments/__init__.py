@@ -23,7 +23,7 @@ def run_experiment(ctx, name: str, *, force: bool = False) -> dict:
     import time
 
     from experiments._common import is_done, write_outputs
-    from probe.errors import UserError
+    from probe import UserError
 
     if name not in EXPERIMENTS:
         raise UserError(f"unknown experiment {name!r}; choose from: {', '.join(EXPERIMENTS)} or all")

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m experiments: error: unknown experiment(s) {', '.join(unknown)}; choose from: "
               f"{', '.join(EXPERIMENTS)} or all", file=sys.stderr)
         return 2
-    from probe.store import RunStore
+    from probe import RunStore
     from tqdm import tqdm
 
     def log(line: str) -> None:

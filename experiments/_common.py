@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from probe.errors import UserError
+from probe import UserError
 
 __all__ = ["Context", "Outcome", "find_or_train", "train_many", "cpu_cores", "pair_runs", "probe_rows",
            "probe_figures", "last_entries", "write_outputs", "is_done", "PAIR", "scalars", "fmt"]
@@ -97,7 +97,7 @@ def _stored_runs(store, configs) -> dict[str, dict[str, str]]:
     """``{recipe: {kind: newest run id}}`` of the runs in the store of the configs' models, kind
     ``finished``, ``diverged`` or ``open`` (any other state: interrupted, failed otherwise, or
     left ``running`` by a process that died)."""
-    from probe.training import TrainConfig
+    from probe import TrainConfig
 
     found: dict[str, dict[str, str]] = {}
     for model in dict.fromkeys(c.model for c in configs):
@@ -116,7 +116,7 @@ def _train_or_resume(store, config, run_id: str | None, progress=None) -> tuple[
     given: ``("finished", run id)``, or ``("diverged", run id)`` for a run stopped by a non-finite
     loss. Any other error is raised."""
     from models import is_factory_name
-    from probe.training import TrainingDiverged, resume, train
+    from probe import TrainingDiverged, resume, train
 
     try:
         if run_id is None:
@@ -136,7 +136,7 @@ def _work(root: str, config, run_id: str | None, threads: int | None) -> tuple[s
     import torch
 
     from probe.training.state import one_line
-    from probe.store import RunStore
+    from probe import RunStore
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -354,7 +354,7 @@ def probe_rows(ctx: Context, probe: str, params: dict | None, runs: dict[str, st
     """Run ``probe`` through the public runner on each run at ``checkpoint``: (figure entries,
     rows of numbers (model, run_id, epoch, probe_id and the summary's scalars), probe ids). A
     target that fails is an error in the outcome: raised here, naming the run."""
-    from probe.jobs import figure_entries, run_probe
+    from probe import figure_entries, run_probe
 
     entries, rows, ids = [], [], []
     for model, rid in runs.items():
@@ -390,7 +390,7 @@ def probe_figures(probe: str, entries: Sequence[tuple[dict, Any]], main: str,
     under the slug of its title; the figures that draw a series across training
     (:attr:`probe.probes.registry.Figure.series`) get ``across`` (every checkpoint) when given,
     the others ``entries``."""
-    from probe.probes.registry import get_probe
+    from probe import get_probe
 
     spec = get_probe(probe)
     out = {main: spec.figure(list(entries))}
@@ -431,8 +431,8 @@ def write_outputs(ctx: Context, name: str, title: str, outcome: Outcome, wall_s:
     The pages share one ``plotly.min.js`` in the output root (loaded as ``../plotly.min.js``: copy
     the output root whole to view them offline); ``runs.json`` lists the figure and table stems
     this run wrote, in order."""
-    from probe.figures import write_html
-    from probe.store import atomic_write_text
+    from probe import write_html
+    from probe import atomic_write_text
 
     folder = ctx.out / name
     folder.mkdir(parents=True, exist_ok=True)

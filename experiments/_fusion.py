@@ -51,7 +51,7 @@ def local_protocols(root: str | os.PathLike | None = None) -> tuple[Protocol, ..
     """Protocols on the data sets found locally (in ``root`` alone when given, else on the loaders'
     search path, :func:`probe.data.data_roots`): CIFAR-10 (binary or python batches) and
     Caltech-101 (``101_ObjectCategories``, the seed's own data, at its 64x64)."""
-    from probe.data import find_data
+    from probe import find_data
 
     out = []
     if find_data("cifar10", root) is not None:
@@ -82,7 +82,7 @@ def row_ids() -> list[str]:
 
 def fusion_config(row: str, protocol: Protocol, seed: int):
     """The :class:`~probe.training.TrainConfig` of one seed row under one protocol."""
-    from probe.training import TrainConfig
+    from probe import TrainConfig
 
     return TrainConfig(model="wrn", fusion=row, model_kwargs={"depth": 10, "widen": 2}, data=protocol.data,
                        epochs=protocol.epochs, batch_size=protocol.batch_size, lr=0.02, momentum=0.9,
@@ -163,7 +163,7 @@ def eval_train_accuracy(ctx: Context, run_id: str) -> float:
     BatchNorm running statistics, as at test time): the training fit that the test accuracy is
     compared with, free of the train-mode / eval-mode difference of the per-epoch train top-1."""
     from probe import evaluate, load_data, load_run_model
-    from probe.training import TrainConfig
+    from probe import TrainConfig
 
     model, run, _ = load_run_model(ctx.store, run_id, "last")
     cfg = TrainConfig.from_dict(run["config"])

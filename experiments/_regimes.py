@@ -96,7 +96,7 @@ def settings(quick: bool) -> Settings:
 
 def regime_config(regime: Regime, variant: str, seed: int):
     """The :class:`~probe.training.TrainConfig` of one variant in one regime."""
-    from probe.training import TrainConfig
+    from probe import TrainConfig
 
     return TrainConfig(model="wrn", fusion=variant, model_kwargs={"depth": regime.depth, "widen": 2},
                        data=regime.data, epochs=regime.epochs, batch_size=regime.batch_size, lr=regime.lr,

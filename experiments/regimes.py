@@ -35,8 +35,8 @@ import numpy as np
 from experiments._common import Context, Outcome, fmt, train_many
 from experiments._regimes import (BASELINE, MATCH_TOLERANCE, Regime, Settings, answer_for, extended_config, gap_split,
                                   holm, is_trained, matched_reading, regime_config, settings, spearman_p)
-from probe.errors import UserError
-from probe.store import to_jsonable as _clean   # NaN / inf -> None: a missing number, drawn as a gap
+from probe import UserError
+from probe import to_jsonable as _clean   # NaN / inf -> None: a missing number, drawn as a gap
 
 NAME = "regimes"
 TITLE = "Regimes: optimisation or generalisation, per data set, training-set size and depth"
@@ -56,7 +56,7 @@ def missing_data(data: str) -> str | None:
     """None when data set ``data`` can be loaded here, else one line saying how to get it."""
     if data in ("digits", "synthetic"):
         return None
-    from probe.data import find_data
+    from probe import find_data
 
     if find_data(data) is not None:
         return None
@@ -87,7 +87,7 @@ class _Evaluator:
 
     def __call__(self, run_id: str) -> dict:
         from probe import evaluate, load_run_model
-        from probe.training import TrainConfig
+        from probe import TrainConfig
 
         run = self.store.get_run(run_id)
         status = run["status"]
@@ -241,7 +241,7 @@ def _init_measures(ctx: Context, S: Settings, runs: dict, regimes: list[Regime])
     run per depth (the first regime of that depth: the initialisation does not depend on the
     training-set size), through the stored probe rows."""
     from probe.headline import headline, measure
-    from probe.jobs import load_result
+    from probe import load_result
 
     first: dict[int, Regime] = {}
     for r in regimes:

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from probe.errors import UserError
+from probe import UserError
 
 __all__ = ["write_report", "main", "MAX_TABLE_ROWS"]
 
@@ -298,7 +298,7 @@ def write_report(out: Path, to: Path | None = None) -> Path:
     output root ``out`` (the folders holding a ``done.json`` or ``runs.json``) to ``to`` (default
     ``<out>/report.html``); returns its path. Raises :class:`~probe.errors.UserError` when there is
     nothing to report."""
-    from probe.store import atomic_write_text
+    from probe import atomic_write_text
 
     out = Path(out)
     if not out.is_dir():

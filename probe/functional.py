@@ -41,7 +41,8 @@ ParamFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 #: the mapping, or a callable taking the output and returning the tensor.
 OutputSelector = Union[None, str, Callable[[object], Tensor]]
 
-__all__ = ["couples_samples", "FunctionalModel", "OutputSelector", "ParamFilter", "eval_mode",
+__all__ = ["couples_samples", "FunctionalModel", "OutputSelector", "ParamFilter", "eval_mode", "resolve_model_dtype",
+           "resolve_model_device",
            "batchnorm_train_mode", "functionalize",
            "flatten_params", "unflatten_like", "select_param_names", "select_output",
            "calibrate_batchnorm", "fix_batch_statistics", "check_sample_independence"]
@@ -148,7 +149,7 @@ def select_param_names(names: Sequence[str], param_filter: ParamFilter) -> list[
     return [n for n in names if any(c.match(n) for c in compiled)]
 
 
-def _resolve_dtype(model: nn.Module, dtype: torch.dtype | str | None) -> torch.dtype:
+def resolve_model_dtype(model: nn.Module, dtype: torch.dtype | str | None) -> torch.dtype:
     if isinstance(dtype, str):
         try:
             dtype = getattr(torch, dtype.replace("torch.", ""))
@@ -164,7 +165,7 @@ def _resolve_dtype(model: nn.Module, dtype: torch.dtype | str | None) -> torch.d
     return dtype
 
 
-def _resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+def resolve_model_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
     if device is None or device == "auto":
         for t in list(model.parameters()) + list(model.buffers()):
             return t.device
@@ -242,8 +243,8 @@ def functionalize(model: nn.Module, *, param_filter: ParamFilter = None,
     """
     if not isinstance(model, nn.Module):
         raise UserError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    dtype = _resolve_dtype(model, dtype)
-    device = _resolve_device(model, device)
+    dtype = resolve_model_dtype(model, dtype)
+    device = resolve_model_device(model, device)
     named = dict(model.named_parameters())
     trainable = [n for n, p in named.items() if p.requires_grad]
     chosen = set(select_param_names(trainable, param_filter))

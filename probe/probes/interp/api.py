@@ -333,9 +333,9 @@ def interpolation_paths(model: nn.Module, x: Tensor, y: Tensor, *, pairs: int = 
     n = int(x.shape[0])
     if n < 2:
         raise UserError(f"paths need at least two samples, got {n}")
-    from probe.functional import _resolve_device, _resolve_dtype
+    from probe.functional import resolve_model_device, resolve_model_dtype
 
-    dt, dev = _resolve_dtype(model, dtype), _resolve_device(model, device)
+    dt, dev = resolve_model_dtype(model, dtype), resolve_model_device(model, device)
     if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
         dev = torch.device("cuda", torch.cuda.current_device())
     y_np = y.detach().cpu().numpy().astype(np.int64)

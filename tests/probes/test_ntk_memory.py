@@ -97,7 +97,7 @@ def _worker(method: str, width: int, n: int, budget: int) -> dict:
 def _run(method: str, budget: int, width: int = WIDTH, n: int = N) -> dict:
     """``_worker`` in a fresh subprocess, under an RSS watchdog."""
     cmd = [sys.executable, str(Path(__file__).resolve()), json.dumps([method, width, n, budget])]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     t0, why = time.monotonic(), None
     while proc.poll() is None:

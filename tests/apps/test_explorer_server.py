@@ -17,7 +17,7 @@ import pytest
 from probe.store import RunStore
 from probe.training import TrainConfig, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "tests" / ".artifacts"
 FINDING_TITLES = ("Browser cells", "Browser correlations")
 

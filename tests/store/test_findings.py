@@ -17,7 +17,7 @@ from probe.figures.findings import (FINDING_KINDS, cells_figure, correlations_fi
 from probe.store import SCHEMA_VERSION, RunStore
 from probe.store.records import valid_id
 
-APP = str(Path(__file__).resolve().parents[1] / "apps" / "explorer.py")
+APP = str(Path(__file__).resolve().parents[2] / "apps" / "explorer.py")
 
 
 # ---- payloads of every kind --------------------------------------------------------------------

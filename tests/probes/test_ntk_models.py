@@ -4,7 +4,7 @@ couples the samples of a batch.
 
 Reference: the float64 per-sample Jacobian J (N, O, P), one ``torch.autograd.grad`` call per
 (sample, output) on an eval-mode deep copy of the model with each sample as its own batch of one;
-K_full = J1 J2^T, K_trace = sum_o J1_o J2_o^T, K_diag[o] = J1_o J2_o^T. As in tests/test_ntk.py
+K_full = J1 J2^T, K_trace = sum_o J1_o J2_o^T, K_diag[o] = J1_o J2_o^T. As in tests/probes/test_ntk.py
 every method computes the same sums in another order, so in float64 they agree to rounding
 (P <= ~1300 here): we assert 1e-10 relative to the largest entry.
 

@@ -317,7 +317,7 @@ def test_a_probe_registered_from_the_tests_alone_is_in_the_cli_catalog_headline_
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("PROBE_RUNS", str(root))
-    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "apps" / "explorer.py"), default_timeout=60)
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[2] / "apps" / "explorer.py"), default_timeout=60)
     at.run()
     assert "throwaway" in at.sidebar.radio(key="page").options
     at.sidebar.radio(key="page").set_value("throwaway").run()

@@ -18,7 +18,7 @@ from probe.errors import UserError
 from probe.store import RunStore
 from probe.training import TrainConfig, TrainingDiverged, load_run_model, lr_at, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(capsys, *argv):

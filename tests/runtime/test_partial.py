@@ -68,7 +68,7 @@ def test_the_fingerprint_sees_every_parameter_and_buffer():
 def test_the_runner_hands_out_a_partial_store_and_clears_it(tmp_path, monkeypatch):
     from probe.jobs import run_probe
     from probe.probes import registry
-    from tests.test_probe_framework import ToyParams, ToyResult, _toy_compute
+    from tests.probes.test_registry import ToyParams, ToyResult, _toy_compute
 
     seen = []
 

@@ -27,7 +27,7 @@ import probe.data
 from probe.data import load_data
 from probe.errors import DataError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HEADROOM = 3 * 2**29  # 1.5 GiB of address space on top of what the imports take
 CASE_SECONDS = 10.0  # each case needs well under a second; generous for a shared 2-core machine
 

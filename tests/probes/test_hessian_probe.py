@@ -12,7 +12,7 @@ from probe.errors import UserError
 from probe.jobs import load_result, run_probe
 from probe.store import RunStore
 from probe.training import TrainConfig, train
-from tests.test_probe_framework import cli
+from tests.probes.test_registry import cli
 
 FAST = {"k": 2, "trace_matvecs": 6, "density_probes": 1, "density_steps": 6}
 

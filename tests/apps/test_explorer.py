@@ -12,7 +12,7 @@ from probe.probes.registry import get_probe, list_probes
 from probe.store import RunStore
 from probe.training import TrainConfig, train
 
-APP = str(Path(__file__).resolve().parents[1] / "apps" / "explorer.py")
+APP = str(Path(__file__).resolve().parents[2] / "apps" / "explorer.py")
 
 
 def _app(root, monkeypatch):

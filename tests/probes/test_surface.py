@@ -30,7 +30,7 @@ from probe.training import TrainConfig, load_run_model, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GRID = "-1:1:5"
 _TIMING = ("wall_time_s", "resumed_chunks", "notes")      # bookkeeping that differs between attempts
 

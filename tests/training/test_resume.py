@@ -14,7 +14,7 @@ import torch
 
 from probe.store import RunStore
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Trains through the CLI; with mode "before" / "during" the process SIGKILLs itself just before /
 # half-way through writing the checkpoint of epoch AT (after that epoch's metrics were logged).

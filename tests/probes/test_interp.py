@@ -203,7 +203,7 @@ def test_bad_data_and_outputs_are_clear_errors():
 
 def test_probe_interp_through_the_cli_and_the_store(tmp_path, capsys):
     from probe.store import RunStore
-    from tests.test_probe_framework import cli
+    from tests.probes.test_registry import cli
 
     code, out, err = cli(capsys, "interp", "--model", "tiny_add", "--n", "24", "--pairs", "8", "--steps", "9",
                          "--max-degree", "4", "--triples", "1", "--plane-resolution", "5", "--runs", tmp_path,
