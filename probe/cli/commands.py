@@ -10,7 +10,7 @@ import sys
 
 from probe.text import format_table
 from probe.cli.common import (Output, TqdmProgress, factory_args, field_type, flag_name, open_store,
-                              parse_model_args, runs_arg)
+                              parse_model_args, rank_group, runs_arg)
 from probe.errors import UserError
 
 REGISTER: list = []
@@ -116,31 +116,20 @@ def cmd_train(args) -> Output:
     from probe.training import TrainingDiverged, resume, train
 
     config = check_train_args(args)
-    from probe.runtime.dist import launched, setup, teardown
-    from probe.training import resolve_device
-
     # under torchrun: join the group; rank 0 alone opens the store and reports
-    ddp = setup(resolve_device(args.device or (config.device if config else "auto"))) if launched() else None
-    main = ddp is None or ddp.main
-    store = open_store(args) if main else None
-    progress = TqdmProgress(args.quiet or not main)
-    log = None if args.quiet or not main else _epoch_line
-    ended = False
     try:
-        if args.resume:
-            result = resume(args.resume, store, epochs=args.epochs, factory=args.factory,
-                            trust_factory=args.trust_factory, device=args.device, data_root=args.data_root,
-                            on_epoch=log, progress=progress)
-        else:
-            result = train(config, store, on_epoch=log, progress=progress)
-        ended = True
-    except TrainingDiverged as e:
-        ended = True                 # every rank saw the same all-reduced loss and stops here
+        with rank_group(args.device or (config.device if config else "auto"), args.quiet,
+                        together=(TrainingDiverged,)) as (main, progress):
+            store = open_store(args) if main else None
+            log = None if args.quiet or not main else _epoch_line
+            if args.resume:
+                result = resume(args.resume, store, epochs=args.epochs, factory=args.factory,
+                                trust_factory=args.trust_factory, device=args.device, data_root=args.data_root,
+                                on_epoch=log, progress=progress)
+            else:
+                result = train(config, store, on_epoch=log, progress=progress)
+    except TrainingDiverged as e:    # every rank saw the same all-reduced loss and stopped at the same step
         raise UserError(str(e)) from None
-    finally:
-        progress.close()
-        if ddp is not None:
-            teardown(wait=ended)
     if not main:
         return None
     data = result.summary()

@@ -4,6 +4,7 @@ after dataclass fields)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import math
@@ -14,7 +15,7 @@ from typing import Any, Callable
 from probe.errors import UserError, first_line
 
 __all__ = ["OneLineParser", "Output", "jsonable", "user_error_types", "run_command", "TqdmProgress", "runs_arg",
-           "open_store", "factory_args", "parse_model_args", "flag_name", "field_type"]
+           "open_store", "factory_args", "parse_model_args", "flag_name", "field_type", "rank_group"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -126,6 +127,33 @@ class TqdmProgress:
         for bar in self.bars.values():
             bar.close()
         self.bars.clear()
+
+
+@contextlib.contextmanager
+def rank_group(device: str, quiet: bool, *, together: tuple[type[BaseException], ...] = ()):
+    """A command's place among the ranks: under ``torchrun`` join the process group on ``device``
+    (a single process otherwise) and yield ``(main, progress)``: whether this is rank 0 (which
+    alone writes and reports) and its progress bars (silent on the other ranks or with ``quiet``).
+    On the way out the bars close and the ranks leave the group: together after work that ended
+    normally or with one of ``together`` (an error every rank raises at the same step), at once
+    after any other error."""
+    from probe.runtime.dist import launched, setup, teardown
+    from probe.training import resolve_device
+
+    ddp = setup(resolve_device(device)) if launched() else None
+    main = ddp is None or ddp.main
+    progress = TqdmProgress(quiet or not main)
+    ended = False
+    try:
+        yield main, progress
+        ended = True
+    except together:
+        ended = True
+        raise
+    finally:
+        progress.close()
+        if ddp is not None:
+            teardown(wait=ended)
 
 
 # --- shared flags ------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from probe.cli.common import (Output, TqdmProgress, factory_args, flag_name, open_store, parse_model_args,
+from probe.cli.common import (Output, factory_args, flag_name, open_store, parse_model_args, rank_group,
                               runs_arg)
 from probe.errors import UserError
 
@@ -96,23 +96,11 @@ def _command(spec):
     def run(args) -> Output:
         from probe.jobs import figure_entries, run_probe
 
-        from probe.runtime.dist import launched, setup, teardown
-        from probe.training import resolve_device
-
         kwargs = _target_kwargs(args)
         # under torchrun: every rank reads the store, rank 0 alone writes and reports
-        ddp = setup(resolve_device(args.device)) if launched() else None
-        main = ddp is None or ddp.main
-        progress = TqdmProgress(args.quiet or not main)
-        ended = False
-        try:
+        with rank_group(args.device, args.quiet) as (main, progress):
             outcomes = run_probe(open_store(args, readonly=not main), spec, _param_values(args, spec.params),
                                  progress=progress, **kwargs)
-            ended = True
-        finally:
-            progress.close()
-            if ddp is not None:
-                teardown(wait=ended)
         if not main:
             return None
         lines = []

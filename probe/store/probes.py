@@ -21,7 +21,7 @@ from probe.errors import UserError
 from probe.store.atomic import write_npz
 from probe.store.files import load_npz
 from probe.store.records import (PROBE_FIELDS, check_id, dumps, first_problem, parse_json, probe_params, probe_rel,
-                                 sha256_hex, show, slugify, utc_now, valid_id)
+                                 select_where, sha256_hex, show, slugify, utc_now, valid_id)
 from probe.store.runs import RunsMixin
 from probe.store.schema import INSERT_PROBE, STATUSES
 
@@ -119,17 +119,9 @@ class ProbesMixin(RunsMixin):
                     model: str | None = None) -> list[dict[str, Any]]:
         """Probe rows (oldest first), optionally of one run (a reference, see :meth:`resolve_run`),
         kind and / or model name. Damaged rows are left out and reported in :attr:`skipped`."""
-        sql, args = "SELECT * FROM probes WHERE 1", []
-        if run_id is not None:
-            sql += " AND run_id = ?"
-            args.append(self.resolve_run(run_id))
-        if kind is not None:
-            sql += " AND kind = ?"
-            args.append(kind)
-        if model is not None:
-            sql += " AND model = ?"
-            args.append(model)
-        rows = self._read(sql + " ORDER BY created_at, rowid", tuple(args))
+        sql, args = select_where("probes", run_id=None if run_id is None else self.resolve_run(run_id), kind=kind,
+                                 model=model)
+        rows = self._read(sql + " ORDER BY created_at, rowid", args)
         return self._listing(rows, lambda r: self._probe_record(r)[0])
 
     def load_probe_arrays(self, probe_id: str) -> dict[str, Any]:

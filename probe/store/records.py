@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 from probe.errors import UserError, first_line
 from probe.store.schema import METRIC_COLUMNS, STATUSES
 
-__all__ = ["to_jsonable", "dumps", "BAD_JSON", "parse_json", "show", "error_line", "show_path", "utc_now",
+__all__ = ["select_where", "to_jsonable", "dumps", "BAD_JSON", "parse_json", "show", "error_line", "show_path", "utc_now",
            "mtime_stamp", "slugify", "metric_values", "sha256_hex", "valid_id", "check_id", "checkpoint_rel",
            "probe_rel", "finding_rel", "is_str", "is_int", "is_count", "is_obj", "RUN_FIELDS",
            "CHECKPOINT_FIELDS", "METRIC_FIELDS", "FINDING_FIELDS", "PROBE_FIELDS", "first_problem",
@@ -237,3 +237,14 @@ def probe_params(p: Mapping[str, Any]) -> tuple:
     return (p["probe_id"], p["run_id"], p["model"], p["kind"], p["checkpoint_epoch"], p["created_at"],
             p["status"], dumps(p["params"]), dumps(p["summary"]), artifact, p["artifact_sha256"],
             p["artifact_size"])
+
+
+def select_where(table: str, **filters: Any) -> tuple[str, tuple]:
+    """``SELECT * FROM table`` with one ``AND column = ?`` per filter that is not None, and its
+    arguments (the table and column names are the store's own, never the caller's)."""
+    sql, args = f"SELECT * FROM {table} WHERE 1", []
+    for column, value in filters.items():
+        if value is not None:
+            sql += f" AND {column} = ?"
+            args.append(value)
+    return sql, tuple(args)

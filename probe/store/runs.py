@@ -25,8 +25,8 @@ from probe.errors import DiskFullError, StoreError, UserError
 from probe.store.catalog import Catalog
 from probe.store.files import RESERVE_NAME
 from probe.store.records import (CHECKPOINT_FIELDS, METRIC_FIELDS, RUN_FIELDS, check_id, checkpoint_rel, dumps,
-                                 error_line, first_problem, is_obj, metric_values, parse_json, sha256_hex, show,
-                                 slugify, to_jsonable, utc_now, valid_id)
+                                 error_line, first_problem, is_obj, metric_values, parse_json, select_where,
+                                 sha256_hex, show, slugify, to_jsonable, utc_now, valid_id)
 from probe.store.schema import INSERT_CHECKPOINT, INSERT_METRICS, INSERT_RUN, METRIC_COLUMNS, STATUSES
 
 __all__ = ["RunsMixin"]
@@ -173,14 +173,8 @@ class RunsMixin(Catalog):
     def list_runs(self, model: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
         """All runs (newest first), optionally only those of one model name and / or status.
         Damaged rows are left out and reported in :attr:`skipped`."""
-        sql, args = "SELECT * FROM runs WHERE 1", []
-        if model is not None:
-            sql += " AND model = ?"
-            args.append(model)
-        if status is not None:
-            sql += " AND status = ?"
-            args.append(status)
-        rows = self._read(sql + " ORDER BY created_at DESC, rowid DESC", tuple(args))
+        sql, args = select_where("runs", model=model, status=status)
+        rows = self._read(sql + " ORDER BY created_at DESC, rowid DESC", args)
         return self._listing(rows, self._run_dict)
 
     # ---- metrics -------------------------------------------------------------------------------

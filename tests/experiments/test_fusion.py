@@ -89,6 +89,7 @@ def tiny_table(monkeypatch):
         monkeypatch.setattr(module, "seeds", lambda quick: (0, 1))
 
 
+@pytest.mark.slow          # two minutes on two cores (28 runs, 7 variants probed): `make test-slow`
 def test_fusion_experiments_end_to_end_on_a_few_rows(tmp_path, tiny_table):
     from experiments import run_experiment
     from probe.store import RunStore

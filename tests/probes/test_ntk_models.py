@@ -448,14 +448,16 @@ def test_auto_moves_on_when_a_method_fails_on_the_model(cases, monkeypatch):
     """The chain itself: the cheapest plan (layerwise) raising as a model without support for an
     operation would makes auto record it and give the next method's (right) kernel; asked for
     by name, the failing method is a UserError."""
-    import probe.probes.ntk.api as api
+    import dataclasses
+
+    from probe.probes.ntk import KERNEL_METHODS
 
     case = cases("detached")
     snap = snapshot(case.model)
 
     def unsupported(*args, **kwargs):
         raise NotImplementedError("an operation without a batching rule")
-    monkeypatch.setattr(api, "_run_layerwise", unsupported)
+    monkeypatch.setitem(KERNEL_METHODS, "layerwise", dataclasses.replace(KERNEL_METHODS["layerwise"], run=unsupported))
     res = empirical_ntk(case.model, case.x1, kind="trace", dtype=torch.float64)
     assert res.method == "jacobian"
     assert any("layerwise failed on this model" in n and "batching rule" in n for n in res.notes)

@@ -208,6 +208,7 @@ def _stored_pair(root, kind: str):
     return rows, store.load_probe_arrays(rows[0]["probe_id"]), store.load_probe_arrays(rows[1]["probe_id"])
 
 
+@pytest.mark.slow          # the chunk sharing is also exercised, in the default suite, by the Hessian and NTK tests
 def test_a_surface_grid_shared_out_by_chunks_equals_one_process(tmp_path):
     """float64, 7 x 7 points in chunks of 5: the two ranks take alternate chunks, rank 0 stores one
     row, equal to the single-process surface within 1e-10."""
@@ -256,7 +257,7 @@ def test_hessian_products_by_data_shards_equal_one_process(tmp_path):
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["trace", "full"])
+@pytest.mark.parametrize("kind", ["trace", pytest.param("full", marks=pytest.mark.slow)])
 def test_the_ntk_kernel_in_tiles_over_ranks_equals_one_process(tmp_path, kind):
     """The upper triangle's tiles shared out over two ranks, assembled: the kernel (float64) and
     its spectrum equal the single-process ones within 1e-10."""
@@ -270,7 +271,7 @@ def test_the_ntk_kernel_in_tiles_over_ranks_equals_one_process(tmp_path, kind):
     assert any("tiles over 2 ranks" in n for n in rows[1]["summary"]["notes"])
 
 
-@pytest.mark.parametrize("operator", ["gram", "ntvp"])
+@pytest.mark.parametrize("operator", ["gram", pytest.param("ntvp", marks=pytest.mark.slow)])
 def test_ntk_lanczos_products_by_data_shards_equal_one_process(tmp_path, operator):
     """J^T J (gram) or K v = J (J^T v) (ntvp) over two ranks' halves of the samples, all-reduced
     (and the ntvp rows gathered): the top eigenvalues equal the single-process ones."""
@@ -284,6 +285,7 @@ def test_ntk_lanczos_products_by_data_shards_equal_one_process(tmp_path, operato
     assert np.allclose(a["top_eigenvalues"], b["top_eigenvalues"], rtol=1e-10, atol=0)
 
 
+@pytest.mark.slow
 def test_interpolation_paths_shared_out_by_batches_equal_one_process(tmp_path):
     argv = ["interp", "--model", "tiny_add", "--n", "40", "--pairs", "12", "--steps", "9", "--max-degree", "6",
             "--triples", "1", "--plane-resolution", "7", "--batch-size", "16", "--dtype", "float64",

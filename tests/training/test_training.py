@@ -75,6 +75,7 @@ def _train_cmd(runs, extra=()):
             "--hflip", "--mixup", "0.2", "--seed", "3", "--runs", str(runs), "--quiet", "--json", *extra]
 
 
+@pytest.mark.slow          # tests/training/test_resume.py kills runs at chosen points in the default suite
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     """Dropout, augmentation and mixup all draw random numbers: a resume is exact only if every
     generator is restored."""
