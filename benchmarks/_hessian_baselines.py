@@ -41,7 +41,7 @@ def _criterion():
 
 
 def setup_ours(model, x, y, counter, case):
-    from probe.probes.hessian import curvature_operator
+    from probe import curvature_operator
     op = curvature_operator(model, x, y, criterion="cross_entropy")
 
     def mv(V):                                          # V (P, b)

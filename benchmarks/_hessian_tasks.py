@@ -80,7 +80,7 @@ def task_topk(case, model, x, y, counter) -> dict:
     t0 = time.perf_counter()
     info = {}
     if lib in ("ours", "reference"):
-        from probe.probes.hessian import hessian_spectrum
+        from probe import hessian_spectrum
         kw = {"max_dim": s["max_dim"]} if "max_dim" in s else {}
         if "dtype" in s:
             kw["dtype"] = getattr(torch, s["dtype"])
@@ -120,7 +120,7 @@ def _trace_estimate(case, model, x, y, counter, h) -> tuple[float, float | None]
     import torch
     lib, method, m, seed = case["lib"], case["method"], case["matvecs"], case["seed_trace"]
     if lib == "ours":
-        from probe.linalg import hutchinson_trace, hutchpp_trace
+        from probe import hutchinson_trace, hutchpp_trace
         fn = hutchpp_trace if method == "hutch++" else hutchinson_trace
         before = h["op"].matvecs
         te = fn(h["op"], m, seed=seed, block=10)         # blocks of 10, as hessian_spectrum
@@ -207,7 +207,7 @@ def task_density(case, model, x, y, counter) -> dict:
     setup = time.perf_counter() - t0
     info = {}
     if lib == "ours":
-        from probe.linalg import slq_density
+        from probe import slq_density
         d = slq_density(h["op"], probes, steps, seed=seed)
         counter.add(h["op"].matvecs)
         valid = np.arange(d.nodes.shape[1])[None, :] < d.steps[:, None]

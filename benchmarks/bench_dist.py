@@ -48,8 +48,8 @@ def _setup(n: int):
     import torch
 
     from models import create_model
-    from probe.data import load_data
-    from probe.functional import calibrate_batchnorm
+    from probe import load_data
+    from probe import calibrate_batchnorm
 
     data = load_data("digits")
     torch.manual_seed(0)
@@ -67,13 +67,13 @@ def worker(args) -> None:
 
     ddp = setup("cpu")
     if args.job == "ntk":
-        from probe.probes.ntk import empirical_ntk
+        from probe import empirical_ntk
 
         model, x, _ = _setup(args.samples)
         t0 = time.perf_counter()
         out = empirical_ntk(model, x).kernel
     else:
-        from probe.probes.surface import loss_surface, random_directions
+        from probe import loss_surface, random_directions
 
         model, x, y = _setup(args.surface_n)
         dirs = random_directions(model, 2)

@@ -44,7 +44,7 @@ def configs(runs: int, epochs: int, limit_train: int | None) -> list:
 def sweep(configs: list, jobs: int, threads: int) -> dict:
     """Train ``configs`` into a fresh root: wall time, runs per hour, final accuracy per run."""
     from experiments._common import Context, train_many
-    from probe.store import RunStore
+    from probe import RunStore
 
     with tempfile.TemporaryDirectory(prefix="bench-experiments-") as root:
         store = RunStore(root)
@@ -59,8 +59,8 @@ def sweep(configs: list, jobs: int, threads: int) -> dict:
 
 def warm_up() -> None:
     """Load the data and build a model once in this process (imports, the digits set)."""
-    from probe.data import load_data
-    from probe.training import build_model
+    from probe import load_data
+    from probe import build_model
 
     data = load_data("digits", None, seed=0, limit_train=64)
     build_model("wrn", num_classes=data.num_classes, in_chans=data.in_channels, image_size=data.image_size[0],

@@ -96,7 +96,7 @@ def build(name: str, n: int, size: int, in_chans: int = 3, seed: int = 0):
     ntk`` does for a model at init; with PyTorch's (0, 1) defaults a multiplicative net's eval
     outputs overflow float32)."""
     from models import create_model
-    from probe.functional import calibrate_batchnorm
+    from probe import calibrate_batchnorm
     torch.manual_seed(seed)
     model = create_model(name, in_chans=in_chans, num_classes=10)
     calib = torch.randn(256, in_chans, size, size, generator=torch.Generator().manual_seed(seed + 2))
@@ -109,7 +109,7 @@ def build(name: str, n: int, size: int, in_chans: int = 3, seed: int = 0):
 
 
 def run_ours(model, x, args):
-    from probe.probes.ntk import empirical_ntk
+    from probe import empirical_ntk
     res = empirical_ntk(model, x, kind="trace", method=args.method,
                         memory_budget_bytes=int(args.budget_gib * 2 ** 30))
     return res.kernel, {"method_used": res.method, "schedule": res.schedule,
@@ -254,7 +254,7 @@ def worker_matmul(args) -> dict:
 
 def worker_lanczos(args) -> dict:
     """One full top-20 run of ``ntk_topk_lanczos`` with ``--lanczos-method``."""
-    from probe.probes.ntk import ntk_topk_lanczos
+    from probe import ntk_topk_lanczos
     model, x = build(args.model, args.n, 8, in_chans=1)
     base = peak_rss_mib()
     t0 = time.perf_counter()
@@ -273,7 +273,7 @@ def worker_lanczos(args) -> dict:
 def worker_matvec(args) -> dict:
     """Seconds per Lanczos vector of the VJP/JVP operator (``ntvp``) at N: one product K v, in the
     dtype ``ntk_topk_lanczos`` would run in."""
-    from probe.probes.ntk import ntk_operator
+    from probe import ntk_operator
     model, x = build(args.model, args.n, 8, in_chans=1)
     op = ntk_operator(model, x, "trace")
     v = np.random.default_rng(0).standard_normal((args.n, 1))

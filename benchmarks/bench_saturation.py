@@ -91,7 +91,7 @@ def worker(args) -> dict:
     import torch
 
     import models
-    from probe.probes.saturation import saturation
+    from probe import saturation
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -77,7 +77,7 @@ def mean_loss(model, x, y, batch: int) -> float:
 
 
 def run_ours(model, x, y, dirs, grid: str):
-    from probe.probes.surface import loss_surface
+    from probe import loss_surface
 
     t0 = time.perf_counter()
     res = loss_surface(model, x, y, dirs, grid)
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
         ap.error("--skip-install needs --lib-dir")
 
     import numpy as np
-    from probe.probes.surface import random_directions
+    from probe import random_directions
 
     env = environment()
     model, x, y = make_point(args.n, args.size, args.seed)

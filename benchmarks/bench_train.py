@@ -39,10 +39,10 @@ if __package__ in (None, ""):
 import torch
 import torch.nn.functional as F
 
-from probe.data import load_data
-from probe.errors import UserError
-from probe.store import RunStore
-from probe.training import TrainConfig, TrainingDiverged, build_model, resolve_device, train
+from probe import load_data
+from probe import UserError
+from probe import RunStore
+from probe import TrainConfig, TrainingDiverged, build_model, resolve_device, train
 
 LR = 0.05
 MOMENTUM = 0.9

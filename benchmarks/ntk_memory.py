@@ -111,7 +111,7 @@ def build(case: dict):
 
 
 def _call(case: dict, model, x):
-    from probe.probes.ntk import empirical_ntk, ntk_topk_lanczos
+    from probe import empirical_ntk, ntk_topk_lanczos
     budget = int(case["budget_gib"] * GIB)
     if case["call"] == "ntk":
         return empirical_ntk(model, x, kind="trace", method=case["method"], memory_budget_bytes=budget)
@@ -122,7 +122,7 @@ def _call(case: dict, model, x):
 def _warm_up(case: dict) -> None:
     """The same call on a tiny model of the same family: the first call's one-time costs (lazy
     imports and initialisation, ~80 MB of RSS) then do not count as the method's memory."""
-    from probe.errors import UserError
+    from probe import UserError
     tiny = {**case, "n": 2, "k": 1, "budget_gib": 1.0}
     if case["model"] == "mlp":
         tiny["width"] = 16
@@ -135,7 +135,7 @@ def _warm_up(case: dict) -> None:
 def worker(case: dict) -> dict:
     """Builds the case's model and data, then measures one call: peak RSS above the set-up."""
     import gc
-    from probe.errors import UserError
+    from probe import UserError
 
     if case.get("warmup", True):
         _warm_up(case)

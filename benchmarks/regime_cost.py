@@ -36,8 +36,8 @@ def main(argv=None) -> int:
     import torch
 
     from experiments._regimes import regime_config, settings
-    from probe.store import RunStore
-    from probe.training import train
+    from probe import RunStore
+    from probe import train
 
     full = [r for r in settings(False).regimes if r.data == "fashion-mnist"]
     per_depth = {}
