@@ -271,7 +271,8 @@ def test_the_ntk_kernel_in_tiles_over_ranks_equals_one_process(tmp_path, kind):
     assert any("tiles over 2 ranks" in n for n in rows[1]["summary"]["notes"])
 
 
-@pytest.mark.parametrize("operator", ["gram", pytest.param("ntvp", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("operator", [pytest.param("gram", marks=pytest.mark.slow),   # data-shard products: the
+                                      pytest.param("ntvp", marks=pytest.mark.slow)])  # Hessian test, by default
 def test_ntk_lanczos_products_by_data_shards_equal_one_process(tmp_path, operator):
     """J^T J (gram) or K v = J (J^T v) (ntvp) over two ranks' halves of the samples, all-reduced
     (and the ntvp rows gathered): the top eigenvalues equal the single-process ones."""

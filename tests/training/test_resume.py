@@ -63,7 +63,7 @@ def _same_run(store_a: RunStore, id_a: str, store_b: RunStore, id_b: str) -> Non
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize("mode,at,threads", [("before", 1, 1), ("during", 2, 2)],
+@pytest.mark.parametrize("mode,at,threads", [pytest.param("before", 1, 1, marks=pytest.mark.slow), ("during", 2, 2)],
                          ids=["killed-before-first-checkpoint", "killed-writing-checkpoint-2-threads"])
 def test_sigkilled_run_resumes_exactly(tmp_path, mode, at, threads):
     killed = _train(tmp_path / "killed", mode, at, threads)
