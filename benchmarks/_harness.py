@@ -154,6 +154,24 @@ class Watched(Finished):
     def killed(self) -> bool:
         return self.stopped is not None and self.stopped.startswith("killed")
 
+    def row(self, case: dict, *, message_chars: int | None = None) -> dict:
+        """The result row of ``case``: its fields, the worker's READY fields, then either its
+        RESULT or a ``status`` (killed / timeout / error) with a ``message`` (at most
+        ``message_chars`` of the output's tail for an error), its wall time and peak RSS."""
+        row = dict(case)
+        if self.ready:
+            row.update(self.ready)
+        if self.stopped:
+            row.update(status="killed" if self.killed else "timeout", message=self.stopped, wall_s=self.wall_s,
+                       rss_peak_kib=self.seen_kib)
+        elif not self.ok:
+            tail = self.tail(3, " | ")
+            row.update(status="error", message=f"exit {self.returncode}: {tail[-message_chars:] if message_chars else tail}",
+                       rss_peak_kib=self.seen_kib, wall_s=self.wall_s)
+        else:
+            row.update(self.result)
+        return row
+
 
 def run_watched(cmd: Sequence[str], *, cap_gib: float, timeout_s: float,
                 peak_after_ready: bool = False) -> Watched:

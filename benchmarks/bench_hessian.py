@@ -100,17 +100,7 @@ def spawn(case: dict, args) -> dict:
     """Runs ``case`` in a fresh subprocess under the watchdog; returns its result row."""
     w = run_watched(script_command(__file__, "--worker", json.dumps(case)), cap_gib=args.mem_cap_gib,
                     timeout_s=args.timeout_s)
-    row = {k: v for k, v in case.items() if k not in ("lib_dir",)}
-    if w.ready:
-        row.update(w.ready)
-    if w.stopped:
-        row.update(status="killed" if w.killed else "timeout", message=w.stopped, wall_s=w.wall_s,
-                   rss_peak_kib=w.seen_kib)
-    elif not w.ok:
-        row.update(status="error", message=f"exit {w.returncode}: {w.tail(3, ' | ')[-400:]}",
-                   rss_peak_kib=w.seen_kib, wall_s=w.wall_s)
-    else:
-        row.update(w.result)
+    row = w.row({k: v for k, v in case.items() if k not in ("lib_dir",)}, message_chars=400)
     if row.get("rss_base_kib") is not None and row.get("rss_peak_kib"):
         row["extra_mb"] = (row["rss_peak_kib"] - row["rss_base_kib"]) / 1024
     if row.get("rss_peak_kib"):

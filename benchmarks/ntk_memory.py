@@ -173,16 +173,7 @@ def spawn(case: dict, kill_above_gib: float, timeout_s: float) -> dict:
     """Runs ``case`` in a fresh subprocess under the RSS watchdog; returns its result row."""
     w = run_watched(script_command(__file__, "--worker", json.dumps(case)), cap_gib=kill_above_gib,
                     timeout_s=timeout_s, peak_after_ready=True)
-    row = dict(case)
-    if w.ready:
-        row.update(w.ready)
-    if w.stopped:
-        row.update(status="killed" if w.killed else "timeout", message=w.stopped, wall_s=w.wall_s,
-                   rss_peak_kib=w.seen_kib)
-    elif not w.ok:
-        row.update(status="error", message=f"exit {w.returncode}: {w.tail(3, ' | ')}", rss_peak_kib=w.seen_kib)
-    else:
-        row.update(w.result)
+    row = w.row(case)
     if row.get("rss_base_kib") is not None and row.get("rss_peak_kib"):
         row["extra_bytes"] = (row["rss_peak_kib"] - row["rss_base_kib"]) * 1024
     budget = int(row["budget_gib"] * GIB)
