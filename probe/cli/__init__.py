@@ -59,7 +59,7 @@ def cmd_fusions(args) -> Output:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="probe", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="probe", description=__doc__.splitlines()[0].replace("``", "`"))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     common = _common()
 
