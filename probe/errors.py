@@ -6,7 +6,7 @@ else is a bug and keeps its traceback.
 from __future__ import annotations
 
 
-__all__ = ["UserError", "DataError", "StoreError", "DiskFullError", "first_line"]
+__all__ = ["UserError", "DataError", "StoreError", "DiskFullError", "OutOfMemory", "first_line"]
 
 
 class UserError(ValueError):
@@ -24,6 +24,12 @@ class StoreError(UserError):
 
 class DiskFullError(StoreError):
     """No space (or no inodes) left while writing to the runs root; what was stored before is intact."""
+
+
+class OutOfMemory(UserError):
+    """A computation ran out of (GPU) memory: the message names the step and says to use smaller sizes.
+    Raised in place of ``torch.OutOfMemoryError`` where that would otherwise be read as "this method
+    does not work on this model"; the original error is its ``__cause__``."""
 
 
 def first_line(e: BaseException, *, default: str | None = None) -> str:

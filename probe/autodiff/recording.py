@@ -167,6 +167,8 @@ def check_closed_forms(fm: FunctionalModel, x: Tensor, layers: list[StructuredLa
     leaf = input_leaf(xc)
     try:
         rec = record_forward(fm, params, leaf if leaf is not None else xc, layers)
+    except torch.OutOfMemoryError:
+        raise
     except RuntimeError:
         return [], names
     bad = {r.layer for r in rec.recs
@@ -185,6 +187,8 @@ def check_closed_forms(fm: FunctionalModel, x: Tensor, layers: list[StructuredLa
             for name, part in per_sample_grad_parts(layers[r.layer], first, g[:1].unsqueeze(0)):
                 part = part.reshape(-1)                                      # (numel,) of sample 0
                 rows[name] = part if name not in rows else rows[name] + part
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError:
             bad.add(r.layer)
 

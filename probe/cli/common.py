@@ -62,6 +62,14 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     return (UserError, ModelNameError, ModelConfigError, FusionSpecError)
 
 
+def _memory_errors() -> tuple[type[BaseException], ...]:
+    """Running out of memory: the host's (``MemoryError``) and a device's (``torch.OutOfMemoryError``,
+    a ``RuntimeError``; looked up only once torch is loaded, which it is wherever one can be raised)."""
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    return (MemoryError,) if oom is None else (MemoryError, oom)
+
+
 def run_command(func: Callable[[argparse.Namespace], "Output | None"], args: argparse.Namespace, prog: str) -> int:
     """Run one subcommand: its output on stdout; a user error, a full disk or running out of memory
     as one line on stderr with exit 2; Ctrl-C (or SIGTERM) as exit 130. Anything else is a bug and
@@ -81,8 +89,9 @@ def run_command(func: Callable[[argparse.Namespace], "Output | None"], args: arg
         print(f"{prog}: error: no space left on the device{where}; what was stored before is intact, "
               "free some space and run the command again", file=sys.stderr)
         return 2
-    except MemoryError:
-        print(f"{prog}: error: out of memory; use smaller sizes (fewer samples, a smaller batch or memory "
+    except _memory_errors() as e:
+        what = "" if isinstance(e, MemoryError) else f" ({first_line(e)[:200]})"
+        print(f"{prog}: error: out of memory{what}; use smaller sizes (fewer samples, a smaller batch or memory "
               "budget)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

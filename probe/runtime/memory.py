@@ -20,7 +20,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["MemoryMeter"]
+from probe.errors import OutOfMemory, first_line
+
+__all__ = ["MemoryMeter", "out_of_memory"]
 
 
 class _StorageTracker(TorchDispatchMode):
@@ -89,3 +91,11 @@ class MemoryMeter:
             self._mode.__exit__(*exc)
             self.peak_bytes = self._mode.peak
             self._mode = None
+
+
+def out_of_memory(exc: BaseException, step: str) -> OutOfMemory:
+    """The :class:`probe.errors.OutOfMemory` to raise (``from exc``) for a ``torch.OutOfMemoryError``
+    caught in ``step``: the fallback handlers that read a ``RuntimeError`` as "this method does not
+    work on this model" re-raise an out-of-memory error through it instead of falling back."""
+    return OutOfMemory(f"out of memory in {step} ({first_line(exc)[:200]}); use smaller sizes: a smaller "
+                       f"memory budget, fewer samples or a smaller batch")

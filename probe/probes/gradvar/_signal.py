@@ -151,7 +151,8 @@ def signal_propagation(model: nn.Module, x: Tensor, y: Tensor, *, rebuild: Calla
                 m = rebuild(s)
             if not isinstance(m, nn.Module):
                 raise UserError(f"rebuild({s}) returned {type(m).__name__}, not a torch.nn.Module")
-            dev = torch.device(device) if device is not None else None
+            # "auto" (like None elsewhere) means the given model's device; a rebuilt model goes there too
+            dev = _fn.resolve_model_device(model, device) if device is not None else None
             if dev is not None:
                 m = m.to(dev)
             if bn == "eval":

@@ -73,6 +73,7 @@ from torch import Tensor, nn
 
 from probe.checks import check_number
 from probe.errors import UserError
+from probe.runtime.precision import exact
 from probe.probes.gradvar._common import GradVarParams, LossFn, _check_data, _module_of
 from probe.probes.gradvar._minibatch import minibatch_gradient_stats
 from probe.probes.gradvar._per_sample import per_sample_variance
@@ -83,6 +84,7 @@ from probe.probes.registry import Progress
 __all__ = ["gradient_variance"]
 
 
+@exact
 def gradient_variance(model: nn.Module, x: Tensor, y: Tensor, params: GradVarParams | None = None, *,
                       seed: int = 0, lr: float | None = None, rebuild: Callable[[int], nn.Module] | None = None,
                       at_init: bool | None = None, loss: LossFn | None = None,

@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from probe.errors import UserError, first_line
+from probe.runtime.memory import out_of_memory
 from probe.functional import FunctionalModel, batchnorm_train_mode, couples_samples, eval_mode, select_output
 
 __all__ = ["Criterion", "HessianOperator", "GGNOperator", "check_batching",
@@ -215,6 +216,8 @@ class _LossOperator:
         if self.vectorize == "vmap" and b > 1:
             try:
                 return vmap(one, chunk_size=self.vmap_chunk)(T)
+            except torch.OutOfMemoryError as exc:
+                raise out_of_memory(exc, f"the {self.kind} products (vmap over a block of {b} vectors)") from exc
             except UserError:      # a ValueError, but the user's mistake, not vmap's
                 raise
             except (RuntimeError, NotImplementedError, ValueError) as exc:

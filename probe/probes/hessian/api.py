@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from probe.errors import UserError
+from probe.runtime.precision import exact
 from probe.functional import FunctionalModel, OutputSelector, ParamFilter, functionalize
 from probe.linalg import TraceEstimate, extreme_eigenpairs, hutchinson_trace, hutchpp_trace, slq_density
 from probe.runtime.dist import current
@@ -252,6 +253,7 @@ def _trace(op, method: str, m: int, seed: int, block: int) -> TraceEstimate:
     return hutchinson_trace(op, m, seed=seed, block=block)
 
 
+@exact
 def hessian_spectrum(model: nn.Module, x, y, *, criterion: str | Criterion = "cross_entropy",
                      operator: str = "hessian", k: int = 5, which: str = "largest",
                      trace: str | None = "hutchinson", trace_matvecs: int = 100, density: bool = True,

@@ -75,6 +75,7 @@ from torch import Tensor, nn
 
 from probe.checks import check_int, check_number
 from probe.errors import UserError
+from probe.runtime.precision import exact
 from probe.functional import FunctionalModel, OutputSelector, check_sample_independence, fix_batch_statistics
 from probe.probes.interp.result import InterpResult
 from probe.probes.registry import Progress
@@ -300,6 +301,7 @@ def _softmax_ce(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return logp.exp(), -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
 
 
+@exact
 def interpolation_paths(model: nn.Module, x: Tensor, y: Tensor, *, pairs: int = 64, steps: int = 33,
                         same_class_fraction: float = 0.5, degree_tol: float = 0.01, max_degree: int = 12,
                         triples: int = 3, plane_resolution: int = 41, plane_margin: float = 0.25,

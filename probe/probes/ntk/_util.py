@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from probe.errors import UserError
+from probe.runtime.memory import out_of_memory
 from probe.functional import FunctionalModel
 
 DEFAULT_MEMORY_BUDGET = 2 * 2 ** 30
@@ -132,7 +133,9 @@ def _prepare_inputs(fm: FunctionalModel, x1, x2) -> tuple[Tensor, Tensor, bool]:
 
 
 #: Exceptions by which a model says a transform does not work on it (no forward-mode AD, no
-#: batching rule, a shape error under vmap); :class:`UserError` is ours and never one of them.
+#: batching rule, a shape error under vmap); :class:`UserError` is ours and never one of them, and
+#: ``torch.OutOfMemoryError`` (a ``RuntimeError``) is caught before them: running out of memory is
+#: not the model's answer, it is raised as :class:`probe.errors.OutOfMemory`.
 _MODEL_ERRORS = (NotImplementedError, RuntimeError, ValueError, TypeError, IndexError)
 
 
@@ -164,6 +167,8 @@ class _SampleJacobian:
         if not self.looped:
             try:
                 return self._vmapped(sub, x)
+            except torch.OutOfMemoryError as exc:
+                raise out_of_memory(exc, "the per-sample Jacobians (vmap over the samples)") from exc
             except UserError:
                 raise
             except _MODEL_ERRORS as exc:
@@ -189,6 +194,8 @@ class _Pushforward:
         tangent = {k: torch.zeros_like(p) for k, p in params.items()}
         try:
             jvp(lambda p: f(p, x0[:1]), (params,), (tangent,))
+        except torch.OutOfMemoryError as exc:
+            raise out_of_memory(exc, "the forward-mode (jvp) check on one sample") from exc
         except UserError:
             raise
         except _MODEL_ERRORS as exc:

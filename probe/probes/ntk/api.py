@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from probe.autodiff import find_structured_layers as _find_layers
 from probe.runtime.dist import current
 from probe.errors import UserError
-from probe.runtime.memory import MemoryMeter
+from probe.runtime.precision import exact
+from probe.runtime.memory import MemoryMeter, out_of_memory
 from probe.functional import (FunctionalModel, OutputSelector, ParamFilter, check_sample_independence,
                               couples_samples, eval_mode, fix_batch_statistics, functionalize)
 from probe.linalg import CallableOperator, SymmetricOperator, block_lanczos, dense_eigenvalues, spectrum_stats
@@ -44,6 +45,7 @@ _TRIAL_SLACK = 8 << 20  # measured working sets this much above the estimate are
 # --------------------------------------------------------------------------------------------
 
 
+@exact
 def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
                   kind: NtkKind | str = "trace", method: NtkMethod | str = "auto",
                   memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, block_size: int | None = None,
@@ -169,6 +171,8 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
                 run_plan(c, cand, K, progress)
                 plan = cand
                 break
+            except torch.OutOfMemoryError as exc:
+                raise out_of_memory(exc, f"the NTK kernel (method {cand.method})") from exc
             except UserError:
                 raise
             except _MODEL_ERRORS as exc:
@@ -323,6 +327,7 @@ def _targets(y, n_rows: int) -> np.ndarray:
     raise UserError(f"targets with {Y.shape[0]} rows do not match a kernel with {n_rows} rows")
 
 
+@exact
 def ntk_spectrum(K, y=None, *, floor: float | None = None) -> SpectrumResult:
     """Eigenvalues and spectrum summaries of a symmetric PSD kernel (float64 throughout).
 
@@ -377,6 +382,7 @@ def ntk_spectrum(K, y=None, *, floor: float | None = None) -> SpectrumResult:
 # --------------------------------------------------------------------------------------------
 
 
+@exact
 def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind | str = "trace",
                      method: LanczosMethod | str = "auto",
                      param_filter: ParamFilter = None, dtype: torch.dtype | str | None = None,
@@ -493,6 +499,8 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
                     if return_eigenvectors:                 # y = J p / ||J p||, p the Ritz vectors
                         JY = op.rows_times(eig.vectors).to(torch.float64).cpu().numpy()  # (n, k)
                         Y = JY / np.maximum(np.linalg.norm(JY, axis=0), 1e-300)
+            except torch.OutOfMemoryError as exc:
+                raise out_of_memory(exc, "the NTK Lanczos (gram operator)") from exc
             except UserError:
                 raise
             except _MODEL_ERRORS as exc:
@@ -552,6 +560,8 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
                 eig = block_lanczos(_finite(op, fm.dtype, y_max, "NTK-vector product"), k,
                                     block_size=s, max_dim=dim_cap, tol=tol, seed=seed,
                                     return_vectors=return_eigenvectors, progress=pbar.update)
+        except torch.OutOfMemoryError as exc:
+            raise out_of_memory(exc, "the NTK Lanczos (ntvp operator)") from exc
         except UserError:
             raise
         except _MODEL_ERRORS as exc:

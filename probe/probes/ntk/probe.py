@@ -66,7 +66,8 @@ def compute(ctx: ProbeContext, p: NTKParams) -> NTKProbeResult:
     """Kernel (or Lanczos top-k) on the context's inputs, its spectrum and eigenlearning."""
     from probe.probes.ntk.api import empirical_ntk, ntk_spectrum, ntk_topk_lanczos
 
-    x, y, n = ctx.x, ctx.y, int(ctx.x.shape[0])
+    x, n = ctx.x, int(ctx.x.shape[0])
+    y = ctx.y.detach().cpu()                    # labels on the host (a library caller may pass CUDA ones)
     budget = int(p.memory_gb * 2 ** 30)
     arrays: dict[str, np.ndarray] = {"labels": y.numpy()}
     summary: dict = {"model": ctx.model_name, "epoch": ctx.epoch, "data": ctx.data, "n": n, "kind": p.kind}

@@ -82,6 +82,7 @@ from models.fusion import Fusion
 from models.gates import Gate
 from probe.checks import check_int, check_number
 from probe.errors import UserError
+from probe.runtime.precision import exact
 from probe.functional import eval_mode
 from probe.probes.registry import Progress
 from probe.probes.saturation.result import SaturationResult
@@ -360,6 +361,7 @@ def _runner(model: nn.Module, device) -> tuple[torch.device, torch.dtype | None,
     return dev, dtype, lambda xb: torch.func.functional_call(model, (params, buffers), (xb,))
 
 
+@exact
 def saturation(model: nn.Module, x: Tensor, *, batch_size: int = 128, bins: int = 64, threshold: float = 3.0,
                hist_max: float = 12.0, device: torch.device | str | None = None,
                progress: Progress | None = None) -> "SaturationResult":

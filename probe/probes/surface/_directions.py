@@ -196,4 +196,5 @@ def pca_directions(theta0: Tensor, checkpoints: Sequence[Tensor], epochs: Sequen
     info = {"checkpoints": E, "epochs": [int(e) for e in epochs],
             "explained_variance": [float(v) for v in var[:dims]]}
     return Directions("pca", tuple(D[i].clone() for i in range(dims)), info,
-                      trajectory=coords.numpy(), trajectory_epochs=np.asarray(epochs, dtype=np.int64))
+                      trajectory=coords.detach().cpu().numpy(),
+                      trajectory_epochs=np.asarray(epochs, dtype=np.int64))

@@ -21,7 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from probe.errors import UserError
+from probe.runtime.precision import exact
 from probe.runtime.chunks import map_chunks
+from probe.runtime.memory import out_of_memory
 from probe.runtime.progress import Progress
 from probe.functional import couples_samples, flatten_params, functionalize
 from probe.probes.surface._directions import Directions, flat_params
@@ -66,6 +68,7 @@ def _check(name: str, value, choices: Sequence[str]) -> str:
     return value
 
 
+@exact
 def loss_surface(model: nn.Module, x, y, directions, grid: str | Grid = "-1:1:51", *, bn: str = "eval",
                  vectorize: str = "auto", memory_gb: float = 2.0, chunk: int = 0,
                  dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
@@ -189,6 +192,8 @@ def _try_vmap(fm, theta0, D, x, y, plan: Plan, vectorize: str, chunk: int, notes
     try:
         evaluate_points(fm, theta0, D, np.zeros((2, D.shape[0])), x, y, replace(plan, vmap_batch=2))
         return plan
+    except torch.OutOfMemoryError as exc:
+        raise out_of_memory(exc, "the surface's vmap trial on two grid points") from exc
     except UserError:              # a ValueError, but the user's mistake, not vmap's
         raise
     except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
