@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 
-from probe.errors import DataError, DiskFullError, StoreError, UserError, first_line
+from probe.errors import DataError, DiskFullError, OutOfMemory, StoreError, UserError, first_line
 
 __version__ = "0.1.0"
 
@@ -57,7 +57,7 @@ _GROUPS: dict[str, dict[str, str]] = {
 }
 _EXPORTS = {name: module for group in _GROUPS.values() for name, module in group.items()}
 
-__all__ = ["UserError", "DataError", "StoreError", "DiskFullError", "first_line", *_EXPORTS]
+__all__ = ["UserError", "DataError", "StoreError", "DiskFullError", "OutOfMemory", "first_line", *_EXPORTS]
 
 
 def __getattr__(name: str):
