@@ -11,6 +11,7 @@ import torch
 
 from probe.checks import check_bool, check_int, check_number
 from probe.errors import UserError
+from probe.training.numerics import AMP_DTYPES
 
 __all__ = ["TrainConfig", "PRESETS", "MAX_EPOCHS", "MAX_BATCH", "MAX_LR", "MAX_SEED", "parse_schedule", "lr_at",
            "check_device", "resolve_device"]
@@ -50,13 +51,17 @@ class TrainConfig:
     rebuild_optimizer_each_epoch: bool = _opt(False, "re-create SGD every epoch as the seed code did (resets momentum)")
     seed: int = _opt(0, "seed of init, data order, augmentation")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
-    amp: bool = _opt(False, "mixed precision (float16 on CUDA, bfloat16 on CPU)")
+    amp: bool = _opt(False, "mixed precision (see --amp-dtype)")
+    amp_dtype: str = _opt("auto", "with --amp: auto (bfloat16 on a GPU that computes it natively and on the CPU, "
+                                  "float16 with loss scaling on other GPUs) | bfloat16 | float16")
     image_size: int | None = _opt(None, "square input side (default: the data set's own)")
     limit_train: int | None = _opt(None, "class-balanced subset of the train split (default: all)")
     limit_test: int | None = _opt(None, "class-balanced subset of the test split (default: all)")
     eval_batch_size: int = _opt(512, "evaluation batch size", flag=False)
     sync_bn: bool = _opt(False, "under torchrun, BatchNorm statistics over the global batch (SyncBatchNorm, CUDA "
                                 "only; default: each rank normalises its own part)")
+    deterministic: bool = _opt(False, "deterministic algorithms only (torch, cuDNN and cuBLAS settings for the run; "
+                                      "an operation without one stops the run): exact resumes on CUDA, slower")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,7 +95,7 @@ class TrainConfig:
                 raise UserError(f"{name} must be a string, got {getattr(self, name)!r}")
         if not isinstance(self.model_kwargs, dict) or not all(isinstance(k, str) for k in self.model_kwargs):
             raise UserError(f"model_kwargs must be a mapping of argument names, got {self.model_kwargs!r}")
-        for name in ("nesterov", "hflip", "rebuild_optimizer_each_epoch", "amp", "sync_bn"):
+        for name in ("nesterov", "hflip", "rebuild_optimizer_each_epoch", "amp", "sync_bn", "deterministic"):
             check_bool(name, getattr(self, name))
         int_in("epochs", 1, MAX_EPOCHS)
         int_in("batch_size", 1, MAX_BATCH)
@@ -105,6 +110,10 @@ class TrainConfig:
         int_in("image_size", 1, 1024, optional=True)
         int_in("limit_train", 1, 10 ** 9, optional=True)
         int_in("limit_test", 1, 10 ** 9, optional=True)
+        if self.amp_dtype not in AMP_DTYPES:
+            raise UserError(f"amp_dtype must be one of {', '.join(AMP_DTYPES)}, got {self.amp_dtype!r}")
+        if self.amp_dtype != "auto" and not self.amp:
+            raise UserError(f"amp_dtype {self.amp_dtype} applies to mixed precision: add --amp (amp=True)")
         parse_schedule(self.schedule)
         check_device(self.device)
         return self

@@ -3,14 +3,16 @@
 :func:`train` runs a :class:`TrainConfig` into the run store: per epoch it logs train / test loss,
 top-1, top-5, the learning rate and the epoch time, and saves a checkpoint holding everything
 needed to continue *bit-for-bit* (model, optimizer, the data-order / augmentation generator, the
-global torch RNG used by dropout, the mixup generator). A run killed at any point and resumed
-with :func:`~probe.training.resume` ends with the same metrics and weights as an uninterrupted
-run (CPU; on GPU up to cuDNN non-determinism). A non-finite loss stops the run, marks it
-``failed`` and keeps the last good checkpoint.
+global and CUDA RNGs used by dropout, the mixup generator, the loss scaler). A run killed at any
+point and resumed with :func:`~probe.training.resume` ends with the same metrics and weights as an
+uninterrupted run (CPU; on CUDA with ``deterministic`` on the same GPU and software, which the run
+records: a resume elsewhere warns). A non-finite loss stops the run, marks it ``failed`` and keeps
+the last good checkpoint.
 """
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Callable
@@ -20,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from probe.errors import UserError
+from probe.errors import UserError, first_line
 from probe.probes.registry import Progress
 from probe.training.build import build_model, check_model, sync_batchnorm
 from probe.training.config import TrainConfig, lr_at, resolve_device
-from probe.training.state import one_line, restore, rng_state
+from probe.training.numerics import choose_amp_dtype, deterministic, environment, environment_changes, make_scaler
+from probe.training.state import one_line, per_rank_states, rank_rng_state, restore, rng_state
 
 __all__ = ["TrainingDiverged", "TrainResult", "train", "evaluate"]
 
@@ -122,7 +125,13 @@ def train(config: TrainConfig, store=None, *, run_id: str | None = None,
 
     The run's status ends ``finished``; ``failed`` with a one-line reason after a non-finite loss or
     weights (:class:`TrainingDiverged`), a full disk or any other error; ``interrupted`` after
-    ``KeyboardInterrupt``. Every exception is re-raised after the status is recorded."""
+    ``KeyboardInterrupt``. Every exception is re-raised after the status is recorded.
+
+    With ``config.amp`` the autocast dtype is :func:`~probe.training.numerics.choose_amp_dtype`'s
+    (float16 with a loss scaler); ``config.deterministic`` sets deterministic algorithms for the
+    run (:func:`~probe.training.numerics.deterministic`, restored afterwards). Both, and the
+    :func:`~probe.training.numerics.environment`, are recorded in the config's ``resolved``; a
+    resume on other software or another GPU warns (``warnings.warn``) naming what differs."""
     from probe.runtime.dist import setup
     from probe.store import RunStore
 
@@ -133,6 +142,7 @@ def train(config: TrainConfig, store=None, *, run_id: str | None = None,
     device = ddp.device(device)
     resuming = run_id is not None
     threads = torch.get_num_threads()
+    amp_dtype = choose_amp_dtype(config.amp_dtype, device) if config.amp else None
     if resuming:  # the thread count of the original run: CPU reductions depend on it
         resolved = ddp.broadcast((store.get_run(run_id)["config"].get("resolved") or {}) if ddp.main else None)
         stored = resolved.get("num_threads")
@@ -143,22 +153,50 @@ def train(config: TrainConfig, store=None, *, run_id: str | None = None,
             raise UserError(f"run {run_id} was trained by {world} process(es); resume it with the same number "
                             f"(torchrun --nproc-per-node {world}, or probe train --resume RUN --nproc {world}), "
                             f"not {ddp.world}: each rank's batch share and random state are part of the run")
+        if ddp.main:
+            _warn_if_elsewhere(run_id, resolved, device, amp_dtype)
     if config.sync_bn and ddp.active and device.type != "cuda":
         raise UserError("--sync-bn needs CUDA devices (torch's SyncBatchNorm is GPU-only); on CPU each rank "
                         "normalises its own part of the batch")
     try:
-        return _train(config, store, device, ddp, run_id=run_id, on_epoch=on_epoch, progress=progress,
-                      model_name=model_name or config.model)
+        with deterministic(config.deterministic):
+            return _train(config, store, device, ddp, run_id=run_id, on_epoch=on_epoch, progress=progress,
+                          model_name=model_name or config.model, amp_dtype=amp_dtype)
+    except RuntimeError as e:
+        if config.deterministic and "use_deterministic_algorithms" in str(e):
+            raise UserError(f"--deterministic: {first_line(e)[:300]} (train without --deterministic, or with "
+                            "other layers)") from None
+        raise
     finally:
         torch.set_num_threads(threads)
 
 
+def _warn_if_elsewhere(run_id: str, resolved: dict, device: torch.device, amp_dtype: torch.dtype | None) -> None:
+    """Warn when a resume runs on other software, another GPU or in another AMP dtype than the run
+    recorded (a run older than the record: its torch version alone)."""
+    stored = resolved.get("environment") or {k: resolved[k] for k in ("torch",) if k in resolved}
+    changes = environment_changes(stored, environment(device))
+    now = _dtype_name(amp_dtype)
+    if "amp_dtype" in resolved and resolved["amp_dtype"] != now:
+        changes.append(f"amp dtype {resolved['amp_dtype']} -> {now}")
+    if changes:
+        warnings.warn(f"run {run_id} was trained with other software or hardware than it resumes on "
+                      f"({'; '.join(changes)}): the continued run may differ from an uninterrupted one",
+                      RuntimeWarning, stacklevel=3)
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
 def _train(config: TrainConfig, store, device: torch.device, ddp, *, run_id: str | None,
-           on_epoch: Callable[[dict], None] | None, progress: Progress | None, model_name: str) -> TrainResult:
+           on_epoch: Callable[[dict], None] | None, progress: Progress | None, model_name: str,
+           amp_dtype: torch.dtype | None) -> TrainResult:
     """The loop. Under ``torchrun`` (``ddp.active``) every rank draws the same seeded global
     batches and trains on its contiguous part of each (gradients averaged by DDP, the loss scaled
     so that the average is the global batch's mean), the epoch's counts are summed over the ranks,
-    and rank 0 alone evaluates, logs and writes checkpoints (holding every rank's RNG state)."""
+    and rank 0 alone evaluates, logs and writes checkpoints (holding every rank's RNG states).
+    ``amp_dtype``: the autocast dtype (None: no mixed precision)."""
     from probe.data import Augment, make_loader
 
     data = _load_data(config)
@@ -174,13 +212,16 @@ def _train(config: TrainConfig, store, device: torch.device, ddp, *, run_id: str
             model = sync_batchnorm(model)
         torch.manual_seed(config.seed + 7919 * (ddp.rank + 1))  # each rank its own dropout masks
     opt = _make_optimizer(model, config, lr_at(config, 0))
+    use_amp = amp_dtype is not None
+    scaler = make_scaler(device, enabled=amp_dtype == torch.float16)
     start_epoch, best_acc, best_epoch = 0, None, None
     if run_id is None:
         if ddp.main:
             cfg = config.to_dict()
             cfg["resolved"] = {"model": model.probe_config, "data": data.describe(), "device": str(device),
                                "torch": torch.__version__, "num_threads": torch.get_num_threads(),
-                               "world_size": ddp.world}
+                               "world_size": ddp.world, "amp_dtype": _dtype_name(amp_dtype),
+                               "environment": environment(device)}
             run_id = store.new_run(config.model, config.data, cfg)
         run_id = ddp.broadcast(run_id)
     else:
@@ -190,7 +231,7 @@ def _train(config: TrainConfig, store, device: torch.device, ddp, *, run_id: str
         if last is not None:
             ckpt = ddp.broadcast(store.load_checkpoint(run_id, last) if ddp.main else None)
             start_epoch, best_acc, best_epoch = restore(ckpt, f"checkpoint epoch {last} of run {run_id}", model,
-                                                         opt, loader_gen, mix_rng, device, ddp.rank)
+                                                         opt, loader_gen, mix_rng, device, ddp.rank, scaler)
     net = model
     if ddp.active:
         from torch.nn.parallel import DistributedDataParallel
@@ -206,9 +247,6 @@ def _train(config: TrainConfig, store, device: torch.device, ddp, *, run_id: str
         augment = Augment(config.crop_padding, config.hflip)
         loader = make_loader(x_train, y_train, config.batch_size, shuffle=True, generator=loader_gen,
                              augment=augment)
-        use_amp = bool(config.amp)
-        amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and device.type == "cuda")
         history = [m for m in store.get_metrics(run_id) if m["epoch"] <= start_epoch] if main else []
         train_time = sum(m.get("epoch_time_s") or 0.0 for m in history)  # the sum of its epochs
         final_acc = history[-1].get("test_top1") if history else None
@@ -276,9 +314,9 @@ def _train(config: TrainConfig, store, device: torch.device, ddp, *, run_id: str
             train_time += epoch_time
             rng = rng_state(loader_gen, mix_rng, device)
             if ddp.active:
-                ranks = ddp.gather(torch.get_rng_state())
+                ranks = ddp.gather(rank_rng_state(device))
                 if main:
-                    rng["ranks"] = ranks
+                    rng.update(per_rank_states(ranks))
             if not main:
                 continue
             test = evaluate(model, x_test, y_test, config.eval_batch_size, device)
@@ -291,10 +329,12 @@ def _train(config: TrainConfig, store, device: torch.device, ddp, *, run_id: str
             history.append({"epoch": epoch + 1, **row})
             # metrics first, then the checkpoint: a resume re-runs at most this epoch and re-logs it
             store.log_epoch(run_id, epoch + 1, **row)
-            store.save_checkpoint(run_id, epoch + 1, {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                "rng": rng, "best_acc": best_acc, "best_epoch": best_epoch,
-                "model_config": model.probe_config, "metrics": history, "train_time_s": train_time})
+            ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                    "rng": rng, "best_acc": best_acc, "best_epoch": best_epoch,
+                    "model_config": model.probe_config, "metrics": history, "train_time_s": train_time}
+            if scaler.is_enabled():   # plain numbers: the loss scale and its growth counter
+                ckpt["scaler"] = scaler.state_dict()
+            store.save_checkpoint(run_id, epoch + 1, ckpt)
             store.update_run(run_id, summary={"best_acc": best_acc, "best_epoch": best_epoch,
                                               "final_acc": final_acc, "epochs_done": epoch + 1,
                                               "train_time_s": train_time})
