@@ -40,9 +40,20 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._harness import peak_rss_mib, print_result, read_result  # noqa: E402
+from benchmarks._harness import print_result, read_result, reset_peak, status_kib  # noqa: E402
 
 RESULTS: list[dict] = []
+#: the check's end (monotonic seconds): a subprocess's limit never reaches past it
+DEADLINE = [float("inf")]
+BUDGET_S = {"cuda": 450.0, "cpu": 900.0}
+
+
+def limit(seconds: float) -> float:
+    """A subprocess's time limit: ``seconds``, cut to what is left of the check's budget."""
+    left = DEADLINE[0] - time.monotonic()
+    if left < 15:
+        raise Skip("no time left in the check's budget (7.5 minutes on CUDA, 15 on the CPU)")
+    return min(seconds, left)
 
 
 class Skip(Exception):
@@ -81,7 +92,7 @@ def _env() -> dict:
 def _worker(name: str, device: str, timeout: float, *args: str) -> dict:
     """Run ``name`` in a fresh copy of this script (its own process, CUDA context and time limit)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--device", device, *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=str(ROOT))
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=limit(timeout), env=_env(), cwd=str(ROOT))
     res = read_result(out.stdout)
     if out.returncode != 0 or res is None:
         tail = (out.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
@@ -110,6 +121,11 @@ def _reset_peak(device) -> None:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    else:
+        try:
+            reset_peak()      # VmHWM := VmRSS (ru_maxrss would carry the parent's peak over exec)
+        except OSError:
+            pass
 
 
 def _peak(device) -> str:
@@ -118,7 +134,7 @@ def _peak(device) -> str:
 
     if torch.device(device).type == "cuda":
         return f"peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB GPU"
-    return f"peak RSS {peak_rss_mib():.0f} MiB"
+    return f"peak RSS {_peak_mib(device):.0f} MiB"
 
 
 def _peak_mib(device) -> float:
@@ -126,7 +142,7 @@ def _peak_mib(device) -> float:
 
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return peak_rss_mib()
+    return (status_kib("VmHWM") or 0) / 1024
 
 
 def _free_port() -> int:
@@ -155,7 +171,7 @@ def step_pytest(device: str) -> str:
         raise Skip("pytest is not installed in this python (nothing is installed by the check)") from None
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"],
-                         capture_output=True, text=True, timeout=150, env=_env(), cwd=str(ROOT))
+                         capture_output=True, text=True, timeout=limit(150), env=_env(), cwd=str(ROOT))
     last = (out.stdout.strip().splitlines() or ["(no output)"])[-1]
     if out.returncode not in (0, 5):
         raise RuntimeError(f"pytest exited {out.returncode}: {last}")
@@ -209,7 +225,7 @@ def step_kill_resume(device: str, small: bool) -> tuple:
         runs = Path(tmp) / "runs"
         cmd = [sys.executable, "-m", "probe", "train", "--runs", str(runs), *flags]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=str(ROOT))
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + limit(180)
         pattern = str(runs / "runs" / "*" / "checkpoints" / "epoch_0001.pt")
         while not glob.glob(pattern) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -229,12 +245,12 @@ def step_kill_resume(device: str, small: bool) -> tuple:
         if any(n.endswith("0003.pt") for n in killed_at):
             notes.append("the run had finished before the kill landed")
         out = subprocess.run([sys.executable, "-m", "probe", "train", "--runs", str(runs), "--resume", run_id,
-                              "--quiet", "--json"], capture_output=True, text=True, timeout=240, env=env,
+                              "--quiet", "--json"], capture_output=True, text=True, timeout=limit(240), env=env,
                              cwd=str(ROOT))
         if out.returncode != 0:
             raise RuntimeError(f"--resume exited {out.returncode}: "
                                f"{(out.stderr.strip().splitlines() or [''])[-1][:200]}")
-        ref = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=str(ROOT))
+        ref = subprocess.run(cmd, capture_output=True, text=True, timeout=limit(240), env=env, cwd=str(ROOT))
         if ref.returncode != 0:
             raise RuntimeError(f"uninterrupted run exited {ref.returncode}: "
                                f"{(ref.stderr.strip().splitlines() or [''])[-1][:200]}")
@@ -268,8 +284,15 @@ def _metric_rows(rows) -> list:
 
 # --- step 4: every probe, device against CPU -----------------------------------------------------------
 
-PROBE_MODEL = "tiny_triplet"   # has sigmoid gates (saturation) and BatchNorm
-PROBE_N = 32
+PROBE_MODEL = "tiny_mul"   # BatchNorm and a multiplicative fusion, cheap for every probe
+# saturation measures sigmoid gates, which tiny_mul has none of (its measure would be None)
+PROBE_MODEL_FOR = {"saturation": "tiny_triplet"}
+PROBE_N = {"cuda": 32, "cpu": 16}
+SMALL = [False]
+
+
+def _probe_n() -> int:
+    return PROBE_N["cpu" if SMALL[0] else "cuda"]
 # (rel, abs) per probe: float64 probes must agree to rounding; saturation (float32 only) counts
 # gate logits above a threshold, so one logit may flip.
 TOLERANCE = {"saturation": (1e-3, 0.01), "default": (1e-6, 1e-9)}
@@ -289,7 +312,7 @@ def _run_one(name: str, device: str):
     with tempfile.TemporaryDirectory() as tmp:
         store = probe.RunStore(tmp)
         try:
-            out = probe.run_probe(store, name, params, model=PROBE_MODEL, n=PROBE_N, seed=0, device=device,
+            out = probe.run_probe(store, name, params, model=PROBE_MODEL_FOR.get(name, PROBE_MODEL), n=_probe_n(), seed=0, device=device,
                                   save=False)[0]
         finally:
             store.close()
@@ -318,7 +341,7 @@ def step_probe(name: str, device: str) -> tuple:
             parts.append(f"{key} {a:.6g} vs {b:.6g} (rel {rel:g}, abs {abs_:g})")
         if not ok:
             bad.append(key)
-    fig = (f"{PROBE_MODEL} n={PROBE_N} {dtype}, {device} {t_dev:.1f} s vs cpu {t_cpu:.1f} s: " + "; ".join(parts))
+    fig = (f"{PROBE_MODEL_FOR.get(name, PROBE_MODEL)} n={_probe_n()} {dtype}, {device} {t_dev:.1f} s vs cpu {t_cpu:.1f} s: " + "; ".join(parts))
     if bad:
         raise RuntimeError(f"{', '.join(bad)} outside tolerance: {fig}")
     return fig, {"device": dev, "cpu": cpu}
@@ -414,7 +437,7 @@ def worker_ntk_trace(device: str, small: bool, peak: float) -> dict:
     dt = time.perf_counter() - t0
     frac = 2.0 * n * n * P / dt / peak
     return {"figure": f"add_resnet N={n} ({P} params, {r.method}, {str(r.kernel.dtype)}): {dt:.2f} s, "
-                      f"{_peak(device)}, {100 * frac:.1f}% of matmul peak (2N^2P flops)",
+                      f"{_peak(device)}, {100 * frac:.1f}% of the float32 matmul peak (2N^2P flops)",
             "seconds": dt, "peak_mib": _peak_mib(device), "peak_fraction": frac, "n": n}
 
 
@@ -517,7 +540,12 @@ def main(argv=None) -> int:
     ap.add_argument("--small", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--peak", type=float, default=1.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    import torch
+    try:
+        import torch
+    except ImportError as e:
+        say("FAIL", "setup", f"{sys.executable} cannot import torch ({e}); run it with the python that has "
+                             "the machine's torch (make gpu-check PYTHON=...)")
+        return _finish({"python": sys.executable}, time.perf_counter())
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.worker:
@@ -525,7 +553,9 @@ def main(argv=None) -> int:
         return 0
     small = torch.device(device).type != "cuda"
     cuda = not small
+    SMALL[0] = small
     t_start = time.perf_counter()
+    DEADLINE[0] = time.monotonic() + BUDGET_S["cuda" if cuda else "cpu"]
     info = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda,
             "gpu": torch.cuda.get_device_name(0) if cuda and torch.cuda.is_available() else None,
             "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
@@ -559,8 +589,8 @@ def main(argv=None) -> int:
 
     step("headline/matmul-peak", matmul)
     budget = {"ntk-trace": 120, "ntk-lanczos": 240, "hessian": 240, "surface": 180}
-    for name, limit in budget.items():
-        step(f"headline/{name}", headline, name, device, small, peak[0], limit * (2 if small else 1))
+    for name, seconds in budget.items():
+        step(f"headline/{name}", headline, name, device, small, peak[0], seconds * (2 if small else 1))
     say("SKIP", "headline/pyhessian", "PyHessian is not installed here and nothing is installed by the check")
     return _finish(info, t_start)
 
