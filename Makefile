@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-slow test-all test-browser demo data clean
+.PHONY: venv test test-slow test-all test-browser demo data clean gpu-check
 
 venv: $(STAMP)
 
@@ -25,6 +25,13 @@ test-slow: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"
+
+# The prepared GPU check (benchmarks/gpu_check.py): the machine's own torch, nothing installed (a GPU
+# machine may reach no package registry); the venv's python when there is one. DEVICE=cpu dry-runs it.
+CHECK_PY := $(shell test -x $(PY) && echo $(PY) || echo $(PYTHON))
+
+gpu-check:
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(CHECK_PY) benchmarks/gpu_check.py
 
 # the explorer in a real headless Chromium (Debian's chromium + chromium-driver; the screenshot is
 # kept in tests/.artifacts/)
