@@ -4,17 +4,18 @@ relative update size, Hessian lambda_max and trace, the loss surface's rise) or 
 measures (NTK condition number and effective rank, the eigenlearning prediction, smoothness along
 mixup paths between real inputs).
 
-Every variant of the fusion table's first protocol (seed 0) is probed at its last epoch with
-:func:`probe.headline.measure`; each measure's Spearman correlation with the gap (mean best top-1
-over seeds minus the baseline's) is given over all variants and within each seed group of at least
+Every variant of the fusion table's first protocol is probed at its last epoch with
+:func:`probe.headline.measure`, every seed (three quick, five full), and each measure is the mean
+over the seeds; each measure's Spearman correlation with the gap (mean best top-1 over seeds minus
+the baseline's) is given over all variants and within each seed group of at least
 five rows, with a bootstrap interval.
 
 These measures are *descriptive*: taken after training, a measure can follow the gap rather than
 cause it (the ``regimes`` experiment reports the *predictive* ones, taken at initialisation, apart).
 Each rho is given with Holm's adjusted p-value over the measures tested together in its group.
 
-Limits, stated with the numbers: correlation over one small architecture and data set, one seed
-of probes per variant, and groups of five to sixteen rows (wide intervals).
+Limits, stated with the numbers: correlation over one small architecture and data set, three or five
+seeds of probes per variant, and groups of five to sixteen rows (wide intervals).
 """
 from __future__ import annotations
 
@@ -45,15 +46,18 @@ def run(ctx: Context) -> Outcome:
     first = protos[0].name
     variants, probe_ids = [], []
     for i, row in enumerate(rows):
-        rid = runs[(row, first, seed_list[0])]
-        ids = measure(ctx.store, rid, quick=ctx.quick, log=ctx.log)
-        probe_ids += list(ids.values())
+        per_seed = []
+        for seed in seed_list:                                 # every seed probed: the measure is their mean
+            rid = runs[(row, first, seed)]
+            ids = measure(ctx.store, rid, quick=ctx.quick, log=ctx.log)
+            probe_ids += list(ids.values())
+            per_seed.append({**headline(ctx.store, ids), "train_eval_top1": eval_train_accuracy(ctx, rid),
+                             "test_best": acc[(row, first, seed)]["best"]})
         variants.append({"id": row, "group": seed_fusion(row).group, "formula": seed_fusion(row).formula,
-                         "run_id": rid, "gap": table[row][f"{first}.gap"],
-                         "best_mean": table[row][f"{first}.best_mean"],
+                         "run_id": runs[(row, first, seed_list[0])], "n_seeds": len(seed_list),
+                         "gap": table[row][f"{first}.gap"], "best_mean": table[row][f"{first}.best_mean"],
                          "train_final_mean": table[row][f"{first}.train_final_mean"],
-                         "train_eval_top1": eval_train_accuracy(ctx, rid), "test_best": acc[(row, first, seed_list[0])]["best"],
-                         **headline(ctx.store, ids)})
+                         **seed_mean(per_seed, ["train_eval_top1", "test_best"] + [m.key for m in MEASURES])})
         if ctx.progress is not None:
             ctx.progress("verdict: probing variants", i + 1, len(rows))
     groups = ["all"] + [g for g in dict.fromkeys(v["group"] for v in variants)
@@ -67,6 +71,16 @@ def run(ctx: Context) -> Outcome:
         "rows": corr})                       # non-finite numbers are stored as missing
     return Outcome(_figures(corr, variants, groups), variants, sorted(set(runs.values())), probe_ids, found,
                    tables={"correlations": corr})
+
+
+def seed_mean(per_seed: list[dict], keys: list[str]) -> dict:
+    """``{key: mean over seeds}`` of ``per_seed`` (one dict per seed), skipping a seed whose value
+    is missing or not finite; None where no seed has one."""
+    out = {}
+    for k in keys:
+        vals = [float(d[k]) for d in per_seed if d.get(k) is not None and np.isfinite(float(d[k]))]
+        out[k] = float(np.mean(vals)) if vals else None
+    return out
 
 
 def correlations(variants: list[dict], groups: list[str]) -> list[dict]:
@@ -92,8 +106,8 @@ def correlations(variants: list[dict], groups: list[str]) -> list[dict]:
 
 
 def split_gap(variants: list[dict], baseline: str = "fmm01", train_key: str = "train_eval_top1") -> dict:
-    """The test gap of the variants at least 5 points behind the baseline (seed 0: best test top-1
-    minus the baseline's), split into a training part (their ``train_key`` accuracy minus the
+    """The test gap of the variants at least 5 points behind the baseline (best test top-1, mean
+    over seeds, minus the baseline's), split into a training part (their ``train_key`` accuracy minus the
     baseline's: eval-mode top-1 on the training samples by default, the per-epoch train-mode top-1
     with ``train_final_mean``) and the rest (a larger generalisation gap): the direct reading of
     optimisation against generalisation."""
@@ -116,7 +130,8 @@ def _findings(corr: list[dict], variants: list[dict], protocol: str) -> list[str
     split = split_gap(variants)
     if split["n_behind"]:
         mode = split_gap(variants, train_key="train_final_mean")
-        found.append(f"{split['n_behind']} variants at least 5 points behind on test, seed 0 "
+        found.append(f"{split['n_behind']} variants at least 5 points behind on test, mean over "
+                     f"{variants[0].get('n_seeds', 1)} seeds "
                      f"({', '.join(split['ids'])}): test gap {fmt(split['test_gap_mean'], '.1f')} points on average, "
                      f"of which their fit of the training samples (eval mode, as at test time) accounts for "
                      f"{fmt(split['train_gap_mean'], '.1f')} (share {fmt(split['train_share'], '.2f')}; baseline "

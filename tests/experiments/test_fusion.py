@@ -142,12 +142,17 @@ def test_fusion_experiments_end_to_end_on_a_few_rows(tmp_path, tiny_table):
     assert [v["id"] for v in variants] == ROWS
     from probe.headline import MEASURES, headline
 
-    for v in variants[:2]:
-        ids = {p["kind"]: p["probe_id"] for p in store.list_probes(run_id=v["run_id"])
-               if p["kind"] in {m.probe for m in MEASURES}}
-        numbers = headline(store, ids)
+    for v in variants[:2]:                                             # every seed probed, the measure their mean
+        per_seed = []
+        for s in (0, 1):
+            rid = by_recipe[(v["id"], 40, s)]["run_id"]
+            ids = {p["kind"]: p["probe_id"] for p in store.list_probes(run_id=rid)
+                   if p["kind"] in {m.probe for m in MEASURES}}
+            assert set(ids) == {m.probe for m in MEASURES}
+            per_seed.append(headline(store, ids))
+        assert int(v["n_seeds"]) == 2
         for key in ("grad_snr", "lambda_max", "ntk_cond", "path_deviation"):
-            assert float(v[key]) == pytest.approx(numbers[key], rel=1e-12)
+            assert float(v[key]) == pytest.approx(np.mean([d[key] for d in per_seed]), rel=1e-12)
     corr = _rows(tmp_path / "out" / "verdict" / "correlations.csv")
     assert {c["measure"] for c in corr} == {m.key for m in MEASURES} and {c["group"] for c in corr} == {"all"}
     assert any(line.startswith("optimisation: mean |rho|") for line in out["found"])
