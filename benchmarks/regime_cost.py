@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     from experiments._regimes import regime_config, settings
     from probe import RunStore
     from probe import train
+    from probe.errors import UserError, first_line
 
     full = [r for r in settings(False).regimes if r.data == "fashion-mnist"]
     per_depth = {}
@@ -48,7 +49,11 @@ def main(argv=None) -> int:
             cfg = replace(regime_config(r, "fmm18", 0), epochs=1, limit_train=args.samples, limit_test=args.test,
                           device=args.device)
             t0 = time.perf_counter()
-            res = train(cfg, store)
+            try:
+                res = train(cfg, store)
+            except UserError as e:                   # a missing data set, a bad device: one line
+                print(f"regime_cost: {first_line(e)}", file=sys.stderr)
+                return 2
             wall = time.perf_counter() - t0
             epoch = res.metrics[-1]["epoch_time_s"]
             per_depth[depth] = {"train_s_per_sample_epoch": epoch / args.samples,
