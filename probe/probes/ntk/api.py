@@ -7,7 +7,6 @@ one of the two NTK operators (:mod:`._operators`).
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import numpy as np
@@ -23,6 +22,7 @@ from probe.functional import (FunctionalModel, OutputSelector, ParamFilter, chec
                               couples_samples, eval_mode, fix_batch_statistics, functionalize)
 from probe.linalg import CallableOperator, SymmetricOperator, block_lanczos, dense_eigenvalues, spectrum_stats
 from probe.probes.ntk._blocks import _block_shape, _symmetrize_
+from probe.probes.ntk._dist import _tiled
 from probe.probes.ntk._methods import KernelMethod, NtkMethod, candidates, run_plan
 from probe.probes.ntk._operators import _GramOperator, _NtkOperator, _ShardedGram
 from probe.probes.ntk._plan import (_checked_layers, _Ctx, _default_block, _fit_n, _measure, _no_plan_error, _Plan,
@@ -106,7 +106,7 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
     method = _enum(NtkMethod, method, "NTK method")
     ddp = current()
     if ddp.active and isinstance(x1, Tensor) and x1.shape[0] >= 2 and not couples_samples(model):
-        return _tiled(ddp, model, x1, x2, t0, kind=kind, method=method, memory_budget_bytes=memory_budget_bytes,
+        return _tiled(ddp, empirical_ntk, model, x1, x2, t0, kind=kind, method=method, memory_budget_bytes=memory_budget_bytes,
                       block_size=block_size, param_filter=param_filter, dtype=dtype, device=device, output=output)
     if memory_budget_bytes is None or memory_budget_bytes <= 0:
         raise UserError(f"memory_budget_bytes must be positive, got {memory_budget_bytes!r}")
@@ -207,54 +207,6 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
                      schedule=plan.schedule, bn_mode=bn_mode, est_gflop=plan.flops / 1e9,
                      param_filter=None if param_filter is None else repr(param_filter),
                      notes=tuple(notes))
-
-
-def _tiled(ddp, model: nn.Module, x1: Tensor, x2: Tensor | None, t0: float, *, kind: NtkKind, **kw) -> NtkResult:
-    """The kernel under ``torchrun``: the samples in ``ddp.world`` contiguous row (and column)
-    blocks, the tiles of the upper triangle (all tiles when x2 is given) shared out over the ranks
-    (:func:`probe.runtime.chunks.map_chunks`), each computed alone by :func:`empirical_ntk`, and
-    assembled on every rank; the lower triangle is the transpose of the upper. Models whose
-    samples interact (BatchNorm statistics of the batch) are not tiled."""
-    from probe.runtime.dist import local
-    from probe.runtime.chunks import map_chunks
-
-    sym = x2 is None
-    rows = [c for c in torch.arange(x1.shape[0]).tensor_split(ddp.world) if c.numel()]
-    cols = rows if sym else [c for c in torch.arange(x2.shape[0]).tensor_split(ddp.world) if c.numel()]
-    tiles = [(i, j) for i in range(len(rows)) for j in range(len(cols)) if not sym or j >= i]
-    other = x1 if sym else x2
-
-    def tile(t: int):
-        i, j = tiles[t]
-        with local():
-            return empirical_ntk(model, x1[rows[i]], None if sym and i == j else other[cols[j]], kind=kind, **kw)
-
-    parts, _ = map_chunks(len(tiles), tile, piece=lambda t: f"tile-{t}", dist=ddp)
-    O = parts[0].n_outputs
-    n1, n2 = x1.shape[0], other.shape[0]
-    K = np.zeros(((n1 * O, n2 * O) if kind == NtkKind.FULL else (O, n1, n2) if kind == NtkKind.DIAGONAL
-                  else (n1, n2)), dtype=np.float64)
-
-    def place(r, c, block):
-        if kind == NtkKind.FULL:
-            K[r[0] * O:(r[-1] + 1) * O, c[0] * O:(c[-1] + 1) * O] = block
-        elif kind == NtkKind.DIAGONAL:
-            K[:, r[0]:r[-1] + 1, c[0]:c[-1] + 1] = block
-        else:
-            K[r[0]:r[-1] + 1, c[0]:c[-1] + 1] = block
-
-    for (i, j), res in zip(tiles, parts):
-        place(rows[i], cols[j], res.kernel)
-        if sym and i != j:
-            place(cols[j], rows[i], np.swapaxes(res.kernel, -1, -2))
-    first = parts[0]
-    notes = tuple(dict.fromkeys(n for p in parts for n in p.notes)) + (
-        f"kernel in {len(tiles)} tiles over {ddp.world} ranks (methods: "
-        f"{', '.join(sorted({p.method for p in parts}))})",)
-    return dataclasses.replace(first, kernel=K, n1=n1, n2=n2, symmetric=sym, wall_time_s=time.perf_counter() - t0,
-                               peak_memory_bytes=max(p.peak_memory_bytes for p in parts),
-                               n_blocks=sum(p.n_blocks for p in parts), est_gflop=sum(p.est_gflop for p in parts),
-                               notes=notes)
 
 
 def _independent(fm: FunctionalModel, x: Tensor, notes: list[str]):
