@@ -22,7 +22,7 @@ from probe.functional import (FunctionalModel, OutputSelector, ParamFilter, chec
                               couples_samples, eval_mode, fix_batch_statistics, functionalize)
 from probe.linalg import CallableOperator, SymmetricOperator, block_lanczos, dense_eigenvalues, spectrum_stats
 from probe.probes.ntk._blocks import _block_shape, _symmetrize_
-from probe.probes.ntk._dist import _tiled
+from probe.probes.ntk._dist import _factored, _tiled
 from probe.probes.ntk._methods import KernelMethod, NtkMethod, candidates, run_plan
 from probe.probes.ntk._operators import _GramOperator, _NtkOperator, _ShardedGram
 from probe.probes.ntk._plan import (_checked_layers, _Ctx, _default_block, _fit_n, _measure, _no_plan_error, _Plan,
@@ -105,9 +105,15 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
     kind = _enum(NtkKind, kind, "NTK kind")
     method = _enum(NtkMethod, method, "NTK method")
     ddp = current()
-    if ddp.active and isinstance(x1, Tensor) and x1.shape[0] >= 2 and not couples_samples(model):
-        return _tiled(ddp, empirical_ntk, model, x1, x2, t0, kind=kind, method=method, memory_budget_bytes=memory_budget_bytes,
-                      block_size=block_size, param_filter=param_filter, dtype=dtype, device=device, output=output)
+    spread = ddp.active and isinstance(x1, Tensor) and x1.shape[0] >= 2 and not couples_samples(model)
+
+    def tiles(why: str = "") -> NtkResult:
+        return _tiled(ddp, empirical_ntk, model, x1, x2, t0, kind=kind, why=why, method=method,
+                      memory_budget_bytes=memory_budget_bytes, block_size=block_size, param_filter=param_filter,
+                      dtype=dtype, device=device, output=output)
+    if spread and (x2 is not None or kind == NtkKind.FULL or x1.shape[0] < ddp.world
+                   or method not in (NtkMethod.AUTO, NtkMethod.LAYERWISE)):
+        return tiles()
     if memory_budget_bytes is None or memory_budget_bytes <= 0:
         raise UserError(f"memory_budget_bytes must be positive, got {memory_budget_bytes!r}")
     if block_size is not None and int(block_size) < 1:
@@ -152,43 +158,58 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
             if bad:
                 notes.append(f"layerwise: {len(bad)} parameter tensor(s) failed the closed-form "
                              f"check and use the generic Jacobian path")
-        by_name = {m.name: m for m in wanted}
-
-        def make(m: KernelMethod, ctx: _Ctx, room: int) -> _Plan:
-            return m.plan(ctx, (good, fallback), room, block_size)
-
-        plans = [make(m, c, free) for m in wanted]
-        feasible = [p for p in plans if p.feasible]
-        if not feasible:
-            raise _no_plan_error(c, plans, sym)
-        K = torch.zeros(_block_shape(kind, c.n1, c.n2, c.O), dtype=torch.float64, device=fm.device)
-        failures: list[str] = []
-        plan = None
-        for cand in sorted(feasible, key=lambda p: p.cost):
+        if spread:   # under torchrun: each rank's layer factors once, exchanged (else tiles)
             try:
-                cand = _calibrated(c, cand, free, lambda ctx, room, m=by_name[cand.method]: make(m, ctx, room),
-                                   notes)
-                run_plan(c, cand, K, progress)
-                plan = cand
-                break
+                got = _factored(c, good, fallback, ddp, free, progress)
             except torch.OutOfMemoryError as exc:
-                raise out_of_memory(exc, f"the NTK kernel (method {cand.method})") from exc
-            except UserError:
-                raise
+                raise out_of_memory(exc, "the NTK kernel (layer factors over ranks)") from exc
             except _MODEL_ERRORS as exc:
-                if method != NtkMethod.AUTO:
-                    raise UserError(f"method={method.value!r} does not work on this model "
-                                    f"({_first_line(exc)}); method='auto' tries the other methods"
-                                    ) from None
-                failures.append(f"{cand.method} failed on this model ({_first_line(exc)})")
-                K.zero_()
-        notes.extend(f"{f}; the next method was tried" for f in failures)
-        if plan is None:
-            skipped = [f"{p.method}: {p.reason}" for p in plans if not p.feasible]
-            raise UserError("no NTK method works for this model: " + "; ".join(failures + skipped))
-        if plan.fallback is not None:
-            notes.append(f"layerwise: {len(fallback)} parameter tensor(s) outside "
-                         f"Linear/Conv2d/BatchNorm layers via the Jacobian path")
+                raise UserError(f"the layerwise kernel over {ddp.world} ranks failed on this model "
+                                f"({_first_line(exc)})") from None
+            if got is None:
+                return tiles("the layer factors do not apply or fit the memory budget")
+            K, plan, sent = got
+            notes.append(f"kernel over {ddp.world} ranks from layer factors: each rank recorded its "
+                         f"samples' layer inputs and output gradients once and sent {_mib(sent)} of "
+                         f"them to the others")
+        else:
+            by_name = {m.name: m for m in wanted}
+
+            def make(m: KernelMethod, ctx: _Ctx, room: int) -> _Plan:
+                return m.plan(ctx, (good, fallback), room, block_size)
+
+            plans = [make(m, c, free) for m in wanted]
+            feasible = [p for p in plans if p.feasible]
+            if not feasible:
+                raise _no_plan_error(c, plans, sym)
+            K = torch.zeros(_block_shape(kind, c.n1, c.n2, c.O), dtype=torch.float64, device=fm.device)
+            failures: list[str] = []
+            plan = None
+            for cand in sorted(feasible, key=lambda p: p.cost):
+                try:
+                    cand = _calibrated(c, cand, free, lambda ctx, room, m=by_name[cand.method]: make(m, ctx, room),
+                                       notes)
+                    run_plan(c, cand, K, progress)
+                    plan = cand
+                    break
+                except torch.OutOfMemoryError as exc:
+                    raise out_of_memory(exc, f"the NTK kernel (method {cand.method})") from exc
+                except UserError:
+                    raise
+                except _MODEL_ERRORS as exc:
+                    if method != NtkMethod.AUTO:
+                        raise UserError(f"method={method.value!r} does not work on this model "
+                                        f"({_first_line(exc)}); method='auto' tries the other methods"
+                                        ) from None
+                    failures.append(f"{cand.method} failed on this model ({_first_line(exc)})")
+                    K.zero_()
+            notes.extend(f"{f}; the next method was tried" for f in failures)
+            if plan is None:
+                skipped = [f"{p.method}: {p.reason}" for p in plans if not p.feasible]
+                raise UserError("no NTK method works for this model: " + "; ".join(failures + skipped))
+            if plan.fallback is not None:
+                notes.append(f"layerwise: {len(fallback)} parameter tensor(s) outside "
+                             f"Linear/Conv2d/BatchNorm layers via the Jacobian path")
     if not bool(torch.isfinite(K).all()):
         raise _overflow_error(fm.dtype, y_max, f"{kind.value} kernel")
     if kind == NtkKind.FULL:
