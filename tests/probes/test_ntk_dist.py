@@ -25,7 +25,8 @@ MODEL = textwrap.dedent('''
 
     class Net(nn.Module):
         """Conv + BatchNorm (running statistics) at 8 x 8, a strided conv, a Linear applied at 16
-        positions and called twice, a Linear head: rows, Gram and summed-call paths."""
+        positions and called twice, a Linear head, a second head on the input: rows, Gram,
+        summed-call paths and layers that some outputs do not reach."""
 
         def __init__(self):
             super().__init__()
@@ -33,13 +34,14 @@ MODEL = textwrap.dedent('''
             self.bn = nn.BatchNorm2d(6)
             self.conv2 = nn.Conv2d(6, 6, 3, padding=1, stride=2)
             self.shared = nn.Linear(6, 6)
-            self.fc = nn.Linear(6 * 16, 5)
+            self.fc = nn.Linear(6 * 16, 4)
+            self.side = nn.Linear(3, 2)        # outputs 4, 5: no gradient reaches the other layers
 
         def forward(self, x):
             h = torch.relu(self.bn(self.conv(x)))
             h = torch.tanh(self.conv2(h)).permute(0, 2, 3, 1)          # (n, 4, 4, 6)
             h = self.shared(torch.tanh(self.shared(h)))
-            return self.fc(h.reshape(h.shape[0], -1))
+            return torch.cat([self.fc(h.reshape(h.shape[0], -1)), self.side(x.mean((2, 3)))], 1)
 
 
     def build(n=23):
@@ -51,9 +53,9 @@ MODEL = textwrap.dedent('''
         return m.eval(), torch.randn(n, 3, 8, 8, dtype=torch.float64)
 ''')
 
-# (kind, memory budget): the whole factors at once; 2 of the 5 outputs' factors at a time; a
+# (kind, memory budget): the whole factors at once; 2 of the 6 outputs' factors at a time; a
 # budget the factors do not fit (the tiles instead)
-RUNS = [("trace", 2 ** 30), ("diagonal", 1_700_000), ("trace", 1_000_000)]
+RUNS = [("trace", 2 ** 30), ("diagonal", 1_750_000), ("trace", 1_000_000)]
 
 WORKER = textwrap.dedent('''
     import json, sys
@@ -109,7 +111,7 @@ def test_ntk_from_layer_factors_over_two_ranks_equals_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(info) == len(RUNS)
-    assert "exchanged 5 output(s) at a time" in info[0]["schedule"]
+    assert "exchanged 6 output(s) at a time" in info[0]["schedule"]
     assert "exchanged 2 output(s) at a time" in info[1]["schedule"]
     for run in info[:2]:
         assert any("from layer factors" in n for n in run["notes"])
@@ -125,7 +127,7 @@ def test_ntk_from_layer_factors_over_two_ranks_equals_one_process(tmp_path):
     for i, (kind, _) in enumerate(RUNS):
         want = empirical_ntk(m, x, kind=kind).kernel
         got = a[str(i)]
-        assert got.shape == want.shape == ((23, 23) if kind == "trace" else (5, 23, 23))
+        assert got.shape == want.shape == ((23, 23) if kind == "trace" else (6, 23, 23))
         assert np.abs(got - want).max() <= 1e-10 * np.abs(want).max(), (kind, i)
         assert np.array_equal(got, b[str(i)])
         if i < 2:                                 # the factors' cross blocks are mirrored exactly

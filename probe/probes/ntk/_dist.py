@@ -202,7 +202,7 @@ def _factored(c: _Ctx, layers: list[StructuredLayer], fallback: list[str], ddp: 
     used = [li for li, lay in enumerate(layers) if lay.calls > 0]
     if fallback or not used or N < W or kind == NtkKind.FULL:
         return None
-    m, peak = _budget(c, layers, used, n_me, n_big, free)
+    m, peak = _budget(c, layers, used, n_big, n_big, free)    # the largest share's: the same on every rank
     if m < 1:
         return None
 
@@ -291,14 +291,20 @@ def _factored(c: _Ctx, layers: list[StructuredLayer], fallback: list[str], ddp: 
     groups = _ranges(O, m)
     with _progress(len(groups) * W, f"ntk {kind.value} (layer factors over {W} ranks)", progress) as pbar:
         for o0, o1 in groups:
-            mine.G = {(k, o): torch.zeros((n_me,) + shapes[("g", k)], dtype=fm.dtype, device=fm.device)
+            mine.G = {(k, o): torch.empty((n_me,) + shapes[("g", k)], dtype=fm.dtype, device=fm.device)
                       for k in calls for o in range(o0, o1)}
+            filled = set()
             for o in range(o0, o1):
                 for ci, (c0, c1) in enumerate(parts):
-                    def keep(_o, k, g, o=o, c0=c0, c1=c1):
+                    def keep(_o, k, g, o=o, ci=ci, c0=c0, c1=c1):
                         if k in norms:
                             mine.G[(k, o)][c0:c1] = g
+                            filled.add((k, o, ci))
                     stream_backward(recs[ci], leaves[ci], [o], keep)
+            for (k, o), g in mine.G.items():         # no gradient reached the call: its rows are zero
+                for ci, (c0, c1) in enumerate(parts):
+                    if (k, o, ci) not in filled:
+                        g[c0:c1].zero_()
             items = {(o, li) for o in range(o0, o1) for li in used}
             for d in range(1, W):
                 dst, src = (me + d) % W, (me - d) % W

@@ -97,6 +97,13 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
     at those of ``x1`` (:func:`probe.functional.fix_batch_statistics`, with a note); any other
     coupling of the samples of a batch (``x - x.mean(0)``) is a :class:`UserError`.
 
+    Under ``torchrun`` (:mod:`probe.runtime.dist`) the trace and diagonal kernels of x1 with
+    itself by ``layerwise`` are computed from layer factors: each rank records the layer inputs
+    and output gradients of its share of the samples once and the ranks exchange them, each
+    contracting its own block and half of every cross block (a note gives the bytes sent); other
+    kinds, x2, methods and factors that do not fit the budget share out tiles of the kernel. Every
+    rank returns the whole kernel.
+
     Raises :class:`UserError` for unknown kind/method, mismatched inputs, parameter filters that
     select nothing, non-finite model outputs, models that couple samples, a method that does not
     work on the model and impossible budgets.
