@@ -168,7 +168,8 @@ def _budget(c: _Ctx, layers: list[StructuredLayer], used: list[int], n_me: int, 
         if lay.gram:
             w = 3 * n_me * pair * lay.t ** 2 * it + pair * lay.t * (lay.d_in + lay.d_out + 2) * it
         else:
-            w = pair * (lay.p + (lay.unfold_numel if conv_rows_by_patches(lay) else 0)) * it
+            w = pair * (lay.p + (lay.calls * lay.unfold_numel if conv_rows_by_patches(lay) else 0)
+                        + (lay.out_numel if lay.kind == "bn" else 0)) * it
         work = max(work, w)
     work += n_me * pair * it
     per_out = (n_me + pair) * sum_out * it

@@ -170,6 +170,8 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
                 got = _factored(c, good, fallback, ddp, free, progress)
             except torch.OutOfMemoryError as exc:
                 raise out_of_memory(exc, "the NTK kernel (layer factors over ranks)") from exc
+            except UserError:       # a peer rank lost (DistError) among them
+                raise
             except _MODEL_ERRORS as exc:
                 raise UserError(f"the layerwise kernel over {ddp.world} ranks failed on this model "
                                 f"({_first_line(exc)})") from None
