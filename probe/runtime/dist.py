@@ -136,6 +136,22 @@ class Dist:
             import torch.distributed as dist
             self._call("barrier", dist.barrier)
 
+    def sendrecv(self, send: torch.Tensor, dst: int, recv: torch.Tensor, src: int):
+        """Start sending ``send`` to rank ``dst`` and receiving ``recv`` (preallocated, filled in
+        place) from rank ``src``; returns ``wait()``, which blocks until both are done and returns
+        ``recv``. Work done before ``wait()`` overlaps the transfer."""
+        if not self.active:
+            raise UserError("sendrecv needs a process group of more than one rank")
+        import torch.distributed as dist
+        out = [send.contiguous()]         # held until the transfer is done
+        works = self._call("send/receive", lambda: [dist.isend(out[0], dst), dist.irecv(recv, src)])
+
+        def wait() -> torch.Tensor:
+            self._call("send/receive", lambda: [w.wait() for w in works])
+            out.clear()
+            return recv
+        return wait
+
     def shard(self, n: int) -> slice:
         """This rank's contiguous part of ``range(n)`` (the first ``n % world`` ranks one longer)."""
         base, extra = divmod(n, self.world)

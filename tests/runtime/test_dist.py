@@ -257,10 +257,12 @@ def test_hessian_products_by_data_shards_equal_one_process(tmp_path):
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["trace", pytest.param("full", marks=pytest.mark.slow)])
-def test_the_ntk_kernel_in_tiles_over_ranks_equals_one_process(tmp_path, kind):
-    """The upper triangle's tiles shared out over two ranks, assembled: the kernel (float64) and
-    its spectrum equal the single-process ones within 1e-10."""
+@pytest.mark.slow          # the kernel over ranks is checked in the default suite by tests/probes/test_ntk_dist.py
+@pytest.mark.parametrize("kind", ["trace", "full"])
+def test_the_ntk_kernel_over_ranks_equals_one_process(tmp_path, kind):
+    """trace: the layer factors of each rank's samples, exchanged; full: the upper triangle's
+    tiles shared out over two ranks, assembled. The kernel (float64) and its spectrum equal the
+    single-process ones within 1e-10."""
     argv = ["ntk", "--model", "tiny_add", "--n", "18", "--kind", kind, "--dtype", "float64", "--trials", "2",
             "--runs", str(tmp_path), "--json", "--quiet"]
     _one_and_two(argv)
@@ -268,7 +270,8 @@ def test_the_ntk_kernel_in_tiles_over_ranks_equals_one_process(tmp_path, kind):
     assert a["kernel"].shape == b["kernel"].shape
     assert np.abs(a["kernel"] - b["kernel"]).max() <= 1e-10 * np.abs(a["kernel"]).max()
     assert np.array_equal(b["kernel"], b["kernel"].T)
-    assert any("tiles over 2 ranks" in n for n in rows[1]["summary"]["notes"])
+    how = "from layer factors" if kind == "trace" else "tiles over 2 ranks"
+    assert any(how in n for n in rows[1]["summary"]["notes"])
 
 
 @pytest.mark.parametrize("operator", [pytest.param("gram", marks=pytest.mark.slow),   # data-shard products: the

@@ -29,8 +29,8 @@ Layout: :mod:`.api` (the public functions), :mod:`.result` (kinds, Lanczos opera
 :mod:`.probe` (``probe ntk``), :mod:`._methods` (the kernel methods' table: name -> planner,
 runner; :class:`NtkMethod` and the CLI choices come from it), :mod:`._plan` (measuring pass,
 memory and cost models), :mod:`._jacobian`, :mod:`._ntvp`, :mod:`._layerwise` (the kernel
-methods, assembled by :mod:`._blocks`), :mod:`._operators` (the
-two Lanczos operators); the per-layer closed forms live in :mod:`probe.autodiff`, the solver and
+methods, assembled by :mod:`._blocks`), :mod:`._dist` (the kernel under ``torchrun``: per-rank
+layer factors exchanged, or tiles), :mod:`._operators` (the two Lanczos operators); the per-layer closed forms live in :mod:`probe.autodiff`, the solver and
 spectrum statistics in :mod:`probe.linalg`.
 """
 from probe.probes.ntk.api import empirical_ntk, ntk_spectrum, ntk_topk_lanczos

@@ -56,6 +56,13 @@ class _FlopCount(TorchDispatchMode):
         super().__init__()
         self.flops = 0
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps a mode's __torch_dispatch__ in dynamo.disable unless told not to, and the
+        # first call imports torch._dynamo (2-9 s of CPU time in every process); nothing is
+        # compiled under this mode
+        return False
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         op = func.overloadpacket

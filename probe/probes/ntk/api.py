@@ -7,7 +7,6 @@ one of the two NTK operators (:mod:`._operators`).
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import numpy as np
@@ -23,6 +22,7 @@ from probe.functional import (FunctionalModel, OutputSelector, ParamFilter, chec
                               couples_samples, eval_mode, fix_batch_statistics, functionalize)
 from probe.linalg import CallableOperator, SymmetricOperator, block_lanczos, dense_eigenvalues, spectrum_stats
 from probe.probes.ntk._blocks import _block_shape, _symmetrize_
+from probe.probes.ntk._dist import _factored, _tiled
 from probe.probes.ntk._methods import KernelMethod, NtkMethod, candidates, run_plan
 from probe.probes.ntk._operators import _GramOperator, _NtkOperator, _ShardedGram
 from probe.probes.ntk._plan import (_checked_layers, _Ctx, _default_block, _fit_n, _measure, _no_plan_error, _Plan,
@@ -97,6 +97,13 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
     at those of ``x1`` (:func:`probe.functional.fix_batch_statistics`, with a note); any other
     coupling of the samples of a batch (``x - x.mean(0)``) is a :class:`UserError`.
 
+    Under ``torchrun`` (:mod:`probe.runtime.dist`) the trace and diagonal kernels of x1 with
+    itself by ``layerwise`` are computed from layer factors: each rank records the layer inputs
+    and output gradients of its share of the samples once and the ranks exchange them, each
+    contracting its own block and half of every cross block (a note gives the bytes sent); other
+    kinds, x2, methods and factors that do not fit the budget share out tiles of the kernel. Every
+    rank returns the whole kernel.
+
     Raises :class:`UserError` for unknown kind/method, mismatched inputs, parameter filters that
     select nothing, non-finite model outputs, models that couple samples, a method that does not
     work on the model and impossible budgets.
@@ -105,9 +112,15 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
     kind = _enum(NtkKind, kind, "NTK kind")
     method = _enum(NtkMethod, method, "NTK method")
     ddp = current()
-    if ddp.active and isinstance(x1, Tensor) and x1.shape[0] >= 2 and not couples_samples(model):
-        return _tiled(ddp, model, x1, x2, t0, kind=kind, method=method, memory_budget_bytes=memory_budget_bytes,
-                      block_size=block_size, param_filter=param_filter, dtype=dtype, device=device, output=output)
+    spread = ddp.active and isinstance(x1, Tensor) and x1.shape[0] >= 2 and not couples_samples(model)
+
+    def tiles(why: str = "") -> NtkResult:
+        return _tiled(ddp, empirical_ntk, model, x1, x2, t0, kind=kind, why=why, method=method,
+                      memory_budget_bytes=memory_budget_bytes, block_size=block_size, param_filter=param_filter,
+                      dtype=dtype, device=device, output=output)
+    if spread and (x2 is not None or kind == NtkKind.FULL or x1.shape[0] < ddp.world
+                   or method not in (NtkMethod.AUTO, NtkMethod.LAYERWISE)):
+        return tiles()
     if memory_budget_bytes is None or memory_budget_bytes <= 0:
         raise UserError(f"memory_budget_bytes must be positive, got {memory_budget_bytes!r}")
     if block_size is not None and int(block_size) < 1:
@@ -152,43 +165,60 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
             if bad:
                 notes.append(f"layerwise: {len(bad)} parameter tensor(s) failed the closed-form "
                              f"check and use the generic Jacobian path")
-        by_name = {m.name: m for m in wanted}
-
-        def make(m: KernelMethod, ctx: _Ctx, room: int) -> _Plan:
-            return m.plan(ctx, (good, fallback), room, block_size)
-
-        plans = [make(m, c, free) for m in wanted]
-        feasible = [p for p in plans if p.feasible]
-        if not feasible:
-            raise _no_plan_error(c, plans, sym)
-        K = torch.zeros(_block_shape(kind, c.n1, c.n2, c.O), dtype=torch.float64, device=fm.device)
-        failures: list[str] = []
-        plan = None
-        for cand in sorted(feasible, key=lambda p: p.cost):
+        if spread:   # under torchrun: each rank's layer factors once, exchanged (else tiles)
             try:
-                cand = _calibrated(c, cand, free, lambda ctx, room, m=by_name[cand.method]: make(m, ctx, room),
-                                   notes)
-                run_plan(c, cand, K, progress)
-                plan = cand
-                break
+                got = _factored(c, good, fallback, ddp, free, progress)
             except torch.OutOfMemoryError as exc:
-                raise out_of_memory(exc, f"the NTK kernel (method {cand.method})") from exc
-            except UserError:
+                raise out_of_memory(exc, "the NTK kernel (layer factors over ranks)") from exc
+            except UserError:       # a peer rank lost (DistError) among them
                 raise
             except _MODEL_ERRORS as exc:
-                if method != NtkMethod.AUTO:
-                    raise UserError(f"method={method.value!r} does not work on this model "
-                                    f"({_first_line(exc)}); method='auto' tries the other methods"
-                                    ) from None
-                failures.append(f"{cand.method} failed on this model ({_first_line(exc)})")
-                K.zero_()
-        notes.extend(f"{f}; the next method was tried" for f in failures)
-        if plan is None:
-            skipped = [f"{p.method}: {p.reason}" for p in plans if not p.feasible]
-            raise UserError("no NTK method works for this model: " + "; ".join(failures + skipped))
-        if plan.fallback is not None:
-            notes.append(f"layerwise: {len(fallback)} parameter tensor(s) outside "
-                         f"Linear/Conv2d/BatchNorm layers via the Jacobian path")
+                raise UserError(f"the layerwise kernel over {ddp.world} ranks failed on this model "
+                                f"({_first_line(exc)})") from None
+            if got is None:
+                return tiles("the layer factors do not apply or fit the memory budget")
+            K, plan, sent = got
+            notes.append(f"kernel over {ddp.world} ranks from layer factors: each rank recorded its "
+                         f"samples' layer inputs and output gradients once and sent {_mib(sent)} of "
+                         f"them to the others")
+        else:
+            by_name = {m.name: m for m in wanted}
+
+            def make(m: KernelMethod, ctx: _Ctx, room: int) -> _Plan:
+                return m.plan(ctx, (good, fallback), room, block_size)
+
+            plans = [make(m, c, free) for m in wanted]
+            feasible = [p for p in plans if p.feasible]
+            if not feasible:
+                raise _no_plan_error(c, plans, sym)
+            K = torch.zeros(_block_shape(kind, c.n1, c.n2, c.O), dtype=torch.float64, device=fm.device)
+            failures: list[str] = []
+            plan = None
+            for cand in sorted(feasible, key=lambda p: p.cost):
+                try:
+                    cand = _calibrated(c, cand, free, lambda ctx, room, m=by_name[cand.method]: make(m, ctx, room),
+                                       notes)
+                    run_plan(c, cand, K, progress)
+                    plan = cand
+                    break
+                except torch.OutOfMemoryError as exc:
+                    raise out_of_memory(exc, f"the NTK kernel (method {cand.method})") from exc
+                except UserError:
+                    raise
+                except _MODEL_ERRORS as exc:
+                    if method != NtkMethod.AUTO:
+                        raise UserError(f"method={method.value!r} does not work on this model "
+                                        f"({_first_line(exc)}); method='auto' tries the other methods"
+                                        ) from None
+                    failures.append(f"{cand.method} failed on this model ({_first_line(exc)})")
+                    K.zero_()
+            notes.extend(f"{f}; the next method was tried" for f in failures)
+            if plan is None:
+                skipped = [f"{p.method}: {p.reason}" for p in plans if not p.feasible]
+                raise UserError("no NTK method works for this model: " + "; ".join(failures + skipped))
+            if plan.fallback is not None:
+                notes.append(f"layerwise: {len(fallback)} parameter tensor(s) outside "
+                             f"Linear/Conv2d/BatchNorm layers via the Jacobian path")
     if not bool(torch.isfinite(K).all()):
         raise _overflow_error(fm.dtype, y_max, f"{kind.value} kernel")
     if kind == NtkKind.FULL:
@@ -207,54 +237,6 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
                      schedule=plan.schedule, bn_mode=bn_mode, est_gflop=plan.flops / 1e9,
                      param_filter=None if param_filter is None else repr(param_filter),
                      notes=tuple(notes))
-
-
-def _tiled(ddp, model: nn.Module, x1: Tensor, x2: Tensor | None, t0: float, *, kind: NtkKind, **kw) -> NtkResult:
-    """The kernel under ``torchrun``: the samples in ``ddp.world`` contiguous row (and column)
-    blocks, the tiles of the upper triangle (all tiles when x2 is given) shared out over the ranks
-    (:func:`probe.runtime.chunks.map_chunks`), each computed alone by :func:`empirical_ntk`, and
-    assembled on every rank; the lower triangle is the transpose of the upper. Models whose
-    samples interact (BatchNorm statistics of the batch) are not tiled."""
-    from probe.runtime.dist import local
-    from probe.runtime.chunks import map_chunks
-
-    sym = x2 is None
-    rows = [c for c in torch.arange(x1.shape[0]).tensor_split(ddp.world) if c.numel()]
-    cols = rows if sym else [c for c in torch.arange(x2.shape[0]).tensor_split(ddp.world) if c.numel()]
-    tiles = [(i, j) for i in range(len(rows)) for j in range(len(cols)) if not sym or j >= i]
-    other = x1 if sym else x2
-
-    def tile(t: int):
-        i, j = tiles[t]
-        with local():
-            return empirical_ntk(model, x1[rows[i]], None if sym and i == j else other[cols[j]], kind=kind, **kw)
-
-    parts, _ = map_chunks(len(tiles), tile, piece=lambda t: f"tile-{t}", dist=ddp)
-    O = parts[0].n_outputs
-    n1, n2 = x1.shape[0], other.shape[0]
-    K = np.zeros(((n1 * O, n2 * O) if kind == NtkKind.FULL else (O, n1, n2) if kind == NtkKind.DIAGONAL
-                  else (n1, n2)), dtype=np.float64)
-
-    def place(r, c, block):
-        if kind == NtkKind.FULL:
-            K[r[0] * O:(r[-1] + 1) * O, c[0] * O:(c[-1] + 1) * O] = block
-        elif kind == NtkKind.DIAGONAL:
-            K[:, r[0]:r[-1] + 1, c[0]:c[-1] + 1] = block
-        else:
-            K[r[0]:r[-1] + 1, c[0]:c[-1] + 1] = block
-
-    for (i, j), res in zip(tiles, parts):
-        place(rows[i], cols[j], res.kernel)
-        if sym and i != j:
-            place(cols[j], rows[i], np.swapaxes(res.kernel, -1, -2))
-    first = parts[0]
-    notes = tuple(dict.fromkeys(n for p in parts for n in p.notes)) + (
-        f"kernel in {len(tiles)} tiles over {ddp.world} ranks (methods: "
-        f"{', '.join(sorted({p.method for p in parts}))})",)
-    return dataclasses.replace(first, kernel=K, n1=n1, n2=n2, symmetric=sym, wall_time_s=time.perf_counter() - t0,
-                               peak_memory_bytes=max(p.peak_memory_bytes for p in parts),
-                               n_blocks=sum(p.n_blocks for p in parts), est_gflop=sum(p.est_gflop for p in parts),
-                               notes=notes)
 
 
 def _independent(fm: FunctionalModel, x: Tensor, notes: list[str]):
