@@ -61,6 +61,8 @@ for bn, share in (("eval", {"gradvar: mini-batch gradients": 3 - d.rank, "gradva
     for k in ("batches_used", "samples_used", "nonfinite_batches", "nonfinite_samples"):
         assert getattr(a, k) == getattr(b, k), (bn, k)
     assert np.array_equal(a.nonfinite, b.nonfinite)
+    assert "mini-batch and per-sample gradients shared out over 2 rank(s), their moments merged" in b.notes
+    assert not any("shared out" in n for n in a.notes)
 print(f"RANK {d.rank} OF {d.world} EQUAL", flush=True)
 teardown()
 """

@@ -47,6 +47,7 @@ class MinibatchStats:
     batches_used: int
     nonfinite_batches: int
     indices: np.ndarray         # (K, B) int64 sample indices of the batches
+    ranks: int = 0              # ranks the batches were shared out over (0: computed whole here)
 
 
 def _layer_moments_init(params: dict[str, Tensor]):
@@ -160,4 +161,5 @@ def minibatch_gradient_stats(model: nn.Module, x: Tensor, y: Tensor, *, batches:
     return MinibatchStats(names=tuple(names), numel=np.array([params[n].numel() for n in names], dtype=np.int64),
                           grad_norm=gn, trace_cov=tc, batch_grad_rms=rms, weight_norm=wn,
                           nonfinite=np.array([bad[n] for n in names], dtype=np.int64), batches_used=used,
-                          nonfinite_batches=nonfinite, indices=idx.numpy().astype(np.int64))
+                          nonfinite_batches=nonfinite, indices=idx.numpy().astype(np.int64),
+                          ranks=ddp.world if sharded else 0)

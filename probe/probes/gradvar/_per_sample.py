@@ -180,6 +180,7 @@ class PerSampleStats:
     grouped: bool               # per-sample gradients through group batch statistics
     closed_form: tuple[str, ...] = ()   # parameters done by the closed form (probe.autodiff)
     failed_check: tuple[str, ...] = ()  # structured parameters whose closed form failed its self-check
+    ranks: int = 0                      # ranks the samples were shared out over (0: computed whole here)
 
 
 def per_sample_variance(model: nn.Module, x: Tensor, y: Tensor, *, chunk: int = 64, loss: LossFn | None = None,
@@ -289,4 +290,4 @@ def per_sample_variance(model: nn.Module, x: Tensor, y: Tensor, *, chunk: int = 
                 var[j] = max((s2h[n] - used * float(mean_d @ mean_d)) / (used - 1), 0.0)
     return PerSampleStats(names=tuple(names), variance=var, mean_grad_norm=mgn, mean_sq_norm=msq,
                           samples_used=used, nonfinite_samples=bad, grouped=grouped,
-                          closed_form=plan.closed, failed_check=plan.failed)
+                          closed_form=plan.closed, failed_check=plan.failed, ranks=ddp.world if sharded else 0)
