@@ -226,7 +226,7 @@ def setup(device: str | torch.device = "cpu", *, force: bool | None = None) -> D
         torch.cuda.set_device(local)
     timeout = datetime.timedelta(seconds=_timeout_s())
     try:
-        if launched() or ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+        if launched() or all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")):
             dist.init_process_group(backend, timeout=timeout)
         else:   # a world of one outside torchrun: nothing to rendezvous with
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
