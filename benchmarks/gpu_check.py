@@ -28,7 +28,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -143,12 +142,6 @@ def _peak_mib(device) -> float:
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return (status_kib("VmHWM") or 0) / 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config_fields() -> set[str]:
@@ -351,42 +344,59 @@ def step_probe(name: str, device: str) -> tuple:
 
 
 def worker_nccl(device: str) -> dict:
+    """A process group of one forced (``setup(force=True)``, as ``PROBE_DIST_FORCE=1`` does): NCCL
+    init, DDP(device_ids), SyncBatchNorm and the NCCL object collectives of the training loop, and
+    two probes through their distributed paths (moments merged over the group), against the same
+    training and probes as a plain process (deterministic algorithms on CUDA)."""
+    import numpy as np
     import torch
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     import probe
-    from probe.runtime.dist import current
+    from probe.runtime.dist import current, setup, teardown
 
     cuda = torch.device(device).type == "cuda"
-    backend = "nccl" if cuda else "gloo"
-    if cuda:
-        torch.cuda.set_device(0)
-    dist.init_process_group(backend, rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}")
-    try:
-        seen = current()
-        t = torch.ones(4, device=device)
-        dist.all_reduce(t)
-        objs = [{"rank": 0}]
-        dist.broadcast_object_list(objs, src=0)
-        net = probe.build_model("tiny_add", num_classes=10, in_chans=1).to(device)
-        ddp = DDP(net, device_ids=[0] if cuda else None)
-        loss = ddp(torch.randn(8, 1, 8, 8, device=device)).sum()
-        loss.backward()
-        with tempfile.TemporaryDirectory() as tmp:
-            store = probe.RunStore(tmp)
-            r = probe.train(probe.TrainConfig(model="tiny_add", epochs=1, limit_train=100, limit_test=50,
-                                              device=device), store)
-            out = probe.run_probe(store, "saturation", dict(probe.get_probe("saturation").smoke), run=r.run_id,
-                                  n=16, device=device, save=False)[0]
-            store.close()
-        if out.error is not None:
-            raise RuntimeError(f"probe saturation: {out.error}")
-        return {"figure": f"{backend} world 1 (library sees backend {seen.backend}, world {seen.world}): "
-                          f"all_reduce {t[0].item():.0f}, object broadcast, DDP step, train 1 epoch "
-                          f"{r.final_acc:.1f}%, saturation probe ok"}
-    finally:
-        dist.destroy_process_group()
+    probes = {"saturation": dict(probe.get_probe("saturation").smoke),
+              "gradvar": {"batches": 2, "batch_size": 8, "seeds": 1, "chunk": 8, "dtype": "float64"}}
+
+    def run(root: str):
+        store = probe.RunStore(root)
+        cfg = probe.TrainConfig(model="tiny_triplet", epochs=1, batch_size=32, limit_train=96, limit_test=48,
+                                seed=4, device=device, deterministic=cuda, sync_bn=cuda)
+        r = probe.train(cfg, store)
+        weights = store.load_checkpoint(r.run_id, 1)
+        outs = {}
+        for name, params in probes.items():
+            o = probe.run_probe(store, name, params, run=r.run_id, n=16, device=device, save=False)[0]
+            if o.error is not None:
+                raise RuntimeError(f"probe {name}: {o.error}")
+            outs[name] = o.result
+        store.close()
+        return r, weights, outs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        r1, c1, p1 = run(os.path.join(tmp, "plain"))
+        ddp = setup(device, force=True)
+        try:
+            seen = current()
+            if not (seen.active and seen.world == 1 and seen.backend == ("nccl" if cuda else "gloo")):
+                raise RuntimeError(f"the forced group is not active: {seen}")
+            r2, c2, p2 = run(os.path.join(tmp, "forced"))
+        finally:
+            teardown()
+    diff = max(float((c1["model"][k].double() - c2["model"][k].double()).abs().max()) for k in c1["model"])
+    if diff > (1e-6 if cuda else 0.0) or len(c2["rng"].get("ranks", ())) != 1:
+        raise RuntimeError(f"the run in the group differs from the plain run: max |dw| {diff:.3g}, "
+                           f"rank states {len(c2['rng'].get('ranks', ()))}")
+    s1, s2 = p1["saturation"], p2["saturation"]
+    g1, g2 = p1["gradvar"], p2["gradvar"]
+    rel = max(float(np.nanmax(np.abs(getattr(b, k) - getattr(a, k)) / np.maximum(np.abs(getattr(a, k)), 1e-300)))
+              for a, b, keys in ((s1, s2, ("mean", "std", "gain")), (g1, g2, ("grad_norm", "trace_cov", "per_sample_var")))
+              for k in keys)
+    if not (np.array_equal(s1.hist, s2.hist) and rel <= 1e-9 and any("shared out over 1 rank" in n for n in g2.notes)):
+        raise RuntimeError(f"probes in the group differ from the plain process (max rel {rel:.3g})")
+    return {"figure": f"{ddp.backend} world 1 forced (DDP{', SyncBatchNorm' if cuda else ''}): tiny_triplet 1 epoch "
+                      f"{r2.final_acc:.1f}% vs plain {r1.final_acc:.1f}%, max |dw| {diff:.2g}; saturation and gradvar "
+                      f"through the group, max rel diff {rel:.2g}"}
 
 
 # --- step 6: headline numbers --------------------------------------------------------------------------

@@ -174,7 +174,8 @@ def _reg_train(sub, common):
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="train with N processes on this machine: starts `torchrun --standalone --nproc-per-node N "
                         "-m probe train ...` (gloo on CPU, NCCL on CUDA: one process per GPU); a distributed run "
-                        "resumes with the same N (default: 1, this process)")
+                        "resumes with the same N (default: 1, this process; with PROBE_DIST_FORCE=1 in a process "
+                        "group of one, through DDP)")
     for name in _switches()[len(_FIRST_SWITCHES):]:
         p.add_argument(flag_name(name), dest=name, action="store_true", help=by_name[name].metadata["help"])
     factory_args(p)

@@ -146,10 +146,10 @@ def rank_group(device: str, quiet: bool, *, together: tuple[type[BaseException],
     On the way out the bars close and the ranks leave the group: together after work that ended
     normally or with one of ``together`` (an error every rank raises at the same step), at once
     after any other error."""
-    from probe.runtime.dist import launched, setup, teardown
+    from probe.runtime.dist import joins, setup, teardown
     from probe.training import resolve_device
 
-    ddp = setup(resolve_device(device)) if launched() else None
+    ddp = setup(resolve_device(device)) if joins() else None
     main = ddp is None or ddp.main
     progress = TqdmProgress(quiet or not main)
     ended = False

@@ -7,6 +7,12 @@ environment; :func:`setup` joins the group once (idempotent) and returns a :clas
 ``torchrun`` (or with a world of one) every method is a no-op and the library runs as a single
 process, so single-process code paths are untouched.
 
+``PROBE_DIST_FORCE=1`` (or ``setup(force=True)``) joins a process group even for a world of one --
+under ``torchrun --nproc-per-node 1`` through its environment, in a plain process through an
+in-process store -- and the library then takes its distributed paths with that one rank (DDP
+training, collectives, data shards), on NCCL for a CUDA device: a check of the distributed code on
+a machine with one GPU. The numbers equal a single process's.
+
 Every collective waits at most ``timeout`` (``PROBE_DIST_TIMEOUT`` seconds, default 300): a rank
 that dies makes the others raise :class:`DistError` -- at once where the backend sees the closed
 connection (gloo on one machine), after the timeout otherwise -- and ``torchrun`` ends the job.
@@ -24,9 +30,15 @@ import torch
 
 from probe.errors import UserError, first_line
 
-__all__ = ["COMM", "Dist", "DistError", "setup", "current", "local", "teardown", "launched", "DEFAULT_TIMEOUT_S"]
+__all__ = ["COMM", "Dist", "DistError", "setup", "current", "local", "teardown", "launched", "joins", "forced",
+           "FORCE_ENV", "DEFAULT_TIMEOUT_S"]
 
 DEFAULT_TIMEOUT_S = 300.0
+
+#: environment variable: ``1`` joins a process group also for a world of one (``0`` or unset: not)
+FORCE_ENV = "PROBE_DIST_FORCE"
+
+_FORCED = [False]   # this process joined a group of one by force (setup); cleared by teardown
 
 
 #: time spent in (and waiting at) this process's collectives, for benchmarks: ``seconds``, ``calls``
@@ -45,6 +57,22 @@ def launched() -> bool:
         return False
 
 
+def forced() -> bool:
+    """Whether ``PROBE_DIST_FORCE`` asks for a process group even for a world of one."""
+    raw = os.environ.get(FORCE_ENV, "").strip()
+    if raw in ("", "0"):
+        return False
+    if raw == "1":
+        return True
+    raise UserError(f"{FORCE_ENV}={raw!r}: expected 1 (join a process group even for one process) or 0")
+
+
+def joins() -> bool:
+    """Whether :func:`setup` joins a process group: started by ``torchrun`` with more than one
+    process, or forced (``PROBE_DIST_FORCE=1``)."""
+    return launched() or forced()
+
+
 def _timeout_s() -> float:
     raw = os.environ.get("PROBE_DIST_TIMEOUT")
     if raw is None:
@@ -61,16 +89,19 @@ def _timeout_s() -> float:
 @dataclass(frozen=True)
 class Dist:
     """This process's place in the job: ``rank`` of ``world`` (``local_rank`` on its machine),
-    ``backend`` (None outside a process group)."""
+    ``backend`` (None outside a process group); ``forced``: a group joined by force, active even
+    with a world of one."""
 
     rank: int = 0
     world: int = 1
     local_rank: int = 0
     backend: str | None = None
+    forced: bool = False
 
     @property
     def active(self) -> bool:
-        return self.world > 1
+        """Whether the distributed paths are taken: more than one rank, or a group forced."""
+        return self.world > 1 or (self.forced and self.backend is not None)
 
     @property
     def main(self) -> bool:
@@ -180,19 +211,25 @@ def current() -> Dist:
 
     if _LOCAL[0] or not (dist.is_available() and dist.is_initialized()):
         return Dist()
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_backend())
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_backend(),
+                forced=_FORCED[0] or forced())
 
 
-def setup(device: str | torch.device = "cpu") -> Dist:
+def setup(device: str | torch.device = "cpu", *, force: bool | None = None) -> Dist:
     """Join the process group ``torchrun`` described in the environment (NCCL for a CUDA device,
     gloo otherwise; the timeout from ``PROBE_DIST_TIMEOUT``); a single process when not launched
-    by ``torchrun``. Idempotent."""
+    by ``torchrun``. ``force`` (default: ``PROBE_DIST_FORCE``) joins a group also for a world of
+    one: through ``torchrun``'s environment where it is set, else a group of this process alone
+    (an in-process store). Idempotent."""
     import torch.distributed as dist
 
-    if not launched():
-        return Dist()
-    if dist.is_initialized():
+    force = forced() if force is None else bool(force)
+    if dist.is_available() and dist.is_initialized():   # joined before (by this process's first setup)
+        if force and dist.get_world_size() == 1:
+            _FORCED[0] = True
         return current()
+    if not (launched() or force):
+        return Dist()
     if not dist.is_available():
         raise UserError("this torch build has no torch.distributed; run without torchrun")
     device = torch.device(device) if not isinstance(device, torch.device) else device
@@ -203,10 +240,15 @@ def setup(device: str | torch.device = "cpu") -> Dist:
             raise UserError(f"LOCAL_RANK {local} but this machine has {torch.cuda.device_count()} CUDA devices; "
                             "start at most one process per GPU (--nproc-per-node)")
         torch.cuda.set_device(local)
+    timeout = datetime.timedelta(seconds=_timeout_s())
     try:
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=_timeout_s()))
+        if launched() or all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")):
+            dist.init_process_group(backend, timeout=timeout)
+        else:   # a world of one outside torchrun: nothing to rendezvous with
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     except (RuntimeError, ValueError) as e:
         raise DistError(f"could not join the process group ({backend}): {first_line(e)[:200]}") from None
+    _FORCED[0] = force and dist.get_world_size() == 1
     return current()
 
 
@@ -224,3 +266,4 @@ def teardown(*, wait: bool = True) -> None:
             except RuntimeError:   # a peer already gone: nothing left to wait for
                 pass
         dist.destroy_process_group()
+    _FORCED[0] = False

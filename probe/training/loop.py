@@ -196,6 +196,9 @@ def _train(config: TrainConfig, store, device: torch.device, ddp, *, run_id: str
     batches and trains on its contiguous part of each (gradients averaged by DDP, the loss scaled
     so that the average is the global batch's mean), the epoch's counts are summed over the ranks,
     and rank 0 alone evaluates, logs and writes checkpoints (holding every rank's RNG states).
+    A forced group of one (``PROBE_DIST_FORCE=1``) takes the same path through DDP and the
+    collectives with the whole batch, the plain loss and the single process's random draws, so
+    it trains the run a single process trains.
     ``amp_dtype``: the autocast dtype (None: no mixed precision)."""
     from probe.data import Augment, make_loader
 
@@ -210,7 +213,8 @@ def _train(config: TrainConfig, store, device: torch.device, ddp, *, run_id: str
     if ddp.active:
         if config.sync_bn:
             model = sync_batchnorm(model)
-        torch.manual_seed(config.seed + 7919 * (ddp.rank + 1))  # each rank its own dropout masks
+        if ddp.world > 1:   # each rank its own dropout masks (a forced world of one draws as one process)
+            torch.manual_seed(config.seed + 7919 * (ddp.rank + 1))
     opt = _make_optimizer(model, config, lr_at(config, 0))
     use_amp = amp_dtype is not None
     scaler = make_scaler(device, enabled=amp_dtype == torch.float16)
@@ -278,7 +282,7 @@ def _train(config: TrainConfig, store, device: torch.device, ddp, *, run_id: str
                         yb2 = yb2[part]
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     logits = net(xb)
-                    ce = (partial(F.cross_entropy, label_smoothing=config.label_smoothing) if not ddp.active else
+                    ce = (partial(F.cross_entropy, label_smoothing=config.label_smoothing) if ddp.world == 1 else
                           partial(_scaled_ce, label_smoothing=config.label_smoothing,
                                   scale=weight * ddp.world / n_global))
                     loss = ce(logits.float(), yb)

@@ -21,9 +21,9 @@ def resume(run_ref: str, store=None, *, epochs: int | None = None, factory: str 
     extending it to ``epochs``, on another ``device`` or reading its data from another
     ``data_root``; everything else comes from the stored config. A run built by a user factory
     needs ``factory`` or ``trust_factory`` (see :func:`~probe.training.build.model_name_for_run`)."""
-    from probe.runtime.dist import DistError, current, launched, setup
+    from probe.runtime.dist import DistError, current, joins, setup
 
-    ddp = setup(resolve_device(device or "auto")) if launched() else current()
+    ddp = setup(resolve_device(device or "auto")) if joins() else current()
     if not ddp.main:  # rank 0 reads the run and tells the others what to train
         what = ddp.broadcast(None)
         if what[0] == "error":

@@ -152,6 +152,71 @@ def test_streaming_over_chunks_and_slices_equals_one_pass(monkeypatch):
             np.testing.assert_allclose(getattr(r, k), getattr(one, k), rtol=1e-12, atol=1e-14, err_msg=k)
 
 
+@pytest.mark.parametrize("kind", ["sigmoid", "tanh", "hard_swish"])
+def test_sums_of_parts_merge_to_the_one_pass_numbers(kind):
+    """merge_states (what the ranks' sums go through under torchrun) of uneven parts, one of them
+    empty and one all non-finite, against one accumulator over every logit: counts and histograms
+    exact, mean / std / gain within float64 rounding (rtol 1e-12); logits far from 0 (mean ~ 40)."""
+    torch.manual_seed(3)
+    z = torch.randn(1000, dtype=torch.float64) * 2 + 40.0
+    z[::97] = torch.randn(11, dtype=torch.float64) * 5                  # some inside the histogram range
+    z[5], z[600] = math.nan, -math.inf
+    opts = dict(threshold=3.0, bins=16, lo=-50.0, hi=50.0)
+    bad = torch.tensor([math.nan, math.inf], dtype=torch.float64)      # a part without a finite logit
+    parts = [z[:3], z[3:3], z[3:410], bad, z[410:]]
+    whole = sat_module._Acc("g", kind, "", "module")
+    whole.add(torch.cat(parts), **opts)
+    want = whole.finish(16)
+    states = []
+    for part in parts:
+        acc = sat_module._Acc("g", kind, "", "module")
+        acc.add(part, **opts)
+        states.append(acc.state(16))
+    got = sat_module.merge_states(states)
+    assert got["count"] == want["count"] == 998
+    assert got["nonfinite"] == want["nonfinite"] == 4
+    for k in ("n_logit_sat", "n_output_sat"):
+        assert got[k] == want[k], k
+    assert np.array_equal(got["hist"], want["hist"])
+    for k in ("mean", "std", "gain"):
+        assert got[k] == pytest.approx(want[k], rel=1e-12), k
+    finite = z[torch.isfinite(z)]
+    assert got["mean"] == pytest.approx(float(finite.mean()), rel=1e-14)
+    assert got["std"] == pytest.approx(float(finite.std(unbiased=False)), rel=1e-12)
+
+
+@pytest.mark.parametrize("model_name", ["tiny_triplet", None])
+def test_the_device_held_sums_equal_the_compacting_path(monkeypatch, model_name):
+    """The path that never reads the device per slice (used on a GPU), run on the CPU: the same
+    counts and histograms, and the same moments within rounding, with non-finite logits in some
+    slices (they are masked instead of compacted) and many slices per gate."""
+    if model_name is None:
+        class M(nn.Module):
+            def forward(self, x):
+                torch.tanh(x * math.inf * 0)                    # every logit NaN
+                return torch.sigmoid(x) + F.hardsigmoid(x)
+
+        model = M()
+        x = torch.tensor([[math.nan, math.inf, -math.inf, 1.0, -2.0, 5.0, 0.3, 13.0, -20.0]], dtype=torch.float64)
+    else:
+        torch.manual_seed(0)
+        model = models.create_model(model_name).double()
+        x = torch.randn(12, 1, 8, 8, dtype=torch.float64) * 3
+        x[3, 0, 2, 2], x[5, 0, 1, 1] = math.nan, math.inf
+    for size in (1 << 18, 7):
+        monkeypatch.setitem(sat_module._SLICE_ELEMENTS, "cpu", size)
+        monkeypatch.setitem(sat_module._SYNC_FREE, "cpu", False)
+        a = saturation(model, x, batch_size=5, bins=8)
+        monkeypatch.setitem(sat_module._SYNC_FREE, "cpu", True)
+        b = saturation(model, x, batch_size=5, bins=8)
+        assert a.names.tolist() == b.names.tolist()
+        assert a.nonfinite.sum() > 0
+        for k in ("count", "nonfinite", "n_logit_sat", "n_output_sat", "hist"):
+            assert np.array_equal(getattr(a, k), getattr(b, k)), k
+        for k in ("gain", "mean", "std"):
+            np.testing.assert_allclose(getattr(b, k), getattr(a, k), rtol=1e-12, atol=1e-14, err_msg=k)
+
+
 def test_non_contiguous_logits_are_read_in_row_groups(monkeypatch):
     class T(nn.Module):
         def forward(self, x):

@@ -47,12 +47,33 @@ class MinibatchStats:
     batches_used: int
     nonfinite_batches: int
     indices: np.ndarray         # (K, B) int64 sample indices of the batches
+    ranks: int = 0              # ranks the batches were shared out over (0: computed whole here)
 
 
 def _layer_moments_init(params: dict[str, Tensor]):
     return ({n: None for n in params},                     # shift per layer (float64)
             {n: torch.zeros(p.numel(), dtype=torch.float64, device=p.device) for n, p in params.items()},
-            {n: 0.0 for n in params})                      # sum of squared shifted norms
+            {n: torch.zeros((), dtype=torch.float64, device=p.device)   # sum of squared shifted norms,
+             for n, p in params.items()})                                # on the device until the end
+
+
+def _host(values: dict[str, Tensor], names) -> dict[str, float]:
+    """0-d device tensors as floats, read in one transfer."""
+    if not names:
+        return {}
+    return dict(zip(names, torch.stack([values[n].to(torch.float64).cpu() for n in names]).tolist()))
+
+
+def _merged_moments(ddp, used: int, names, shift: dict, s1: dict, s2: dict):
+    """Every rank's shifted sums per layer merged over the ranks (:mod:`probe.runtime.moments`):
+    ``(used, {name: mean (float64)}, {name: sum of squared deviations})`` of all ranks' values."""
+    from probe.runtime.moments import all_reduce_moments, from_shifted
+
+    host = _host(s2, names)
+    parts = [from_shifted(used, shift[n] if shift[n] is not None else torch.zeros_like(s1[n]), s1[n], host[n])
+             for n in names]
+    total, means, m2 = all_reduce_moments(ddp, used, [p[1] for p in parts], [p[2] for p in parts])
+    return total, dict(zip(names, means)), dict(zip(names, m2))
 
 
 def minibatch_gradient_stats(model: nn.Module, x: Tensor, y: Tensor, *, batches: int = 8, batch_size: int = 32,
@@ -65,11 +86,21 @@ def minibatch_gradient_stats(model: nn.Module, x: Tensor, y: Tensor, *, batches:
     Streaming, in float64 around the first finite batch (memory ~3 P): for each layer with
     ``d_k = g_k - g_1``: ``G = g_1 + mean_k d_k`` and
     ``tr(Sigma_B) = (sum_k |d_k|^2 - K |mean_k d_k|^2) / (K - 1)``. A batch with any non-finite
-    gradient entry is left out (and counted, per layer and in total).
+    gradient entry is left out (and counted, per layer and in total). The sums stay on the device
+    (one read per batch: whether its gradients are finite).
+
+    Under ``torchrun`` each rank takes a contiguous share of the ``K`` batches (the same draw on
+    every rank) and the ranks' moments are merged exactly (:func:`probe.runtime.moments.all_reduce_moments`),
+    equal to one process up to float64 rounding.
     """
+    from probe.runtime.dist import current
+
     x, y = _check_data(x, y)
     loss = loss or cross_entropy_per_sample
     idx = minibatch_indices(x.shape[0], batches, batch_size, seed)          # (K, B)
+    ddp = current()
+    sharded = ddp.active and batches >= ddp.world
+    mine = range(batches)[ddp.shard(batches)] if sharded else range(batches)
     with bn_mode(model, bn) as skip:
         fwd = _Fwd(model, dtype, device, skip)
         params = fwd.params
@@ -80,13 +111,14 @@ def minibatch_gradient_stats(model: nn.Module, x: Tensor, y: Tensor, *, batches:
 
         g_fn = grad(batch_loss)
         shift, s1, s2 = _layer_moments_init(params)
-        sq = {n: 0.0 for n in names}
+        sq = {n: torch.zeros((), dtype=torch.float64, device=params[n].device) for n in names}
         bad = {n: 0 for n in names}
         used = nonfinite = 0
-        for k in range(batches):
+        for i, k in enumerate(mine):
             xb, yb = fwd.prepare(x[idx[k]]), fwd.prepare(y[idx[k]])
             g = g_fn(params, xb, yb)                                          # name -> shape of param
-            finite = {n: bool(torch.isfinite(g[n]).all()) for n in names}
+            finite = dict(zip(names, torch.stack([torch.isfinite(g[n]).all() for n in names]).tolist())) \
+                if names else {}                                              # one read per batch
             if not all(finite.values()):
                 nonfinite += 1
                 for n in names:
@@ -99,19 +131,35 @@ def minibatch_gradient_stats(model: nn.Module, x: Tensor, y: Tensor, *, batches:
                         shift[n] = gk.clone()
                     d = gk - shift[n]
                     s1[n] += d
-                    s2[n] += float(d @ d)
-                    sq[n] += float(gk @ gk)
-            _progress(progress, "gradvar: mini-batch gradients", k + 1, batches)
+                    s2[n] += d @ d
+                    sq[n] += gk @ gk
+            _progress(progress, "gradvar: mini-batch gradients", i + 1, len(mine))
         wn = np.array([_norm64(params[n]) for n in names], dtype=np.float64)
     gn, tc, rms = (np.full(len(names), np.nan) for _ in range(3))
-    for j, n in enumerate(names):
-        if used >= 1:
-            mean_d = s1[n] / used
-            gn[j] = _norm64(shift[n] + mean_d)
-            rms[j] = math.sqrt(sq[n] / used)
-        if used >= 2:
-            tc[j] = max((s2[n] - used * float(mean_d @ mean_d)) / (used - 1), 0.0)
+    if sharded:   # every rank's moments merged; the counts and sums of squares added
+        counts = ddp.all_reduce_(torch.tensor([float(nonfinite)] + [float(bad[n]) for n in names]
+                                              + list(_host(sq, names).values()), dtype=torch.float64,
+                                              device=s1[names[0]].device if names else None)).tolist()
+        nonfinite, bad = int(counts[0]), {n: int(c) for n, c in zip(names, counts[1:1 + len(names)])}
+        sqh = dict(zip(names, counts[1 + len(names):]))
+        used, mean, m2 = _merged_moments(ddp, used, names, shift, s1, s2)
+        for j, n in enumerate(names):
+            if used >= 1:
+                gn[j] = _norm64(mean[n])
+                rms[j] = math.sqrt(sqh[n] / used)
+            if used >= 2:
+                tc[j] = m2[n] / (used - 1)
+    else:
+        s2h, sqh = _host(s2, names), _host(sq, names)
+        for j, n in enumerate(names):
+            if used >= 1:
+                mean_d = s1[n] / used
+                gn[j] = _norm64(shift[n] + mean_d)
+                rms[j] = math.sqrt(sqh[n] / used)
+            if used >= 2:
+                tc[j] = max((s2h[n] - used * float(mean_d @ mean_d)) / (used - 1), 0.0)
     return MinibatchStats(names=tuple(names), numel=np.array([params[n].numel() for n in names], dtype=np.int64),
                           grad_norm=gn, trace_cov=tc, batch_grad_rms=rms, weight_norm=wn,
                           nonfinite=np.array([bad[n] for n in names], dtype=np.int64), batches_used=used,
-                          nonfinite_batches=nonfinite, indices=idx.numpy().astype(np.int64))
+                          nonfinite_batches=nonfinite, indices=idx.numpy().astype(np.int64),
+                          ranks=ddp.world if sharded else 0)

@@ -12,7 +12,7 @@ from probe.checks import check_choice, check_int
 from probe.probes.registry import Progress
 from probe.probes.gradvar._common import (LossFn, _Fwd, _check_data, _norm64, _progress,
                                           bn_mode, cross_entropy_per_sample)
-from probe.probes.gradvar._minibatch import _layer_moments_init
+from probe.probes.gradvar._minibatch import _host, _layer_moments_init, _merged_moments
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,14 +106,15 @@ def _closed_form_rows(fwd: _Fwd, plan: _Plan, loss: LossFn, xb: Tensor, yb: Tens
 
 
 def _iter_per_sample(fwd: _Fwd, plan: _Plan, loss: LossFn, x: Tensor, y: Tensor, chunk: int,
-                     batch_size: int, seed: int) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+                     batch_size: int, seed: int, groups: list[Tensor] | None = None
+                     ) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
     """Yield ``(sample indices (c,), {name: per-sample gradients (c, *param shape)})`` chunk by chunk.
 
     Independent samples (eval-mode BatchNorm): the closed-form layers of ``plan`` from one batched
     forward/backward (:func:`_closed_form_rows`), the other parameters by ``vmap(grad(l_i))`` over
     ``chunk`` samples. Grouped (batch statistics): per group of ``batch_size`` samples, one VJP of
     the vector of per-sample losses (B,) and ``vmap`` over ``chunk`` rows of the identity as
-    cotangents.
+    cotangents (``groups``: these groups instead of :func:`_groups`'s).
     """
     params = fwd.params
     if not plan.grouped:
@@ -135,7 +136,7 @@ def _iter_per_sample(fwd: _Fwd, plan: _Plan, loss: LossFn, x: Tensor, y: Tensor,
                 out.update(g_fn(rest, xb, yb))
             yield idx, {n: out[n] for n in params}
         return
-    for gidx in _groups(x.shape[0], batch_size, seed):
+    for gidx in (groups if groups is not None else _groups(x.shape[0], batch_size, seed)):
         xg, yg = fwd.prepare(x[gidx]), fwd.prepare(y[gidx])
         losses, vjp_fn = vjp(lambda p: loss(fwd(p, xg), yg), params)        # (b,)
         eye = torch.eye(losses.shape[0], dtype=losses.dtype, device=losses.device)
@@ -179,6 +180,7 @@ class PerSampleStats:
     grouped: bool               # per-sample gradients through group batch statistics
     closed_form: tuple[str, ...] = ()   # parameters done by the closed form (probe.autodiff)
     failed_check: tuple[str, ...] = ()  # structured parameters whose closed form failed its self-check
+    ranks: int = 0                      # ranks the samples were shared out over (0: computed whole here)
 
 
 def per_sample_variance(model: nn.Module, x: Tensor, y: Tensor, *, chunk: int = 64, loss: LossFn | None = None,
@@ -199,19 +201,36 @@ def per_sample_variance(model: nn.Module, x: Tensor, y: Tensor, *, chunk: int = 
     parameter by ``vmap(grad)``; ``method="vmap"`` uses vmap for all. With batch statistics
     (``bn="train"`` or BatchNorm without running statistics) per-group VJP rows (see
     :func:`_iter_per_sample`).
+
+    The sums stay on the device (one read per chunk: how many of its samples are finite). Under
+    ``torchrun`` each rank takes a contiguous share of the samples (with batch statistics: of the
+    groups) and the ranks' moments are merged exactly
+    (:func:`probe.runtime.moments.all_reduce_moments`), equal to one process up to float64 rounding.
     """
+    from probe.runtime.dist import current
+
     x, y = _check_data(x, y, min_n=2)
     check_int("chunk", chunk, 1, 10 ** 7)
     loss = loss or cross_entropy_per_sample
     grouped = bn == "train" or _fn.couples_samples(model)
-    total = x.shape[0] if not grouped else sum(len(g) for g in _groups(x.shape[0], batch_size, seed))
+    ddp = current()
+    groups = _groups(x.shape[0], batch_size, seed) if grouped else None
+    units = len(groups) if grouped else x.shape[0]
+    sharded = ddp.active and units >= ddp.world
+    part = ddp.shard(units) if sharded else slice(0, units)
+    if grouped:
+        groups = groups[part]
+        total = sum(len(g) for g in groups)
+    else:
+        total = part.stop - part.start
+    xs, ys = (x, y) if grouped else (x[part], y[part])
     with bn_mode(model, bn) as skip:
         fwd = _Fwd(model, dtype, device, skip)
         names = list(fwd.params)
         plan = _plan(fwd, x, grouped, method)
         shift, s1, s2 = _layer_moments_init(fwd.params)
         used = bad = done = 0
-        for idx, g in _iter_per_sample(fwd, plan, loss, x, y, chunk, batch_size, seed):
+        for idx, g in _iter_per_sample(fwd, plan, loss, xs, ys, chunk, batch_size, seed, groups):
             c = idx.shape[0]
             flat = {n: g[n].detach().reshape(c, -1) for n in names}                # (c, numel)
             if any(shift[n] is None for n in names):                               # first chunk: the shift
@@ -241,22 +260,34 @@ def per_sample_variance(model: nn.Module, x: Tensor, y: Tensor, *, chunk: int = 
                 for n in names:
                     if k == c:
                         s1[n] += dsum[n]
-                        s2[n] += float(rsq[n].sum())
+                        s2[n] += rsq[n].sum()
                     elif k:                                                          # rare: recompute the finite rows
                         s1[n] += (flat[n][ok].to(torch.float64) - shift[n]).sum(0)
-                        s2[n] += float(rsq[n][ok].sum())
+                        s2[n] += rsq[n][ok].sum()
                 del rsq, dsum
             done += c
             _progress(progress, "gradvar: per-sample gradients", done, total)
     var, mgn, msq = (np.full(len(names), np.nan) for _ in range(3))
-    for j, n in enumerate(names):
-        if used >= 1:
-            mean_d = s1[n] / used
-            mgn[j] = _norm64(shift[n] + mean_d)
-            # sum_i |g_i|^2 = sum_i |d_i|^2 + 2 c . sum_i d_i + n |c|^2
-            msq[j] = (s2[n] + 2 * float(shift[n] @ s1[n]) + used * float(shift[n] @ shift[n])) / used
-        if used >= 2:
-            var[j] = max((s2[n] - used * float(mean_d @ mean_d)) / (used - 1), 0.0)
+    if sharded:   # every rank's moments merged; sum_i |g_i|^2 = m2 + n |mean|^2
+        dev = s1[names[0]].device if names else None
+        bad = int(ddp.all_reduce_(torch.tensor([float(bad)], dtype=torch.float64, device=dev)).tolist()[0])
+        used, mean, m2 = _merged_moments(ddp, used, names, shift, s1, s2)
+        for j, n in enumerate(names):
+            if used >= 1:
+                mgn[j] = _norm64(mean[n])
+                msq[j] = (m2[n] + used * float(mean[n] @ mean[n])) / used
+            if used >= 2:
+                var[j] = m2[n] / (used - 1)
+    else:
+        s2h = _host(s2, names)
+        for j, n in enumerate(names):
+            if used >= 1:
+                mean_d = s1[n] / used
+                mgn[j] = _norm64(shift[n] + mean_d)
+                # sum_i |g_i|^2 = sum_i |d_i|^2 + 2 c . sum_i d_i + n |c|^2
+                msq[j] = (s2h[n] + 2 * float(shift[n] @ s1[n]) + used * float(shift[n] @ shift[n])) / used
+            if used >= 2:
+                var[j] = max((s2h[n] - used * float(mean_d @ mean_d)) / (used - 1), 0.0)
     return PerSampleStats(names=tuple(names), variance=var, mean_grad_norm=mgn, mean_sq_norm=msq,
                           samples_used=used, nonfinite_samples=bad, grouped=grouped,
-                          closed_form=plan.closed, failed_check=plan.failed)
+                          closed_form=plan.closed, failed_check=plan.failed, ranks=ddp.world if sharded else 0)

@@ -114,10 +114,12 @@ def gradient_variance(model: nn.Module, x: Tensor, y: Tensor, params: GradVarPar
     if mb.batches_used < 2:
         notes.append(f"only {mb.batches_used} finite mini-batch(es): no covariance")
     ps_var, ps_gn, ps_used, ps_bad = nan, nan, 0, 0
+    ranks = {"mini-batch": mb.ranks}
     if params.per_sample:
         ps = per_sample_variance(model, x, y, chunk=params.chunk, loss=loss, dtype=dtype, device=device,
                                  bn=params.bn, batch_size=params.batch_size, seed=seed, progress=progress)
         ps_var, ps_gn, ps_used, ps_bad = ps.variance, ps.mean_grad_norm, ps.samples_used, ps.nonfinite_samples
+        ranks["per-sample"] = ps.ranks
         if ps.closed_form:
             rest = L - len(ps.closed_form)
             notes.append(f"per-sample gradients: closed form (probe.autodiff) for {len(ps.closed_form)} of {L} "
@@ -129,6 +131,10 @@ def gradient_variance(model: nn.Module, x: Tensor, y: Tensor, params: GradVarPar
                          "samples (BatchNorm without running statistics or bn=train)")
         if ps_bad:
             notes.append(f"{ps_bad} samples had non-finite per-sample gradients and were left out")
+    shared = [what for what, r in ranks.items() if r]
+    if shared:
+        notes.append(f"{' and '.join(shared)} gradients shared out over {max(ranks.values())} rank(s), "
+                     "their moments merged")
     sig_src, block_names = "off", ()
     act = grd = np.zeros((0, 0))
     sig_seeds: tuple[int, ...] = ()

@@ -56,6 +56,12 @@ float64 sums (shifted by the gate's first slice mean, so the variance does not c
 histogram are kept, and every logit tensor is reduced in flat slices of at most 2^18 (CPU) / 2^23 (GPU)
 elements, so the extra memory is a few slices, never a whole activation tensor. Non-finite logits are
 counted per gate (``nonfinite``) and excluded from every fraction, mean and histogram.
+On a GPU the sums stay on the device and are read once at the end (no wait per gate or slice).
+
+**Over ranks.** Under ``torchrun`` (:mod:`probe.runtime.dist`) each rank streams its contiguous
+share of ``x`` and the ranks' sums are gathered and merged (counts and histograms added, the shifted
+moments merged exactly by :func:`probe.runtime.moments.merge_moments`): the same numbers as one
+process, up to float64 rounding of the means and deviations.
 
 The model is run in eval mode (every submodule's flag restored afterwards) under ``torch.no_grad``;
 when its parameters are not on ``device`` it runs through ``torch.func.functional_call`` on copies
@@ -82,6 +88,8 @@ from models.fusion import Fusion
 from models.gates import Gate
 from probe.checks import check_int, check_number
 from probe.errors import UserError
+from probe.runtime.dist import current
+from probe.runtime.moments import from_shifted, merge_moments
 from probe.runtime.precision import exact
 from probe.functional import eval_mode
 from probe.probes.registry import Progress
@@ -123,6 +131,10 @@ _BAND_CUTS = {"sigmoid": math.log(19.0), "tanh": 0.5 * math.log(19.0), "hard_sig
 # Elements per reduction slice: bounds the temporaries (a few float64 / int64 copies of a slice).
 _SLICE_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 23}
 
+# Devices whose statistics stay on the device until the end (no read per slice; any device not
+# listed does so too): on the CPU a read costs nothing and the compacting path is cheaper.
+_SYNC_FREE = {"cpu": False, "cuda": True}
+
 
 
 def check_options(*, batch_size: int, bins: int, threshold: float, hist_max: float) -> None:
@@ -157,10 +169,12 @@ def _flat_slices(z: Tensor, size: int):
 class _Acc:
     """Running statistics of one gate.
 
-    Python ints ``count`` (finite logits) and ``nonfinite``, Python floats ``shift`` (``c``, the mean
-    of the gate's first finite slice) and ``s1 = sum (z - c)``; on the logits' device (reduced once at
-    the end) ``ints`` (2,) int64 = ``#{|z| > threshold}``, ``#{output outside the band}``,
-    ``floats`` (2,) float64 = ``sum (z - c)^2``, ``sum g'(z) / g'(0)``, and ``hist`` (bins + 2,) int64.
+    ``count`` (finite logits) and ``nonfinite``, ``shift`` (``c``, the mean of the gate's first
+    slice with a finite logit) and ``s1 = sum (z - c)``; ``ints`` (2,) int64 = ``#{|z| > threshold}``,
+    ``#{output outside the band}``, ``floats`` (2,) float64 = ``sum (z - c)^2``, ``sum g'(z) / g'(0)``,
+    and ``hist`` (bins + 2,) int64. On the CPU the first four are Python numbers; on other devices
+    (``_SYNC_FREE``) every number stays on the logits' device and is read once, at the end, so the
+    stream never waits for the device.
 
     Per slice (float64): the band test is a cut on ``|z|`` (``|z| > log 19`` for sigmoid,
     ``log(19) / 2`` for tanh, ``2.7`` for the hard gates: the same sets as ``g(z)`` outside its band,
@@ -168,27 +182,34 @@ class _Acc:
     ``sigma(-2|z|)``), ``sigma'(z) / sigma'(0) = 4 q (1 - q)`` and ``tanh'(z) = 4 q (1 - q)``, summed as
     ``4 (sum q - q.q)`` with ``q <= 1/2`` (no cancellation however saturated); the histogram bins
     are ``[e_k, e_k+1)`` with underflow ``z < -hist_max`` and overflow ``z >= hist_max``.
-    The slice sum doubles as the finiteness check: only a slice whose sum is not finite is
-    compacted to its finite values (and its non-finite ones counted).
+    On the CPU the slice sum doubles as the finiteness check: only a slice whose sum is not finite
+    is compacted to its finite values (and its non-finite ones counted). Without reading the
+    device, non-finite logits are masked instead: set to 0 for the sums and the histogram (their
+    count taken back out of the bin of 0), to ``|z| = inf`` for the cuts (counted by both, taken
+    back out) and the gains (``q = 0``, no gain). For finite logits both give the same numbers.
     """
 
     def __init__(self, name: str, kind: str, path: str, source: str):
         self.name, self.kind, self.path, self.source = name, kind, path, source
         self.count = self.nonfinite = 0
-        self.shift: float | None = None
-        self.s1 = 0.0
+        self.shift: float | Tensor | None = None
+        self.s1: float | Tensor = 0.0
         self.ints: Tensor | None = None
         self.floats: Tensor | None = None
         self.hist: Tensor | None = None
+        self.dev: dict[str, Tensor] | None = None   # the device-held counts, shift and s1 (sync-free)
 
     def add(self, z: Tensor, *, threshold: float, bins: int, lo: float, hi: float) -> None:
         z = z.detach()
         size = _SLICE_ELEMENTS.get(z.device.type, _SLICE_ELEMENTS["cpu"])
-        cut = _BAND_CUTS[self.kind]
+        sync_free = _SYNC_FREE.get(z.device.type, True)
         scale = bins / (hi - lo)
         offset = 1.0 - lo * scale                                           # column of z: floor(z*scale + offset)
         for flat in _flat_slices(z, size):
             zd = flat.to(torch.float64)                                     # (n,) may alias z: never written
+            if sync_free:
+                self._add_masked(zd, threshold, bins, scale, offset)
+                continue
             total = float(zd.sum())
             if not math.isfinite(total):
                 zd = zd[torch.isfinite(zd)]                                 # (n_finite,)
@@ -199,38 +220,115 @@ class _Acc:
                 continue
             if self.shift is None:
                 self.shift = total / n
-                self.ints = torch.zeros(2, dtype=torch.int64, device=zd.device)
-                self.floats = torch.zeros(2, dtype=torch.float64, device=zd.device)
-                self.hist = torch.zeros(bins + 2, dtype=torch.int64, device=zd.device)
+                self._alloc(zd.device, bins)
             self.count += n
             self.s1 += total - n * self.shift
-            a = zd.abs()                                                    # (n,) |z|, a fresh buffer
-            big = (a > threshold).sum()
-            out = (a > cut).sum()
-            if self.kind == "sigmoid" or self.kind == "tanh":
-                q = a.mul_(-1.0 if self.kind == "sigmoid" else -2.0).sigmoid_()   # (n,) in (0, 1/2]
-                gain = (q.sum() - torch.dot(q, q)) * 4.0
-            else:                                                           # slope 1/6 inside (-3, 3): relative 1
-                gain = (a < 3.0).sum().to(torch.float64)
-            d = zd - self.shift                                             # (n,) fresh buffer
-            s2 = torch.dot(d, d)
-            col = torch.mul(zd, scale, out=d).add_(offset).floor_().clamp_(0, bins + 1)   # (n,) 0 .. bins+1
-            self.hist += torch.bincount(col.to(torch.int64), minlength=bins + 2)
-            self.ints += torch.stack([big, out])
-            self.floats += torch.stack([s2, gain])
+            self._add_rest(zd, zd, None, threshold, bins, scale, offset)
 
-    def finish(self, bins: int) -> dict:
-        n = self.count
-        if n:
+    def _alloc(self, device: torch.device, bins: int) -> None:
+        self.ints = torch.zeros(2, dtype=torch.int64, device=device)
+        self.floats = torch.zeros(2, dtype=torch.float64, device=device)
+        self.hist = torch.zeros(bins + 2, dtype=torch.int64, device=device)
+
+    def _add_masked(self, zd: Tensor, threshold: float, bins: int, scale: float, offset: float) -> None:
+        """One slice without reading the device: the shift set on the device by the first slice
+        with a finite logit, non-finite logits masked (see the class docstring)."""
+        if self.dev is None:
+            self._alloc(zd.device, bins)
+            self.dev = {"counts": torch.zeros(2, dtype=torch.int64, device=zd.device),      # count, nonfinite
+                        "shift": torch.zeros((), dtype=torch.float64, device=zd.device),
+                        "s1": torch.zeros((), dtype=torch.float64, device=zd.device),
+                        "have": torch.zeros((), dtype=torch.bool, device=zd.device)}
+        st = self.dev
+        fin = torch.isfinite(zd)                                            # (n,)
+        nf = fin.sum()                                                      # finite logits of the slice
+        bad = zd.numel() - nf
+        zc = torch.where(fin, zd, 0.0)                                      # (n,) non-finite -> 0
+        total = zc.sum()
+        nff = nf.to(torch.float64)
+        shift = torch.where(st["have"], st["shift"], total / nff.clamp(min=1.0))
+        st["shift"] = shift
+        st["s1"] = st["s1"] + (total - nff * shift)
+        st["have"] = st["have"] | (nf > 0)
+        st["counts"] += torch.stack([nf, bad])
+        self._add_rest(zd, zc, (fin, bad), threshold, bins, scale, offset, shift)
+
+    def _add_rest(self, zd: Tensor, zc: Tensor, mask, threshold: float, bins: int, scale: float, offset: float,
+                  shift=None) -> None:
+        """The cuts, gains, ``sum (z - c)^2`` and histogram of one slice (``mask``: None for a slice
+        of finite logits, else ``(finite, count of the others)``; ``zc`` then has 0 at the others)."""
+        cut = _BAND_CUTS[self.kind]
+        shift = self.shift if shift is None else shift
+        a = zd.abs()                                                        # (n,) |z|, a fresh buffer
+        if mask is not None:
+            fin, bad = mask
+            a.masked_fill_(~fin, math.inf)                                  # counted by both cuts: taken out below
+        big = (a > threshold).sum()
+        out = (a > cut).sum()
+        if self.kind == "sigmoid" or self.kind == "tanh":
+            q = a.mul_(-1.0 if self.kind == "sigmoid" else -2.0).sigmoid_()   # (n,) in [0, 1/2]
+            gain = (q.sum() - torch.dot(q, q)) * 4.0
+        else:                                                               # slope 1/6 inside (-3, 3): relative 1
+            gain = (a < 3.0).sum().to(torch.float64)
+        d = zd - shift                                                      # (n,) fresh buffer
+        if mask is not None:
+            d = torch.where(fin, d, 0.0)
+        s2 = torch.dot(d, d)
+        col = torch.mul(zc, scale, out=d).add_(offset).floor_().clamp_(0, bins + 1)   # (n,) 0 .. bins+1
+        self.hist += torch.bincount(col.to(torch.int64), minlength=bins + 2)
+        if mask is not None:
+            big, out = big - bad, out - bad
+            zero = int(min(max(math.floor(offset), 0), bins + 1))           # the column of z = 0
+            self.hist[zero] -= bad
+        self.ints += torch.stack([big, out])
+        self.floats += torch.stack([s2, gain])
+
+    def state(self, bins: int) -> dict:
+        """The gate's sums as host numbers (read from the device once): ``count``, ``nonfinite``,
+        ``shift``, ``s1``, ``s2``, ``gain_sum``, ``n_logit_sat``, ``n_output_sat``, ``hist``."""
+        count, nonfinite, shift, s1 = self.count, self.nonfinite, self.shift, self.s1
+        if self.dev is not None:
+            counts = self.dev["counts"].cpu().tolist()
+            count, nonfinite = counts
+            shift, s1 = float(self.dev["shift"].cpu()), float(self.dev["s1"].cpu())
+        if count:
             ints, floats = self.ints.cpu().tolist(), self.floats.cpu().tolist()
             hist = self.hist.cpu().numpy().astype(np.int64)
-            m1 = self.s1 / n
-            mean, std, gain = self.shift + m1, math.sqrt(max(floats[0] / n - m1 * m1, 0.0)), floats[1] / n
-        else:                                                               # no finite logit at all
-            ints, hist = [0, 0], np.zeros(bins + 2, np.int64)
-            mean = std = gain = math.nan
-        return dict(count=n, nonfinite=self.nonfinite, n_logit_sat=ints[0], n_output_sat=ints[1],
-                    gain=gain, mean=mean, std=std, hist=hist)
+        else:
+            ints, floats, hist, shift, s1 = [0, 0], [0.0, 0.0], np.zeros(bins + 2, np.int64), 0.0, 0.0
+        return dict(count=int(count), nonfinite=int(nonfinite), shift=float(shift), s1=float(s1), s2=floats[0],
+                    gain_sum=floats[1], n_logit_sat=int(ints[0]), n_output_sat=int(ints[1]), hist=hist)
+
+    def finish(self, bins: int) -> dict:
+        return _finish(self.state(bins))
+
+
+def _finish(st: dict) -> dict:
+    """A gate's row of the result from its sums (:meth:`_Acc.state`)."""
+    n = st["count"]
+    if n:
+        m1 = st["s1"] / n
+        mean, std, gain = st["shift"] + m1, math.sqrt(max(st["s2"] / n - m1 * m1, 0.0)), st["gain_sum"] / n
+    else:                                                                   # no finite logit at all
+        mean = std = gain = math.nan
+    return dict(count=n, nonfinite=st["nonfinite"], n_logit_sat=st["n_logit_sat"],
+                n_output_sat=st["n_output_sat"], gain=gain, mean=mean, std=std, hist=st["hist"])
+
+
+def merge_states(states: list[dict]) -> dict:
+    """One gate's row from the sums of several parts of the inputs (:meth:`_Acc.state` of each,
+    e.g. of every rank): counts and histograms added, the moments merged exactly
+    (:func:`probe.runtime.moments.merge_moments`, each part's shifted sums turned into its mean
+    and squared deviations first)."""
+    n, mean, m2 = merge_moments(from_shifted(st["count"], st["shift"], st["s1"], st["s2"]) for st in states)
+    ints = {k: sum(st[k] for st in states) for k in ("nonfinite", "n_logit_sat", "n_output_sat")}
+    hist = np.sum([st["hist"] for st in states], axis=0).astype(np.int64)
+    gain_sum = math.fsum(st["gain_sum"] for st in states)
+    if n:
+        mean, std, gain = float(mean), math.sqrt(m2 / n), gain_sum / n
+    else:
+        mean = std = gain = math.nan
+    return dict(count=n, **ints, gain=gain, mean=mean, std=std, hist=hist)
 
 
 # --- hooks and the function mode -----------------------------------------------------------------
@@ -370,8 +468,9 @@ def saturation(model: nn.Module, x: Tensor, *, batch_size: int = 128, bins: int 
     ``x`` is run in chunks of ``batch_size`` (results do not depend on it, up to float64 rounding of
     the means); ``bins`` equal histogram bins over ``[-hist_max, hist_max)`` plus under/overflow;
     ``threshold`` the ``|z|`` cut; ``device`` where to run (``None``: the model's device); progress is
-    reported as ``progress("saturation", samples_done, N)``. Floating inputs are cast to the model's
-    floating dtype. The model is not changed. See the module docstring for the definitions.
+    reported as ``progress("saturation", samples_done, N)`` (under ``torchrun``: of this rank's share).
+    Floating inputs are cast to the model's floating dtype. The model is not changed. See the
+    module docstring for the definitions.
     """
     check_options(batch_size=batch_size, bins=bins, threshold=threshold, hist_max=hist_max)
     if not isinstance(model, nn.Module):
@@ -380,6 +479,10 @@ def saturation(model: nn.Module, x: Tensor, *, batch_size: int = 128, bins: int 
     if x.dim() == 0 or x.shape[0] == 0:
         raise UserError(f"x must hold at least one sample along its first axis, got shape {tuple(x.shape)}")
     n = int(x.shape[0])
+    ddp = current()
+    # under torchrun each rank streams its contiguous share of the inputs; the sums are merged
+    sharded = ddp.active and n >= ddp.world
+    part = ddp.shard(n) if sharded else slice(0, n)
     dev, dtype, forward = _runner(model, device)
     modules = dict(model.named_modules())
     rec = _Recorder(float(threshold), int(bins), float(hist_max))
@@ -391,8 +494,8 @@ def saturation(model: nn.Module, x: Tensor, *, batch_size: int = 128, bins: int 
             handles.append(m.register_forward_pre_hook(pre))
             handles.append(m.register_forward_hook(post, always_call=True))
         with eval_mode(model), torch.no_grad():
-            for start in range(0, n, batch_size):
-                xb = x[start:start + batch_size]
+            for start in range(part.start, part.stop, batch_size):
+                xb = x[start:min(start + batch_size, part.stop)]
                 xb = xb.to(device=dev, dtype=dtype) if (xb.is_floating_point() and dtype is not None) \
                     else xb.to(device=dev)
                 rec.stack.clear()
@@ -400,13 +503,17 @@ def saturation(model: nn.Module, x: Tensor, *, batch_size: int = 128, bins: int 
                 with _GateFunctionMode(rec):
                     forward(xb)
                 if progress is not None:
-                    progress("saturation", min(start + batch_size, n), n)
+                    progress("saturation", min(start + batch_size, part.stop) - part.start, part.stop - part.start)
     finally:
         for h in handles:
             h.remove()
         rec.stack.clear()
 
-    rows = [(acc, acc.finish(bins)) for acc in rec.accs.values()]
+    if not sharded:
+        rows = [(acc, acc.finish(bins)) for acc in rec.accs.values()]
+        ran = rec.ran
+    else:
+        rows, ran = _merged_rows(ddp, rec, bins)
     G = len(rows)
 
     def strings(values) -> np.ndarray:
@@ -429,5 +536,31 @@ def saturation(model: nn.Module, x: Tensor, *, batch_size: int = 128, bins: int 
         hist=(np.stack([r["hist"] for _, r in rows]) if rows else np.zeros((0, bins + 2), np.int64)),
         edges=np.linspace(-float(hist_max), float(hist_max), int(bins) + 1),
         threshold=float(threshold), n_samples=n,
-        unused=tuple(p or "(root)" for p in gate_paths if p not in rec.ran),
+        unused=tuple(p or "(root)" for p in gate_paths if p not in ran),
     )
+
+
+class _Gate:
+    """A gate's identity (name, kind, module path, source) as every rank reports it."""
+
+    __slots__ = ("name", "kind", "path", "source")
+
+    def __init__(self, name: str, kind: str, path: str, source: str):
+        self.name, self.kind, self.path, self.source = name, kind, path, source
+
+
+def _merged_rows(ddp, rec: _Recorder, bins: int) -> tuple[list, set]:
+    """Every rank's gate sums gathered (one all-gather of host numbers) and merged per gate
+    (:func:`merge_states`), gates in the order of their first appearance in rank order; the gate
+    modules that ran on any rank."""
+    mine = ([(a.name, a.kind, a.path, a.source, a.state(bins)) for a in rec.accs.values()], sorted(rec.ran))
+    parts = ddp.all_gather(mine)
+    gates: dict[str, tuple] = {}
+    states: dict[str, list] = {}
+    ran: set = set()
+    for accs, ran_ in parts:
+        ran.update(ran_)
+        for name, kind, path, source, st in accs:
+            gates.setdefault(name, (name, kind, path, source))
+            states.setdefault(name, []).append(st)
+    return [(_Gate(*gates[name]), merge_states(states[name])) for name in gates], ran
