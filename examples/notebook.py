@@ -11,7 +11,7 @@ lines::
 
     import probe
     h = probe.hessian_spectrum(model, x, y)
-    h                          # HessianResult(hessian: samples=200 of ..., lambda_max=..., ...)
+    h                          # HessianResult(hessian: samples=200 of 1797, lambda_max=..., ...)
     h.to_frame()               # the eigenvalues by rank
     h.figure().show()
 """

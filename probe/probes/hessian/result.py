@@ -119,6 +119,8 @@ class HessianResult(ResultView):
     wall_time_s: float
     seed: int
     notes: tuple[str, ...] = field(default=())
+    #: the samples the caller gave (``n_samples`` of them were used); None when not known
+    n_available: int | None = None
 
     _probe = "hessian"
     _frame_index = "rank"
@@ -185,6 +187,7 @@ class HessianResult(ResultView):
                 "density": None if self.density is None else self.density.summary(),
                 "blocks": {n: b.summary() for n, b in self.blocks.items()},
                 "loss": self.loss, "n_params": self.n_params, "n_samples": self.n_samples,
+                "n_available": self.n_available,
                 "batch_size": self.batch_size, "bn": self.bn, "dtype": self.dtype, "n_hvps": self.n_hvps,
                 "wall_time_s": self.wall_time_s, "seed": self.seed, "converged": self.converged,
                 "notes": list(self.notes)}
@@ -193,7 +196,9 @@ class HessianResult(ResultView):
         """This result in the stored form of ``probe hessian`` (what the catalog keeps and the
         figures draw); ``context`` (``model``, ``epoch``, ``data``, ``n``, ``lr``) heads its summary."""
         arrays: dict[str, np.ndarray] = {}
-        summary: dict = {"model": None, "epoch": None, "data": "", "n": self.n_samples, "lr": None, **context,
+        summary: dict = {"model": None, "epoch": None, "data": "", "n": self.n_samples, "lr": None,
+                         **({} if self.n_available in (None, self.n_samples) else {"n_available": self.n_available}),
+                         **context,
                          "operator": self.operator, "criterion": self.criterion, "loss": self.loss,
                          "n_params": self.n_params, "bn": self.bn, "dtype": self.dtype, "n_hvps": self.n_hvps,
                          "wall_time_s": self.wall_time_s, "converged": self.converged, "seed": self.seed,
