@@ -190,3 +190,13 @@ def test_static_images_without_an_engine_are_one_line(tmp_path, capsys, flag):
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and "kaleido" in err and err.startswith("probe saturation: error:")
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.npz"))  # refused first
+
+
+def test_every_finding_figure_has_axis_titles():
+    from probe.figures.findings import FINDING_KINDS, finding_figures
+    from tests.store.test_findings import PAYLOADS
+
+    assert set(PAYLOADS) == set(FINDING_KINDS)
+    for kind, payload in PAYLOADS.items():
+        for fig in finding_figures(payload()):
+            assert untitled_axes(fig) == [], kind
