@@ -86,9 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ctx = Context(store=RunStore(args.runs), out=Path(args.out), quick=args.quick, log=log, progress=progress,
                       jobs=args.jobs, threads_per_job=getattr(args, "threads_per_job", None))
-        bar = tqdm(names, desc="experiments", file=sys.stderr, disable=args.quiet, dynamic_ncols=True)
-        for name in bar:
+        tty = sys.stderr.isatty()    # a log file gets plain lines (one per experiment), no bar frames
+        bar = tqdm(names, desc="experiments", file=sys.stderr, disable=args.quiet or not tty, dynamic_ncols=True)
+        for i, name in enumerate(bar):
             bar.set_postfix_str(name)
+            if not tty:
+                log(f"experiment {i + 1}/{len(names)}: {name}")
             r = run_experiment(ctx, name, force=args.force)
             results.append(r)
             log(f"{name}: {_how(r)} -> {r['folder']}")

@@ -110,15 +110,39 @@ def run_command(func: Callable[[argparse.Namespace], "Output | None"], args: arg
 
 
 class TqdmProgress:
-    """The library's ``progress(desc, done, total)`` callback rendered as tqdm bars on stderr (one
-    bar per description; silent with ``--quiet``)."""
+    """The library's ``progress(desc, done, total)`` callback on stderr (silent with ``--quiet``):
+    tqdm bars (one per description) when stderr is a terminal; otherwise (a log file, CI,
+    ``nohup``) plain lines, never a carriage return: ``desc: done/total (p%)`` each time the work
+    passes another ``step_pct`` percent, once ``min_interval_s`` have gone by since the description's
+    previous line (work shorter than that prints nothing; the callers' own lines, such as one per
+    epoch, say what finished)."""
 
-    def __init__(self, quiet: bool):
+    def __init__(self, quiet: bool, *, tty: bool | None = None, step_pct: float = 10.0,
+                 min_interval_s: float = 10.0, stream=None):
         self.quiet = quiet
+        self.stream = stream
+        self.tty = tty
+        self.step_pct = float(step_pct)
+        self.min_interval_s = float(min_interval_s)
         self.bars: dict = {}
+        self.plain: dict = {}           # desc -> [total, last percent step printed, last time, start]
+
+    def _out(self):
+        return self.stream if self.stream is not None else sys.stderr
+
+    def _is_tty(self) -> bool:
+        if self.tty is not None:
+            return self.tty
+        try:
+            return bool(self._out().isatty())
+        except (AttributeError, ValueError):
+            return False
 
     def __call__(self, desc: str, done: int, total: int) -> None:
         if self.quiet:
+            return
+        if not self._is_tty():
+            self._line(desc, done, total)
             return
         from tqdm import tqdm
 
@@ -126,16 +150,32 @@ class TqdmProgress:
         if bar is None or bar.total != total:
             if bar is not None:
                 bar.close()
-            bar = self.bars[desc] = tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+            bar = self.bars[desc] = tqdm(total=total, desc=desc, file=self._out(), leave=False, dynamic_ncols=True)
         bar.update(done - bar.n)
         if done >= total:
             bar.close()
             self.bars.pop(desc, None)
 
+    def _line(self, desc: str, done: int, total: int) -> None:
+        import time
+
+        now = time.monotonic()
+        state = self.plain.get(desc)
+        if state is None or state[0] != total:
+            state = self.plain[desc] = [total, 0.0, now, now]
+        pct = 100.0 * done / total if total else 100.0
+        passed = self.step_pct * math.floor(pct / self.step_pct) if self.step_pct > 0 else pct
+        if passed > state[1] and now - state[2] >= self.min_interval_s:
+            state[1], state[2] = passed, now
+            print(f"{desc}: {done}/{total} ({pct:.0f}%, {now - state[3]:.0f}s)", file=self._out(), flush=True)
+        if total and done >= total:
+            self.plain.pop(desc, None)
+
     def close(self) -> None:
         for bar in self.bars.values():
             bar.close()
         self.bars.clear()
+        self.plain.clear()
 
 
 @contextlib.contextmanager

@@ -39,7 +39,16 @@ def _target_args(p: argparse.ArgumentParser, default_n: int) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init and the probe data (default: 0)")
     p.add_argument("--html", metavar="PATH", default=None,
-                   help="also write the probe's figure as a standalone page (plotly.js embedded)")
+                   help="also write the probe's figures (every figure of its explorer page) as one standalone page "
+                        "(default: none)")
+    p.add_argument("--html-js", choices=("inline", "shared"), default="shared",
+                   help="plotly.js of the --html page: shared (one plotly.min.js written beside the page, "
+                        "loaded by a relative path) or inline (embedded, 4.8 MB per page) (default: shared)")
+    p.add_argument("--png", metavar="PATH", default=None,
+                   help="also write the figures as PNG images: PATH for the main figure, PATH's stem plus the "
+                        "figure's name for the others (needs plotly's kaleido) (default: none)")
+    p.add_argument("--svg", metavar="PATH", default=None,
+                   help="the same as --png, as SVG (default: none)")
     runs_arg(p)
 
 
@@ -97,6 +106,11 @@ def _command(spec):
         from probe.jobs import figure_entries, run_probe
 
         kwargs = _target_kwargs(args)
+        if args.png or args.svg:              # before the work: a missing image engine is known now
+            from probe.figures import static_engine
+
+            if static_engine():
+                raise UserError(static_engine())
         # under torchrun: every rank reads the store, rank 0 alone writes and reports
         with rank_group(args.device, args.quiet) as (main, progress):
             outcomes = run_probe(open_store(args, readonly=not main), spec, _param_values(args, spec.params),
@@ -115,18 +129,48 @@ def _command(spec):
                 lines.append(f"  stored as probe {o.info['probe_id']}")
         data = {"results": [o.to_json() for o in outcomes], "count": len(outcomes)}
         entries = figure_entries(outcomes)
-        if args.html and spec.figure is not None and entries:
-            from probe.figures import write_html
-
-            try:
-                path = write_html(spec.figure(entries), args.html)
-            except OSError as e:
-                raise UserError(f"cannot write {args.html} ({e.strerror or e})") from None
-            data["html"] = str(path)
-            lines.append(f"figure: {path}")
+        if (args.html or args.png or args.svg) and entries:
+            lines += _write_figures(args, spec, entries, data)
         return Output(data, "\n".join(lines))
 
     return run
+
+
+def _slug(text: str) -> str:
+    return "-".join("".join(c if c.isalnum() else " " for c in text.lower()).split())[:48] or "figure"
+
+
+def _write_figures(args, spec, entries: list, data: dict) -> list[str]:
+    """``--html`` (one page with every figure of the probe's explorer page), ``--png`` / ``--svg``
+    (one image per figure); the paths go into ``data`` and the returned lines."""
+    from pathlib import Path
+
+    from probe.figures import write_html, write_image
+    from probe.probes.registry import probe_figures
+
+    figures = probe_figures(spec, entries)
+    if not figures:
+        return []
+    lines = []
+    try:
+        if args.html:
+            js = Path(args.html).absolute().parent / "plotly.min.js" if args.html_js == "shared" else None
+            path = write_html(figures, args.html, plotlyjs=js, title=f"probe {spec.name}")
+            data["html"] = str(path)
+            lines.append(f"figures: {path}" + (f" (plotly.js: {js})" if js else ""))
+        for fmt, target in (("png", args.png), ("svg", args.svg)):
+            if not target:
+                continue
+            base = Path(target)
+            paths = []
+            for i, (title, fig) in enumerate(figures.items()):
+                where = base if i == 0 else base.with_name(f"{base.stem}-{_slug(title)}{base.suffix or '.' + fmt}")
+                paths.append(str(write_image(fig, where, fmt=fmt)))
+            data[fmt] = paths
+            lines.append(f"{fmt}: {', '.join(paths)}")
+    except OSError as e:
+        raise UserError(f"cannot write {e.filename or 'a figure'} ({e.strerror or e})") from None
+    return lines
 
 
 def register_probe_commands(sub, common) -> None:

@@ -153,6 +153,7 @@ def cells_figure(payload: Mapping):
                 hovertemplate=(f"%{{x}} %{{customdata[0]}}<br>{label}: %{{y:.2f}}%<br>"
                                "cells: %{customdata[1]}<extra></extra>")), row=i, col=1)
         fig.update_yaxes(title_text="error (%)", row=i, col=1)
+        fig.update_xaxes(title_text="variant (fusion)", row=i, col=1)
     return _layout(fig, payload["title"], barmode="group", height=140 + 320 * len(regimes))
 
 
@@ -193,6 +194,7 @@ def verdict_figure(payload: Mapping):
         text=[f"{_fmt(t, '+.1f')} [{_fmt(low, '+.1f')}, {_fmt(h, '+.1f')}]" for t, low, h in zip(total, lo, hi)],
         customdata=hover, hovertemplate="%{x}: test gap %{text}<br>%{customdata[1]}<extra></extra>"))
     return _layout(fig, f"{finding['title']} (gaps to {finding['baseline']}, points)", barmode="relative",
+                   xaxis_title="regime / variant",
                    yaxis_title="test error minus the baseline's (points)", height=520)
 
 
@@ -258,7 +260,8 @@ def trainability_tests_figure(payload: Mapping):
                              texttemplate="%{text}", zmin=-1, zmax=1, colorscale="RdBu",
                              colorbar=dict(title="Spearman rho")))
     return _layout(fig, f"{finding['title']}: rank correlation of each measure with trainability",
-                   height=200 + 60 * len(depths), yaxis=dict(autorange="reversed"))
+                   height=200 + 60 * len(depths), xaxis_title="measure",
+                   yaxis=dict(autorange="reversed", title="network depth (blocks)"))
 
 
 def seed_table_figure(payload: Mapping):
@@ -310,7 +313,7 @@ def correlations_figure(payload: Mapping):
                              texttemplate="%{text}", zmin=-1, zmax=1, colorscale="RdBu",
                              colorbar=dict(title="Spearman rho")))
     return _layout(fig, title, xaxis_title="group", height=220 + 45 * len(measures),
-                   yaxis=dict(autorange="reversed"))
+                   yaxis=dict(autorange="reversed", title="measure"))
 
 
 _FIGURES: dict[str, tuple[Callable, ...]] = {

@@ -10,46 +10,79 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from probe.figures._common import PALETTE, entry_label
+from probe.figures._common import AU, PALETTE, entry_label, rank_ticks
 
-__all__ = ["hessian_figure", "hessian_blocks_figure", "hessian_across_training"]
+__all__ = ["hessian_figure", "hessian_blocks_figure", "hessian_across_training", "density_floor"]
+
+#: The density axis ends this many decades below the lowest peak of the quadrature nodes.
+FLOOR_DECADES = 1.0
+#: ... and never more than this many decades below the density's maximum (round-off weights).
+MAX_DECADES = 9.0
 
 
 def _color(i: int) -> str:
     return PALETTE[i % len(PALETTE)]
 
 
+def density_floor(arrays: dict, summary: dict) -> float | None:
+    """The lowest density worth drawing on a log axis: :data:`FLOOR_DECADES` below the peak of the
+    lightest quadrature node (weight w over ``probes`` probes: w / (probes sigma sqrt(2 pi))), at
+    most :data:`MAX_DECADES` below the maximum; what lies below is only the Gaussian tails of the
+    smoothing kernel (down to 1e-135 a few sigma out), not spectrum. None without a density."""
+    dens = np.asarray(arrays.get("density", []), dtype=np.float64)
+    if not dens.size or not np.isfinite(dens).any() or np.nanmax(dens) <= 0:
+        return None
+    top = float(np.nanmax(dens))
+    floor = top * 10 ** -MAX_DECADES
+    w = np.asarray(arrays.get("density_weights", []), dtype=np.float64)
+    sigma = (summary.get("density") or {}).get("sigma")
+    if w.size and (w > 0).any() and sigma:
+        probes = w.shape[0] if w.ndim == 2 else 1
+        peak = float(w[w > 0].min()) / (probes * float(sigma) * np.sqrt(2 * np.pi))
+        floor = max(floor, peak * 10 ** -FLOOR_DECADES)
+    return min(floor, top * 0.1)
+
+
 def hessian_figure(entries: Sequence[tuple[dict, Any]]):
-    """Left: the top-k (and bottom-k, when computed) eigenvalues against their rank, one line per
-    entry, on a symmetric-log-like axis (sign kept: negative curvature shows below zero). Right:
-    the SLQ spectral density (log density axis: the bulk near zero and the outliers on one plot)."""
+    """Left: the top-k (and bottom-k, when computed) eigenvalues against their rank (integer
+    ticks), one line per entry (sign kept: negative curvature shows below zero). Right: the SLQ
+    spectral density on a log axis (the bulk near zero and the outliers on one plot) down to
+    :func:`density_floor`; below it a gap, not the kernel's tails."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("extreme eigenvalues", "spectral density (SLQ)"))
+    ranks, floors, tops = 1, [], []
     for i, (info, result) in enumerate(entries):
         arrays, name = result.arrays(), entry_label(info)
         top = np.asarray(arrays.get("eigenvalues", []), dtype=np.float64)
         if top.size:
+            ranks = max(ranks, top.size)
             fig.add_trace(go.Scatter(x=np.arange(1, top.size + 1), y=top, mode="lines+markers", name=name,
                                      legendgroup=name, line=dict(color=_color(i)), marker=dict(size=6)),
                           row=1, col=1)
         low = np.asarray(arrays.get("smallest_eigenvalues", []), dtype=np.float64)
         if low.size:
+            ranks = max(ranks, low.size)
             fig.add_trace(go.Scatter(x=np.arange(1, low.size + 1), y=low, mode="markers", name=f"{name}: smallest",
                                      legendgroup=name, marker=dict(color=_color(i), symbol="x", size=7)),
                           row=1, col=1)
         grid = np.asarray(arrays.get("density_grid", []), dtype=np.float64)
         dens = np.asarray(arrays.get("density", []), dtype=np.float64)
-        if grid.size and dens.size == grid.size:
-            keep = dens > 0
-            fig.add_trace(go.Scatter(x=grid[keep], y=dens[keep], mode="lines", name=f"{name}: density",
+        floor = density_floor(arrays, result.summary())
+        if grid.size and dens.size == grid.size and floor is not None:
+            floors.append(floor)
+            tops.append(float(np.nanmax(dens)))
+            shown = [float(d) if np.isfinite(d) and d >= floor else None for d in dens]
+            fig.add_trace(go.Scatter(x=grid, y=shown, mode="lines", name=f"{name}: density", connectgaps=False,
                                      legendgroup=name, showlegend=False, line=dict(color=_color(i))),
                           row=1, col=2)
-    fig.update_xaxes(title="rank", row=1, col=1)
-    fig.update_yaxes(title="eigenvalue", row=1, col=1)
-    fig.update_xaxes(title="eigenvalue", row=1, col=2)
-    fig.update_yaxes(title="density", type="log", exponentformat="power", row=1, col=2)
+    fig.update_xaxes(title="rank (1 = most extreme)", row=1, col=1, **rank_ticks(ranks))
+    fig.update_yaxes(title=f"eigenvalue {AU}", row=1, col=1)
+    fig.update_xaxes(title=f"eigenvalue {AU}", row=1, col=2)
+    fig.update_yaxes(title="density (per unit eigenvalue)", type="log", exponentformat="power", row=1, col=2)
+    if floors:
+        fig.update_yaxes(range=[np.log10(min(floors)), np.log10(max(tops)) + 0.3], row=1, col=2)
     fig.update_layout(title="Hessian spectrum", template="plotly_white", legend=dict(orientation="h", y=-0.2))
     return fig
 
@@ -76,6 +109,9 @@ def hessian_blocks_figure(entries: Sequence[tuple[dict, Any]]):
                              error_y=dict(type="data", array=[(b.get("trace") or {}).get("stderr") or 0.0
                                                               for b in blocks])), row=1, col=2)
     title = "Hessian per block" if drawn else "Hessian per block (no per-block results: run with --blocks)"
+    fig.update_xaxes(title="parameter block")
+    fig.update_yaxes(title=f"largest eigenvalue {AU}", row=1, col=1)
+    fig.update_yaxes(title=f"trace {AU}", row=1, col=2)
     fig.update_layout(title=title, barmode="group", template="plotly_white", legend=dict(orientation="h", y=-0.3))
     return fig
 
@@ -112,9 +148,9 @@ def hessian_across_training(entries: Sequence[tuple[dict, Any]]):
                                      line=dict(color=_color(i)),
                                      error_y=dict(type="data", array=[t.get("stderr") or 0.0 for _, t in tr])),
                           row=1, col=2)
-    fig.update_xaxes(title="epoch")
-    fig.update_yaxes(title="lambda_max", type="log", row=1, col=1)
-    fig.update_yaxes(title="trace", row=1, col=2)
+    fig.update_xaxes(title="epoch (checkpoint)")
+    fig.update_yaxes(title=f"lambda_max and 2/lr {AU}", type="log", row=1, col=1)
+    fig.update_yaxes(title=f"trace {AU}", row=1, col=2)
     fig.update_layout(title="Hessian across training", template="plotly_white",
                       legend=dict(orientation="h", y=-0.2))
     return fig

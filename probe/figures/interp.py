@@ -77,9 +77,9 @@ def interp_paths_figure(entries: Sequence[tuple[dict, Any]]):
             drawn += 1
     if not drawn:
         fig.add_trace(go.Scatter(x=[], y=[], name="no paths"))
-    fig.update_xaxes(title="t (x = (1 - t) x_a + t x_b)", row=2)
-    fig.update_yaxes(title="||f - chord|| / ||f(x_b) - f(x_a)||", row=1, col=1)
-    fig.update_yaxes(title="loss - chord", row=2, col=1)
+    fig.update_xaxes(title="t (x = (1 - t) x_a + t x_b)")
+    fig.update_yaxes(title="||f - chord|| / ||f(x_b) - f(x_a)|| (ratio)", row=1)
+    fig.update_yaxes(title="loss - chord (nats)", row=2)
     fig.update_layout(title="Outputs along mixup paths between test samples", template="plotly_white",
                       legend=dict(orientation="h", y=-0.15))
     return fig
@@ -198,7 +198,9 @@ def interp_across_training(entries: Sequence[tuple[dict, Any]]):
             fig.add_trace(go.Scatter(x=epochs, y=[None] * len(epochs), name=label), row=1, col=1)
     if not fig.data:
         fig.add_trace(go.Scatter(x=[], y=[], name="no results"), row=1, col=1)
-    fig.update_xaxes(title="epoch", row=2)
+    fig.update_xaxes(title="epoch (checkpoint)")
+    for p, unit in enumerate(("deviation (ratio)", "degree", "fraction of paths", "barrier (nats)")):
+        fig.update_yaxes(title=unit, row=p // 2 + 1, col=p % 2 + 1)
     fig.update_layout(title="Input-space interpolation across training", template="plotly_white",
                       legend=dict(orientation="h", y=-0.15))
     return fig

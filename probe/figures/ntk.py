@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from probe.figures._common import PALETTE, entry_label
+from probe.figures._common import AU, PALETTE, entry_label
 
 __all__ = ["ntk_spectrum_figure", "ntk_across_training", "eigenlearning_figure"]
 
@@ -23,28 +23,40 @@ def ntk_spectrum_figure(entries: Sequence[tuple[dict, Any]]):
         fig.add_trace(go.Scatter(x=np.arange(1, ev.size + 1)[keep], y=ev[keep], mode="lines+markers",
                                  name=entry_label(info), line=dict(color=PALETTE[i % len(PALETTE)]),
                                  marker=dict(size=4)))
-    fig.update_layout(title="NTK spectrum", xaxis=dict(title="rank", type="log"),
-                      yaxis=dict(title="eigenvalue", type="log", exponentformat="power"),
+    fig.update_layout(title="NTK spectrum", xaxis=dict(title="rank (1 = largest)", type="log", tickformat="d"),
+                      yaxis=dict(title=f"eigenvalue {AU}", type="log", exponentformat="power"),
                       template="plotly_white", legend=dict(orientation="h", y=-0.2))
     return fig
 
 
 def ntk_across_training(entries: Sequence[tuple[dict, Any]]):
-    """Condition number and effective rank against the checkpoint epoch (kernel methods only)."""
+    """Condition number and effective rank against the checkpoint epoch (kernel methods only),
+    one line per run (named by model and run)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    rows = sorted(((info.get("epoch") or 0, result.summary().get("spectrum") or {}) for info, result in entries),
-                  key=lambda t: t[0])
-    epochs = [e for e, s in rows if s]
+    runs: dict[str, list[tuple[int, dict, dict]]] = {}
+    for info, result in entries:
+        spectrum = result.summary().get("spectrum") or {}
+        if spectrum:
+            key = str(info.get("run_id") or info.get("model") or "model")
+            runs.setdefault(key, []).append((info.get("epoch") or 0, spectrum, info))
     fig = make_subplots(rows=1, cols=2, subplot_titles=("condition number", "effective rank"))
-    fig.add_trace(go.Scatter(x=epochs, y=[s["condition_number"] for _, s in rows if s], mode="lines+markers",
-                             name="condition number"), row=1, col=1)
-    fig.add_trace(go.Scatter(x=epochs, y=[s["effective_rank"] for _, s in rows if s], mode="lines+markers",
-                             name="effective rank"), row=1, col=2)
-    fig.update_yaxes(type="log", row=1, col=1)
-    fig.update_xaxes(title="epoch")
-    fig.update_layout(title="NTK across training", template="plotly_white", showlegend=False)
+    for i, (key, rows) in enumerate(runs.items()):
+        rows.sort(key=lambda t: t[0])
+        info = rows[0][2]
+        label = f"{info.get('model') or 'model'} run {str(info['run_id'])[-6:]}" if info.get("run_id") \
+            else str(info.get("model") or "model")
+        epochs, color = [e for e, _, _ in rows], PALETTE[i % len(PALETTE)]
+        fig.add_trace(go.Scatter(x=epochs, y=[s["condition_number"] for _, s, _ in rows], mode="lines+markers",
+                                 name=label, legendgroup=key, line=dict(color=color)), row=1, col=1)
+        fig.add_trace(go.Scatter(x=epochs, y=[s["effective_rank"] for _, s, _ in rows], mode="lines+markers",
+                                 name=label, legendgroup=key, showlegend=False, line=dict(color=color)),
+                      row=1, col=2)
+    fig.update_yaxes(title="lambda_max / lambda_min (ratio)", type="log", row=1, col=1)
+    fig.update_yaxes(title="effective rank (eigenvalues)", row=1, col=2)
+    fig.update_xaxes(title="epoch (checkpoint)")
+    fig.update_layout(title="NTK across training", template="plotly_white", legend=dict(orientation="h", y=-0.2))
     return fig
 
 
@@ -66,6 +78,7 @@ def eigenlearning_figure(entries: Sequence[tuple[dict, Any]]):
                                  name=f"{label} measured (KRR)", marker=dict(color=color, symbol="x", size=9),
                                  error_y=dict(type="data", array=[r.get("measured_test_mse_std") or 0 for r in rows])))
     fig.update_layout(title="eigenlearning: predicted vs measured test MSE", template="plotly_white",
-                      xaxis=dict(title="training points n", type="log"), yaxis=dict(title="test MSE", type="log"),
+                      xaxis=dict(title="training points n", type="log"),
+                      yaxis=dict(title="test MSE (centred one-hot targets)", type="log"),
                       legend=dict(orientation="h", y=-0.2))
     return fig

@@ -18,7 +18,7 @@ import numpy as np
 
 from probe.figures._common import entry_label
 
-__all__ = ["saturation_figure", "saturation_histograms"]
+__all__ = ["fraction_top", "saturation_figure", "saturation_histograms"]
 
 _TOP_HISTOGRAMS = 4
 
@@ -85,10 +85,21 @@ def _single(info: dict, result: Any):
         fig.add_trace(go.Bar(x=centers.tolist(), y=(result.hist[i, 1:-1] / n).tolist(), width=width,
                              name=f"logits {names[i]}", showlegend=False,
                              hovertemplate="z %{x:.2f}<br>fraction %{y:.4f}<extra></extra>"), row=2, col=j + 1)
-        fig.update_xaxes(title_text="logit z", row=2, col=j + 1)
-    fig.update_yaxes(title_text="fraction", range=[0, 1], row=1, col=1)
-    fig.update_layout(title=title, barmode="group", bargap=0.15)
+        fig.update_xaxes(title_text="logit z (gate input)", row=2, col=j + 1)
+        fig.update_yaxes(title_text="fraction of logits", row=2, col=j + 1)
+    fig.update_xaxes(title_text="gate", row=1, col=1)
+    fig.update_yaxes(title_text="fraction of gate outputs", range=[0, fraction_top(result.frac_output_sat,
+                                                                             result.frac_logit_sat)],
+                     tickformat=".1%", row=1, col=1)
+    fig.update_layout(title=title, barmode="group", bargap=0.15, template="plotly_white")
     return fig
+
+
+def fraction_top(*values) -> float:
+    """The upper end of a fraction axis fitted to the bars: 1.15 times the largest finite value
+    (at least 1e-3, at most 1), so bars of ~0.01 are seen, not flat against a 0-1 axis."""
+    finite = [float(v) for vs in values for v in np.asarray(vs, dtype=np.float64).reshape(-1) if np.isfinite(v)]
+    return min(1.0, max(1e-3, 1.15 * max(finite, default=0.0)))
 
 
 def _heatmap(entries: Sequence[tuple[dict, Any]]):
@@ -112,7 +123,8 @@ def _heatmap(entries: Sequence[tuple[dict, Any]]):
         customdata=[_none_nan(v) for v in gain], colorbar={"title": "saturated"},
         hovertemplate="%{y}<br>%{x}<br>saturated %{z:.3f}<br>gain %{customdata:.3f}<extra></extra>"))
     fig.update_layout(title="saturated fraction (gate outputs outside their band) per gate and target",
-                      yaxis={"autorange": "reversed"}, height=max(400, 18 * len(gates) + 160))
+                      xaxis={"title": "target (model, run, checkpoint)"},
+                      yaxis={"autorange": "reversed", "title": "gate"}, height=max(400, 18 * len(gates) + 160))
     return fig
 
 
@@ -170,13 +182,16 @@ def saturation_by_group(entries: Sequence[tuple[dict, Any]]):
     import plotly.graph_objects as go
 
     fig = go.Figure()
+    shown = []
     for info, result in entries:
         groups = result.by_group()
+        shown += [d["frac_output_sat"] for _, d in groups if d["frac_output_sat"] is not None]
         fig.add_trace(go.Bar(x=[g for g, _ in groups], y=_none_nan([d["frac_output_sat"] for _, d in groups]),
                              name=entry_label(info),
                              customdata=[d["n_gates"] for _, d in groups],
                              hovertemplate="%{x}: %{y:.2%} of outputs saturated (%{customdata} gates)"))
     fig.update_layout(title="saturated outputs per gate kind", barmode="group", template="plotly_white",
-                      yaxis=dict(title="fraction outside the band", tickformat=".0%"),
+                      xaxis=dict(title="gate kind"),
+                      yaxis=dict(title="fraction outside the band", tickformat=".1%", range=[0, fraction_top(shown)]),
                       legend=dict(orientation="h", y=-0.2))
     return fig

@@ -74,6 +74,18 @@ def _empty(title: str):
     return fig
 
 
+#: the directions' unit: a step of 1 moves the weights by the direction's norm (filter-normalised)
+_UNIT = "× |d|"
+
+
+def _colorbar(title: str, xdom, ydom) -> dict:
+    """A colour bar beside its own panel: every panel has its own scale (an additive and a
+    multiplicative model's losses can differ by orders of magnitude; one shared bar would clip one
+    of them)."""
+    return dict(title=title, x=xdom[1] + 0.01, xanchor="left", y=(ydom[0] + ydom[1]) / 2, yanchor="middle",
+                len=(ydom[1] - ydom[0]) * 0.9, thickness=12)
+
+
 def _contours(entries, title: str, trajectory: bool):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -82,14 +94,16 @@ def _contours(entries, title: str, trajectory: bool):
     cols = min(3, len(shown))
     rows = -(-len(shown) // cols)
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=[_panel_title(i, r.summary()) for i, r in shown],
-                        horizontal_spacing=0.08, vertical_spacing=0.16)
+                        horizontal_spacing=0.14, vertical_spacing=0.16)
     for k, (info, result) in enumerate(shown):
         a, s = result.arrays(), result.summary()
         z, zname = _z(np.asarray(a["loss"]))
         row, col = k // cols + 1, k % cols + 1
+        panel = fig.get_subplot(row, col)
         fig.add_trace(go.Contour(x=a["alpha"], y=a["beta"], z=z, connectgaps=False, ncontours=25,
-                                 colorscale="Viridis", showscale=k == 0, name=entry_label(info),
-                                 colorbar=dict(title=zname), contours=dict(coloring="heatmap"),
+                                 colorscale="Viridis", showscale=True, name=entry_label(info),
+                                 colorbar=_colorbar(zname, panel.xaxis.domain, panel.yaxis.domain),
+                                 contours=dict(coloring="heatmap"),
                                  hovertemplate="a %{x:.3g}<br>b %{y:.3g}<br>" + zname + " %{z:.4g}<extra></extra>"),
                       row=row, col=col)
         fig.add_trace(go.Scatter(x=[0.0], y=[0.0], mode="markers", marker=dict(symbol="x", color="white", size=9),
@@ -103,10 +117,11 @@ def _contours(entries, title: str, trajectory: bool):
                                      textposition="top center", line=dict(color="#d62728"),
                                      marker=dict(size=6, color="#d62728"), name=f"{entry_label(info)}: trajectory"),
                           row=row, col=col)
-        fig.update_xaxes(title="a (direction 1)", row=row, col=col)
-        fig.update_yaxes(title="b (direction 2)", row=row, col=col)
+        fig.update_xaxes(title=f"a (direction 1, {_UNIT})", constrain="domain", row=row, col=col)
+        fig.update_yaxes(title=f"b (direction 2, {_UNIT})", scaleanchor=panel.xaxis.plotly_name.replace("axis", ""),
+                         scaleratio=1, constrain="domain", row=row, col=col)      # equal aspect: a basin as it is
     more = f" (first {_MAX_PANELS} of {len(entries)})" if len(entries) > _MAX_PANELS else ""
-    fig.update_layout(title=title + more, template="plotly_white", height=420 * rows + 80,
+    fig.update_layout(title=title + more, template="plotly_white", height=420 * rows + 80, width=460 * cols + 120,
                       margin=dict(t=120), legend=dict(orientation="h", y=-0.15))
     return fig
 
@@ -135,11 +150,17 @@ def surface_3d(entries: Sequence[tuple[dict, Any]]):
     for k, (info, result) in enumerate(two):
         a = result.arrays()
         z, zname = _z(np.asarray(a["loss"]))
-        fig.add_trace(go.Surface(x=a["alpha"], y=a["beta"], z=z, colorscale="Viridis", showscale=k == 0,
-                                 colorbar=dict(title=zname), name=entry_label(info)),
+        scene = "scene" if k == 0 else f"scene{k + 1}"
+        fig.add_trace(go.Surface(x=a["alpha"], y=a["beta"], z=z, colorscale="Viridis", showscale=True,
+                                 colorbar=_colorbar(zname, fig.layout[scene].domain.x, fig.layout[scene].domain.y),
+                                 name=entry_label(info)),
                       row=k // cols + 1, col=k % cols + 1)
-    fig.update_scenes(xaxis_title="a", yaxis_title="b", zaxis_title="loss")
-    fig.update_layout(title="Loss surface (3D)", template="plotly_white", height=480 * rows + 60, margin=dict(t=110))
+        fig.layout[scene].zaxis.title = zname
+    # equal a and b scales (the grid's own), the loss axis flatter: a basin keeps its shape
+    fig.update_scenes(xaxis_title=f"a ({_UNIT})", yaxis_title=f"b ({_UNIT})", aspectmode="manual",
+                      aspectratio=dict(x=1, y=1, z=0.7))
+    fig.update_layout(title="Loss surface (3D)", template="plotly_white", height=480 * rows + 60,
+                      width=480 * cols + 120, margin=dict(t=110))
     return fig
 
 
@@ -169,9 +190,9 @@ def surface_curves(entries: Sequence[tuple[dict, Any]]):
             fig.add_trace(go.Scatter(x=[0.0], y=[s["centre_loss"]], mode="markers", legendgroup=name,
                                      showlegend=False, hovertext=f"centre loss {_g(s['centre_loss'])}",
                                      marker=dict(color=_color(i), symbol="x", size=9)), row=1, col=1)
-    fig.update_xaxes(title="a (direction 1)")
-    fig.update_yaxes(title="loss", row=1, col=1)
-    fig.update_yaxes(title="accuracy", range=[0, 1], row=1, col=2)
+    fig.update_xaxes(title=f"a (direction 1, {_UNIT})")
+    fig.update_yaxes(title="loss (cross-entropy, nats)", row=1, col=1)
+    fig.update_yaxes(title="accuracy (fraction)", range=[0, 1], row=1, col=2)
     lines = "<br>".join(f"<sub>{entry_label(i)}: {diagnostics_line(r.summary())}</sub>" for i, r in entries[:4])
     fig.update_layout(title="Loss along the direction" + (f"<br>{lines}" if lines else ""), template="plotly_white",
                       margin=dict(t=80 + 18 * min(len(entries), 4)), legend=dict(orientation="h", y=-0.2))

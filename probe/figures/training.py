@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from probe.figures._common import PALETTE
+from probe.figures._common import PALETTE, rank_ticks
 
 __all__ = ["training_curves"]
 
@@ -41,6 +41,8 @@ def training_curves(runs: Sequence[tuple[dict, list[dict]]]):
                                      text=[f"best {best:.1f} (final {final:.1f}, gap {best - final:.1f})"],
                                      textposition="top center", legendgroup=name, showlegend=False,
                                      name=f"{name} best"), row=1, col=1)
-    fig.update_xaxes(title="epoch")
+    fig.update_xaxes(title="epoch", **rank_ticks(max([len(m) for _, m in runs] + [1])))
+    fig.update_yaxes(title="accuracy (%)", row=1, col=1)
+    fig.update_yaxes(title="loss (cross-entropy, nats)", row=1, col=2)
     fig.update_layout(title="training curves", template="plotly_white", legend=dict(orientation="h", y=-0.2))
     return fig

@@ -32,7 +32,7 @@ import importlib
 import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -42,8 +42,8 @@ from probe.checks import check_choice
 from probe.errors import UserError
 from probe.runtime.progress import Progress
 
-__all__ = ["Probe", "ProbeContext", "ProbeResult", "StoredResult", "Progress", "Measure", "Figure", "summary_number",
-           "register", "unregister", "get_probe", "list_probes", "load_probes", "param_fields", "make_params",
+__all__ = ["Probe", "ProbeContext", "ProbeResult", "ResultView", "StoredResult", "Progress", "Measure", "Figure",
+           "summary_number", "probe_figures", "register", "unregister", "get_probe", "list_probes", "load_probes", "param_fields", "make_params",
            "params_dict"]
 
 @dataclass(frozen=True)
@@ -96,8 +96,116 @@ class ProbeResult(Protocol):
     def from_store(cls, summary: dict, arrays: dict) -> "ProbeResult": ...
 
 
-@dataclass(frozen=True, eq=False)
-class StoredResult:
+class ResultView:
+    """What every probe result offers in a notebook: :meth:`figure` (the probe's plotly figure),
+    :meth:`figures` (every figure of the probe's explorer page), :meth:`to_frame` (its numbers as
+    a pandas DataFrame) and a short ``repr`` (the key numbers and the samples used).
+
+    A result class says which probe draws it (``_probe``), which of its arrays form the table
+    (``_frame_columns``, 1-D, one row per entry of ``_frame_index``: the name of an array used as
+    the index, or a label for a rank 1, 2, ...) and which summary numbers its repr shows
+    (``_repr_keys``, dotted paths into the drawn result's ``summary()``, each shown under its last
+    part or as ``label=path``). A result whose figure
+    builders read another form (a pure function's result drawn as the stored one) returns it from
+    :meth:`drawn`. The dataclasses using this view are declared with ``repr=False``."""
+
+    _probe: ClassVar[str] = ""
+    _frame_index: ClassVar[str] = "index"
+    _frame_columns: ClassVar[tuple[str, ...]] = ()
+    _repr_keys: ClassVar[tuple[str, ...]] = ()
+    _samples_keys: ClassVar[tuple[str, ...]] = ("n_samples", "n")
+
+    def drawn(self) -> Any:
+        """The form the probe's figure builders read (``summary()`` / ``arrays()`` as stored)."""
+        return self
+
+    def _entry(self, name: str | None) -> list[tuple[dict, Any]]:
+        result = self.drawn()
+        summary = result.summary()
+        model = name or summary.get("model") or "model"
+        return [({"model": model, "run_id": summary.get("run_id"), "epoch": summary.get("epoch")}, result)]
+
+    def figure(self, name: str | None = None):
+        """The probe's main plotly figure of this result (``name`` labels it in the legend)."""
+        spec = get_probe(self._probe)
+        if spec.figure is None:
+            raise UserError(f"probe {self._probe!r} has no figure")
+        return spec.figure(self._entry(name))
+
+    def figures(self, name: str | None = None) -> dict:
+        """``{title: figure}``: the main figure and every extra figure of the probe (what its
+        explorer page and its ``--html`` page draw)."""
+        return probe_figures(get_probe(self._probe), self._entry(name))
+
+    def frame_columns(self) -> dict[str, np.ndarray]:
+        """The table's columns, ``_frame_index`` first (shorter columns padded with NaN)."""
+        arrays = self.drawn().arrays()
+        cols = {k: np.asarray(arrays[k]) for k in self._frame_columns if k in arrays and np.ndim(arrays[k]) == 1}
+        index = arrays.get(self._frame_index)
+        rows = max([len(v) for v in cols.values()] + [0 if index is None else len(index)])
+        out = {self._frame_index: np.asarray(index) if index is not None else np.arange(1, rows + 1)}
+        for k, v in cols.items():
+            if len(v) < rows:
+                v = np.concatenate([v.astype(np.float64), np.full(rows - len(v), np.nan)])
+            out[k] = v
+        return out
+
+    def to_frame(self):
+        """The result's numbers as a pandas DataFrame (one row per eigenvalue, layer, gate, path or
+        grid point; see :meth:`frame_columns`)."""
+        import pandas as pd
+
+        cols = self.frame_columns()
+        return pd.DataFrame(cols).set_index(self._frame_index)
+
+    def repr_items(self) -> list[tuple[str, Any]]:
+        """``(name, value)`` pairs of the repr: the samples used, then ``_repr_keys``."""
+        summary = self.drawn().summary()
+
+        def dig(key: str) -> Any:
+            v: Any = summary
+            for part in key.split("."):
+                v = v.get(part) if isinstance(v, dict) else None
+            return v
+
+        items: list[tuple[str, Any]] = []
+        n = next((v for v in map(dig, self._samples_keys) if v is not None), None)
+        if n is not None:
+            of = summary.get("n_available")
+            items.append(("samples", f"{n} of {of}" if of not in (None, n) else n))
+        for key in self._repr_keys:
+            label, _, path = key.rpartition("=")
+            v = dig(path)
+            if v is not None:
+                items.append((label or path.rsplit(".", 1)[-1], v))
+        return items
+
+    def __repr__(self) -> str:
+        def fmt(v: Any) -> str:
+            if isinstance(v, float):
+                return f"{v:.4g}"
+            if isinstance(v, (list, tuple)):
+                return "[" + ", ".join(fmt(x) for x in list(v)[:5]) + (", ..." if len(v) > 5 else "") + "]"
+            return str(v)
+
+        body = ", ".join(f"{k}={fmt(v)}" for k, v in self.repr_items())
+        return f"{type(self).__name__}({self._probe}: {body})"
+
+
+def probe_figures(spec: "Probe", entries: Sequence[tuple[dict, Any]]) -> dict:
+    """``{title: figure}`` of a probe over ``entries``: its main figure (under its help line) and
+    every :class:`Figure` of ``extra_figures``: what its explorer page draws."""
+    out = {}
+    entries = list(entries)
+    if spec.figure is not None:
+        out[spec.help] = spec.figure(entries)
+    for fig in spec.extra_figures:
+        out[fig.title] = fig.build(entries)
+    return out
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class StoredResult(ResultView):
     """A probe result kept in its stored form: ``data`` the summary (the catalog row and the
     ``--json`` output), ``array_data`` the arrays (the ``.npz`` artifact). It gives a result
     ``summary``, ``arrays``, ``from_store`` and equality; a probe subclasses it for ``text()`` and

@@ -32,7 +32,7 @@ def test_ntk_spectrum_is_log_log_and_drops_non_positive_eigenvalues(tmp_path):
                                ({"model": "mul", "run_id": "r", "epoch": 4}, _Spectrum([5, 4, 3]))])
     assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
     assert list(fig.data[0].y) == [1e3, 10, 1] and list(fig.data[0].x) == [1, 2, 3]
-    assert fig.data[0].name == "add (init)" and fig.data[1].name == "mul @ epoch 4"
+    assert fig.data[0].name == "add (init)" and fig.data[1].name == "mul run r @ epoch 4"
     page = write_html(fig, tmp_path / "ntk.html")
     assert page.read_text().startswith("<html>") or "<html" in page.read_text()[:200]
 

@@ -483,11 +483,11 @@ def test_figure_builders_return_expected_traces():
     fig = gradvar_figure(entries)
     assert len(fig.data) == 4 * 2 + 2 * 2
     assert [t.name for t in fig.data[:4]] == ["tiny_add (init)"] * 4
-    assert fig.data[4].name == "tiny_mul @ epoch 4"
+    assert fig.data[4].name == "tiny_mul run r1 @ epoch 4"
     ys = [add.per_sample_var, add.snr, add.noise_scale, add.rel_update]
     for t, v in zip(fig.data[:4], ys):
         expect = [float(a) if np.isfinite(a) and a > 0 else None for a in v]
-        assert list(t.y) == expect and list(t.x) == list(range(len(add.names)))
+        assert list(t.y) == expect and list(t.x) == list(add.names)    # layers named on the x axis
     assert fig.layout.yaxis.type == "log" and fig.layout.yaxis4.type == "log"
     assert len(gradvar_figure(entries, depth=False).data) == 8
     dc = depth_curves(entries)

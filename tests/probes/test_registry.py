@@ -181,7 +181,7 @@ def test_rebuild_gives_fresh_inits(toy, tiny_run):
 def test_html_page_is_standalone(toy, tmp_path, capsys):
     page = tmp_path / "fig" / "toy.html"
     code, out, err = cli(capsys, "toy", "--model", "tiny_add", "--runs", tmp_path / "runs", "--html", page,
-                         "--json", "--quiet")
+                         "--html-js", "inline", "--json", "--quiet")
     assert code == 0, err
     html = page.read_text()
     import re

@@ -113,6 +113,12 @@ def gradient_variance(model: nn.Module, x: Tensor, y: Tensor, params: GradVarPar
                      "left out")
     if mb.batches_used < 2:
         notes.append(f"only {mb.batches_used} finite mini-batch(es): no covariance")
+    trains = _trains(model, x, y, mb.grad_norm, params, seed=seed, loss=loss, dtype=dtype, device=device)
+    if not trains.all():
+        frozen = [n for n, t in zip(mb.names, trains) if not t]
+        notes.append(f"{len(frozen)} parameter tensor(s) get no gradient in training (BatchNorm's batch statistics "
+                     f"remove them: {', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''}); the relative-update "
+                     "figure leaves them out")
     ps_var, ps_gn, ps_used, ps_bad = nan, nan, 0, 0
     ranks = {"mini-batch": mb.ranks}
     if params.per_sample:
@@ -168,4 +174,26 @@ def gradient_variance(model: nn.Module, x: Tensor, y: Tensor, params: GradVarPar
         dtype=params.dtype, bn=params.bn, per_sample=params.per_sample, chunk=params.chunk, seed=int(seed),
         signal=params.signal, signal_source=sig_src, batches_used=mb.batches_used,
         nonfinite_batches=mb.nonfinite_batches, samples_used=ps_used, nonfinite_samples=ps_bad,
-        signal_nonfinite=sig_bad, notes=tuple(notes))
+        signal_nonfinite=sig_bad, notes=tuple(notes), trains=trains)
+
+
+#: A tensor whose training-mode gradient is below this fraction of the probe's own does not train.
+FROZEN_RATIO = 1e-4
+
+
+def _trains(model: nn.Module, x: Tensor, y: Tensor, grad_norm: np.ndarray, params: GradVarParams, *, seed: int,
+            loss, dtype, device) -> np.ndarray:
+    """(L,) bool: whether each parameter tensor gets a gradient in training. In training BatchNorm
+    normalises by the batch's own statistics, so a bias added just before it (a conv bias before
+    BatchNorm) has an exactly zero gradient there, while an eval-mode probe (running statistics)
+    gives it one. Measured on two mini-batches in train mode (running statistics untouched): a
+    tensor whose gradient norm there is below :data:`FROZEN_RATIO` of the probe's ``grad_norm``."""
+    L = len(grad_norm)
+    batchnorms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    if params.bn == "train" or not any(isinstance(m, batchnorms) for m in model.modules()):
+        return np.ones(L, dtype=bool)
+    tr = minibatch_gradient_stats(model, x, y, batches=2, batch_size=params.batch_size, seed=seed, loss=loss,
+                                  dtype=dtype, device=device, bn="train")
+    g_train, g_probe = np.asarray(tr.grad_norm, dtype=np.float64), np.asarray(grad_norm, dtype=np.float64)
+    frozen = np.isfinite(g_train) & (g_train <= FROZEN_RATIO * g_probe)
+    return ~frozen

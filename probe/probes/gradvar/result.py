@@ -8,6 +8,7 @@ import numpy as np
 
 
 from probe.errors import UserError
+from probe.probes.registry import ResultView
 
 
 # ------------------------------------------------------------------------------------------------
@@ -46,8 +47,8 @@ def _mean_std(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, std
 
 
-@dataclass(frozen=True, eq=False)
-class GradVarResult:
+@dataclass(frozen=True, eq=False, repr=False)
+class GradVarResult(ResultView):
     """Gradient variance of one model (see the module docstring for every quantity).
 
     Per layer (parameter tensor, L of them, in the model's parameter order): ``names``,
@@ -98,9 +99,26 @@ class GradVarResult:
     samples_used: int
     nonfinite_samples: int
     signal_nonfinite: int
+
     notes: tuple[str, ...] = ()
+    #: (L,) bool: whether the tensor gets a gradient in training (batch statistics in BatchNorm);
+    #: a bias feeding a BatchNorm gets none there. None: not measured (every tensor trains).
+    trains: np.ndarray | None = None
+
+    _probe = "gradvar"
+    _frame_index = "names"
+    _frame_columns = ("modules", "numel", "trains", "grad_norm", "trace_cov", "snr", "noise_scale", "per_sample_var",
+                      "noise_scale_ps", "rel_update", "weight_norm")
+    _samples_keys = ("settings.n",)
+    _repr_keys = ("settings.batch_size", "snr=aggregates.snr", "noise_scale=aggregates.noise_scale",
+                  "rel_update=aggregates.rel_update")
 
     # -- derived -----------------------------------------------------------------------------
+    @property
+    def trains_mask(self) -> np.ndarray:
+        """(L,) bool: :attr:`trains`, all True where not measured."""
+        return np.ones(len(self.names), dtype=bool) if self.trains is None else np.asarray(self.trains, dtype=bool)
+
     @property
     def block_depth(self) -> np.ndarray:
         """(D,) depth index of each block, 1 = the first."""
@@ -162,7 +180,7 @@ class GradVarResult:
     def summary(self) -> dict:
         """JSON-able: settings, counts, whole-model aggregates, per-layer and per-module tables,
         depth curves and notes (non-finite floats as None)."""
-        layers = [{"name": n, "module": m, "numel": int(self.numel[i]),
+        layers = [{"name": n, "module": m, "numel": int(self.numel[i]), "trains": bool(self.trains_mask[i]),
                    **{k: _json_float(getattr(self, k)[i]) for k in _LAYER_FLOATS},
                    "nonfinite": int(self.nonfinite[i])}
                   for i, (n, m) in enumerate(zip(self.names, self.modules))]
@@ -189,6 +207,8 @@ class GradVarResult:
                "block_names": np.array(self.block_names, dtype=str).reshape(-1),
                "block_depth": self.block_depth,
                "signal_seeds": np.array(self.signal_seeds, dtype=np.int64).reshape(-1)}
+        if self.trains is not None:
+            out["trains"] = np.asarray(self.trains, dtype=bool)
         for k in _LAYER_FLOATS + _BLOCK_FLOATS:
             out[k] = np.asarray(getattr(self, k), dtype=np.float64)
         out.update(act_var_mean=self.act_var_mean, act_var_std=self.act_var_std,
@@ -208,6 +228,8 @@ class GradVarResult:
             kw["signal_seeds"] = tuple(int(s) for s in np.asarray(arrays["signal_seeds"]).reshape(-1).tolist())
             for k in ("numel", "nonfinite"):
                 kw[k] = np.asarray(arrays[k], dtype=np.int64)
+            if "trains" in arrays:                      # results stored before it was measured: None
+                kw["trains"] = np.asarray(arrays["trains"], dtype=bool).reshape(-1)
             for k in _LAYER_FLOATS:
                 kw[k] = np.asarray(arrays[k], dtype=np.float64)
             D = len(kw["block_names"])

@@ -343,6 +343,8 @@ def hessian_spectrum(model: nn.Module, x, y, *, criterion: str | Criterion = "cr
     notes: list[str] = []
     if n_samples is not None and n_samples > N:
         notes.append(f"n_samples={n_samples} is more than the {N} samples given: all {N} used")
+    elif n < N:
+        notes.append(f"{n} of the {N} samples given used (n_samples={n_samples}, chosen by the seed)")
     if any(m.training for m in model.modules()):
         notes.append(f"model was in train mode: evaluated with dropout off and BatchNorm in "
                      f"{bn} mode; the model's modes are restored")
@@ -449,4 +451,4 @@ def hessian_spectrum(model: nn.Module, x, y, *, criterion: str | Criterion = "cr
                          smallest=pairs.get("smallest"), trace=tr, density=dens, blocks=block_results,
                          loss=float(loss), n_params=P, n_samples=n, batch_size=op.batch_size, bn=bn,
                          dtype=str(fm.dtype).replace("torch.", ""), n_hvps=sum(o.matvecs for o in ops),
-                         wall_time_s=time.perf_counter() - t0, seed=int(seed), notes=tuple(notes))
+                         wall_time_s=time.perf_counter() - t0, seed=int(seed), notes=tuple(notes), n_available=N)

@@ -66,60 +66,9 @@ def compute(ctx: ProbeContext, p: HessianParams) -> HessianProbeResult:
                            density_steps=p.density_steps, blocks=p.blocks or None, n_samples=None,
                            batch_size=p.batch_size or None, bn=p.bn, dtype=p.dtype, device=ctx.device,
                            seed=ctx.seed, return_eigenvectors=p.eigenvectors, progress=ctx.progress)
-    arrays: dict[str, np.ndarray] = {}
-    summary: dict = {"model": ctx.model_name, "epoch": ctx.epoch, "data": ctx.data, "n": n, "lr": ctx.lr,
-                     "operator": res.operator, "criterion": res.criterion, "loss": res.loss,
-                     "n_params": res.n_params, "bn": res.bn, "dtype": res.dtype, "n_hvps": res.n_hvps,
-                     "wall_time_s": res.wall_time_s, "converged": res.converged, "seed": res.seed,
-                     "batch_size": res.batch_size}
-    if res.largest is not None:
-        ev = np.asarray(res.largest.eigenvalues, dtype=np.float64)
-        arrays["eigenvalues"] = ev
-        arrays["residuals"] = np.asarray(res.largest.residuals, dtype=np.float64)
-        summary["top_eigenvalues"] = [float(v) for v in ev]
-        summary["lambda_max"] = float(ev[0])
-        summary["largest"] = res.largest.summary()
-        if res.largest.eigenvectors is not None:
-            arrays["eigenvectors"] = np.asarray(res.largest.eigenvectors, dtype=np.float32)
-    if res.smallest is not None:
-        ev = np.asarray(res.smallest.eigenvalues, dtype=np.float64)
-        arrays["smallest_eigenvalues"] = ev
-        summary["smallest_eigenvalues"] = [float(v) for v in ev]
-        summary["lambda_min"] = float(ev[0])
-        summary["smallest"] = res.smallest.summary()
-        if res.largest is None and res.smallest.eigenvectors is not None:
-            arrays["eigenvectors"] = np.asarray(res.smallest.eigenvectors, dtype=np.float32)
-    if res.trace is not None:
-        summary["trace"] = {"method": res.trace.method, "estimate": float(res.trace.estimate),
-                            "stderr": float(res.trace.stderr), "n_matvecs": int(res.trace.n_matvecs)}
-    if res.density is not None:
-        d = res.density
-        arrays["density_grid"] = np.asarray(d.grid, dtype=np.float64)
-        arrays["density"] = np.asarray(d.density, dtype=np.float64)
-        arrays["density_nodes"] = np.asarray(d.nodes, dtype=np.float64)
-        arrays["density_weights"] = np.asarray(d.weights, dtype=np.float64)
-        nodes, weights = np.asarray(d.nodes), np.asarray(d.weights)
-        used = nodes[weights > 0] if (weights > 0).any() else nodes.reshape(-1)    # rows are 0-padded
-        summary["density"] = {"probes": int(nodes.shape[0]), "steps": int(np.max(d.steps)),
-                              "sigma": float(d.sigma), "n_matvecs": int(d.n_matvecs),
-                              "support": [float(used.min()), float(used.max())],
-                              "trace": float(d.trace), "trace_stderr": float(d.trace_stderr)}
-    if res.blocks:
-        rows = []
-        for name, b in res.blocks.items():
-            rows.append({"name": name, "n_params": int(b.n_params),
-                         "lambda_max": float(b.largest[0]) if b.largest.size else None,
-                         "lambda_min": float(b.smallest[0]) if b.smallest.size else None,
-                         "largest": [float(v) for v in b.largest], "smallest": [float(v) for v in b.smallest],
-                         "trace": None if b.trace is None else {"estimate": float(b.trace),
-                                                                "stderr": float(b.trace_stderr or 0.0)},
-                         "trace_estimate": b.trace, "trace_stderr": b.trace_stderr,
-                         "converged": bool(b.converged), "n_matvecs": int(b.n_matvecs)})
-        summary["blocks"] = rows
-    summary["notes"] = list(res.notes)
     if not np.isfinite(res.loss):                     # hessian_spectrum refuses this; never store it
         raise UserError(f"the loss at this point is not finite ({res.loss}): nothing stored")
-    return HessianProbeResult(summary, arrays)
+    return res.stored(model=ctx.model_name, epoch=ctx.epoch, data=ctx.data, n=n, lr=ctx.lr)
 
 
 HESSIAN_PROBE = register(Probe(

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from probe.linalg import DensityEstimate, TraceEstimate
-from probe.probes.registry import StoredResult
+from probe.probes.registry import ResultView, StoredResult
 
 __all__ = ["Eigenpairs", "BlockResult", "HessianResult", "HessianProbeResult"]
 
@@ -79,8 +79,8 @@ class BlockResult:
                 "converged": self.converged, "n_matvecs": self.n_matvecs}
 
 
-@dataclass(frozen=True, eq=False)
-class HessianResult:
+@dataclass(frozen=True, eq=False, repr=False)
+class HessianResult(ResultView):
     """What :func:`probe.probes.hessian.hessian_spectrum` measured at one point of the loss.
 
     ``operator`` ``"hessian"`` or ``"ggn"``; ``criterion`` its name; ``largest`` / ``smallest``
@@ -119,6 +119,13 @@ class HessianResult:
     wall_time_s: float
     seed: int
     notes: tuple[str, ...] = field(default=())
+    #: the samples the caller gave (``n_samples`` of them were used); None when not known
+    n_available: int | None = None
+
+    _probe = "hessian"
+    _frame_index = "rank"
+    _frame_columns = ("eigenvalues", "residuals", "smallest_eigenvalues")
+    _repr_keys = ("lambda_max", "lambda_min", "trace=trace.estimate", "loss", "n_params")
 
     # -- shortcuts --------------------------------------------------------------------------------
 
@@ -180,9 +187,71 @@ class HessianResult:
                 "density": None if self.density is None else self.density.summary(),
                 "blocks": {n: b.summary() for n, b in self.blocks.items()},
                 "loss": self.loss, "n_params": self.n_params, "n_samples": self.n_samples,
+                "n_available": self.n_available,
                 "batch_size": self.batch_size, "bn": self.bn, "dtype": self.dtype, "n_hvps": self.n_hvps,
                 "wall_time_s": self.wall_time_s, "seed": self.seed, "converged": self.converged,
                 "notes": list(self.notes)}
+
+    def stored(self, **context: Any) -> "HessianProbeResult":
+        """This result in the stored form of ``probe hessian`` (what the catalog keeps and the
+        figures draw); ``context`` (``model``, ``epoch``, ``data``, ``n``, ``lr``) heads its summary."""
+        arrays: dict[str, np.ndarray] = {}
+        summary: dict = {"model": None, "epoch": None, "data": "", "n": self.n_samples, "lr": None,
+                         **({} if self.n_available in (None, self.n_samples) else {"n_available": self.n_available}),
+                         **context,
+                         "operator": self.operator, "criterion": self.criterion, "loss": self.loss,
+                         "n_params": self.n_params, "bn": self.bn, "dtype": self.dtype, "n_hvps": self.n_hvps,
+                         "wall_time_s": self.wall_time_s, "converged": self.converged, "seed": self.seed,
+                         "batch_size": self.batch_size}
+        if self.largest is not None:
+            ev = np.asarray(self.largest.eigenvalues, dtype=np.float64)
+            arrays["eigenvalues"] = ev
+            arrays["residuals"] = np.asarray(self.largest.residuals, dtype=np.float64)
+            summary["top_eigenvalues"] = [float(v) for v in ev]
+            summary["lambda_max"] = float(ev[0])
+            summary["largest"] = self.largest.summary()
+            if self.largest.eigenvectors is not None:
+                arrays["eigenvectors"] = np.asarray(self.largest.eigenvectors, dtype=np.float32)
+        if self.smallest is not None:
+            ev = np.asarray(self.smallest.eigenvalues, dtype=np.float64)
+            arrays["smallest_eigenvalues"] = ev
+            summary["smallest_eigenvalues"] = [float(v) for v in ev]
+            summary["lambda_min"] = float(ev[0])
+            summary["smallest"] = self.smallest.summary()
+            if self.largest is None and self.smallest.eigenvectors is not None:
+                arrays["eigenvectors"] = np.asarray(self.smallest.eigenvectors, dtype=np.float32)
+        if self.trace is not None:
+            summary["trace"] = {"method": self.trace.method, "estimate": float(self.trace.estimate),
+                                "stderr": float(self.trace.stderr), "n_matvecs": int(self.trace.n_matvecs)}
+        if self.density is not None:
+            d = self.density
+            arrays["density_grid"] = np.asarray(d.grid, dtype=np.float64)
+            arrays["density"] = np.asarray(d.density, dtype=np.float64)
+            arrays["density_nodes"] = np.asarray(d.nodes, dtype=np.float64)
+            arrays["density_weights"] = np.asarray(d.weights, dtype=np.float64)
+            nodes, weights = np.asarray(d.nodes), np.asarray(d.weights)
+            used = nodes[weights > 0] if (weights > 0).any() else nodes.reshape(-1)    # rows are 0-padded
+            summary["density"] = {"probes": int(nodes.shape[0]), "steps": int(np.max(d.steps)),
+                                  "sigma": float(d.sigma), "n_matvecs": int(d.n_matvecs),
+                                  "support": [float(used.min()), float(used.max())],
+                                  "trace": float(d.trace), "trace_stderr": float(d.trace_stderr)}
+        if self.blocks:
+            rows = []
+            for name, b in self.blocks.items():
+                rows.append({"name": name, "n_params": int(b.n_params),
+                             "lambda_max": float(b.largest[0]) if b.largest.size else None,
+                             "lambda_min": float(b.smallest[0]) if b.smallest.size else None,
+                             "largest": [float(v) for v in b.largest], "smallest": [float(v) for v in b.smallest],
+                             "trace": None if b.trace is None else {"estimate": float(b.trace),
+                                                                    "stderr": float(b.trace_stderr or 0.0)},
+                             "trace_estimate": b.trace, "trace_stderr": b.trace_stderr,
+                             "converged": bool(b.converged), "n_matvecs": int(b.n_matvecs)})
+            summary["blocks"] = rows
+        summary["notes"] = list(self.notes)
+        return HessianProbeResult(summary, arrays)
+
+    def drawn(self) -> "HessianProbeResult":
+        return self.stored()
 
 
 class HessianProbeResult(StoredResult):
@@ -190,6 +259,11 @@ class HessianProbeResult(StoredResult):
     ``top_eigenvalues``, ``trace``, ``blocks``, ``loss``, ``lr``, ...) and its arrays
     (``eigenvalues``, ``smallest_eigenvalues``, ``eigenvectors`` (P, k) float32, ``residuals``,
     ``density_grid`` / ``density``, ``density_nodes`` / ``density_weights`` (probes x steps))."""
+
+    _probe = "hessian"
+    _frame_index = "rank"
+    _frame_columns = ("eigenvalues", "residuals", "smallest_eigenvalues")
+    _repr_keys = ("lambda_max", "lambda_min", "trace=trace.estimate", "loss", "n_params")
 
     @property
     def eigenvalues(self) -> np.ndarray:

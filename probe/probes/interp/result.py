@@ -10,6 +10,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from probe.checks import check_choice
+from probe.probes.registry import ResultView
 
 __all__ = ["InterpResult", "GROUPS"]
 
@@ -35,8 +36,8 @@ def _nanstat(fn, v: np.ndarray) -> float | None:
     return _num(fn(v)) if v.size else None
 
 
-@dataclass(frozen=True, eq=False)
-class InterpResult:
+@dataclass(frozen=True, eq=False, repr=False)
+class InterpResult(ResultView):
     """Paths (P pairs x T points, C classes) and planes (K triples, R x R grid); see
     :mod:`probe.probes.interp.api` for every definition.
 
@@ -87,6 +88,13 @@ class InterpResult:
     dtype: str
     wall_time_s: float = 0.0
     notes: tuple[str, ...] = ()
+
+    _probe = "interp"
+    _frame_index = "path"
+    _frame_columns = ("pair_same", "gap", "barrier", "deviation_max", "deviation_mean", "degree", "changes",
+                      "required")
+    _repr_keys = ("pairs", "steps", "same_class_deviation=same_class.deviation_max_mean",
+                  "different_class_deviation=different_class.deviation_max_mean", "barrier=all.barrier_mean")
 
     # -- derived -------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from probe.errors import UserError
 from probe.probes.ntk._util import _fro
-from probe.probes.registry import StoredResult
+from probe.probes.registry import ResultView, StoredResult
 
 __all__ = ["NtkKind", "LanczosMethod", "NtkResult", "SpectrumResult", "LanczosResult", "NTKProbeResult"]
 
@@ -48,8 +48,8 @@ class LanczosMethod(str, Enum):
     couples samples."""
 
 
-@dataclass(frozen=True, eq=False)
-class NtkResult:
+@dataclass(frozen=True, eq=False, repr=False)
+class NtkResult(ResultView):
     """An empirical NTK with the metadata needed to interpret and store it.
 
     ``kernel`` is float64 numpy, shaped per ``kind`` (:mod:`probe.probes.ntk` docstring).
@@ -74,6 +74,20 @@ class NtkResult:
     est_gflop: float = 0.0
     param_filter: str | None = None
     notes: tuple[str, ...] = ()
+
+    _probe = "ntk"
+    _frame_index = "rank"
+    _frame_columns = ("eigenvalues", "residuals")
+    _repr_keys = ("kind", "method", "spectrum.condition_number", "spectrum.effective_rank", "top_eigenvalues")
+
+    def drawn(self) -> "NTKProbeResult":
+        """The stored form with this kernel's spectrum (descending; of the summed kernel for
+        ``diagonal``), as ``probe ntk`` draws it; a non-square kernel has no spectrum."""
+        k = self.kernel.sum(0) if self.kind == NtkKind.DIAGONAL.value else self.kernel
+        square = k.ndim == 2 and k.shape[0] == k.shape[1]
+        ev = np.linalg.eigvalsh((k + k.T) / 2)[::-1].copy() if square else np.zeros(0)
+        summary = {"n": self.n1, **self.summary(), "top_eigenvalues": [float(v) for v in ev[:10]]}
+        return NTKProbeResult(summary, {"eigenvalues": ev})
 
     def full_axes(self) -> np.ndarray:
         """The ``full`` kernel as a (N1, O, N2, O) view."""
@@ -109,8 +123,8 @@ class NtkResult:
                    notes=tuple(summary.get("notes", ())), **kw)
 
 
-@dataclass(frozen=True, eq=False)
-class SpectrumResult:
+@dataclass(frozen=True, eq=False, repr=False)
+class SpectrumResult(ResultView):
     """Spectrum summaries of a symmetric PSD kernel (see :func:`ntk_spectrum`)."""
 
     eigenvalues: np.ndarray
@@ -122,6 +136,16 @@ class SpectrumResult:
     n_below_floor: int
     trace: float
     notes: tuple[str, ...] = ()
+
+    _probe = "ntk"
+    _frame_index = "rank"
+    _frame_columns = ("eigenvalues", "residuals")
+    _repr_keys = ("kind", "method", "spectrum.condition_number", "spectrum.effective_rank", "top_eigenvalues")
+
+    def drawn(self) -> "NTKProbeResult":
+        ev = np.asarray(self.eigenvalues, dtype=np.float64)
+        summary = {"n": int(ev.size), "spectrum": self.summary(), "top_eigenvalues": [float(v) for v in ev[:10]]}
+        return NTKProbeResult(summary, {"eigenvalues": ev})
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {"eigenvalues": self.eigenvalues}
@@ -142,8 +166,8 @@ class SpectrumResult:
                    notes=tuple(summary.get("notes", ())), **{k: summary[k] for k in names})
 
 
-@dataclass(frozen=True, eq=False)
-class LanczosResult:
+@dataclass(frozen=True, eq=False, repr=False)
+class LanczosResult(ResultView):
     """Top-k eigenpairs of an NTK found matrix-free (see :func:`ntk_topk_lanczos`).
 
     ``eigenvalues`` (k,) float64 descending; ``eigenvectors`` (N, k) or (N*O, k) sample-major, or
@@ -169,6 +193,17 @@ class LanczosResult:
     n_passes: int = 0
     notes: tuple[str, ...] = ()
 
+    _probe = "ntk"
+    _frame_index = "rank"
+    _frame_columns = ("eigenvalues", "residuals")
+    _repr_keys = ("kind", "method", "spectrum.condition_number", "spectrum.effective_rank", "top_eigenvalues")
+
+    def drawn(self) -> "NTKProbeResult":
+        ev = np.asarray(self.eigenvalues, dtype=np.float64)
+        summary = {"n": self.n, "kind": self.kind, "method": "lanczos", "lanczos": self.summary(),
+                   "top_eigenvalues": [float(v) for v in ev]}
+        return NTKProbeResult(summary, {"eigenvalues": ev, "residuals": np.asarray(self.residuals)})
+
     def to_arrays(self) -> dict[str, np.ndarray]:
         out = {"eigenvalues": self.eigenvalues, "residuals": self.residuals}
         if self.eigenvectors is not None:
@@ -188,6 +223,11 @@ class NTKProbeResult(StoredResult):
     """The stored NTK result: the summary the catalog and ``--json`` show, and its arrays
     (``labels``, ``eigenvalues``, ``kernel`` unless Lanczos, ``el_n`` / ``el_predicted`` /
     ``el_measured`` with eigenlearning)."""
+
+    _probe = "ntk"
+    _frame_index = "rank"
+    _frame_columns = ("eigenvalues", "residuals")
+    _repr_keys = ("kind", "method", "spectrum.condition_number", "spectrum.effective_rank", "top_eigenvalues")
 
     @property
     def eigenvalues(self) -> np.ndarray:

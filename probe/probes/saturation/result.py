@@ -9,6 +9,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from probe.probes.registry import ResultView
+
 __all__ = ["SaturationResult", "OUTPUT_BANDS", "NO_GATES_NOTE"]
 
 #: Per kind, the band of gate outputs that counts as *not* saturated (closed interval).
@@ -33,8 +35,8 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b else math.nan
 
 
-@dataclass(frozen=True, eq=False)
-class SaturationResult:
+@dataclass(frozen=True, eq=False, repr=False)
+class SaturationResult(ResultView):
     """Per-gate saturation statistics (G gates, in the order they were first called) and aggregates.
 
     Arrays: ``names`` / ``kinds`` / ``roles`` / ``groups`` / ``stages`` / ``sources`` (G,) unicode;
@@ -63,6 +65,12 @@ class SaturationResult:
     threshold: float
     n_samples: int
     unused: tuple[str, ...] = ()
+
+    _probe = "saturation"
+    _frame_index = "names"
+    _frame_columns = ("kinds", "roles", "groups", "stages", "count", "nonfinite", "gain", "mean", "std",
+                      "frac_logit_sat", "frac_output_sat")
+    _repr_keys = ("n_gates", "threshold", "model.frac_output_sat", "model.frac_logit_sat", "model.gain")
 
     # -- derived -------------------------------------------------------------------------------
 

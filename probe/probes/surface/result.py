@@ -8,14 +8,36 @@ from typing import Any
 
 import numpy as np
 
-from probe.probes.registry import StoredResult
+from probe.probes.registry import ResultView, StoredResult
 from probe.probes.surface._evaluate import Plan
 
 __all__ = ["SurfaceResult", "SurfaceProbeResult", "mean_rise"]
 
 
-@dataclass(frozen=True, eq=False)
-class SurfaceResult:
+class _SurfaceView(ResultView):
+    """The loss surface's figures and table: one row per grid point (``alpha``, ``beta`` in 2D,
+    ``loss``, ``accuracy``)."""
+
+    _probe = "surface"
+    _frame_index = "point"
+    _repr_keys = ("directions", "dims", "centre_loss", "centre_accuracy", "loss_min=loss_scale.min",
+                  "loss_max=loss_scale.max")
+
+    def frame_columns(self) -> dict[str, np.ndarray]:
+        a = self.drawn().arrays()
+        loss = np.asarray(a["loss"], dtype=np.float64)
+        out: dict[str, np.ndarray] = {"point": np.arange(loss.size)}
+        if "beta" in a:
+            al, be = np.meshgrid(np.asarray(a["alpha"]), np.asarray(a["beta"]), indexing="ij")
+            out.update(alpha=al.reshape(-1), beta=be.reshape(-1))
+        else:
+            out["alpha"] = np.asarray(a["alpha"])
+        out.update(loss=loss.reshape(-1), accuracy=np.asarray(a["accuracy"], dtype=np.float64).reshape(-1))
+        return out
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class SurfaceResult(_SurfaceView):
     """A loss surface and its diagnostics.
 
     ``alpha`` (n_a,) / ``beta`` (n_b,) the grid coordinates (``beta`` None in 1D); ``loss`` and
@@ -56,6 +78,9 @@ class SurfaceResult:
     @property
     def dims(self) -> int:
         return 1 if self.beta is None else 2
+
+    def drawn(self) -> "SurfaceProbeResult":
+        return SurfaceProbeResult({"n": self.n_samples, **self.summary()}, self.arrays())
 
     def loss_scale(self) -> dict[str, Any]:
         """min / max / median of the finite losses, the finite fraction, and where the minimum is."""
@@ -125,7 +150,7 @@ def _finite_or_none(obj):
     return obj
 
 
-class SurfaceProbeResult(StoredResult):
+class SurfaceProbeResult(StoredResult, _SurfaceView):
     """The stored surface: the summary the catalog and ``--json`` show (``centre_loss``,
     ``direction_norms``, ``cosine``, ``loss_scale``, ``directions``, ``grid``, ...) and its arrays
     (``alpha`` (n_a,), ``beta`` (n_b,) in 2D, ``loss`` / ``accuracy`` (n_a, n_b) or (n_a,) with
