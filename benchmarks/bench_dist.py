@@ -43,7 +43,8 @@ ROOT = HERE.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._harness import add_device_flag, log, peak_memory_mib, pick_device, print_result, run_worker, start_memory
+from benchmarks._harness import (add_device_flag, log, peak_memory_mib, pick_device, print_result, run_worker,
+                                 start_memory)
 
 JOBS = ("ntk", "surface")
 

@@ -18,9 +18,9 @@ Methods (each in a fresh subprocess):
 Memory: ``getrusage`` peak resident set size (``ru_maxrss``; tracemalloc does not see torch's
 allocations) after imports, model, data and a one-sample warm-up forward (``base``) and at the end
 (``peak``); ``extra = peak - base`` is what the method needed, forward activations included. With
-``--device cuda`` (``auto`` on a GPU machine) the peak is ``torch.cuda.max_memory_allocated`` instead. Wall time is the best of
-``--repeats`` runs inside the worker. The baseline's numbers are checked against ours (max absolute
-difference of the per-gate fractions, gain, mean and std; histogram counts equal).
+``--device cuda`` (``auto`` on a GPU machine) the peak is ``torch.cuda.max_memory_allocated`` instead.
+Wall time is the best of ``--repeats`` runs inside the worker. The baseline's numbers are checked
+against ours (max absolute difference of the per-gate fractions, gain, mean and std; histogram counts equal).
 
     python benchmarks/bench_saturation.py [--depth 16] [--widen 4] [--fusion fmm08] [--size 32]
                                           [--n 256] [--batch-size 256] [--threads 1] [--repeats 1]

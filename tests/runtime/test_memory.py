@@ -50,7 +50,8 @@ def test_device_memory_is_none_off_cuda():
 
 def _mlp():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double(), torch.randn(12, 6, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    return model, torch.randn(12, 6, dtype=torch.float64)
 
 
 def test_the_probes_plan_by_the_device_budget(monkeypatch):

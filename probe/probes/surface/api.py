@@ -83,9 +83,10 @@ def loss_surface(model: nn.Module, x, y, directions, grid: str | Grid = "-1:1:51
     model's running statistics at every point) or ``"recalibrate"`` (re-estimated per point by a
     train-mode pass over x: double cost, point by point). ``vectorize``: ``"auto"`` | ``"vmap"``
     | ``"loop"`` (:mod:`._evaluate`); ``memory_gb`` bounds the working set (samples per pass and
-    points per vmap call; None: :func:`probe.runtime.memory.memory_budget`'s default for the device); ``chunk`` grid points per saved chunk (0: from the plan). ``dtype``
-    float32 / float64 (default the model's), ``device`` (default the model's): the subset moves
-    there once. ``partial``: saved chunks (``get(piece)`` / ``put(piece, arrays)``), or None.
+    points per vmap call; None: the device's default, :func:`probe.runtime.memory.memory_budget`);
+    ``chunk`` grid points per saved chunk (0: from the plan). ``dtype`` float32 / float64 (default
+    the model's), ``device`` (default the model's): the subset moves there once. ``partial``: saved
+    chunks (``get(piece)`` / ``put(piece, arrays)``), or None.
 
     The model is not modified (parameters, buffers, ``requires_grad`` and train/eval flags).
     """
