@@ -1,6 +1,9 @@
 """What the benchmark scripts share: workers in fresh subprocesses (plain, or under a watchdog on
 their resident set and wall time), their result line, peak memory, a baseline installed into a
-folder of its own, the machine's settings and progress on stderr.
+folder of its own, the machine's settings and progress on stderr, and the device a script measures
+on (``--device cpu|cuda|auto``, :func:`add_device_flag`) with the memory figure that goes with it:
+the process's resident set on the CPU, the CUDA caching allocator's statistics on a GPU
+(:func:`start_memory`, :func:`peak_memory_mib`; each worker is a fresh process, so its peak is its own).
 
 A worker is the script itself run again with a worker flag: it prints ``READY <json>`` once its
 set-up is done (optional; the watchdog then knows the measured part has begun) and its result as
@@ -25,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-__all__ = ["GIB", "MIB", "log", "environment", "status_kib", "reset_peak", "peak_rss_mib", "rss_mib",
+__all__ = ["GIB", "MIB", "DEVICES", "log", "environment", "status_kib", "reset_peak", "peak_rss_mib", "rss_mib",
+           "add_device_flag", "pick_device", "memory_unit", "sync", "start_memory", "peak_memory_mib",
            "print_ready", "print_result", "read_result", "script_command", "Finished", "run_worker",
            "Watched", "run_watched", "pip_install"]
 
@@ -77,6 +81,71 @@ def rss_mib() -> float:
     """This process's resident set size now (/proc/self/statm), MiB."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
+
+
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def add_device_flag(parser, default: str = "cpu") -> None:
+    """``--device {cpu,cuda,auto}`` on a benchmark's parser (``auto``: cuda when available)."""
+    import argparse
+
+    shown = "" if issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter) else \
+        f" (default: {default})"                           # that formatter adds it itself
+    parser.add_argument("--device", default=default, choices=DEVICES,
+                        help=f"device of the measured computations: cpu, cuda or auto (cuda when available); "
+                             f"on cuda memory is the CUDA allocator's peak{shown}")
+
+
+def pick_device(name: str) -> str:
+    """``cpu`` or ``cuda`` for a ``--device`` value; SystemExit with one line for cuda without a GPU."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: this torch sees no CUDA device")
+    return name
+
+
+def memory_unit(device: str) -> str:
+    """What a script's memory columns measure on ``device``."""
+    return "CUDA allocated" if str(device).startswith("cuda") else "max RSS"
+
+
+def sync(device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU): before reading a clock or a peak."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def start_memory(device) -> float:
+    """Start measuring peak memory on ``device``; the baseline in MiB. On CUDA the allocator's peak
+    counter starts again (:func:`probe.runtime.memory.reset_peak_allocated`, which the library's own
+    meters leave intact) and the baseline is the bytes allocated now; on the CPU the resident
+    high-water mark so far (``getrusage``: this process's own, a fresh worker's)."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        from probe.runtime.memory import reset_peak_allocated
+
+        sync(device)
+        reset_peak_allocated(device)
+        return torch.cuda.memory_allocated(device) / MIB
+    return peak_rss_mib()
+
+
+def peak_memory_mib(device) -> float:
+    """The peak in MiB since :func:`start_memory` on CUDA (allocator; includes the baseline), the
+    resident high-water mark of this process on the CPU."""
+    if str(device).startswith("cuda"):
+        from probe.runtime.memory import peak_allocated
+
+        sync(device)
+        return peak_allocated(device) / MIB
+    return peak_rss_mib()
 
 
 # --- the result line -------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def setup_pyhessian(model, x, y, counter, case):
         counter.add(1)
         return original(gradsH, params, v)
     ph.hessian_vector_product = counted
-    H = ph.hessian(model, _criterion(), data=(x, y), cuda=False)
+    H = ph.hessian(model, _criterion(), data=(x, y), cuda=x.is_cuda)
     return {"H": H, "original": original}
 
 

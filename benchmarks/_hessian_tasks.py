@@ -10,8 +10,10 @@ import math
 import sys
 import time
 
-from benchmarks._harness import print_ready, reset_peak, status_kib
+from benchmarks._harness import peak_memory_mib, print_ready, reset_peak, start_memory, status_kib, sync
 from benchmarks._hessian_baselines import IMPORTS, SETUPS, Counter, flat_params, one_hvp
+
+DEVICE = "cpu"            # the worker's device (its case's ``device``): the point and the seeded vectors
 
 
 def make_point(case: dict):
@@ -20,8 +22,8 @@ def make_point(case: dict):
     import torch
     from benchmarks.bench_ntk import build
     name, n, size = case["model"], case["n"], case["size"]
-    model, x = build(name, n, size, in_chans=3, seed=case["seed"])
-    y = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(case["seed"] + 3))
+    model, x = build(name, n, size, in_chans=3, seed=case["seed"], device=case.get("device", "cpu"))
+    y = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(case["seed"] + 3)).to(x.device)
     for p in model.parameters():
         p.requires_grad_(True)
     return model, x, y
@@ -36,7 +38,7 @@ def fingerprint(model, x, y) -> float:
 
 def seeded_vector(P: int, seed: int):
     import torch
-    return torch.randn(P, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(P, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 def task_hvp(case, model, x, y, counter) -> dict:
@@ -56,13 +58,17 @@ def task_hvp(case, model, x, y, counter) -> dict:
     for r in range(case["repeats"]):
         if lib == "ours" and block > 1:
             V = torch.stack([seeded_vector(P, case["seed"] + 20 + r * block + j) for j in range(block)], 1)
+            sync(DEVICE)
             t0 = time.perf_counter()
             h["mv"](V)
+            sync(DEVICE)
             times.append((time.perf_counter() - t0) / block)
         else:
             w = seeded_vector(P, case["seed"] + 20 + r)
+            sync(DEVICE)
             t0 = time.perf_counter()
             one_hvp(lib, h, w, model)
+            sync(DEVICE)
             times.append(time.perf_counter() - t0)
     times.sort()
     return {"setup_s": setup, "first_s": first, "best_s": times[0], "median_s": times[len(times) // 2],
@@ -183,7 +189,7 @@ def task_exact_small(case, model, x, y, counter) -> dict:
     buffers = {k: b.detach() for k, b in m64.named_buffers()}
     x64, n = x.double(), x.shape[0]
     t0 = time.perf_counter()
-    H = torch.zeros(theta.numel(), theta.numel(), dtype=torch.float64)
+    H = torch.zeros(theta.numel(), theta.numel(), dtype=torch.float64, device=theta.device)
     for i in range(n):
         def loss(th, xi=x64[i:i + 1], yi=y[i:i + 1]):
             ps, off = {}, 0
@@ -253,8 +259,10 @@ TASKS = {"hvp": task_hvp, "topk": task_topk, "trace": task_trace, "trace_small":
 
 def worker(case: dict) -> dict:
     """Builds the point, imports the library, resets the memory high-water mark, runs the task."""
+    global DEVICE
     if case.get("lib_dir"):
         sys.path.insert(0, case["lib_dir"])
+    DEVICE = case.get("device", "cpu")
     import torch
     torch.manual_seed(case["seed"])
     out = {}
@@ -274,8 +282,12 @@ def worker(case: dict) -> dict:
         reset_peak()                                     # VmHWM := VmRSS
     except OSError:
         pass
+    cuda = DEVICE != "cpu" and case["task"] != "import"
+    gpu_base = start_memory(DEVICE) if cuda else None      # the CUDA allocator's peak counter starts here
     print_ready({"rss_base_kib": base, **out})
     counter = Counter()
     res = TASKS[case["task"]](case, model, x, y, counter)
     out.update(res, status="ok", rss_base_kib=base, rss_peak_kib=status_kib("VmHWM"))
+    if cuda:
+        out.update(gpu_base_mib=gpu_base, gpu_peak_mib=peak_memory_mib(DEVICE))
     return out

@@ -29,7 +29,11 @@ columns and measured 0.94x at N=512). Before the clock starts each worker import
 ``torch._dynamo``, which torch imports on first entering a dispatch mode (the NTK's measuring
 pass and memory meter): a one-time cost of every process, not the probes' work.
 
-    python benchmarks/bench_dist.py [--samples 512] [--steps 21] [--surface-n 256] [--jobs ntk surface] [--json]
+    python benchmarks/bench_dist.py [--samples 512] [--steps 21] [--surface-n 256] [--jobs ntk surface]
+                                    [--device cpu|cuda|auto] [--json]
+
+``--device cuda`` runs every rank on its own GPU (NCCL; two ranks need two GPUs) and adds each
+configuration's CUDA allocator peak on rank 0 (``max_memory_allocated``) to the report.
 """
 from __future__ import annotations
 
@@ -46,7 +50,8 @@ ROOT = HERE.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._harness import log, print_result, run_worker
+from benchmarks._harness import (add_device_flag, log, peak_memory_mib, pick_device, print_result, run_worker,
+                                 start_memory)
 
 JOBS = ("ntk", "surface")
 
@@ -72,33 +77,40 @@ def worker(args) -> None:
 
     from probe.runtime.dist import COMM, current, setup, teardown
 
-    ddp = setup("cpu")
+    dev = pick_device(args.device)
+    ddp = setup(dev)
+    dev = ddp.device(torch.device(dev))
     import torch._dynamo  # noqa: F401  (a one-time import, see the module docstring)
     if args.job == "ntk":
         from probe import empirical_ntk
 
         model, x, _ = _setup(args.samples)
+        model, x = model.to(dev), x.to(dev)
+        base = start_memory(dev)
         t0, c0 = time.perf_counter(), time.process_time()
         out = empirical_ntk(model, x).kernel
     else:
         from probe import loss_surface, random_directions
 
         model, x, y = _setup(args.surface_n)
+        model, x, y = model.to(dev), x.to(dev), y.to(dev)
         dirs = random_directions(model, 2)
+        base = start_memory(dev)
         t0, c0 = time.perf_counter(), time.process_time()
         out = loss_surface(model, x, y, dirs, f"-1:1:{args.steps}").loss
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if current().main:
         np.save(args.out, np.asarray(out, dtype=np.float64))
+        extra = {"gpu_extra_mib": peak_memory_mib(dev) - base} if dev.type == "cuda" else {}
         print_result({"job": args.job, "world": ddp.world, "threads": torch.get_num_threads(), "wall_s": wall,
-                      "cpu_s": cpu, "comm_s": COMM["seconds"], "comm_calls": COMM["calls"]})
+                      "cpu_s": cpu, "comm_s": COMM["seconds"], "comm_calls": COMM["calls"], **extra})
     teardown()
 
 
 def _run(job: str, world: int, threads: int, args, out: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
     me = [str(Path(__file__).resolve()), "--worker", "--job", job, "--samples", str(args.samples), "--steps", str(args.steps),
-          "--surface-n", str(args.surface_n), "--out", out]
+          "--surface-n", str(args.surface_n), "--out", out, "--device", args.device]
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", *me]
            if world > 1 else [sys.executable, *me])
     done = run_worker(cmd, env=env, timeout=3600)
@@ -115,6 +127,7 @@ def main(argv=None) -> None:
     p.add_argument("--surface-n", type=int, default=256, help="surface samples")
     p.add_argument("--jobs", nargs="+", default=list(JOBS), choices=JOBS, help="which jobs to run")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    add_device_flag(p)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--job", default="ntk", help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
@@ -122,6 +135,11 @@ def main(argv=None) -> None:
     if args.worker:
         return worker(args)
     import numpy as np
+    import torch
+
+    if pick_device(args.device) == "cuda" and torch.cuda.device_count() < 2:
+        raise SystemExit(f"--device {args.device}: the two-rank configuration needs two GPUs, this machine has "
+                         f"{torch.cuda.device_count()}")
 
     report = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -141,7 +159,8 @@ def main(argv=None) -> None:
                    "efficiency": runs["w1t1"]["wall_s"] / (2 * runs["w2t1"]["wall_s"]),
                    "comm_share": runs["w2t1"]["comm_s"] / runs["w2t1"]["wall_s"],
                    "comm_calls": runs["w2t1"]["comm_calls"],
-                   "max_rel_diff": float(np.nanmax(np.abs(two - ref))) / scale}
+                   "max_rel_diff": float(np.nanmax(np.abs(two - ref))) / scale,
+                   **{f"{k}_gpu_extra_mib": v["gpu_extra_mib"] for k, v in runs.items() if "gpu_extra_mib" in v}}
             report.append(row)
     if args.json:
         print(json.dumps({"jobs": report, "samples": args.samples, "steps": args.steps, "surface_n": args.surface_n}))
@@ -152,6 +171,9 @@ def main(argv=None) -> None:
         print(f"{r['job']:<8} {r['w1t1_s']:8.2f} {r['w1t2_s']:8.2f} {r['w2t1_s']:8.2f} {r['speedup_vs_w1t1']:7.2f} "
               f"{r['speedup_vs_w1t2']:7.2f} {r['efficiency']:7.2f} {r['comm_share']:6.1%} {r['cpu_speedup']:6.2f} "
               f"{r['max_rel_diff']:13.2e}")
+        if "w1t1_gpu_extra_mib" in r:
+            print(f"{'':<8} peak CUDA allocated above the start (rank 0), MiB: " + ", ".join(
+                f"{k} {r[f'{k}_gpu_extra_mib']:.0f}" for k in ("w1t1", "w1t2", "w2t1")))
 
 
 if __name__ == "__main__":

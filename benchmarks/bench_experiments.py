@@ -15,7 +15,10 @@ exactly equal numbers are not promised, since the thread count changes the order
 point sums, so the check allows ``--tol`` percentage points. The last line is a one-line summary.
 
     python benchmarks/bench_experiments.py [--runs 8] [--epochs 2] [--limit-train 512] [--jobs 2]
-                                           [--tol 1.0] [--json]
+                                           [--tol 1.0] [--device cpu|cuda|auto] [--json]
+
+``--device cuda`` trains every run on the GPU (the jobs of the parallel sweep share it); the script
+measures throughput only, no memory.
 """
 from __future__ import annotations
 
@@ -30,15 +33,17 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._harness import add_device_flag, pick_device  # noqa: E402
+
 TARGET = 1.6
 
 
-def configs(runs: int, epochs: int, limit_train: int | None) -> list:
+def configs(runs: int, epochs: int, limit_train: int | None, device: str = "cpu") -> list:
     from experiments._fusion import Protocol, fusion_config, row_ids
 
     rows = row_ids()
     protocol = Protocol("bench", limit_train, epochs, 64, "benchmark")
-    return [replace(fusion_config(rows[i % len(rows)], protocol, i // len(rows)), device="cpu") for i in range(runs)]
+    return [replace(fusion_config(rows[i % len(rows)], protocol, i // len(rows)), device=device) for i in range(runs)]
 
 
 def sweep(configs: list, jobs: int, threads: int) -> dict:
@@ -80,11 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tol", type=float, default=1.0,
                    help="largest difference in a run's final test accuracy (percentage points) between the sweeps")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    add_device_flag(p)
     args = p.parse_args(argv)
     if args.runs < 1 or args.epochs < 1 or (args.limit_train or 1) < 1 or args.jobs < 2 or args.tol < 0:
         p.error("--runs, --epochs, --limit-train must be positive, --jobs at least 2, --tol not negative")
     cores = cpu_cores()
-    todo = configs(args.runs, args.epochs, args.limit_train)
+    todo = configs(args.runs, args.epochs, args.limit_train, pick_device(args.device))
     warm_up()
     serial = sweep(todo, 1, cores)
     parallel = sweep(todo, args.jobs, max(1, cores // args.jobs))

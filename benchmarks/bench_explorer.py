@@ -7,7 +7,8 @@ plus the time of the catalog queries a page makes.
 
 Probes on every checkpoint: ntk and saturation; gradvar (the costliest) on init and the last
 checkpoint unless ``--gradvar-all``. The store is built once under ``--root`` (default: a temp
-folder) and reused when it exists.
+folder) and reused when it exists; ``--device`` (cpu, cuda or auto) is where its runs train and its
+probes run (the pages render on the host either way).
 """
 from __future__ import annotations
 
@@ -22,13 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import probe  # noqa: E402
+from benchmarks._harness import add_device_flag, pick_device  # noqa: E402
 
 FAST = {"ntk": {"trials": 2}, "saturation": {"batch_size": 16},
         "gradvar": {"batches": 2, "batch_size": 4, "seeds": 2, "chunk": 16},
         "hessian": {"k": 3, "trace_matvecs": 12, "density_probes": 2, "density_steps": 12}}
 
 
-def build(root: Path, runs: int, epochs: int, gradvar_all: bool) -> None:
+def build(root: Path, runs: int, epochs: int, gradvar_all: bool, device: str = "cpu") -> None:
     store = probe.RunStore(root)
     if len(store.list_runs()) >= runs:
         return
@@ -36,12 +38,12 @@ def build(root: Path, runs: int, epochs: int, gradvar_all: bool) -> None:
     for i in range(runs):
         t0 = time.perf_counter()
         res = probe.train(probe.TrainConfig(model=models[i % 2], epochs=epochs, limit_train=64, limit_test=32,
-                                            seed=i, schedule="constant", lr=0.05), store)
+                                            seed=i, schedule="constant", lr=0.05, device=device), store)
         for name in probe.list_probes():
             sweep = "all" if name != "gradvar" or gradvar_all else None
             targets = ["all"] if sweep else ["init", "last"]
             for ck in targets:
-                probe.run_probe(store, name, FAST.get(name), run=res.run_id, checkpoint=ck, n=16)
+                probe.run_probe(store, name, FAST.get(name), run=res.run_id, checkpoint=ck, n=16, device=device)
         print(f"  built run {i + 1}/{runs} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
 
@@ -85,10 +87,11 @@ def main() -> None:
     ap.add_argument("--gradvar-all", action="store_true", help="gradvar on every checkpoint too")
     ap.add_argument("--root", default=None, help="store folder (default: a new temp folder)")
     ap.add_argument("--repeats", type=int, default=3, help="warm reruns per page (median reported)")
+    add_device_flag(ap)
     args = ap.parse_args()
     root = Path(args.root or tempfile.mkdtemp(prefix="bench-explorer-"))
     t0 = time.perf_counter()
-    build(root, args.runs, args.epochs, args.gradvar_all)
+    build(root, args.runs, args.epochs, args.gradvar_all, pick_device(args.device))
     store = probe.RunStore(root, readonly=True)
     t1 = time.perf_counter()
     runs, probes = store.list_runs(), store.list_probes()

@@ -23,7 +23,10 @@ minus the resident size after imports, model and data. Results are checked again
 
     python benchmarks/bench_gradvar.py [--quick] [--models resnet20_add resnet20_mul] [--n 256] [--chunk 64]
                                        [--methods ours ours_vmap loop vmap_all] [--threads T]
-                                       [--repeats 3] [--json]
+                                       [--repeats 3] [--device cpu|cuda|auto] [--json]
+
+``--device cuda`` (``auto`` on a GPU machine) runs every method on the GPU; peak and extra are then the
+CUDA allocator's (``max_memory_allocated`` from after the warm-up; extra above the allocation then).
 """
 from __future__ import annotations
 
@@ -37,12 +40,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._harness import peak_rss_mib, print_result, rss_mib, run_worker, script_command
+from benchmarks._harness import (add_device_flag, memory_unit, peak_memory_mib, peak_rss_mib, pick_device,
+                                 print_result, rss_mib, run_worker, script_command, start_memory, sync)
 
 METHODS = ("ours", "ours_vmap", "loop", "vmap_all")
 
 
-def child(method: str, model_name: str, n: int, chunk: int, threads: int | None, repeats: int) -> dict:
+def child(method: str, model_name: str, n: int, chunk: int, threads: int | None, repeats: int,
+          device: str = "cpu") -> dict:
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -64,7 +69,8 @@ def child(method: str, model_name: str, n: int, chunk: int, threads: int | None,
         model.train()
         for s in range(0, n, 64):
             model(x[s:s + 64])
-    model.eval()
+    model.eval().to(device)
+    x, y = x.to(device), y.to(device)
     names = [k for k, p in model.named_parameters() if p.requires_grad]
 
     def ours(xs, ys):
@@ -75,7 +81,7 @@ def child(method: str, model_name: str, n: int, chunk: int, threads: int | None,
 
     def loop(xs, ys):
         params = [dict(model.named_parameters())[k] for k in names]
-        s1 = [torch.zeros(p.numel(), dtype=torch.float64) for p in params]
+        s1 = [torch.zeros(p.numel(), dtype=torch.float64, device=p.device) for p in params]
         s2 = [0.0] * len(params)
         for i in range(xs.shape[0]):
             gs = torch.autograd.grad(F.cross_entropy(model(xs[i:i + 1]), ys[i:i + 1]), params)
@@ -102,22 +108,27 @@ def child(method: str, model_name: str, n: int, chunk: int, threads: int | None,
 
     fn = {"ours": ours, "ours_vmap": ours_vmap, "loop": loop, "vmap_all": vmap_all}[method]
     fn(x[:2], y[:2])                                                   # warm-up
-    base = rss_mib()
+    cuda = device != "cpu"
+    base = start_memory(device) if cuda else rss_mib()
     walls = []
     for _ in range(repeats):
+        sync(device)
         t0 = time.perf_counter()
         var = fn(x, y)
+        sync(device)
         walls.append(time.perf_counter() - t0)
     wall = min(walls)
+    peak = peak_memory_mib(device) if cuda else peak_rss_mib()
     return {"method": method, "model": model_name, "n": n, "chunk": chunk, "wall_s": wall, "walls_s": walls,
-            "peak_mib": peak_rss_mib(), "base_mib": base, "extra_mib": max(peak_rss_mib() - base, 0.0),
+            "peak_mib": peak, "base_mib": base, "extra_mib": max(peak - base, 0.0),
             "params": sum(model.get_parameter(k).numel() for k in names), "threads": torch.get_num_threads(),
             "variance": [float(v) for v in var]}
 
 
-def run_child(method: str, model: str, n: int, chunk: int, threads: int | None, repeats: int) -> dict:
+def run_child(method: str, model: str, n: int, chunk: int, threads: int | None, repeats: int,
+              device: str = "cpu") -> dict:
     done = run_worker(script_command(__file__, "--child", method, model, str(n), str(chunk), str(threads or 0),
-                                     str(repeats)), cwd=ROOT)
+                                     str(repeats), "--device", device), cwd=ROOT)
     if not done.ok:
         return {"method": method, "model": model, "error": done.tail(1) or "?"}
     return done.result
@@ -133,11 +144,13 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads per subprocess")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per method (best is reported)")
     ap.add_argument("--json", action="store_true", help="also print the raw measurements as JSON")
+    add_device_flag(ap)
     ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    device = pick_device(args.device)
     if args.child:
         method, model, n, chunk, threads, repeats = args.child
-        print_result(child(method, model, int(n), int(chunk), int(threads) or None, int(repeats)))
+        print_result(child(method, model, int(n), int(chunk), int(threads) or None, int(repeats), device))
         return 0
     n = args.n or (64 if args.quick else 256)
     chunk = args.chunk or (16 if args.quick else 64)
@@ -145,7 +158,7 @@ def main(argv=None) -> int:
 
     rows = []
     for model in args.models:
-        res = {m: run_child(m, model, n, chunk, args.threads, args.repeats) for m in args.methods}
+        res = {m: run_child(m, model, n, chunk, args.threads, args.repeats, device) for m in args.methods}
         ref = res.get("ours")
         for m, r in res.items():
             if "error" in r:
@@ -162,6 +175,8 @@ def main(argv=None) -> int:
     print(f"per-sample gradient variance, N={n} x 3x32x32, float32, ours chunk={chunk}, "
           f"torch threads {next((r['threads'] for _, _, r in rows if isinstance(r, dict)), '?')}, "
           f"best of {args.repeats}")
+    if device != "cpu":
+        print(f"device {device}: peak and extra are {memory_unit(device)} (MiB)")
     print(f"{'model':<11} {'method':<9} {'wall s':>8} {'x ours':>7} {'peak MiB':>9} {'x ours':>7} "
           f"{'extra MiB':>10} {'x ours':>7} {'max rel diff':>13}")
     for model, m, r in rows:

@@ -59,7 +59,9 @@ Every worker is a fresh subprocess under a watchdog (``--timeout-s``; ``--mem-ca
 resident set, read from /proc/<pid>/status every 0.2 s) so a baseline that hangs or blows up is
 reported (``timeout`` / ``killed``), not fatal. Peak memory: the worker resets its high-water mark
 after imports, model and data (``5`` written to /proc/self/clear_refs) and reports ``VmHWM``
-(``peak``) and ``VmHWM - VmRSS`` before the call (``extra``). Wall times include each library's
+(``peak``) and ``VmHWM - VmRSS`` before the call (``extra``); with ``--device cuda`` (``auto`` on a
+GPU machine) the point lives on the GPU and both are the CUDA allocator's peak instead
+(``max_memory_allocated``, counted from the same moment). Wall times include each library's
 set-up (building its operator or graph; shown separately). ``x ours`` = wall / ours' wall; the
 targets: one HVP within 1.3x of the floor, and the top-k / trace / density at least 2x faster than
 the fastest of the three libraries at equal accuracy (same budget for trace and density).
@@ -85,7 +87,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._harness import environment, log, pip_install, print_result, run_watched, script_command
+from benchmarks._harness import (add_device_flag, environment, log, pick_device, pip_install, print_result,
+                                 run_watched, script_command)
 from benchmarks._hessian_baselines import LIBRARIES, PACKAGES, ladder
 from benchmarks._hessian_report import fmt_setting, ok, print_report, rel_err, summarise
 from benchmarks._hessian_tasks import worker
@@ -101,10 +104,14 @@ def spawn(case: dict, args) -> dict:
     w = run_watched(script_command(__file__, "--worker", json.dumps(case)), cap_gib=args.mem_cap_gib,
                     timeout_s=args.timeout_s)
     row = w.row({k: v for k, v in case.items() if k not in ("lib_dir",)}, message_chars=400)
-    if row.get("rss_base_kib") is not None and row.get("rss_peak_kib"):
-        row["extra_mb"] = (row["rss_peak_kib"] - row["rss_base_kib"]) / 1024
-    if row.get("rss_peak_kib"):
-        row["peak_mb"] = row["rss_peak_kib"] / 1024
+    if row.get("gpu_peak_mib") is not None:              # on CUDA: the allocator's peak, above the set-up
+        row["extra_mb"] = row["gpu_peak_mib"] - row["gpu_base_mib"]
+        row["peak_mb"] = row["gpu_peak_mib"]
+    else:
+        if row.get("rss_base_kib") is not None and row.get("rss_peak_kib"):
+            row["extra_mb"] = (row["rss_peak_kib"] - row["rss_base_kib"]) / 1024
+        if row.get("rss_peak_kib"):
+            row["peak_mb"] = row["rss_peak_kib"] / 1024
     brief = {k: v for k, v in row.items() if k not in ("eigenvalues", "residuals", "estimates", "stderrs",
                                                        "times_s", "notes")}
     log("  " + json.dumps(brief))
@@ -163,6 +170,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mem-cap-gib", type=float, default=10.0,
                     help="watchdog: kill a worker whose resident set exceeds this")
     ap.add_argument("--json", action="store_true", help="print one JSON report instead of the tables")
+    add_device_flag(ap)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -177,6 +185,8 @@ def main(argv=None) -> int:
     t_start = time.monotonic()
     env = environment(python=sys.version.split()[0])
     point = {"model": "resnet20_add", "n": args.n, "size": args.size, "seed": args.seed}
+    if pick_device(args.device) != "cpu":
+        point["device"] = pick_device(args.device)
     report = {"env": env, "args": {k: v for k, v in vars(args).items() if k != "worker"}, "libraries": {},
               "hvp": [], "reference": None, "topk": [], "trace_small": [], "exact_small": None, "trace": [],
               "density": [], "summary": [], "fingerprints_agree": None}
@@ -343,6 +353,9 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(report))
         return 0
+    if pick_device(args.device) != "cpu":
+        print(f"device {pick_device(args.device)}: peak / extra MB are the CUDA allocator's (max_memory_allocated; "
+              f"extra above the set-up)")
     print_report(report, args)
     return 0
 

@@ -61,7 +61,10 @@ such as lazy imports are then not timed; off by default, as the targets were set
                                    [--nngeometry-n 64] [--warmup]
                                    [--budget-gib 2] [--repeats 1] [--lanczos-n 10000]
                                    [--lanczos-models resnet20_add resnet20_mul] [--lanczos-budget-gib 3]
-                                   [--lanczos-compare-n 500] [--json]
+                                   [--lanczos-compare-n 500] [--device cpu|cuda|auto] [--json]
+
+``--device cuda`` runs every worker's model and inputs on the GPU; memory is then the CUDA
+allocator's peak (``max_memory_allocated``, each worker a fresh process) and the GEMM peak the GPU's.
 """
 from __future__ import annotations
 
@@ -79,8 +82,8 @@ if __package__ in (None, ""):
 import numpy as np
 import torch
 
-from benchmarks._harness import (environment, log, peak_rss_mib, pip_install, print_result, run_worker,
-                                 script_command)
+from benchmarks._harness import (add_device_flag, environment, log, memory_unit, peak_memory_mib, pick_device,
+                                 pip_install, print_result, run_worker, script_command, start_memory, sync)
 
 METHODS = ["ours", "naive", "vmap_jacrev", "vmap_jacrev_once", "nngeometry"]
 HEADLINE = "vmap_jacrev_once"                  # the baseline the targets are stated against
@@ -90,7 +93,7 @@ NNGEOMETRY = "nngeometry==0.4"
 # --- the model -----------------------------------------------------------------------------------
 
 
-def build(name: str, n: int, size: int, in_chans: int = 3, seed: int = 0):
+def build(name: str, n: int, size: int, in_chans: int = 3, seed: int = 0, device: str = "cpu"):
     """The registry's ``name`` (``resnet20_add`` / ``resnet20_mul``: ResNet-20, widths 16/32/64, O=10)
     in eval mode, with BatchNorm running statistics averaged over 256 random inputs (as ``probe
     ntk`` does for a model at init; with PyTorch's (0, 1) defaults a multiplicative net's eval
@@ -102,7 +105,7 @@ def build(name: str, n: int, size: int, in_chans: int = 3, seed: int = 0):
     calib = torch.randn(256, in_chans, size, size, generator=torch.Generator().manual_seed(seed + 2))
     model = calibrate_batchnorm(model, calib).eval()
     x = torch.randn(n, in_chans, size, size, generator=torch.Generator().manual_seed(seed + 1))
-    return model, x
+    return model.to(device), x.to(device)
 
 
 # --- the methods ---------------------------------------------------------------------------------
@@ -121,14 +124,14 @@ def run_naive(model, x, args):
     P = sum(p.numel() for p in params)
     N = x.shape[0]
     O = model(x[:1]).shape[1]
-    J = torch.empty(N, O, P)
+    J = torch.empty(N, O, P, device=x.device)
     for i in range(N):
         y = model(x[i:i + 1])[0]
         for o in range(O):
             gs = torch.autograd.grad(y[o], params, retain_graph=o < O - 1)
             J[i, o] = torch.cat([g.reshape(-1) for g in gs])
     Jf = J.reshape(N, O * P)
-    return (Jf @ Jf.T).double().numpy(), {}
+    return (Jf @ Jf.T).double().cpu().numpy(), {}
 
 
 def _functional(model):
@@ -152,7 +155,7 @@ def run_vmap_jacrev(model, x, args, reuse: bool = False):
     j1 = _jacobians(f_single, params, x)
     j2 = j1 if reuse else _jacobians(f_single, params, x)
     K = torch.stack([torch.einsum("Naf,Maf->NM", a, b) for a, b in zip(j1, j2)]).sum(0)
-    return K.double().numpy(), {}
+    return K.double().cpu().numpy(), {}
 
 
 def run_nngeometry(model, x, args):
@@ -173,7 +176,7 @@ def run_nngeometry(model, x, args):
         lc.add_layer(name, layer)
     backend = TorchHooksJacobianBackend(model=model, function=lambda *d: model(d[0]), layer_collection=lc)
     G = FMatDense(generator=backend, examples=DataLoader(TensorDataset(x), batch_size=x.shape[0]))
-    return torch.einsum("aiaj->ij", G.data).double().numpy(), {}
+    return torch.einsum("aiaj->ij", G.data).double().cpu().numpy(), {}
 
 
 RUNNERS = {"ours": run_ours, "naive": run_naive, "vmap_jacrev": run_vmap_jacrev,
@@ -195,16 +198,18 @@ def install_nngeometry(where: str) -> str | None:
 
 
 def worker_time(args) -> dict:
+    dev = pick_device(args.device)
     if args.warmup:                                  # first-call costs, not timed
-        RUNNERS[args.worker](*build(args.model, 2, args.size), args)
-    model, x = build(args.model, args.n, args.size)
-    base = peak_rss_mib()
+        RUNNERS[args.worker](*build(args.model, 2, args.size, device=dev), args)
+    model, x = build(args.model, args.n, args.size, device=dev)
+    base = start_memory(dev)
     t0, c0 = time.perf_counter(), time.process_time()
     K, info = RUNNERS[args.worker](model, x, args)
+    sync(dev)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if args.save:
         np.save(args.save, K)
-    return {"wall_s": wall, "cpu_s": cpu, "rss_base_mb": base, "rss_peak_mb": peak_rss_mib(), **info}
+    return {"wall_s": wall, "cpu_s": cpu, "rss_base_mb": base, "rss_peak_mb": peak_memory_mib(dev), **info}
 
 
 def _flop_counter():
@@ -241,13 +246,16 @@ def worker_flops(args) -> dict:
 
 
 def worker_matmul(args) -> dict:
-    n = 2048
-    A, B = torch.randn(n, n), torch.randn(n, n)
+    dev = pick_device(args.device)
+    n = 2048 if dev == "cpu" else 8192
+    A, B = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
     A @ B
     best = float("inf")
     for _ in range(5):
+        sync(dev)
         t = time.perf_counter()
         A @ B
+        sync(dev)
         best = min(best, time.perf_counter() - t)
     return {"gflops": 2 * n ** 3 / best / 1e9}
 
@@ -255,14 +263,16 @@ def worker_matmul(args) -> dict:
 def worker_lanczos(args) -> dict:
     """One full top-20 run of ``ntk_topk_lanczos`` with ``--lanczos-method``."""
     from probe import ntk_topk_lanczos
-    model, x = build(args.model, args.n, 8, in_chans=1)
-    base = peak_rss_mib()
+    dev = pick_device(args.device)
+    model, x = build(args.model, args.n, 8, in_chans=1, device=dev)
+    base = start_memory(dev)
     t0 = time.perf_counter()
     res = ntk_topk_lanczos(model, x, k=20, kind="trace", method=args.lanczos_method,
                            memory_budget_bytes=int(args.budget_gib * 2 ** 30),
                            block_vectors=args.block_vectors, tol=args.tol)
+    sync(dev)
     return {"method": res.method, "wall_s": time.perf_counter() - t0, "rss_base_mb": base,
-            "rss_peak_mb": peak_rss_mib(), "n_matvecs": res.n_matvecs, "n_passes": res.n_passes,
+            "rss_peak_mb": peak_memory_mib(dev), "n_matvecs": res.n_matvecs, "n_passes": res.n_passes,
             "block_vectors": res.block_vectors, "converged": res.converged,
             "subspace_dim": res.subspace_dim, "eigenvalues": res.eigenvalues.tolist(),
             "max_rel_residual": float(res.residuals.max() / res.eigenvalues[0]),
@@ -274,11 +284,14 @@ def worker_matvec(args) -> dict:
     """Seconds per Lanczos vector of the VJP/JVP operator (``ntvp``) at N: one product K v, in the
     dtype ``ntk_topk_lanczos`` would run in."""
     from probe import ntk_operator
-    model, x = build(args.model, args.n, 8, in_chans=1)
+    dev = pick_device(args.device)
+    model, x = build(args.model, args.n, 8, in_chans=1, device=dev)
     op = ntk_operator(model, x, "trace")
     v = np.random.default_rng(0).standard_normal((args.n, 1))
+    v = v if dev == "cpu" else torch.as_tensor(v, device=dev)
     t0 = time.perf_counter()
     op.matmat(v)
+    sync(dev)
     return {"s_per_vector": time.perf_counter() - t0, "dtype": str(op.fm.dtype)}
 
 
@@ -326,6 +339,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lanczos-method", default="gram", help=argparse.SUPPRESS)
     ap.add_argument("--tol", type=float, default=None, help="Lanczos tolerance (default: the library's)")
     ap.add_argument("--json", action="store_true")
+    add_device_flag(ap)
     ap.add_argument("--worker", choices=METHODS + ["matmul", "lanczos", "matvec"], help=argparse.SUPPRESS)
     ap.add_argument("--model", default="resnet20_add", help=argparse.SUPPRESS)
     ap.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)
@@ -350,11 +364,12 @@ def main(argv=None) -> int:
         print_result(out)
         return 0
 
-    common = ["--size", str(args.size), "--method", args.method, "--budget-gib", str(args.budget_gib)]
+    common = ["--size", str(args.size), "--method", args.method, "--budget-gib", str(args.budget_gib),
+              "--device", args.device]
     if args.warmup:
         common.append("--warmup")
     env = environment()
-    peak = spawn(["--worker", "matmul"])["gflops"]
+    peak = spawn(["--worker", "matmul", "--device", args.device])["gflops"]
     ns = [] if args.lanczos_only else args.n
     methods = list(args.methods)
     rows, summary = [], []
@@ -426,7 +441,7 @@ def main(argv=None) -> int:
             say(f"{name} Lanczos N={n} {method}")
             argv = ["--worker", "lanczos", "--model", name, "--n", str(n), "--budget-gib",
                     str(args.lanczos_budget_gib), "--json",
-                    "--lanczos-method", method]
+                    "--lanczos-method", method, "--device", args.device]
             if args.block_vectors:
                 argv += ["--block-vectors", str(args.block_vectors)]
             if args.tol is not None:
@@ -446,7 +461,7 @@ def main(argv=None) -> int:
             if args.lanczos_n:
                 ours = lz(name, args.lanczos_n, "gram")
                 per_vec = spawn(["--worker", "matvec", "--model", name, "--n", str(args.lanczos_n),
-                                 "--json"])["s_per_vector"]
+                                 "--json", "--device", args.device])["s_per_vector"]
                 # the baseline needs as many vectors as in the end-to-end comparison (or 40, the count
                 # measured for it at N=10,000 before) -- an estimate, labelled as such
                 count = next((r["n_matvecs"] for r in lanczos["runs"]
@@ -461,6 +476,9 @@ def main(argv=None) -> int:
         return 0
     print(f"threads={env['threads']} cpus={env['cpus']} torch={env['torch']} "
           f"load avg at start={env['load_avg_start'][0]:.2f}; float32 GEMM peak {peak:.1f} GFLOP/s")
+    if pick_device(args.device) != "cpu":
+        print(f"device {pick_device(args.device)}: memory columns are the {memory_unit(pick_device(args.device))} "
+              f"peak (MB), the GEMM peak the device's")
     print(f"{'model':<11} {'N':>5} {'method':<17} {'x J-once':>8} {'wall s':>8} {'cpu s':>8} {'peak MB':>8} "
           f"{'extra MB':>9} {'counted':>8} {'GFLOP/s':>8} {'%peak':>6} {'rel diff':>9}  notes")
     print(f"{'':<11} {'':>5} {'':<17} {'speed':>8} {'':>8} {'':>8} {'':>8} {'':>9} {'GFLOP':>8} {'useful':>8}")
@@ -481,9 +499,10 @@ def main(argv=None) -> int:
                         f", 50% of matmul peak {'met' if pct >= 50 else 'not met'} ({pct:.0f}%)") + "]")
         print(line)
     if lanczos:
+        unit = "RSS" if pick_device(args.device) == "cpu" else memory_unit(pick_device(args.device))
         for r in lanczos["runs"]:
             print(f"{r['model']}: Lanczos top-20 trace eigenvalues, {r['method']:>4}, N={r['n']} 1x8x8 inputs: "
-                  f"{r['wall_s']:.0f} s ({r['wall_s'] / 60:.1f} min), peak RSS {r['rss_peak_mb']:.0f} MB "
+                  f"{r['wall_s']:.0f} s ({r['wall_s'] / 60:.1f} min), peak {unit} {r['rss_peak_mb']:.0f} MB "
                   f"(extra {r['rss_peak_mb'] - r['rss_base_mb']:.0f}), {r['n_matvecs']} vectors in "
                   f"{r['n_passes']} passes over the data (blocks of {r['block_vectors']}), "
                   f"converged={r['converged']}, max residual/lambda_1 {r['max_rel_residual']:.1e}, "

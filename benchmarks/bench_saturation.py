@@ -18,13 +18,13 @@ Methods (each in a fresh subprocess):
 Memory: ``getrusage`` peak resident set size (``ru_maxrss``; tracemalloc does not see torch's
 allocations) after imports, model, data and a one-sample warm-up forward (``base``) and at the end
 (``peak``); ``extra = peak - base`` is what the method needed, forward activations included. With
-``--device cuda`` the peak is ``torch.cuda.max_memory_allocated`` instead. Wall time is the best of
-``--repeats`` runs inside the worker. The baseline's numbers are checked against ours (max absolute
-difference of the per-gate fractions, gain, mean and std; histogram counts equal).
+``--device cuda`` (``auto`` on a GPU machine) the peak is ``torch.cuda.max_memory_allocated`` instead.
+Wall time is the best of ``--repeats`` runs inside the worker. The baseline's numbers are checked
+against ours (max absolute difference of the per-gate fractions, gain, mean and std; histogram counts equal).
 
     python benchmarks/bench_saturation.py [--depth 16] [--widen 4] [--fusion fmm08] [--size 32]
                                           [--n 256] [--batch-size 256] [--threads 1] [--repeats 1]
-                                          [--methods forward ours baseline] [--device cpu] [--json]
+                                          [--methods forward ours baseline] [--device cpu|cuda|auto] [--json]
 """
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._harness import peak_rss_mib, print_result, run_worker, script_command
+from benchmarks._harness import (add_device_flag, memory_unit, peak_memory_mib, pick_device, print_result, run_worker,
+                                 script_command, start_memory, sync)
 
 METHODS = ("forward", "ours", "baseline")
 
@@ -95,19 +96,13 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    dev = torch.device(args.device)
+    dev = torch.device(pick_device(args.device))
     model = models.create_model("wrn", depth=args.depth, widen=args.widen, fusion=args.fusion,
                                 num_classes=10, in_chans=3).to(dev).eval()
     x = torch.randn(args.n, 3, args.size, args.size).to(dev)
     with torch.no_grad():
         model(x[:1])                                                      # warm-up: kernels, allocator
-    cuda = dev.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2**20
-    else:
-        base = peak_rss_mib()
+    base = start_memory(dev)
     best, numbers = float("inf"), None
     for _ in range(args.repeats):
         t0 = time.perf_counter()
@@ -124,10 +119,9 @@ def worker(args) -> dict:
                                          "hist": r.hist[i].tolist()} for i in range(r.n_gates)}
         else:
             numbers = _baseline(model, x, args.batch_size, args.bins, args.threshold, args.hist_max)
-        if cuda:
-            torch.cuda.synchronize()
+        sync(dev)
         best = min(best, time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mib()
+    peak = peak_memory_mib(dev)
     params = sum(p.numel() for p in model.parameters())
     return {"method": args.method, "seconds": best, "base_mib": base, "peak_mib": peak, "extra_mib": peak - base,
             "params": params, "numbers": numbers}
@@ -159,7 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--hist-max", type=float, default=12.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--device", default="cpu")
+    add_device_flag(p)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--json", action="store_true")
     p.add_argument("--method", help=argparse.SUPPRESS)                   # worker mode
@@ -186,7 +180,7 @@ def main(argv=None) -> int:
     any_row = next(iter(rows.values()))
     print(f"WRN-{args.depth}-{args.widen} fusion {args.fusion} ({any_row['params'] / 1e6:.2f} M params), "
           f"{args.n} x 3x{args.size}x{args.size}, batch {args.batch_size}, {args.device}, {args.threads} thread(s)")
-    unit = "CUDA allocated" if args.device.startswith("cuda") else "max RSS"
+    unit = memory_unit(pick_device(args.device))
     print(f"{'method':<10} {'wall s':>8} {'base MiB':>9} {'peak MiB':>9} {'extra MiB':>10}   ({unit})")
     for m, r in rows.items():
         print(f"{m:<10} {r['seconds']:8.2f} {r['base_mib']:9.0f} {r['peak_mib']:9.0f} {r['extra_mib']:10.0f}")

@@ -34,7 +34,10 @@ Printed: wall time per method, seconds per point, ``x bound`` (target for ours o
 largest difference between ours and the loop, and the centre losses.
 
     python benchmarks/bench_surface.py [--n 1000] [--size 32] [--steps 21] [--loop-batch 128]
-        [--methods ours loop loss-landscapes] [--lib-dir DIR --skip-install] [--json]
+        [--methods ours loop loss-landscapes] [--lib-dir DIR --skip-install] [--device cpu|cuda|auto] [--json]
+
+``--device cuda`` puts the model and the subset on the GPU for every method and adds each method's
+peak of the CUDA allocator (``max_memory_allocated`` above the allocation before it) to its notes.
 """
 from __future__ import annotations
 
@@ -49,19 +52,20 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._harness import environment, log, pip_install
+from benchmarks._harness import (add_device_flag, environment, log, peak_memory_mib, pick_device, pip_install,
+                                 start_memory, sync)
 
 METHODS = ["ours", "loop", "loss-landscapes"]
 PACKAGE = "loss-landscapes==3.0.6"
 
 
-def make_point(n: int, size: int, seed: int):
+def make_point(n: int, size: int, seed: int, device: str = "cpu"):
     import torch
     from benchmarks.bench_ntk import build
 
-    model, x = build("resnet20_add", n, size, in_chans=3, seed=seed)
+    model, x = build("resnet20_add", n, size, in_chans=3, seed=seed, device=device)
     y = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(seed + 3))
-    return model, x, y
+    return model, x, y.to(device)
 
 
 def mean_loss(model, x, y, batch: int) -> float:
@@ -81,6 +85,7 @@ def run_ours(model, x, y, dirs, grid: str):
 
     t0 = time.perf_counter()
     res = loss_surface(model, x, y, dirs, grid)
+    sync(x.device)
     return time.perf_counter() - t0, res
 
 
@@ -152,9 +157,11 @@ def forward_time(model, x, batch: int, repeats: int) -> float:
         model(x[:batch])                      # warm-up
         best = float("inf")
         for _ in range(repeats):
+            sync(x.device)
             t0 = time.perf_counter()
             for lo in range(0, x.shape[0], batch):
                 model(x[lo:lo + batch])
+            sync(x.device)
             best = min(best, time.perf_counter() - t0)
     return best
 
@@ -181,6 +188,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lib-dir", default=None, help="install loss-landscapes here (default: a temporary directory)")
     ap.add_argument("--skip-install", action="store_true", help="use loss-landscapes already in --lib-dir")
     ap.add_argument("--json", action="store_true", help="print one JSON report instead of the table")
+    add_device_flag(ap)
     args = ap.parse_args(argv)
     if args.skip_install and not args.lib_dir:
         ap.error("--skip-install needs --lib-dir")
@@ -189,7 +197,8 @@ def main(argv=None) -> int:
     from probe import random_directions
 
     env = environment()
-    model, x, y = make_point(args.n, args.size, args.seed)
+    dev = pick_device(args.device)
+    model, x, y = make_point(args.n, args.size, args.seed, dev)
     S = args.steps
     grid = f"-1:1:{S}"
     dirs = random_directions(model, 2)
@@ -206,14 +215,20 @@ def main(argv=None) -> int:
     ours = None
     if "ours" in args.methods:
         log(f"ours: {S}x{S} grid")
+        base = start_memory(dev)
         wall, res = run_ours(model, x, y, dirs, grid)
         ours = res
         rep["methods"]["ours"] = {"wall_s": wall, "centre_loss": res.centre_loss, "plan": res.plan.__dict__,
                                   "loss_min": float(np.nanmin(res.loss)), "loss_max": float(np.nanmax(res.loss))}
+        if dev != "cpu":
+            rep["methods"]["ours"]["gpu_extra_mib"] = peak_memory_mib(dev) - base
     if "loop" in args.methods:
         log(f"loop: {points} points, load_state_dict + inference in batches of {args.loop_batch}")
+        base = start_memory(dev)
         wall, loss = run_loop(model, x, y, dirs, alpha, alpha, args.loop_batch)
         r = {"wall_s": wall, "centre_loss": float(loss[S // 2, S // 2]) if S % 2 else None}
+        if dev != "cpu":
+            r["gpu_extra_mib"] = peak_memory_mib(dev) - base
         if ours is not None:
             diff = np.abs(loss - ours.loss)
             r["max_abs_diff_vs_ours"] = float(diff.max())
@@ -228,10 +243,13 @@ def main(argv=None) -> int:
         ok = True if args.skip_install else install(lib)
         if ok:
             log(f"loss-landscapes: random_plane steps={S}")
+            base = start_memory(dev)
             wall, vals, centre, used, error = run_loss_landscapes(model, x, y, S, lib)
             rep["methods"]["loss-landscapes"] = {"wall_s": wall, "centre_loss": centre, "normalization": used,
                                                  "filter_error": error, "shape": list(vals.shape),
                                                  "loss_min": float(np.nanmin(vals)), "loss_max": float(np.nanmax(vals))}
+            if dev != "cpu":
+                rep["methods"]["loss-landscapes"]["gpu_extra_mib"] = peak_memory_mib(dev) - base
         else:
             rep["methods"]["loss-landscapes"] = {"status": "install failed"}
         if tmp is not None:
@@ -265,6 +283,8 @@ def main(argv=None) -> int:
             notes.append(f"{r['normalization']} normalisation"
                          + (f" (filter failed: {r['filter_error']})" if r["filter_error"] else "")
                          + f"; its metric at the model {r['centre_loss']:.6f}")
+        if "gpu_extra_mib" in r:
+            notes.append(f"{dev}: peak {r['gpu_extra_mib']:.0f} MiB CUDA allocated above its start")
         xo = f"{w / ours_wall:.2f}" if ours_wall else "-"
         print(f"{name:<18}{w:>9.1f}{w / points:>9.3f}{w / bound:>9.2f}{xo:>9}  {'; '.join(notes)}")
     return 0

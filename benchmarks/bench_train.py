@@ -19,7 +19,10 @@ so they should end with the same weights (bit for bit on CPU); the largest diffe
 sanity check that both loops do the same work.
 
     python benchmarks/bench_train.py [--models add_resnet mul_resnet] [--data digits] [--batch-size 64]
-                                     [--epochs 3] [--repeats 3] [--device auto|cpu|cuda] [--json]
+                                     [--epochs 3] [--repeats 3] [--device cpu|cuda|auto] [--json]
+
+On CUDA each run also records the CUDA allocator's peak (``max_memory_allocated``, counted from the
+run's start), printed per model after the tables.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ if __package__ in (None, ""):
 import torch
 import torch.nn.functional as F
 
+from benchmarks._harness import add_device_flag, peak_memory_mib, start_memory
 from probe import load_data
 from probe import UserError
 from probe import RunStore
@@ -67,16 +71,17 @@ def run_ours(model: str, args, device: torch.device, root: Path, epochs: int, ta
     store = RunStore(root / tag)
     marks: list[float] = []
     try:
-        _sync(device)
+        start_memory(device)
         t0 = time.perf_counter()
         result = train(config, store, on_epoch=lambda _row: marks.append(time.perf_counter()))
         _sync(device)
         wall = time.perf_counter() - t0
+        peak = peak_memory_mib(device) if device.type == "cuda" else None
     finally:
         store.close()
     train_s = sum(float(m["epoch_time_s"]) for m in result.metrics)
     return {"train_s": train_s, "wall_s": wall, "epoch_train_s": [float(m["epoch_time_s"]) for m in result.metrics],
-            "epoch_marks_s": [m - t0 for m in marks], "final_top1": result.final_acc,
+            "epoch_marks_s": [m - t0 for m in marks], "final_top1": result.final_acc, "gpu_peak_mib": peak,
             "_checkpoint": (str(root / tag), result.run_id, result.epochs_done)}
 
 
@@ -126,7 +131,7 @@ def _plain_eval(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple
 def run_plain(model: str, data, device: torch.device, batch_size: int, epochs: int) -> dict:
     """A hand-written loop: randperm batches, forward, cross_entropy, zero_grad, backward, step; then a
     test-set evaluation per epoch in eval mode under no_grad."""
-    _sync(device)
+    start_memory(device)
     t0 = time.perf_counter()
     torch.manual_seed(SEED)
     net = build_model(model, num_classes=data.num_classes, in_chans=data.in_channels,
@@ -156,7 +161,8 @@ def run_plain(model: str, data, device: torch.device, batch_size: int, epochs: i
     _sync(device)
     wall = time.perf_counter() - t0
     return {"train_s": sum(epoch_train), "wall_s": wall, "epoch_train_s": epoch_train, "epoch_marks_s": marks,
-            "setup_s": setup, "final_top1": top1, "_state": net.state_dict()}
+            "setup_s": setup, "final_top1": top1, "_state": net.state_dict(),
+            "gpu_peak_mib": peak_memory_mib(device) if device.type == "cuda" else None}
 
 
 # --- driver --------------------------------------------------------------------------------------
@@ -344,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     args = p.parse_args(argv)
     if args.epochs < 1 or args.repeats < 1 or args.batch_size < 1:
@@ -375,6 +381,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=2))
     else:
         print_report(report)
+        if device.type == "cuda":
+            for r in results:
+                peaks = [_median([x["gpu_peak_mib"] for x in r.get(k, []) if x.get("gpu_peak_mib") is not None])
+                         for k in ("ours", "plain")]
+                print(f"{r['model']}: peak CUDA allocated (median of runs) ours "
+                      + " MiB, plain ".join("-" if v is None else f"{v:.0f}" for v in peaks) + " MiB")
     return 0
 
 

@@ -117,9 +117,11 @@ def _reset_peak(device) -> None:
     import torch
 
     if torch.device(device).type == "cuda":
+        from probe.runtime.memory import reset_peak_allocated
+
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        reset_peak_allocated(device)     # the probes' own memory meters leave this peak intact
     else:
         try:
             reset_peak()      # VmHWM := VmRSS (ru_maxrss would carry the parent's peak over exec)
@@ -132,7 +134,7 @@ def _peak(device) -> str:
     import torch
 
     if torch.device(device).type == "cuda":
-        return f"peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB GPU"
+        return f"peak {_peak_mib(device):.0f} MiB GPU"
     return f"peak RSS {_peak_mib(device):.0f} MiB"
 
 
@@ -140,8 +142,21 @@ def _peak_mib(device) -> float:
     import torch
 
     if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
+        from probe.runtime.memory import peak_allocated
+
+        return peak_allocated(device) / 2**20
     return (status_kib("VmHWM") or 0) / 1024
+
+
+def _model(name: str, **kwargs):
+    """The registry's ``name`` built from a fixed seed: the headline figures (eigenvalues, traces) are
+    the same from run to run."""
+    import torch
+
+    import probe
+
+    torch.manual_seed(0)
+    return probe.build_model(name, **kwargs)
 
 
 def _config_fields() -> set[str]:
@@ -435,7 +450,7 @@ def worker_ntk_trace(device: str, small: bool, peak: float) -> dict:
     import probe
 
     n = 32 if small else 1024
-    model = probe.build_model("add_resnet", num_classes=10, in_chans=1).to(device).eval()
+    model = _model("add_resnet", num_classes=10, in_chans=1).to(device).eval()
     x, _ = _digits_like(n, 8, 1, 10)
     x = x.to(device)
     P = sum(p.numel() for p in model.parameters())
@@ -455,7 +470,7 @@ def worker_ntk_lanczos(device: str, small: bool, peak: float) -> dict:
     import probe
 
     name, n, k = ("tiny_add", 128, 3) if small else ("add_resnet", 60000, 20)
-    model = probe.build_model(name, num_classes=10, in_chans=1).to(device).eval()
+    model = _model(name, num_classes=10, in_chans=1).to(device).eval()
     x, _ = _digits_like(n, 8, 1, 10)
     x = x.to(device)
     _reset_peak(device)
@@ -476,7 +491,7 @@ def worker_hessian(device: str, small: bool, peak: float) -> dict:
         name, size, n, k, probes, kwargs = "tiny_wrn", 8, 16, 2, 10, {}
     else:
         name, size, n, k, probes, kwargs = "wrn16_10", 64, 200, 5, 100, {}
-    model = probe.build_model(name, num_classes=101, in_chans=3, image_size=size, model_kwargs=kwargs)
+    model = _model(name, num_classes=101, in_chans=3, image_size=size, model_kwargs=kwargs)
     model = model.to(device).eval()
     x, y = _digits_like(n, size, 3, 101)
     _reset_peak(device)
@@ -496,7 +511,7 @@ def worker_surface(device: str, small: bool, peak: float) -> dict:
     import probe
 
     grid, n = ("-1:1:5", 32) if small else ("-1:1:51", 256)
-    model = probe.build_model("add_resnet", num_classes=10, in_chans=1).to(device).eval()
+    model = _model("add_resnet", num_classes=10, in_chans=1).to(device).eval()
     x, y = _digits_like(n, 8, 1, 10)
     x, y = x.to(device), y.to(device)
     dirs = probe.random_directions(model, 2)

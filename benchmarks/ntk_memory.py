@@ -36,7 +36,11 @@ and 4 GB per model.
     python benchmarks/ntk_memory.py [--widths 16384] [--n 12] [--budget-gib 4]
                                     [--models mlp resnet20_add] [--resnet-n 256]
                                     [--resnet-budget-gib 1] [--quick] [--kill-above-gib 12]
-                                    [--lanczos-n 60000] [--json]
+                                    [--lanczos-n 60000] [--device cpu|cuda|auto] [--json]
+
+``--device cuda`` (or ``auto`` on a GPU machine) runs the calls on the GPU: ``extra`` is then the CUDA
+allocator's peak above what was allocated before the call (``max_memory_allocated``, each worker a
+fresh process), while the watchdog still guards the host's resident set.
 """
 from __future__ import annotations
 
@@ -55,8 +59,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks._harness import (GIB, MIB, environment, log, print_ready, print_result, reset_peak, run_watched,
-                                 script_command, status_kib)
+from benchmarks._harness import (GIB, MIB, add_device_flag, environment, log, memory_unit, peak_memory_mib,
+                                 pick_device, print_ready, print_result, reset_peak, run_watched, script_command,
+                                 start_memory, status_kib, sync)
 
 NTK_METHODS = ["auto", "jacobian", "layerwise", "ntvp"]
 LANCZOS_METHODS = ["gram", "ntvp"]
@@ -103,8 +108,11 @@ def build_resnet(name: str, n: int, size: int, in_chans: int = 3, seed: int = 0)
 
 def build(case: dict):
     if case["model"] == "mlp":
-        return build_mlp(case["width"], case["n"])
-    return build_resnet(case["model"], case["n"], case["size"], case["in_chans"])
+        model, x = build_mlp(case["width"], case["n"])
+    else:
+        model, x = build_resnet(case["model"], case["n"], case["size"], case["in_chans"])
+    dev = case.get("device", "cpu")
+    return model.to(dev), x.to(dev)
 
 
 # --- the worker (one per subprocess) -------------------------------------------------------------
@@ -146,6 +154,9 @@ def worker(case: dict) -> dict:
     reset_peak()                                        # VmHWM := VmRSS
     print_ready({"rss_base_kib": base, "n_params": n_params})
     out = {"n_params": n_params, "model_bytes": 4 * n_params, "rss_base_kib": base}
+    cuda = case.get("device", "cpu") != "cpu"
+    if cuda:
+        out["gpu_base_kib"] = int(start_memory(case["device"]) * 1024)
     t0 = time.perf_counter()
     try:
         res = _call(case, model, x)
@@ -161,6 +172,9 @@ def worker(case: dict) -> dict:
         out.update(status="ok", planned_bytes=int(res.peak_memory_bytes))
     except UserError as e:
         out.update(status="refused", message=str(e))
+    if cuda:
+        sync(case["device"])
+        out["gpu_peak_kib"] = int(peak_memory_mib(case["device"]) * 1024)
     out["wall_s"] = time.perf_counter() - t0
     out["rss_peak_kib"] = status_kib("VmHWM")
     return out
@@ -174,7 +188,9 @@ def spawn(case: dict, kill_above_gib: float, timeout_s: float) -> dict:
     w = run_watched(script_command(__file__, "--worker", json.dumps(case)), cap_gib=kill_above_gib,
                     timeout_s=timeout_s, peak_after_ready=True)
     row = w.row(case)
-    if row.get("rss_base_kib") is not None and row.get("rss_peak_kib"):
+    if row.get("gpu_peak_kib") is not None:                  # on CUDA: the allocator's peak above the start
+        row["extra_bytes"] = (row["gpu_peak_kib"] - row["gpu_base_kib"]) * 1024
+    elif row.get("rss_base_kib") is not None and row.get("rss_peak_kib"):
         row["extra_bytes"] = (row["rss_peak_kib"] - row["rss_base_kib"]) * 1024
     budget = int(row["budget_gib"] * GIB)
     model_bytes = row.get("model_bytes") or 4 * (row.get("n_params") or n_params_of(row))
@@ -254,7 +270,8 @@ def _print_part2(rows: list[dict]) -> None:
             print(head + f"{r['status']}: {r.get('message', '')} (extra {_fmt_mib(r.get('extra_bytes'))} MiB)")
             continue
         ev = r["eigenvalues"]
-        print(head + f"{r['wall_s']:.0f} s ({r['wall_s'] / 60:.1f} min), extra peak RSS "
+        unit = "GPU allocated" if r.get("device", "cpu") != "cpu" else "RSS"
+        print(head + f"{r['wall_s']:.0f} s ({r['wall_s'] / 60:.1f} min), extra peak {unit} "
               f"{_fmt_mib(r['extra_bytes'])} MiB (planned {_fmt_mib(r['planned_bytes'])}), method "
               f"{r['method_used']}, Krylov dim {r['subspace_dim']}, {r['n_passes']} passes "
               f"(blocks of {r['block_vectors']}), converged={r['converged']}, top-3 "
@@ -292,6 +309,7 @@ def main(argv=None) -> int:
                     help="count the first call's one-time costs (no warm-up call on a tiny model)")
     ap.add_argument("--part2-only", action="store_true", help="skip part 1")
     ap.add_argument("--json", action="store_true", help="print one JSON report instead of the tables")
+    add_device_flag(ap)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -303,7 +321,8 @@ def main(argv=None) -> int:
     env = environment(kill_above_gib=args.kill_above_gib)
     part1, part2 = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        cases, warm = [], {"warmup": not args.no_warmup}
+        dev = pick_device(args.device)
+        cases, warm = [], {"warmup": not args.no_warmup} | ({"device": dev} if dev != "cpu" else {})
         if not args.part2_only:
             for name in args.models:
                 for w in (widths if name == "mlp" else [None]):
@@ -337,6 +356,8 @@ def main(argv=None) -> int:
         return 0
     print(f"threads={env['threads']} cpus={env['cpus']} torch={env['torch']} "
           f"load avg at start={env['load_avg_start'][0]:.2f}; watchdog cap {args.kill_above_gib:g} GiB")
+    if dev != "cpu":
+        print(f"device {dev}: extra is the {memory_unit(dev)} peak above the allocation before the call")
     if part1:
         _print_part1(part1)
     if part2:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from probe.errors import UserError, first_line
+from probe.runtime.memory import out_of_memory
 
 __all__ = ["COMM", "Dist", "DistError", "setup", "current", "local", "teardown", "launched", "joins", "forced",
            "FORCE_ENV", "DEFAULT_TIMEOUT_S"]
@@ -119,6 +120,8 @@ class Dist:
         t0 = time.perf_counter()
         try:
             return fn(*args, **kwargs)
+        except torch.OutOfMemoryError as e:   # a RuntimeError too, but no peer's fault
+            raise out_of_memory(e, f"the {what} on rank {self.rank} of {self.world}") from e
         except RuntimeError as e:   # DistBackendError and gloo's connection errors are RuntimeErrors
             detail = first_line(e)
             raise DistError(f"rank {self.rank} of {self.world}: {what} failed, a peer rank stopped or did not "
@@ -246,6 +249,8 @@ def setup(device: str | torch.device = "cpu", *, force: bool | None = None) -> D
             dist.init_process_group(backend, timeout=timeout)
         else:   # a world of one outside torchrun: nothing to rendezvous with
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    except torch.OutOfMemoryError as e:   # NCCL's buffers on a full GPU: not a process group that cannot form
+        raise out_of_memory(e, f"joining the process group ({backend})") from e
     except (RuntimeError, ValueError) as e:
         raise DistError(f"could not join the process group ({backend}): {first_line(e)[:200]}") from None
     _FORCED[0] = force and dist.get_world_size() == 1

@@ -6,6 +6,8 @@ tolerances, closed-form self-checks and sample-independence checks assume float3
 arithmetic, so :func:`exact_matmul` switches TF32 off for its duration and restores the caller's
 settings afterwards (also on an exception); :func:`exact` does the same around a function and, when
 the computation ran on CUDA, adds :data:`TF32_NOTE` to the ``notes`` of the result it returns.
+An operator a probe returns computes later, outside that function: :func:`exact_products` makes its
+products switch TF32 off themselves.
 On a CPU the flags have no effect.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import torch
 from torch import nn
 
-__all__ = ["TF32_NOTE", "exact_matmul", "exact", "precision_flags", "uses_cuda"]
+__all__ = ["TF32_NOTE", "exact_matmul", "exact", "exact_products", "precision_flags", "uses_cuda"]
 
 TF32_NOTE = "TF32 off for this probe (float32 matmuls and convolutions in IEEE precision)"
 
@@ -102,3 +104,30 @@ def exact(fn: F) -> F:
         return _with_note(result) if uses_cuda(*args, **kwargs) else result
     wrapper.exact_matmul = True  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
+
+
+_PRODUCTS = ("matmat", "matvec", "mean_loss")
+"""The methods of an operator that compute with the model (:func:`exact_products`)."""
+
+O = TypeVar("O")
+
+
+def _exact_call(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with exact_matmul():
+            return fn(*args, **kwargs)
+    wrapper.exact_matmul = True  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]
+
+
+def exact_products(op: O) -> O:
+    """``op`` (an operator a probe returns, e.g. a :class:`probe.linalg.SymmetricOperator`) with
+    its products -- ``matmat``, ``matvec`` and ``mean_loss`` where it has them -- run inside
+    :func:`exact_matmul` whenever they are called, long after the function that built ``op``
+    returned and restored the caller's flags. The same object, its methods replaced on the instance."""
+    for name in _PRODUCTS:
+        method = getattr(op, name, None)
+        if callable(method) and not getattr(method, "exact_matmul", False):
+            setattr(op, name, _exact_call(method))
+    return op

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from probe.errors import StoreError, UserError, first_line
+from probe.runtime.memory import out_of_memory
 from probe.training.config import TrainConfig
 
 __all__ = ["build_model", "MAX_MODEL_ELEMENTS", "check_model", "model_name_for_run", "sync_batchnorm",
@@ -66,6 +67,8 @@ def check_model(model: nn.Module, x: torch.Tensor, num_classes: int, name: str =
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             model.eval()
             out = model(x)
+    except torch.OutOfMemoryError as e:   # the model may well work: the batch does not fit
+        raise out_of_memory(e, f"the check of model {name!r} on a batch of shape {tuple(x.shape)}") from e
     except Exception as e:  # a user model may raise anything
         first = first_line(e, default="")
         raise UserError(f"model {name!r} failed on a batch of shape {tuple(x.shape)}: "
@@ -164,6 +167,8 @@ def load_run_model(store, run_ref: str, epoch: int | str | None = "last",
             raise StoreError(f"{where} has no valid 'model' entry; it cannot be loaded")
         try:
             model.load_state_dict(ckpt["model"])
+        except torch.OutOfMemoryError as e:       # a RuntimeError, but not a checkpoint that does not fit
+            raise out_of_memory(e, f"loading the weights of {where}") from e
         except (RuntimeError, TypeError, KeyError, ValueError) as e:
             lines = str(e).strip().splitlines()
             detail = lines[1].strip() if len(lines) > 1 else lines[0] if lines else type(e).__name__

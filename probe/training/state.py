@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from probe.errors import StoreError, UserError, first_line
+from probe.runtime.memory import out_of_memory
 
 __all__ = ["rng_state", "set_rng_state", "rank_rng_state", "per_rank_states", "own_rank_state", "restore",
            "one_line"]
@@ -94,6 +95,8 @@ def restore(ckpt, where: str, model: nn.Module, opt: torch.optim.Optimizer, load
                              "or delete this checkpoint to resume from the one before)")
     try:
         model.load_state_dict(ckpt["model"])
+    except torch.OutOfMemoryError as e:           # a RuntimeError, but not a checkpoint that does not fit
+        raise out_of_memory(e, f"loading the weights of {where}") from e
     except (RuntimeError, TypeError, KeyError, ValueError) as e:
         raise StoreError(f"{where} does not fit its model: {one_line(e)}") from None
     try:
@@ -106,6 +109,8 @@ def restore(ckpt, where: str, model: nn.Module, opt: torch.optim.Optimizer, load
             torch.cuda.set_rng_state(own["cuda"], device)
         if scaler is not None and scaler.is_enabled() and ckpt.get("scaler"):
             scaler.load_state_dict(_scaler_state(ckpt["scaler"]))
+    except torch.OutOfMemoryError as e:
+        raise out_of_memory(e, f"loading the optimizer state of {where}") from e
     except (RuntimeError, TypeError, KeyError, ValueError, IndexError, AttributeError) as e:
         raise StoreError(f"{where} has a malformed optimizer, RNG or loss-scaler state ({one_line(e)}); "
                          "it cannot be resumed") from None

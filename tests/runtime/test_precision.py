@@ -140,3 +140,29 @@ def test_uses_cuda_reads_the_device_argument_and_the_model():
     assert precision.uses_cuda(model, device="cuda:0") and precision.uses_cuda(model, device=torch.device("cuda"))
     assert precision.uses_cuda(model, device="auto") == torch.cuda.is_available()
     assert not precision.uses_cuda(model)
+
+
+@pytest.mark.parametrize("build", ["curvature_operator", "ntk_operator"])
+def test_returned_operators_compute_with_tf32_off(build, tf32_on):
+    """The operators run their products after the function that built them returned (and restored the
+    caller's TF32 flags): each product switches TF32 off itself, and restores the flags after."""
+    from probe.probes.hessian import curvature_operator
+    from probe.probes.ntk import ntk_operator
+
+    model = _Spy()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(6, 1, 4, 4, generator=g), torch.arange(6) % 3
+    op = curvature_operator(model, x, y) if build == "curvature_operator" else ntk_operator(model, x)
+    assert precision_flags() == tf32_on                     # the function returned: the caller's flags
+    if build == "curvature_operator":                       # a forward pass of its own (on another operator:
+        other = curvature_operator(model, x, y)             # this one would keep its graph for the products)
+        model.seen.clear()
+        assert np.isfinite(other.mean_loss()) and model.seen and all(_ieee(s) for s in model.seen)
+        assert precision_flags() == tf32_on
+    model.seen.clear()
+    V = torch.randn(op.size, 2, generator=g, dtype=op.dtype)
+    out = op.matmat(V)
+    assert model.seen and all(_ieee(s) for s in model.seen)
+    assert precision_flags() == tf32_on
+    assert torch.equal(out, op.matmat(V))                   # the same product, once more
+    assert precision.exact_products(op) is op and getattr(op.matmat, "exact_matmul", False)

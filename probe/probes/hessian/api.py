@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from probe.errors import UserError
-from probe.runtime.precision import exact
+from probe.runtime.precision import exact, exact_products
 from probe.functional import FunctionalModel, OutputSelector, ParamFilter, functionalize
 from probe.linalg import TraceEstimate, extreme_eigenpairs, hutchinson_trace, hutchpp_trace, slq_density
 from probe.runtime.dist import current
@@ -110,6 +110,7 @@ def _targets(fm: FunctionalModel, x: Tensor, y: Tensor, name: str) -> Tensor:
     return y
 
 
+@exact
 def curvature_operator(model: nn.Module, x, y, *, criterion: str | Criterion = "cross_entropy",
                        operator: str = "hessian", param_filter: ParamFilter = None,
                        batch_size: int | None = None, bn: str = "eval",
@@ -121,7 +122,8 @@ def curvature_operator(model: nn.Module, x, y, *, criterion: str | Criterion = "
     over the parameters selected by ``param_filter`` (others held fixed), vectors in the model's
     dtype (or ``dtype``) flattened in ``named_parameters`` order. Products go in mini-batches of
     ``batch_size`` samples (default all); ``bn`` and ``vectorize``: :mod:`._operators`. Each
-    ``matmat(V)`` of V (P, b) costs b products. The model is not modified.
+    ``matmat(V)`` of V (P, b) costs b products. The model is not modified. The products run with
+    TF32 off whenever they are called (:func:`probe.runtime.precision.exact_products`).
     """
     name, crit = resolve_criterion(criterion)
     kind = _choice(operator, tuple(_OPERATORS), "operator")
@@ -129,8 +131,8 @@ def curvature_operator(model: nn.Module, x, y, *, criterion: str | Criterion = "
     x, y, _ = _subset(x, y, None, 0)
     x = fm.prepare(x)
     y = _targets(fm, x, y, name)
-    return _OPERATORS[kind](fm, x, y, crit, batch_size=batch_size, bn=_choice(bn, ("eval", "train"), "bn mode"),
-                            vectorize=vectorize)
+    return exact_products(_OPERATORS[kind](fm, x, y, crit, batch_size=batch_size, vectorize=vectorize,
+                                           bn=_choice(bn, ("eval", "train"), "bn mode")))
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,9 +13,6 @@ from probe.errors import UserError
 from probe.runtime.memory import out_of_memory
 from probe.functional import FunctionalModel
 
-DEFAULT_MEMORY_BUDGET = 2 * 2 ** 30
-"""Default ``memory_budget_bytes`` (2 GiB, as ``probe ntk --memory-gb``)."""
-
 # Cost-model constants (multiples of one sample's forward FLOPs [FP]):
 _BWD_FP = 2.0        # a backward pass: input gradients + weight gradients
 _JVP_FP = 2.5        # a forward-mode pass: primal + tangent

@@ -17,7 +17,7 @@ from probe.autodiff import find_structured_layers as _find_layers
 from probe.runtime.dist import current
 from probe.errors import UserError
 from probe.runtime.precision import exact
-from probe.runtime.memory import MemoryMeter, out_of_memory
+from probe.runtime.memory import MemoryMeter, memory_budget, out_of_memory
 from probe.functional import (FunctionalModel, OutputSelector, ParamFilter, check_sample_independence,
                               couples_samples, eval_mode, fix_batch_statistics, functionalize)
 from probe.linalg import CallableOperator, SymmetricOperator, block_lanczos, dense_eigenvalues, spectrum_stats
@@ -27,7 +27,7 @@ from probe.probes.ntk._methods import KernelMethod, NtkMethod, candidates, run_p
 from probe.probes.ntk._operators import _GramOperator, _NtkOperator, _ShardedGram
 from probe.probes.ntk._plan import (_checked_layers, _Ctx, _default_block, _fit_n, _measure, _no_plan_error, _Plan,
                                     _plan_gram)
-from probe.probes.ntk._util import (_LANCZOS_MAX_BLOCK, _MODEL_ERRORS, DEFAULT_MEMORY_BUDGET,
+from probe.probes.ntk._util import (_LANCZOS_MAX_BLOCK, _MODEL_ERRORS,
                                     _check_finite, _enum, _first_line, _has_batchnorm, _mib,
                                     _out_of_range, _overflow_error, _prepare_inputs, _progress,
                                     _promoted)
@@ -48,7 +48,7 @@ _TRIAL_SLACK = 8 << 20  # measured working sets this much above the estimate are
 @exact
 def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
                   kind: NtkKind | str = "trace", method: NtkMethod | str = "auto",
-                  memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, block_size: int | None = None,
+                  memory_budget_bytes: int | None = None, block_size: int | None = None,
                   param_filter: ParamFilter = None, dtype: torch.dtype | str | None = None,
                   device: torch.device | str | None = None, output: OutputSelector = None,
                   progress=None) -> NtkResult:
@@ -121,11 +121,10 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
     if spread and (x2 is not None or kind == NtkKind.FULL or x1.shape[0] < ddp.world
                    or method not in (NtkMethod.AUTO, NtkMethod.LAYERWISE)):
         return tiles()
-    if memory_budget_bytes is None or memory_budget_bytes <= 0:
-        raise UserError(f"memory_budget_bytes must be positive, got {memory_budget_bytes!r}")
     if block_size is not None and int(block_size) < 1:
         raise UserError(f"block_size must be a positive integer, got {block_size!r}")
     fm = functionalize(model, param_filter=param_filter, dtype=dtype, device=device, output=output)
+    memory_budget_bytes = memory_budget(memory_budget_bytes, fm.device, name="memory_budget_bytes")
     notes: list[str] = []
     if any(m.training for m in model.modules()):
         notes.append("model was in train mode: evaluated in eval mode (BatchNorm with its running "
@@ -369,7 +368,7 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
                      method: LanczosMethod | str = "auto",
                      param_filter: ParamFilter = None, dtype: torch.dtype | str | None = None,
                      device: torch.device | str | None = None,
-                     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+                     memory_budget_bytes: int | None = None,
                      block_size: int | None = None, block_vectors: int | None = None,
                      max_dim: int | None = None, tol: float | None = None,
                      return_eigenvectors: bool = False, seed: int = 0,
@@ -407,9 +406,8 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
     for name, val in (("block_vectors", block_vectors), ("block_size", block_size), ("max_dim", max_dim)):
         if val is not None and int(val) < 1:
             raise UserError(f"{name} must be a positive integer, got {val!r}")
-    if memory_budget_bytes is None or memory_budget_bytes <= 0:
-        raise UserError(f"memory_budget_bytes must be positive, got {memory_budget_bytes!r}")
     fm = functionalize(model, param_filter=param_filter, dtype=dtype, device=device, output=output)
+    memory_budget_bytes = memory_budget(memory_budget_bytes, fm.device, name="memory_budget_bytes")
     notes = []
     if any(m.training for m in model.modules()):
         notes.append("model was in train mode: evaluated in eval mode; modes restored")

@@ -14,6 +14,7 @@ from probe.errors import UserError
 from probe.functional import (OutputSelector, ParamFilter, check_sample_independence, fix_batch_statistics,
                               functionalize)
 from probe.linalg import SymmetricOperator
+from probe.runtime.precision import exact, exact_products
 from probe.probes.ntk._operators import _NtkOperator
 from probe.probes.ntk._util import _LANCZOS_MAX_BLOCK, _enum, _out_of_range
 from probe.probes.ntk.result import NtkKind
@@ -23,6 +24,7 @@ __all__ = ["ntk_operator"]
 _PASS = 500              # samples per forward pass of the range check
 
 
+@exact
 def ntk_operator(model: nn.Module, x: Tensor, kind: NtkKind | str = "trace", *,
                  param_filter: ParamFilter = None, dtype: torch.dtype | str | None = None,
                  device: torch.device | str | None = None, output: OutputSelector = None,
@@ -35,7 +37,8 @@ def ntk_operator(model: nn.Module, x: Tensor, kind: NtkKind | str = "trace", *,
     own, unless its outputs on ``x`` put the kernel beyond that precision's range (then float64,
     as :func:`~probe.probes.ntk.ntk_topk_lanczos` decides). Products evaluate the model in eval
     mode with explicit parameters and buffers, on this process alone; the module is not changed.
-    Raises :class:`UserError` when the model's forward couples samples.
+    Raises :class:`UserError` when the model's forward couples samples. The products run with TF32
+    off whenever they are called (:func:`probe.runtime.precision.exact_products`).
     """
     kind = _enum(NtkKind, kind, "NTK kind")
     if kind == NtkKind.DIAGONAL:
@@ -53,4 +56,4 @@ def ntk_operator(model: nn.Module, x: Tensor, kind: NtkKind | str = "trace", *,
     if dtype is None and fm.dtype != torch.float64 and _out_of_range(fm.dtype, y_max):
         return ntk_operator(model, x, kind, param_filter=param_filter, dtype=torch.float64, device=device,
                             output=output, block_size=block_size)
-    return _NtkOperator(fm, xs, kind, outs[0].shape[1], min(n, int(block_size or _LANCZOS_MAX_BLOCK)))
+    return exact_products(_NtkOperator(fm, xs, kind, outs[0].shape[1], min(n, int(block_size or _LANCZOS_MAX_BLOCK))))

@@ -31,7 +31,9 @@ class NTKParams:
         "help": "with method lanczos: gram (parameter space, one data pass per block) or ntvp (VJP/JVP "
                 "products); auto picks gram when it applies and fits the memory budget",
         "choices": ("auto", "gram", "ntvp")})
-    memory_gb: float = field(default=2.0, metadata={"help": "memory budget in GiB for the kernel computation"})
+    memory_gb: float = field(default=0.0, metadata={
+        "help": "memory budget in GiB for the kernel computation (0: 2 GiB on the CPU; on CUDA 0.75 of the free "
+                "device memory, at most 64 GiB)"})
     eigenlearning: bool = field(default=True, metadata={
         "help": "eigenlearning predictions and the kernel-regression check (trace kernels)"})
     trials: int = field(default=10, metadata={"help": "kernel-regression trials per training-set size"})
@@ -43,7 +45,7 @@ class NTKParams:
     def __post_init__(self):
         check_int("topk", self.topk, 1, 100_000)
         check_int("trials", self.trials, 1, 10_000)
-        check_number("memory budget (GiB)", self.memory_gb, 1e-6, 1e6)
+        check_number("memory budget (GiB)", self.memory_gb, 0.0, 1e6)
 
 
 def _eigenlearning(K: np.ndarray, y: np.ndarray, num_classes: int, ns: list[int], trials: int, seed: int) -> dict:
@@ -68,7 +70,7 @@ def compute(ctx: ProbeContext, p: NTKParams) -> NTKProbeResult:
 
     x, n = ctx.x, int(ctx.x.shape[0])
     y = ctx.y.detach().cpu()                    # labels on the host (a library caller may pass CUDA ones)
-    budget = int(p.memory_gb * 2 ** 30)
+    budget = int(p.memory_gb * 2 ** 30) or None          # None: the device's default (runtime.memory_budget)
     arrays: dict[str, np.ndarray] = {"labels": y.numpy()}
     summary: dict = {"model": ctx.model_name, "epoch": ctx.epoch, "data": ctx.data, "n": n, "kind": p.kind}
     if p.method == "lanczos":

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from probe.errors import UserError
+from probe.runtime.memory import memory_budget
 from probe.probes.surface._directions import (Directions, excluded_names, flat_from_state, flat_params,
                                               pca_directions, random_directions, towards_direction, trainable)
 
@@ -82,7 +83,8 @@ def _trajectory(ctx, p, theta0: torch.Tensor) -> Directions:
                         f"it for more epochs, or use random directions")
     notes = []
     P = theta0.numel()
-    fit = max(3, int(p.memory_gb * 2 ** 30 / 2 // (8 * P)))       # float64 vectors within half the budget
+    budget = memory_budget(p.memory_gb * 2 ** 30 or None, "cpu", name="memory budget")   # held on the host
+    fit = max(3, int(budget / 2 // (8 * P)))                       # float64 vectors within half the budget
     if len(cks) > fit:
         keep = sorted(set(np.linspace(0, len(cks) - 1, fit).round().astype(int).tolist()))
         notes.append(f"pca: {len(keep)} of the run's {len(cks)} checkpoints (evenly spaced, first and last kept) "

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from probe.errors import UserError
 from probe.runtime.precision import exact
 from probe.runtime.chunks import map_chunks
-from probe.runtime.memory import out_of_memory
+from probe.runtime.memory import memory_budget, out_of_memory
 from probe.runtime.progress import Progress
 from probe.functional import couples_samples, flatten_params, functionalize
 from probe.probes.surface._directions import Directions, flat_params
@@ -70,7 +70,7 @@ def _check(name: str, value, choices: Sequence[str]) -> str:
 
 @exact
 def loss_surface(model: nn.Module, x, y, directions, grid: str | Grid = "-1:1:51", *, bn: str = "eval",
-                 vectorize: str = "auto", memory_gb: float = 2.0, chunk: int = 0,
+                 vectorize: str = "auto", memory_gb: float | None = None, chunk: int = 0,
                  dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
                  partial: Any = None, progress: Progress | None = None) -> SurfaceResult:
     """Cross-entropy loss and top-1 accuracy of ``model`` on (x (n, ...), y (n,) int labels) over a
@@ -83,18 +83,22 @@ def loss_surface(model: nn.Module, x, y, directions, grid: str | Grid = "-1:1:51
     model's running statistics at every point) or ``"recalibrate"`` (re-estimated per point by a
     train-mode pass over x: double cost, point by point). ``vectorize``: ``"auto"`` | ``"vmap"``
     | ``"loop"`` (:mod:`._evaluate`); ``memory_gb`` bounds the working set (samples per pass and
-    points per vmap call); ``chunk`` grid points per saved chunk (0: from the plan). ``dtype``
-    float32 / float64 (default the model's), ``device`` (default the model's): the subset moves
-    there once. ``partial``: saved chunks (``get(piece)`` / ``put(piece, arrays)``), or None.
+    points per vmap call; None: the device's default, :func:`probe.runtime.memory.memory_budget`);
+    ``chunk`` grid points per saved chunk (0: from the plan). ``dtype`` float32 / float64 (default
+    the model's), ``device`` (default the model's): the subset moves there once. ``partial``: saved
+    chunks (``get(piece)`` / ``put(piece, arrays)``), or None.
 
     The model is not modified (parameters, buffers, ``requires_grad`` and train/eval flags).
     """
     t0 = time.perf_counter()
     bn = _check("bn mode", bn, _BN_MODES)
     vectorize = _check("vectorize", vectorize, _VECTORIZE)
-    if not isinstance(memory_gb, (int, float)) or isinstance(memory_gb, bool) or not 0 < memory_gb < 1e6:
+    if memory_gb is not None and (not isinstance(memory_gb, (int, float)) or isinstance(memory_gb, bool)
+                                  or not 0 < memory_gb < 1e6):
         raise UserError(f"memory_gb must be a positive number, got {memory_gb!r}")
     fm = functionalize(model, dtype=dtype, device=device)
+    memory_gb = memory_budget(None if memory_gb is None else memory_gb * 2 ** 30, fm.device,
+                              name="memory_gb") / 2 ** 30
     P = fm.n_params
     dirs = as_directions(directions, P)
     g = grid if isinstance(grid, Grid) else parse_grid(grid, dirs.dims)

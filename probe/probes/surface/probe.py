@@ -44,8 +44,9 @@ class SurfaceParams:
     vectorize: str = field(default="auto", metadata={
         "help": "grid points batched by vmap over functional_call, one at a time (loop), or by the measured rule "
                 "(auto: vmap while one point's forward pass is small)", "choices": ("auto", "vmap", "loop")})
-    memory_gb: float = field(default=2.0, metadata={
-        "help": "memory budget of the evaluation (samples per pass, points per vmap call)"})
+    memory_gb: float = field(default=0.0, metadata={
+        "help": "memory budget in GiB of the evaluation (samples per pass, points per vmap call; 0: 2 GiB on the "
+                "CPU; on CUDA 0.75 of the free device memory, at most 64 GiB)"})
     chunk: int = field(default=0, metadata={
         "help": "grid points per saved chunk, the unit of resuming (0: one vmap call, or 16 points)"})
     dtype: str = field(default="float32", metadata={
@@ -54,7 +55,7 @@ class SurfaceParams:
     def __post_init__(self):
         parse_grid(self.grid, self.dims)
         check_int("direction seed", self.direction_seed, 0, 2 ** 63 - 1)
-        check_number("memory budget (GB)", self.memory_gb, 0.0, 1e5, lo_open=True)
+        check_number("memory budget (GB)", self.memory_gb, 0.0, 1e5)
         check_int("chunk", self.chunk, 0, 10 ** 7)
         if self.directions == "towards":
             if self.dims != 1:
@@ -75,7 +76,7 @@ def compute(ctx: ProbeContext, p: SurfaceParams) -> SurfaceProbeResult:
 
     dirs = directions_for(ctx, p)
     res = loss_surface(ctx.model, ctx.x, ctx.y, dirs, p.grid, bn=p.bn, vectorize=p.vectorize,
-                       memory_gb=p.memory_gb, chunk=p.chunk, dtype=p.dtype, device=ctx.device,
+                       memory_gb=p.memory_gb or None, chunk=p.chunk, dtype=p.dtype, device=ctx.device,
                        partial=ctx.partial, progress=ctx.progress)
     summary = {"model": ctx.model_name, "epoch": ctx.epoch, "data": ctx.data, "n": int(ctx.x.shape[0]),
                "lr": ctx.lr, **res.summary()}
