@@ -136,3 +136,40 @@ def test_gram_rows_on_a_gpu_come_in_one_product_per_layer_and_output():
         gpu_rule = op.matmat(P)
     assert op.row_blocks < blocks_cpu
     _close(gpu_rule, cpu_rule)
+
+
+@pytest.mark.parametrize("name", ["mlp", "bn_cnn", "gated"])
+@pytest.mark.parametrize("kind", ["trace", "full"])
+def test_gram_batched_output_gradients_equal_the_loop(name, kind):
+    # off the CPU the O backward passes of a chunk are one batched pass (is_grads_batched)
+    model, x1 = make_model(name), make_inputs(name, 6, 1)
+    fm, op, _ = _gram_operator(model, x1, kind, block=4, chunk=2)
+    assert not op.batch_outputs                                      # the CPU's default: the loop
+    P = torch.randn(op.F, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    with eval_mode(model):
+        looped = op.matmat(P)
+        op.batch_outputs = True
+        batched = op.matmat(P)
+    assert op.batch_outputs and op.outputs_looped == ""
+    _close(batched, looped)
+
+
+def test_gram_output_gradients_fall_back_to_the_loop(monkeypatch):
+    model, x1 = make_model("bn_cnn"), make_inputs("bn_cnn", 6, 1)
+    fm, op, _ = _gram_operator(model, x1, "trace", block=4, chunk=2)
+    P = torch.randn(op.F, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    with eval_mode(model):
+        looped = op.matmat(P)
+    grad = torch.autograd.grad
+
+    def no_batching_rule(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise RuntimeError("Batching rule not implemented for aten::something")
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_batching_rule)
+    op.batch_outputs = True
+    with eval_mode(model):
+        got = op.matmat(P)
+    assert not op.batch_outputs and "Batching rule" in op.outputs_looped
+    _close(got, looped, 0)

@@ -167,8 +167,9 @@ class _GramOperator:
     forward pass and O backward passes, then per sub-chunk of ``sub`` samples the per-sample layer
     rows R (the closed forms of :func:`probe.autodiff.per_sample_grad_parts`; parameters outside
     structured layers by ``vmap(jacrev)``) are formed once and used twice, w = R V (the
-    sub-chunk's rows of J V) and M V += R^T w. Internally the s vectors are the rows of P = V^T (s, F), contiguous when V
-    is the transposed view of a row basis as the Lanczos solver passes it.
+    sub-chunk's rows of J V) and M V += R^T w. Internally the s vectors are the rows of
+    P = V^T (s, F), contiguous when V is the transposed view of a row basis as the Lanczos solver
+    passes it.
 
     Parameter-space layout of a vector (F,): per selected parameter tensor, in ``fm.params``
     order, a block of O*numel (trace, output-major) or numel (full) elements.
@@ -190,6 +191,7 @@ class _GramOperator:
         self.n_units = x.shape[0] * (1 if kind == NtkKind.TRACE else O)
         self.sweeps = self.matvecs = self.row_blocks = 0
         self._row_bytes = _GRAM_ROW_BYTES if fm.device.type == "cpu" else None
+        self.batch_outputs, self.outputs_looped = fm.device.type != "cpu", ""
         self.params = {n: p.detach().requires_grad_() for n, p in fm.params.items()}
         if self.fallback:
             self._jac = _SampleJacobian(fm, self.fallback)
@@ -202,8 +204,8 @@ class _GramOperator:
         return layer.kind in ("linear", "bn") or (layer.kind == "conv" and layer.module.groups == 1)
 
     def _chunks(self):
-        """Per block of samples: one forward pass, O backward passes; yields (lo, hi, records,
-        output gradients per record (O, b, ...))."""
+        """Per block of samples: one forward pass, O backward passes (:meth:`_output_gradients`);
+        yields (lo, hi, records, output gradients per record (O, b, ...))."""
         fm, O, layers = self.fm, self.O, self.layers
         for lo, hi in _ranges(self.x.shape[0], self.block):
             xb = self.x[lo:hi]
@@ -212,8 +214,7 @@ class _GramOperator:
                 leaf = input_leaf(xb)
                 ctx = record_forward(fm, self.params, leaf if leaf is not None else xb, layers)
                 zs = [r.z for r in ctx.recs]
-                per_out = [torch.autograd.grad(ctx.y[:, o].sum(), zs, retain_graph=o < O - 1,
-                                               allow_unused=True) for o in range(O)]
+                per_out = self._output_gradients(ctx.y, zs)
                 # per record, the O output gradients (b, ...); a layer output that no output
                 # depends on gets zeros
                 grads = [[g if g is not None else torch.zeros_like(z) for g in gs]
@@ -224,6 +225,29 @@ class _GramOperator:
             yield lo, hi, recs, grads
             if self.pbar is not None:
                 self.pbar.update(hi - lo)
+
+    def _output_gradients(self, y: Tensor, zs: list[Tensor]) -> list:
+        """Per output o, the gradients of sum_i y[i, o] with respect to the layer outputs zs (None
+        for one that no output depends on). On the CPU one backward pass per output (batching
+        the cotangents hits slow batching rules of the convolution backward there); elsewhere
+        the O passes batched (``is_grads_batched``), falling back to the loop where the model's
+        backward has no batching rule (``outputs_looped`` says why)."""
+        O = self.O
+        if self.batch_outputs and O > 1:
+            eye = torch.eye(O, dtype=y.dtype, device=y.device)
+            cot = eye[:, None, :].expand((O,) + tuple(y.shape))          # (O, b, O): output o
+            try:
+                gs = torch.autograd.grad(y, zs, grad_outputs=cot, retain_graph=True, allow_unused=True,
+                                         is_grads_batched=True)
+                return [[None if g is None else g[o] for g in gs] for o in range(O)]
+            except torch.OutOfMemoryError as exc:
+                raise out_of_memory(exc, "the output gradients (O backward passes batched)") from exc
+            except UserError:
+                raise
+            except _MODEL_ERRORS as exc:
+                self.batch_outputs, self.outputs_looped = False, _first_line(exc)
+        return [torch.autograd.grad(y[:, o].sum(), zs, retain_graph=o < O - 1, allow_unused=True)
+                for o in range(O)]
 
     def _groups(self, xb: Tensor, recs: list[LayerCall], grads: list[list[Tensor]]):
         """The chunk's rows of J, per sub-chunk of ``sub`` samples: yields for each the list of its
