@@ -10,7 +10,16 @@ import torch.nn.functional as F
 
 from probe.errors import UserError
 
-__all__ = ["Augment", "Loader", "make_loader"]
+__all__ = ["Augment", "Loader", "make_loader", "to_device"]
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor (random draws, indices) on ``device``: on a CUDA device copied from pinned
+    memory without making the host wait for the copy (the caching host allocator keeps the
+    pinned block until the copy is done); elsewhere ``t.to(device)`` (itself on the CPU)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @dataclass(frozen=True)
@@ -36,18 +45,28 @@ class Augment:
         return self.crop_padding > 0 or self.hflip
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The augmented batch. The draws are made on the CPU (the generator's stream does not
+        depend on where ``x`` is) and reach ``x``'s device in one copy (:func:`to_device`)."""
         b, _, h, w = x.shape
-        if self.crop_padding > 0:
-            p = int(self.crop_padding)
+        p = int(self.crop_padding)
+        draws = []
+        if p > 0:
+            draws.append(torch.randint(0, 2 * p + 1, (b,), generator=generator))   # crop rows
+            draws.append(torch.randint(0, 2 * p + 1, (b,), generator=generator))   # crop columns
+        if self.hflip:
+            draws.append((torch.rand(b, generator=generator) < 0.5).long())
+        if not draws:
+            return x.contiguous()
+        drawn = to_device(torch.stack(draws), x.device)                           # (draws, B)
+        if p > 0:
             padded = F.pad(x, (p, p, p, p))  # (B, C, H+2p, W+2p)
-            oy = torch.randint(0, 2 * p + 1, (b,), generator=generator).to(x.device)
-            ox = torch.randint(0, 2 * p + 1, (b,), generator=generator).to(x.device)
+            oy, ox = drawn[0], drawn[1]
             rows = oy[:, None] + torch.arange(h, device=x.device)  # (B, H)
             cols = ox[:, None] + torch.arange(w, device=x.device)  # (B, W)
             bi = torch.arange(b, device=x.device)[:, None, None]
             x = padded[bi, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B, C, H, W)
         if self.hflip:
-            flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+            flip = drawn[-1].bool()
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         return x.contiguous()
 
@@ -76,8 +95,9 @@ class Loader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # The permutation is drawn here, when the epoch starts, not on the first next().
+        # On a GPU the epoch's order is copied once, not a batch's indices per step.
         order = torch.randperm(int(self.x.shape[0]), generator=self.generator) if self.shuffle else None
-        return self._batches(order)
+        return self._batches(None if order is None else to_device(order, self.x.device))
 
     def _batches(self, order: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         bs = self.batch_size
@@ -85,7 +105,7 @@ class Loader:
             if order is None:
                 xb, yb = self.x[k * bs:(k + 1) * bs], self.y[k * bs:(k + 1) * bs]
             else:
-                idx = order[k * bs:(k + 1) * bs].to(self.x.device)
+                idx = order[k * bs:(k + 1) * bs]
                 xb, yb = self.x[idx], self.y[idx.to(self.y.device)]
             if self.augment is not None:
                 xb = self.augment(xb, self.generator)

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["norm64", "dot64", "coldot64"]
+__all__ = ["norm64", "dot64", "coldot64", "coldot64_t"]
 
 
 def norm64(t: Tensor, dim: int | None = None, chunk: int = 1 << 20) -> Tensor:
@@ -33,10 +33,16 @@ def dot64(A: Tensor, B: Tensor, chunk: int = 1 << 16) -> Tensor:
     return out
 
 
-def coldot64(A: Tensor, B: Tensor, chunk: int = 1 << 16) -> np.ndarray:
+def coldot64_t(A: Tensor, B: Tensor, chunk: int = 1 << 16) -> Tensor:
     """Per-column inner products of A and B (n, c) accumulated in float64 over chunks of ``chunk``
-    rows: (c,) float64 numpy."""
+    rows: (c,) float64 on A's device (no transfer to the host: a loop collects these and converts
+    them once)."""
     out = torch.zeros(A.shape[1], dtype=torch.float64, device=A.device)
     for lo in range(0, A.shape[0], chunk):
         out += (A[lo:lo + chunk].double() * B[lo:lo + chunk].double()).sum(0)
-    return out.cpu().numpy()
+    return out
+
+
+def coldot64(A: Tensor, B: Tensor, chunk: int = 1 << 16) -> np.ndarray:
+    """:func:`coldot64_t` as (c,) float64 numpy."""
+    return coldot64_t(A, B, chunk).cpu().numpy()

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from probe.linalg._accumulate import dot64
 from probe.linalg.operator import SymmetricOperator
+from probe.linalg.sampling import draw_vectors, vector_generator
 
 __all__ = ["BlockLanczosResult", "block_lanczos", "unresolved_note", "multiplicity_note"]
 
@@ -121,7 +122,8 @@ def block_lanczos(op: SymmetricOperator, k: int, *, block_size: int = 1, max_dim
     dimension short of ``size`` proves nothing. ``max_dim`` caps the Krylov dimension (default
     max(10k, 100), at most ``size``); when it is reached first, ``converged`` is False.
 
-    ``seed`` fixes the random start block (and any replacement directions). ``progress(b)`` is
+    ``seed`` fixes the random start block (and any replacement directions; drawn on the device
+    for a CUDA operator, :func:`probe.linalg.sampling.draw_vectors`). ``progress(b)`` is
     called after each product with the b vectors it covered. With ``return_vectors`` the Ritz
     vectors (size, k) come back in ``op.dtype``. Memory: the basis, max_dim x size in
     ``op.dtype``, is allocated up front, plus about 4 s vectors of work.
@@ -138,7 +140,7 @@ def block_lanczos(op: SymmetricOperator, k: int, *, block_size: int = 1, max_dim
     max_dim = min(int(max_dim) if max_dim is not None else max(10 * k, 100), size)
     if max_dim < k:
         raise ValueError(f"max_dim={max_dim} is smaller than k={k}")
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = vector_generator(seed, device)
     counts = {"vectors": 0, "blocks": 0}
 
     def apply(Q: Tensor) -> Tensor:                              # rows (bs, size) -> A Q as rows
@@ -165,19 +167,22 @@ def block_lanczos(op: SymmetricOperator, k: int, *, block_size: int = 1, max_dim
         X = V[:, keep] / lam[keep].sqrt()                        # (bs, r) float64
         return X.T.to(W.dtype) @ W
 
-    def orthonormal_rows(W: Tensor, B: Tensor) -> Tensor:
-        ref = float(torch.sqrt(torch.diagonal(dot64(W, W)).max())) if W.numel() else 0.0
+    def orthonormal_rows(W: Tensor, B: Tensor, gram: np.ndarray | None = None) -> Tensor:
+        """``gram``: W W^T (float64, on the host) when the caller has it already."""
+        if gram is None:
+            gram = dot64(W, W).cpu().numpy() if W.numel() else np.zeros((0, 0))
+        ref = float(np.sqrt(np.diagonal(gram).max())) if gram.size else 0.0
         want = W.shape[0]
         Q = svqb(orth(W, B), 1e-6 * max(ref, 1e-300))
         while Q.shape[0] < want:                     # invariant subspace found: random directions
-            fresh = torch.randn((want - Q.shape[0], size), generator=gen, dtype=torch.float64)
-            fresh = orth(orth(fresh.to(device=device, dtype=dtype), B), Q)
+            fresh = draw_vectors((want - Q.shape[0], size), gen, "gaussian", dtype=dtype, device=device)
+            fresh = orth(orth(fresh, B), Q)
             Q = torch.cat([Q, svqb(fresh, 1e-3)])
         return svqb(orth(Q, B), 0.5)                 # twice is enough
 
     basis = torch.empty((max_dim, size), dtype=dtype, device=device)
     T = np.zeros((max_dim, max_dim))
-    start = torch.randn((s, size), generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    start = draw_vectors((s, size), gen, "gaussian", dtype=dtype, device=device)
     Q = orthonormal_rows(start, basis[:0])
     del start
     dim, scale = 0, 0.0
@@ -205,7 +210,7 @@ def block_lanczos(op: SymmetricOperator, k: int, *, block_size: int = 1, max_dim
         step = min(s, size - dim, max_dim - dim)
         if converged or step <= 0:
             break
-        Q = orthonormal_rows(W[:step] if step < bs else W, B)
+        Q = orthonormal_rows(W[:step], B) if step < bs else orthonormal_rows(W, B, G)
         del W
     del W
     vectors = None

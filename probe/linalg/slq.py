@@ -3,8 +3,8 @@ spectral density of any :class:`probe.linalg.SymmetricOperator` from a few short
 
 The estimator sees ``size``, ``dtype``, ``device`` and ``matmat`` only, states its cost in
 products ("matvecs", one per vector), draws its start vectors from a ``torch.Generator`` seeded
-by ``seed`` (:func:`probe.linalg.sampling.random_vectors`), and accumulates inner products in
-float64.
+by ``seed`` (:func:`probe.linalg.sampling.draw_vectors`: on the CPU, or on a CUDA operator's
+device), and accumulates inner products in float64.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from probe.linalg._accumulate import dot64
 from probe.linalg.operator import SymmetricOperator
-from probe.linalg.sampling import random_vectors, standard_error
+from probe.linalg.sampling import draw_vectors, standard_error, vector_generator
 
 __all__ = ["DensityEstimate", "slq_density"]
 
@@ -58,6 +58,7 @@ def _lanczos_quadrature(op: SymmetricOperator, V0: Tensor, n_steps: int,
     """Plain (s = 1) Lanczos from each column of V0 (size, c), unit columns, in lockstep (one
     ``matmat`` per step for all active runs), with full reorthogonalisation (twice, float64
     inner products); returns per run the diagonal alpha and off-diagonal beta of T (float64).
+    The runs' alpha and beta of a step come to the host together, one transfer per step.
     A run stops early when its new direction vanishes (beta <= 100 eps ||T||): the Krylov space
     is invariant, and its Ritz values and weights are exact."""
     size, c = op.size, V0.shape[1]
@@ -72,20 +73,28 @@ def _lanczos_quadrature(op: SymmetricOperator, V0: Tensor, n_steps: int,
         W = op.matmat(basis[active, i].T)                                     # (size, a)
         if progress is not None:
             progress(len(active))
-        still = []
+        ws, ab = [], []   # per run: its new direction (in its next basis row), (alpha, beta) on the device
         for col, j in enumerate(active):
-            w = W[:, col].to(op.dtype).clone()[None]                            # (1, size)
+            w = basis[j, i + 1:i + 2] if i + 1 < n_steps else torch.empty((1, size), dtype=op.dtype,
+                                                                          device=op.device)
+            w.copy_(W[:, col])                                                # (1, size)
             Qj = basis[j, :i + 1]                                             # (i+1, size)
-            alpha = float(dot64(w, Qj[i:i + 1])[0, 0])
+            alpha = dot64(w, Qj[i:i + 1])[0, 0]
             for _ in range(2):                                                # full reorth
                 w.addmm_(dot64(w, Qj).to(w.dtype), Qj, alpha=-1)
-            beta = float(torch.linalg.vector_norm(w, dtype=torch.float64))
+            ws.append(w)
+            ab.append(torch.stack([alpha, torch.linalg.vector_norm(w, dtype=torch.float64)]))
+        del W
+        host = torch.stack(ab).cpu().tolist()                  # one transfer per step for every run
+        still = []
+        for (alpha, beta), w, j in zip(host, ws, active):
             alphas[j].append(alpha)
             scale[j] = max(scale[j], abs(alpha), beta)
             if i + 1 < n_steps and beta > 100 * eps * max(scale[j], 1e-300):
                 betas[j].append(beta)
-                basis[j, i + 1] = (w / beta)[0]
+                w.div_(beta)                                                  # basis[j, i + 1]
                 still.append(j)
+        del ws
         active = still
         if not active:
             break
@@ -119,11 +128,12 @@ def slq_density(op: SymmetricOperator, n_probes: int, n_steps: int, *, seed: int
         raise ValueError(f"n_probes and n_steps must be positive, got {n_probes} and {n_steps}")
     n_steps = min(n_steps, op.size)
     block = max(1, int(block) if block else n_probes)
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = vector_generator(seed, op.device)
     rows_n, rows_w, steps, matvecs = [], [], [], 0
     for lo in range(0, n_probes, block):
         c = min(block, n_probes - lo)
-        V0 = (random_vectors(op.size, c, gen, "rademacher") / math.sqrt(op.size)).to(device=op.device, dtype=op.dtype)
+        V0 = draw_vectors((op.size, c), gen, "rademacher", dtype=op.dtype, device=op.device,
+                          scale=math.sqrt(op.size))
         alphas, betas = _lanczos_quadrature(op, V0, n_steps, progress)
         for a, b in zip(alphas, betas):
             matvecs += a.size

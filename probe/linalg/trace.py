@@ -2,8 +2,9 @@
 
 Each estimator sees ``size``, ``dtype``, ``device`` and ``matmat`` only, states its cost in
 products ("matvecs", one per vector), draws its random vectors from a ``torch.Generator`` seeded
-by ``seed`` (:func:`probe.linalg.sampling.random_vectors`), and accumulates inner products in
-float64.
+by ``seed`` (:func:`probe.linalg.sampling.draw_vectors`: on the CPU, or on a CUDA operator's
+device), and accumulates inner products in float64. The per-vector values stay on the operator's
+device until the last block (one transfer to the host per estimate, not one per block).
 
 * :func:`hutchinson_trace` -- Hutchinson (1989): tr(A) ~ mean_i z_i^T A z_i.
 * :func:`hutchpp_trace` -- Hutch++ (Meyer, Musco, Musco & Woodruff 2021): the trace of a
@@ -19,9 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from probe.linalg._accumulate import coldot64, dot64
+from probe.linalg._accumulate import coldot64, coldot64_t, dot64
 from probe.linalg.operator import SymmetricOperator
-from probe.linalg.sampling import random_vectors, standard_error
+from probe.linalg.sampling import draw_vectors, standard_error, vector_generator
 
 __all__ = ["TraceEstimate", "hutchinson_trace", "hutchpp_trace"]
 
@@ -85,12 +86,12 @@ def hutchinson_trace(op: SymmetricOperator, n_matvecs: int, *, block: int | None
     if m < 1:
         raise ValueError(f"n_matvecs must be a positive integer, got {n_matvecs!r}")
     block = max(1, int(block) if block else min(m, 10))
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = vector_generator(seed, op.device)
     vals = []
     for lo in range(0, m, block):
-        Z = random_vectors(op.size, min(block, m - lo), gen, dist).to(device=op.device, dtype=op.dtype)
-        vals.append(coldot64(Z, op.matmat(Z)))
-    v = np.concatenate(vals)
+        Z = draw_vectors((op.size, min(block, m - lo)), gen, dist, dtype=op.dtype, device=op.device)
+        vals.append(coldot64_t(Z, op.matmat(Z)))
+    v = torch.cat(vals).cpu().numpy()
     return TraceEstimate(estimate=float(v.mean()), stderr=standard_error(v), n_matvecs=m, method="hutchinson",
                          samples=v)
 
@@ -111,10 +112,10 @@ def hutchpp_trace(op: SymmetricOperator, n_matvecs: int, *, block: int | None = 
     if m < 3:
         raise ValueError(f"Hutch++ needs a budget of at least 3 products, got {n_matvecs!r}")
     block = max(1, int(block) if block else min(m // 3, 10))
-    gen = torch.Generator().manual_seed(int(seed))
-    s = m // 3
     dtype, device = op.dtype, op.device
-    S = random_vectors(op.size, s, gen, "rademacher").to(device=device, dtype=dtype)
+    gen = vector_generator(seed, device)
+    s = m // 3
+    S = draw_vectors((op.size, s), gen, "rademacher", dtype=dtype, device=device)
     rtol = 1e3 * torch.finfo(dtype).eps
     Q = _orthonormal_columns(_apply(op, S, block), rtol)                 # (size, r)
     del S
@@ -123,12 +124,12 @@ def hutchpp_trace(op: SymmetricOperator, n_matvecs: int, *, block: int | None = 
     h = m - s - r
     vals = []
     for lo in range(0, h, block):
-        G = random_vectors(op.size, min(block, h - lo), gen, "rademacher").to(device=device, dtype=dtype)
+        G = draw_vectors((op.size, min(block, h - lo)), gen, "rademacher", dtype=dtype, device=device)
         if r:                                                             # G - Q (Q^T G), twice
             for _ in range(2):
                 G = G - Q @ dot64(Q.T, G.T).to(dtype)
-        vals.append(coldot64(G, op.matmat(G)))
-    v = np.concatenate(vals) if vals else np.zeros(0)
+        vals.append(coldot64_t(G, op.matmat(G)))
+    v = torch.cat(vals).cpu().numpy() if vals else np.zeros(0)
     rest = float(v.mean()) if v.size else 0.0
     return TraceEstimate(estimate=exact + rest, stderr=standard_error(v) if v.size else 0.0, n_matvecs=s + r + h,
                          method="hutch++", samples=v, exact_part=exact, rank=r)

@@ -26,7 +26,8 @@ from probe.errors import UserError, first_line
 from probe.probes.registry import Progress
 from probe.training.build import build_model, check_model, sync_batchnorm
 from probe.training.config import TrainConfig, lr_at, resolve_device
-from probe.training.numerics import choose_amp_dtype, deterministic, environment, environment_changes, make_scaler
+from probe.training.numerics import (choose_amp_dtype, cudnn_benchmark, deterministic, environment, environment_changes,
+                                     make_scaler, uses_cudnn_benchmark)
 from probe.training.state import one_line, per_rank_states, rank_rng_state, restore, rng_state
 
 __all__ = ["TrainingDiverged", "TrainResult", "train", "evaluate"]
@@ -129,7 +130,9 @@ def train(config: TrainConfig, store=None, *, run_id: str | None = None,
 
     With ``config.amp`` the autocast dtype is :func:`~probe.training.numerics.choose_amp_dtype`'s
     (float16 with a loss scaler); ``config.deterministic`` sets deterministic algorithms for the
-    run (:func:`~probe.training.numerics.deterministic`, restored afterwards). Both, and the
+    run (:func:`~probe.training.numerics.deterministic`, restored afterwards); on a CUDA device
+    without it cuDNN benchmarks its kernels (:func:`~probe.training.numerics.cudnn_benchmark`,
+    recorded as ``cudnn_benchmark``). These, and the
     :func:`~probe.training.numerics.environment`, are recorded in the config's ``resolved``; a
     resume on other software or another GPU warns (``warnings.warn``) naming what differs."""
     from probe.runtime.dist import setup
@@ -159,7 +162,7 @@ def train(config: TrainConfig, store=None, *, run_id: str | None = None,
         raise UserError("--sync-bn needs CUDA devices (torch's SyncBatchNorm is GPU-only); on CPU each rank "
                         "normalises its own part of the batch")
     try:
-        with deterministic(config.deterministic):
+        with deterministic(config.deterministic), cudnn_benchmark(uses_cudnn_benchmark(device, config.deterministic)):
             return _train(config, store, device, ddp, run_id=run_id, on_epoch=on_epoch, progress=progress,
                           model_name=model_name or config.model, amp_dtype=amp_dtype)
     except RuntimeError as e:
@@ -201,6 +204,7 @@ def _train(config: TrainConfig, store, device: torch.device, ddp, *, run_id: str
     it trains the run a single process trains.
     ``amp_dtype``: the autocast dtype (None: no mixed precision)."""
     from probe.data import Augment, make_loader
+    from probe.data.batches import to_device
 
     data = _load_data(config)
     torch.manual_seed(config.seed)  # model init
@@ -225,6 +229,7 @@ def _train(config: TrainConfig, store, device: torch.device, ddp, *, run_id: str
             cfg["resolved"] = {"model": model.probe_config, "data": data.describe(), "device": str(device),
                                "torch": torch.__version__, "num_threads": torch.get_num_threads(),
                                "world_size": ddp.world, "amp_dtype": _dtype_name(amp_dtype),
+                               "cudnn_benchmark": uses_cudnn_benchmark(device, config.deterministic),
                                "environment": environment(device)}
             run_id = store.new_run(config.model, config.data, cfg)
         run_id = ddp.broadcast(run_id)
@@ -269,7 +274,7 @@ def _train(config: TrainConfig, store, device: torch.device, ddp, *, run_id: str
             for step, (xb, yb) in enumerate(loader):
                 if config.mixup > 0:
                     lam = float(mix_rng.beta(config.mixup, config.mixup))
-                    perm = torch.randperm(xb.shape[0], generator=loader_gen).to(device)
+                    perm = to_device(torch.randperm(xb.shape[0], generator=loader_gen), device)
                     xb = lam * xb + (1.0 - lam) * xb[perm]
                     yb2 = yb[perm]
                 n_global, weight = xb.shape[0], 1.0

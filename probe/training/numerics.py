@@ -1,6 +1,6 @@
-"""How a run computes: the mixed-precision dtype and its loss scaler, deterministic algorithms for
-the run's duration, and the software and hardware a run was trained on (recorded with the run, so
-that a resume elsewhere says what differs)."""
+"""How a run computes: the mixed-precision dtype and its loss scaler, deterministic algorithms or
+cuDNN's kernel benchmarking for the run's duration, and the software and hardware a run was
+trained on (recorded with the run, so that a resume elsewhere says what differs)."""
 from __future__ import annotations
 
 import contextlib
@@ -8,8 +8,8 @@ import os
 
 import torch
 
-__all__ = ["AMP_DTYPES", "choose_amp_dtype", "make_scaler", "deterministic", "environment",
-           "environment_changes", "CUBLAS_DETERMINISTIC"]
+__all__ = ["AMP_DTYPES", "choose_amp_dtype", "make_scaler", "deterministic", "uses_cudnn_benchmark",
+           "cudnn_benchmark", "environment", "environment_changes", "CUBLAS_DETERMINISTIC"]
 
 #: What :attr:`TrainConfig.amp_dtype` may say.
 AMP_DTYPES = ("auto", "bfloat16", "float16")
@@ -61,6 +61,29 @@ def deterministic(on: bool = True):
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
         else:
             os.environ["CUBLAS_WORKSPACE_CONFIG"] = before[4]
+
+
+def uses_cudnn_benchmark(device: torch.device, deterministic: bool) -> bool:
+    """Whether a run lets cuDNN benchmark its convolution kernels: on a CUDA device unless the run
+    is deterministic (benchmarking picks kernels by timing them, which may pick others on the
+    next run, and deterministic algorithms rule it out)."""
+    return device.type == "cuda" and not deterministic
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(on: bool):
+    """Within this block (when ``on``) cuDNN times its convolution algorithms on the first call of
+    each shape and keeps the fastest (``torch.backends.cudnn.benchmark``; a training run's batches
+    all have the same shape but the last); put back afterwards."""
+    if not on:
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def environment(device: torch.device) -> dict:

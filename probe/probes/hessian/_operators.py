@@ -151,8 +151,9 @@ class _LossOperator:
         return self.criterion(self.forward(params, xb), yb)
 
     def mean_loss(self) -> float:
-        """The mean loss L over the subset at the current parameters (no products counted)."""
-        total = 0.0
+        """The mean loss L over the subset at the current parameters (no products counted); the
+        batches' losses come to the host together, after the last batch."""
+        weights, vals = [], []
         with torch.no_grad(), self.mode():
             for xb, yb, w in self.batches():
                 val = self.loss(self.params, xb, yb)
@@ -160,7 +161,11 @@ class _LossOperator:
                     got = tuple(val.shape) if isinstance(val, Tensor) else type(val).__name__
                     raise UserError(f"the criterion must return the mean loss over a batch (one "
                                     f"number), got {got}")
-                total += w * float(val.double())
+                weights.append(w)
+                vals.append(val.reshape(()).double())
+        total = 0.0
+        for w, v in zip(weights, torch.stack(vals).cpu().tolist()):
+            total += w * v
         return total
 
     def tangents(self, V: Tensor) -> dict[str, Tensor]:

@@ -21,7 +21,8 @@ _LANCZOS_MAX_BLOCK = 512  # samples per block in the matrix-free operator (throu
 _GRAM_MAX_CHUNK = 32      # samples whose generic layer rows are formed at once (gram operator)
 _GRAM_BLOCK = 20          # default vectors per block of the gram operator
 _NTVP_BLOCK = 10          # default vectors per block of the VJP/JVP operator
-_GRAM_ROW_BYTES = 6 << 20  # a block of weight rows formed at once (~6 MB: stays in the L3 cache)
+_GRAM_ROW_BYTES = 6 << 20  # CPU only: a block of weight rows formed at once (~6 MB: stays in the L3 cache;
+                           # a GPU forms a sub-chunk's rows per layer and output in one batched product)
 
 
 def _fro(a: np.ndarray) -> float:
@@ -74,18 +75,25 @@ def _has_batchnorm(model: nn.Module) -> bool:
 
 
 def _check_finite(fm: FunctionalModel, x: Tensor, chunk: int, which: str) -> float:
-    """Raise on non-finite model outputs; return the largest |output|."""
-    top = 0.0
+    """Raise on non-finite model outputs; return the largest |output|. The chunks' checks and
+    maxima stay on the device and come to the host once, after the last chunk."""
+    ok, tops = [], []
     with torch.no_grad():
         for lo, hi in _ranges(x.shape[0], chunk):
             y = fm(fm.params, x[lo:hi])
-            if not torch.isfinite(y).all():
-                bad = (~torch.isfinite(y.reshape(hi - lo, -1))).any(1).nonzero().flatten()
-                raise UserError(f"model outputs are not finite on the probe inputs ({which}, e.g. sample "
-                                f"{lo + int(bad[0])}); check the checkpoint and the input normalisation")
+            ok.append(torch.isfinite(y).all())
             if y.numel():
-                top = max(top, float(y.abs().max()))
-    return top
+                tops.append(y.abs().max().to(torch.float64))
+    if not ok:
+        return 0.0
+    if not bool(torch.stack(ok).all()):
+        lo, hi = _ranges(x.shape[0], chunk)[int(torch.stack(ok).logical_not().nonzero()[0, 0])]
+        with torch.no_grad():
+            y = fm(fm.params, x[lo:hi])
+        bad = (~torch.isfinite(y.reshape(hi - lo, -1))).any(1).nonzero().flatten().tolist() or [0]
+        raise UserError(f"model outputs are not finite on the probe inputs ({which}, e.g. sample "
+                        f"{lo + bad[0]}); check the checkpoint and the input normalisation")
+    return max(0.0, float(torch.stack(tops).max())) if tops else 0.0
 
 
 def _out_of_range(dtype: torch.dtype, y_max: float) -> bool:

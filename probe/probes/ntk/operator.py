@@ -52,7 +52,7 @@ def ntk_operator(model: nn.Module, x: Tensor, kind: NtkKind | str = "trace", *,
     n = xs.shape[0]
     with torch.no_grad():
         outs = [fm(fm.params, xs[lo:lo + _PASS]).reshape(min(_PASS, n - lo), -1) for lo in range(0, n, _PASS)]
-    y_max = max(float(o.abs().max()) for o in outs)
+    y_max = float(torch.stack([o.abs().max() for o in outs]).max())     # one transfer to the host
     if dtype is None and fm.dtype != torch.float64 and _out_of_range(fm.dtype, y_max):
         return ntk_operator(model, x, kind, param_filter=param_filter, dtype=torch.float64, device=device,
                             output=output, block_size=block_size)
