@@ -28,7 +28,7 @@ _GROUPS: dict[str, dict[str, str]] = {
         "load_data", "DataSplits", "DATASETS", "data_roots", "find_data", "register_dataset", "unregister_dataset")},
     "training": {name: "probe.training" for name in (
         "train", "TrainConfig", "TrainResult", "TrainingDiverged", "resume", "load_run_model", "build_model", "lr_at",
-        "evaluate", "resolve_device", "PRESETS")},
+        "evaluate", "resolve_device", "PRESETS", "load_weights")},
     "probe framework": {
         **{name: "probe.probes.registry" for name in (
             "Probe", "ProbeContext", "StoredResult", "Figure", "Measure", "register", "unregister", "get_probe",

@@ -35,6 +35,13 @@ def _target_args(p: argparse.ArgumentParser, default_n: int) -> None:
                         "its own)")
     p.add_argument("--n", type=int, default=default_n, help=f"number of probe inputs (default: {default_n})")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra model argument (with --model)")
+    p.add_argument("--weights", metavar="FILE", default=None,
+                   help="with --model: probe it with these trained weights instead of its initialisation: a "
+                        "state_dict saved by torch.save (read weights-only), a checkpoint dict holding one, or a "
+                        ".safetensors file; the stored result records the file's name and sha256 (default: none)")
+    p.add_argument("--weights-key", metavar="KEY", default=None,
+                   help="with --weights: the checkpoint entry holding the state_dict (default: the file itself "
+                        "when it is one, else the first of state_dict, model, model_state_dict)")
     factory_args(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init and the probe data (default: 0)")
@@ -55,10 +62,14 @@ def _target_kwargs(args) -> dict:
                             "package.module:factory")
     elif args.model_arg:
         raise UserError("--model-arg applies to --model; a run rebuilds its model from its stored config")
+    elif args.weights is not None:
+        raise UserError("--weights applies to --model; a run loads its own checkpoints (--checkpoint)")
+    if args.weights_key is not None and args.weights is None:
+        raise UserError("--weights-key selects an entry of the --weights file; give --weights FILE too")
     return dict(model=args.model, run=args.run, checkpoint=args.checkpoint, data=args.data,
                 data_root=args.data_root, image_size=args.image_size, n=args.n, device=args.device,
                 seed=args.seed, model_args=parse_model_args(args.model_arg), factory=args.factory,
-                trust_factory=args.trust_factory)
+                trust_factory=args.trust_factory, weights=args.weights, weights_key=args.weights_key)
 
 
 def _add_param_flags(p: argparse.ArgumentParser, params: type) -> None:
@@ -87,6 +98,8 @@ def _param_values(args, params: type) -> dict:
 
 
 def _where(info: dict) -> str:
+    if info.get("weights"):
+        return f"weights {info['weights']['file']}, sha256 {info['weights']['sha256'][:12]}"
     if info.get("run_id") is None:
         return "init"
     return "init" if not info.get("epoch") else f"epoch {info['epoch']}"
