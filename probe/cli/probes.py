@@ -84,13 +84,16 @@ def _add_param_flags(p: argparse.ArgumentParser, params: type) -> None:
                                default=True, help=f"turn off: {text}")
             else:
                 p.add_argument(flag_name(f.name), dest=f"param_{f.name}", action="store_true", default=False,
-                               help=f"{text} (default: off)")
+                               help=text if "default" in text else f"{text} (default: off)")
             continue
         kind = type(default) if isinstance(default, (int, float, str)) else str
         # choices are checked with the other values (one-line error naming the option), not by argparse
         shown = f"one of {', '.join(map(str, choices))}; " if choices else ""
+        # a help text that states its default itself keeps its wording (no second "(default: ...)")
+        tail = f" ({shown.removesuffix('; ')})" if shown and "default" in text else "" if "default" in text \
+            else f" ({shown}default: {default})"
         p.add_argument(flag_name(f.name), dest=f"param_{f.name}", type=kind, default=default, metavar=f.name.upper(),
-                       help=f"{text} ({shown}default: {default})")
+                       help=text + tail)
 
 
 def _param_values(args, params: type) -> dict:

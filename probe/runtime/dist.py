@@ -24,7 +24,8 @@ import torch
 
 from probe.errors import UserError, first_line
 
-__all__ = ["COMM", "Dist", "DistError", "setup", "current", "local", "teardown", "launched", "DEFAULT_TIMEOUT_S"]
+__all__ = ["COMM", "Dist", "DistError", "setup", "current", "local", "teardown", "launched", "DEFAULT_TIMEOUT_S",
+           "collective_timeout_s"]
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -45,7 +46,9 @@ def launched() -> bool:
         return False
 
 
-def _timeout_s() -> float:
+def collective_timeout_s() -> float:
+    """Seconds a collective waits (``PROBE_DIST_TIMEOUT``, default 300); a :class:`UserError` for a
+    value that is not 1 to 86400 seconds."""
     raw = os.environ.get("PROBE_DIST_TIMEOUT")
     if raw is None:
         return DEFAULT_TIMEOUT_S
@@ -91,7 +94,7 @@ class Dist:
         except RuntimeError as e:   # DistBackendError and gloo's connection errors are RuntimeErrors
             detail = first_line(e)
             raise DistError(f"rank {self.rank} of {self.world}: {what} failed, a peer rank stopped or did not "
-                            f"answer within {_timeout_s():.0f} s ({detail[:200]}); the job ends on every rank "
+                            f"answer within {collective_timeout_s():.0f} s ({detail[:200]}); the job ends on every rank "
                             f"and resumes with --resume") from None
         finally:
             COMM["seconds"] += time.perf_counter() - t0
@@ -188,7 +191,7 @@ def setup(device: str | torch.device = "cpu") -> Dist:
                             "start at most one process per GPU (--nproc-per-node)")
         torch.cuda.set_device(local)
     try:
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=_timeout_s()))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=collective_timeout_s()))
     except (RuntimeError, ValueError) as e:
         raise DistError(f"could not join the process group ({backend}): {first_line(e)[:200]}") from None
     return current()
