@@ -25,8 +25,8 @@ def _target_args(p: argparse.ArgumentParser, default_n: int) -> None:
     g.add_argument("--run", help="a run id, unique prefix or 'last' (probed on the data it was trained on)")
     p.add_argument("--checkpoint", default=None,
                    help="with --run: an epoch, last, init or all (default: last)")
-    p.add_argument("--data", default=None, help="data set for a model given by name (default: digits; a run "
-                                                "uses its own)")
+    p.add_argument("--data", default=None, help="data set for a model given by name, or npz:FILE for arrays x, y "
+                                                "of one's own (default: digits; a run uses its own)")
     p.add_argument("--data-root", default=None, metavar="DIR",
                    help="folder with the data set's local files (default: a run's own, else $PROBE_DATA, ./data, "
                         "/usr/share/datasets/<name>)")

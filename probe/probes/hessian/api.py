@@ -27,6 +27,7 @@ from probe.runtime.progress import Progress
 from probe.probes.hessian._operators import (Criterion, DataShardedOperator, GGNOperator, HessianOperator,
                                              couples_samples, has_batchnorm)
 from probe.probes.hessian.result import BlockResult, Eigenpairs, HessianResult
+from probe.inputs import takes_loader
 
 __all__ = ["hessian_spectrum", "curvature_operator", "group_blocks", "resolve_criterion"]
 
@@ -110,6 +111,7 @@ def _targets(fm: FunctionalModel, x: Tensor, y: Tensor, name: str) -> Tensor:
     return y
 
 
+@takes_loader("x", "y")
 def curvature_operator(model: nn.Module, x, y, *, criterion: str | Criterion = "cross_entropy",
                        operator: str = "hessian", param_filter: ParamFilter = None,
                        batch_size: int | None = None, bn: str = "eval",
@@ -254,6 +256,7 @@ def _trace(op, method: str, m: int, seed: int, block: int) -> TraceEstimate:
 
 
 @exact
+@takes_loader("x", "y")
 def hessian_spectrum(model: nn.Module, x, y, *, criterion: str | Criterion = "cross_entropy",
                      operator: str = "hessian", k: int = 5, which: str = "largest",
                      trace: str | None = "hutchinson", trace_matvecs: int = 100, density: bool = True,
@@ -343,6 +346,9 @@ def hessian_spectrum(model: nn.Module, x, y, *, criterion: str | Criterion = "cr
     notes: list[str] = []
     if n_samples is not None and n_samples > N:
         notes.append(f"n_samples={n_samples} is more than the {N} samples given: all {N} used")
+    elif n_samples is not None and n_samples < N:
+        notes.append(f"used {n_samples} of the {N} samples given (n_samples={n_samples}, a seeded subset; "
+                     "n_samples=None uses all)")
     if any(m.training for m in model.modules()):
         notes.append(f"model was in train mode: evaluated with dropout off and BatchNorm in "
                      f"{bn} mode; the model's modes are restored")

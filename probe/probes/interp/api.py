@@ -79,6 +79,7 @@ from probe.runtime.precision import exact
 from probe.functional import FunctionalModel, OutputSelector, check_sample_independence, fix_batch_statistics
 from probe.probes.interp.result import InterpResult
 from probe.probes.registry import Progress
+from probe.inputs import takes_loader
 
 __all__ = ["interpolation_paths", "check_options"]
 
@@ -302,6 +303,7 @@ def _softmax_ce(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @exact
+@takes_loader("x", "y")
 def interpolation_paths(model: nn.Module, x: Tensor, y: Tensor, *, pairs: int = 64, steps: int = 33,
                         same_class_fraction: float = 0.5, degree_tol: float = 0.01, max_degree: int = 12,
                         triples: int = 3, plane_resolution: int = 41, plane_margin: float = 0.25,

@@ -32,6 +32,7 @@ from probe.probes.ntk._util import (_LANCZOS_MAX_BLOCK, _MODEL_ERRORS, DEFAULT_M
                                     _out_of_range, _overflow_error, _prepare_inputs, _progress,
                                     _promoted)
 from probe.probes.ntk.result import LanczosMethod, LanczosResult, NtkKind, NtkResult, SpectrumResult
+from probe.inputs import takes_loader
 
 __all__ = ["empirical_ntk", "ntk_spectrum", "ntk_topk_lanczos"]
 
@@ -46,6 +47,7 @@ _TRIAL_SLACK = 8 << 20  # measured working sets this much above the estimate are
 
 
 @exact
+@takes_loader("x1", None, "x2")
 def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
                   kind: NtkKind | str = "trace", method: NtkMethod | str = "auto",
                   memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, block_size: int | None = None,
@@ -383,6 +385,7 @@ def ntk_spectrum(K, y=None, *, floor: float | None = None) -> SpectrumResult:
 
 
 @exact
+@takes_loader("x")
 def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind | str = "trace",
                      method: LanczosMethod | str = "auto",
                      param_filter: ParamFilter = None, dtype: torch.dtype | str | None = None,

@@ -30,6 +30,7 @@ from probe.probes.surface._directions import Directions, flat_params
 from probe.probes.surface._evaluate import LOOP_CHUNK, Plan, centre_point, evaluate_points, plan_evaluation
 from probe.probes.surface._grid import Grid, parse_grid
 from probe.probes.surface.result import SurfaceResult
+from probe.inputs import takes_loader
 
 __all__ = ["loss_surface", "as_directions"]
 
@@ -69,6 +70,7 @@ def _check(name: str, value, choices: Sequence[str]) -> str:
 
 
 @exact
+@takes_loader("x", "y")
 def loss_surface(model: nn.Module, x, y, directions, grid: str | Grid = "-1:1:51", *, bn: str = "eval",
                  vectorize: str = "auto", memory_gb: float = 2.0, chunk: int = 0,
                  dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
