@@ -1,4 +1,5 @@
-"""Subcommands beyond models / fusions: train, runs, show, demo (the probes: :mod:`probe.cli.probes`).
+"""Subcommands beyond models / fusions: train, runs, show, demo, explore, export (the probes:
+:mod:`probe.cli.probes`).
 
 Each ``register(sub, common)`` adds one subparser; each ``cmd_*`` parses, calls the library,
 saves, and returns an :class:`probe.cli.common.Output`.
@@ -366,3 +367,33 @@ def _reg_explore(sub, common):
                    help="address to bind (default: 127.0.0.1, this machine only)")
     runs_arg(p)
     p.set_defaults(func=cmd_explore)
+
+
+# --- probe export ------------------------------------------------------------------------------
+
+
+def cmd_export(args) -> Output:
+    from probe.store import export_run
+
+    store = open_store(args, readonly=True)
+    result = export_run(store, args.run, args.out, fmt=args.format, probe_ids=args.probe)
+    for line in result["left_out"]:
+        print(f"warning: left out {line}", file=sys.stderr)
+    text = f"{len(result['files'])} file(s) written under {args.out}" + "".join(
+        f"\n  {f}" for f in result["files"])
+    return Output(result, text)
+
+
+@_register
+def _reg_export(sub, common):
+    p = sub.add_parser("export", parents=[common], help="write a run's metrics and its probes' numbers as CSV or "
+                       "TensorBoard files")
+    p.add_argument("run", nargs="?", default=None,
+                   help="run id, unique prefix or 'last' (default: none; then give --probe)")
+    p.add_argument("--probe", action="append", metavar="ID",
+                   help="only this stored probe (repeatable; default: every probe of the run)")
+    p.add_argument("--format", choices=["csv", "tensorboard"], default="csv",
+                   help="csv files, or TensorBoard event files (needs the tensorboard package) (default: csv)")
+    p.add_argument("--out", metavar="DIR", default="export", help="folder to write into (default: ./export)")
+    runs_arg(p)
+    p.set_defaults(func=cmd_export)
