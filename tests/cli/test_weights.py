@@ -158,3 +158,26 @@ def test_safetensors_file_loads_when_the_package_is_installed(trained, tmp_path)
     m = _tiny()
     load_weights(m, path)
     assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
+
+
+def test_train_starts_from_own_weights_and_records_them(trained, tmp_path, capsys):
+    import hashlib
+
+    from probe.training import load_run_model
+
+    _, _, weights, sd = trained
+    code, out, err = cli(capsys, "train", "--model", "tiny_add", "--weights", str(weights), "--epochs", "1",
+                         "--limit-train", "64", "--limit-test", "32", "--lr", "1e-9", "--schedule", "constant",
+                         "--runs", str(tmp_path), "--json", "--quiet")
+    assert code == 0, err
+    rid = json.loads(out)["run_id"]
+    store = RunStore(tmp_path, readonly=True)
+    recorded = store.get_run(rid)["config"]["resolved"]["weights"]
+    assert recorded == {"file": "mine.pt", "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(), "key": None}
+    init, _, _ = load_run_model(store, rid, "init")              # the run's initialisation is the file
+    assert all(torch.equal(v, sd[k]) for k, v in init.state_dict().items())
+    after = store.load_checkpoint(rid, 1)["model"]               # one epoch at lr 1e-9 moves nothing visibly
+    for name, _ in init.named_parameters():
+        torch.testing.assert_close(after[name], sd[name], rtol=0, atol=1e-6)
+    code, out, err = cli(capsys, "train", "--resume", rid, "--weights", str(weights), "--runs", str(tmp_path))
+    assert code == 2 and "--weights cannot change on resume" in err and len(err.strip().splitlines()) == 1
