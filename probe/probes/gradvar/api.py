@@ -86,8 +86,8 @@ from probe.probes.registry import Progress
 __all__ = ["gradient_variance"]
 
 
-@exact
 @takes_loader("x", "y")
+@exact
 def gradient_variance(model: nn.Module, x: Tensor, y: Tensor, params: GradVarParams | None = None, *,
                       seed: int = 0, lr: float | None = None, rebuild: Callable[[int], nn.Module] | None = None,
                       at_init: bool | None = None, loss: LossFn | None = None,

@@ -255,8 +255,8 @@ def _trace(op, method: str, m: int, seed: int, block: int) -> TraceEstimate:
     return hutchinson_trace(op, m, seed=seed, block=block)
 
 
-@exact
 @takes_loader("x", "y")
+@exact
 def hessian_spectrum(model: nn.Module, x, y, *, criterion: str | Criterion = "cross_entropy",
                      operator: str = "hessian", k: int = 5, which: str = "largest",
                      trace: str | None = "hutchinson", trace_matvecs: int = 100, density: bool = True,

@@ -302,8 +302,8 @@ def _softmax_ce(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return logp.exp(), -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
 
 
-@exact
 @takes_loader("x", "y")
+@exact
 def interpolation_paths(model: nn.Module, x: Tensor, y: Tensor, *, pairs: int = 64, steps: int = 33,
                         same_class_fraction: float = 0.5, degree_tol: float = 0.01, max_degree: int = 12,
                         triples: int = 3, plane_resolution: int = 41, plane_margin: float = 0.25,

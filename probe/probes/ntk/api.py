@@ -46,8 +46,8 @@ _TRIAL_SLACK = 8 << 20  # measured working sets this much above the estimate are
 # --------------------------------------------------------------------------------------------
 
 
-@exact
 @takes_loader("x1", None, "x2")
+@exact
 def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
                   kind: NtkKind | str = "trace", method: NtkMethod | str = "auto",
                   memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, block_size: int | None = None,
@@ -384,8 +384,8 @@ def ntk_spectrum(K, y=None, *, floor: float | None = None) -> SpectrumResult:
 # --------------------------------------------------------------------------------------------
 
 
-@exact
 @takes_loader("x")
+@exact
 def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind | str = "trace",
                      method: LanczosMethod | str = "auto",
                      param_filter: ParamFilter = None, dtype: torch.dtype | str | None = None,

@@ -362,8 +362,8 @@ def _runner(model: nn.Module, device) -> tuple[torch.device, torch.dtype | None,
     return dev, dtype, lambda xb: torch.func.functional_call(model, (params, buffers), (xb,))
 
 
-@exact
 @takes_loader("x")
+@exact
 def saturation(model: nn.Module, x: Tensor, *, batch_size: int = 128, bins: int = 64, threshold: float = 3.0,
                hist_max: float = 12.0, device: torch.device | str | None = None,
                progress: Progress | None = None) -> "SaturationResult":

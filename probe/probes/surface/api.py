@@ -69,8 +69,8 @@ def _check(name: str, value, choices: Sequence[str]) -> str:
     return value
 
 
-@exact
 @takes_loader("x", "y")
+@exact
 def loss_surface(model: nn.Module, x, y, directions, grid: str | Grid = "-1:1:51", *, bn: str = "eval",
                  vectorize: str = "auto", memory_gb: float = 2.0, chunk: int = 0,
                  dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
