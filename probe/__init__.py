@@ -23,12 +23,12 @@ __version__ = "0.1.0"
 _GROUPS: dict[str, dict[str, str]] = {
     "store": {name: "probe.store" for name in (
         "RunStore", "resolve_runs_root", "rebuild_catalog", "to_jsonable", "atomic_write_text", "atomic_write_bytes",
-        "atomic_torch_save")},
+        "atomic_torch_save", "export_run", "run_metrics_frame")},
     "data": {name: "probe.data" for name in (
         "load_data", "DataSplits", "DATASETS", "data_roots", "find_data", "register_dataset", "unregister_dataset")},
     "training": {name: "probe.training" for name in (
         "train", "TrainConfig", "TrainResult", "TrainingDiverged", "resume", "load_run_model", "build_model", "lr_at",
-        "evaluate", "resolve_device", "PRESETS")},
+        "evaluate", "resolve_device", "PRESETS", "load_weights")},
     "probe framework": {
         **{name: "probe.probes.registry" for name in (
             "Probe", "ProbeContext", "StoredResult", "Figure", "Measure", "register", "unregister", "get_probe",

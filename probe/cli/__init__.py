@@ -9,8 +9,9 @@ import argparse
 import re
 import sys
 
+from probe.errors import UserError
 from probe.text import format_table
-from probe.cli.common import OneLineParser, Output, run_command
+from probe.cli.common import OneLineParser, Output, fail, run_command
 
 __all__ = ["main", "build_parser"]
 
@@ -59,7 +60,11 @@ def cmd_fusions(args) -> Output:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from probe import __version__
+
     parser = OneLineParser(prog="probe", description=__doc__.splitlines()[0].replace("``", "`"))
+    parser.add_argument("--version", action="version", version=f"probe {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     common = _common()
 
@@ -114,6 +119,24 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+def check_launch(args) -> None:
+    """What would fail in every started process, checked before torchrun starts them (a
+    :class:`UserError`): the collective timeout of ``PROBE_DIST_TIMEOUT``, and for ``--resume`` the
+    number of processes the run was trained with."""
+    from probe.runtime.dist import collective_timeout_s
+
+    collective_timeout_s()
+    if args.resume:
+        from probe.cli.common import open_store
+
+        run = open_store(args, readonly=True).get_run(args.resume)
+        world = ((run.get("config") or {}).get("resolved") or {}).get("world_size", 1)
+        if world != args.nproc:
+            raise UserError(f"run {run['run_id']} was trained by {world} process(es); resume it with the same "
+                            f"number (--nproc {world}), not {args.nproc}: each rank's batch share and random "
+                            "state are part of the run")
+
+
 def launch_torchrun(args, argv: list[str]) -> int:
     """``probe train --nproc N ...``: the same command under ``torchrun --standalone
     --nproc-per-node N`` (one machine); its exit status is this command's."""
@@ -123,20 +146,18 @@ def launch_torchrun(args, argv: list[str]) -> int:
 
     n = args.nproc
     if not isinstance(n, int) or not 1 <= n <= 1024:
-        print(f"probe train: error: --nproc {n}: expected 1 to 1024 processes", file=sys.stderr)
-        return 2
+        return fail(args, f"probe train: error: --nproc {n}: expected 1 to 1024 processes")
     if launched():
-        print("probe train: error: --nproc starts torchrun itself; under torchrun give --nproc-per-node to torchrun "
-              "instead", file=sys.stderr)
-        return 2
+        return fail(args, "probe train: error: --nproc starts torchrun itself; under torchrun give --nproc-per-node "
+                          "to torchrun instead")
     from probe.cli.common import user_error_types
     from probe.cli.commands import check_train_args
 
     try:  # bad input is one line here, before any process starts
         check_train_args(args)
+        check_launch(args)
     except user_error_types() as e:
-        print(f"probe train: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
+        return fail(args, f"probe train: error: {str(e).strip().splitlines()[0]}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "probe", "--",
            *_without_nproc(argv)]
     try:
@@ -150,20 +171,44 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(join_negative_values(list(sys.argv[1:] if argv is None else argv)))
+    OneLineParser.json_errors = "--json" in argv[:argv.index("--")] if "--" in argv else "--json" in argv
+    try:
+        args = parser.parse_args(join_negative_values(argv))
+    finally:
+        OneLineParser.json_errors = False
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
-    if args.command == "train" and getattr(args, "nproc", 1) != 1:
-        return launch_torchrun(args, list(sys.argv[1:] if argv is None else argv))
-    if threading.current_thread() is not threading.main_thread():
-        return run_command(args.func, args, f"probe {args.command}")
-    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return run_command(args.func, args, f"probe {args.command}")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        if args.command == "train" and getattr(args, "nproc", 1) != 1:
+            code = launch_torchrun(args, argv)
+        elif threading.current_thread() is not threading.main_thread():
+            code = run_command(args.func, args, f"probe {args.command}")
+        else:
+            previous = signal.signal(signal.SIGTERM, _terminate)
+            try:
+                code = run_command(args.func, args, f"probe {args.command}")
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (`probe fusions | head`): stop quietly, as other tools do
+        _stdout_to_devnull()
+        return 141
+    return code
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null so that the interpreter's last flush finds no closed pipe."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a file descriptor (captured): nothing to flush later
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,5 @@
-"""Subcommands beyond models / fusions: train, runs, show, demo (the probes: :mod:`probe.cli.probes`).
+"""Subcommands beyond models / fusions: train, runs, show, demo, explore, export (the probes:
+:mod:`probe.cli.probes`).
 
 Each ``register(sub, common)`` adds one subparser; each ``cmd_*`` parses, calls the library,
 saves, and returns an :class:`probe.cli.common.Output`.
@@ -203,6 +204,23 @@ def _run_row(r: dict) -> dict:
             "created_at": r["created_at"]}
 
 
+def _plain(value):
+    """A stored value for a table cell: short printable text as it is, anything else escaped and cut."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    text = str(value)
+    if not text.isprintable() or len(text) > 80:
+        text = repr(text)[:77] + ("..." if len(repr(text)) > 77 else "")
+    return text
+
+
+def _damaged_run_row(d: dict) -> dict:
+    """A run row the catalog could not read, listed as ``damaged`` with what is wrong."""
+    return {"run_id": _plain(d.get("run_id")), "model": _plain(d.get("model")), "data": _plain(d.get("data")),
+            "status": "damaged", "epochs": None, "best_acc": None, "final_acc": None, "train_time_s": None,
+            "fusion": None, "created_at": _plain(d.get("created_at")), "problem": d.get("problem")}
+
+
 def cmd_runs(args) -> Output:
     rebuilt = None
     if args.rebuild_catalog:
@@ -210,6 +228,8 @@ def cmd_runs(args) -> Output:
         rebuilt = RunStore.rebuild_catalog(resolve_runs_root(args.runs))
     store = open_store(args, readonly=not args.rebuild_catalog)
     rows = [_run_row(r) for r in store.list_runs(model=args.model, status=args.status)]
+    damaged = [_damaged_run_row(d) for d in getattr(store, "damaged", None) or []]
+    rows = sorted(rows + damaged, key=lambda r: str(r.get("created_at") or ""), reverse=True) if damaged else rows
     skipped = _report_skipped(store)
     text = format_table(rows, [("run_id", "run"), ("model", "model"), ("data", "data"), ("status", "status"),
                                ("epochs", "epochs"), ("best_acc", "best"), ("final_acc", "final"),
@@ -234,12 +254,17 @@ def _rebuilt_text(r: dict) -> str:
 def cmd_show(args) -> Output:
     store = open_store(args, readonly=True)
     run = store.get_run(args.run)
+    skipped: list[str] = []     # each listing resets the store's report: collect it after each one
     metrics = store.get_metrics(run["run_id"])
+    skipped += _report_skipped(store)
     ckpts = [c["epoch"] for c in store.list_checkpoints(run["run_id"])]
+    bad_ckpts = [{"epoch": _plain(d.get("epoch")), "problem": d["problem"]} for d in getattr(store, "damaged", [])]
+    skipped += _report_skipped(store)
     probes = [{k: p[k] for k in ("probe_id", "kind", "checkpoint_epoch", "created_at")}
               for p in store.list_probes(run_id=run["run_id"])]
-    data = {"run": run, "metrics": metrics, "checkpoints": ckpts, "probes": probes,
-            "skipped": _report_skipped(store)}
+    skipped += _report_skipped(store)
+    data = {"run": run, "metrics": metrics, "checkpoints": ckpts, "damaged_checkpoints": bad_ckpts,
+            "probes": probes, "skipped": skipped}
     head = _run_row(run)
     text = "\n".join(f"{k:>12}: {v}" for k, v in head.items())
     if run.get("error"):
@@ -248,7 +273,10 @@ def cmd_show(args) -> Output:
                                             ("train_top1", "train top1"), ("test_loss", "test loss"),
                                             ("test_top1", "test top1"), ("test_top5", "test top5"),
                                             ("lr", "lr"), ("epoch_time_s", "time s")])
-    text += f"\n\ncheckpoints: {ckpts}\nprobes: {len(probes)}"
+    text += f"\n\ncheckpoints: {ckpts}"
+    if bad_ckpts:
+        text += f"\ndamaged checkpoint rows (epochs): {[d['epoch'] for d in bad_ckpts]} (see the warnings)"
+    text += f"\nprobes: {len(probes)}"
     return Output(data, text)
 
 
@@ -304,10 +332,20 @@ def cmd_explore(args) -> Output:
     import apps
     from probe.store import resolve_runs_root
 
+    import socket
+
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port must be in [1, 65535], got {args.port}")
+    try:  # a name that does not resolve is refused here, before the server starts
+        socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, ValueError) as e:
+        raise UserError(f"--host {args.host!r}: not an address or a name this machine resolves "
+                        f"({getattr(e, 'strerror', None) or e})") from None
     app = Path(apps.__file__).resolve().parent / "explorer.py"
     root = resolve_runs_root(args.runs)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--runs {root}: a file, not a folder; give the runs root (the folder holding "
+                        "catalog.sqlite)")
     url = f"http://{args.host}:{args.port}"
     print(f"explorer: {url}  (runs root {root}; Ctrl-C stops it)", file=sys.stderr, flush=True)
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
@@ -330,3 +368,33 @@ def _reg_explore(sub, common):
                    help="address to bind (default: 127.0.0.1, this machine only)")
     runs_arg(p)
     p.set_defaults(func=cmd_explore)
+
+
+# --- probe export ------------------------------------------------------------------------------
+
+
+def cmd_export(args) -> Output:
+    from probe.store import export_run
+
+    store = open_store(args, readonly=True)
+    result = export_run(store, args.run, args.out, fmt=args.format, probe_ids=args.probe)
+    for line in result["left_out"]:
+        print(f"warning: left out {line}", file=sys.stderr)
+    text = f"{len(result['files'])} file(s) written under {args.out}" + "".join(
+        f"\n  {f}" for f in result["files"])
+    return Output(result, text)
+
+
+@_register
+def _reg_export(sub, common):
+    p = sub.add_parser("export", parents=[common], help="write a run's metrics and its probes' numbers as CSV or "
+                       "TensorBoard files")
+    p.add_argument("run", nargs="?", default=None,
+                   help="run id, unique prefix or 'last' (default: none; then give --probe)")
+    p.add_argument("--probe", action="append", metavar="ID",
+                   help="only this stored probe (repeatable; default: every probe of the run)")
+    p.add_argument("--format", choices=["csv", "tensorboard"], default="csv",
+                   help="csv files, or TensorBoard event files (needs the tensorboard package) (default: csv)")
+    p.add_argument("--out", metavar="DIR", default="export", help="folder to write into (default: ./export)")
+    runs_arg(p)
+    p.set_defaults(func=cmd_export)

@@ -14,15 +14,22 @@ from typing import Any, Callable
 
 from probe.errors import UserError, first_line
 
-__all__ = ["OneLineParser", "Output", "jsonable", "user_error_types", "run_command", "TqdmProgress", "runs_arg",
+__all__ = ["OneLineParser", "Output", "fail", "jsonable", "user_error_types", "run_command", "TqdmProgress", "runs_arg",
            "open_store", "factory_args", "parse_model_args", "flag_name", "field_type", "rank_group"]
 
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports bad usage on one line (exit 2) instead of usage + message."""
 
+    #: whether the command line asked for ``--json`` (set by :func:`probe.cli.main` before parsing):
+    #: a usage error is then also one JSON object on stdout
+    json_errors = False
+
     def error(self, message: str):  # noqa: D401 (argparse API)
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        line = f"{self.prog}: error: {message} (see `{self.prog} --help`)"
+        if OneLineParser.json_errors:
+            sys.stdout.write(json.dumps({"error": line, "exit_code": 2}) + "\n")
+        self.exit(2, line + "\n")
 
 
 @dataclass
@@ -70,6 +77,17 @@ def _memory_errors() -> tuple[type[BaseException], ...]:
     return (MemoryError,) if oom is None else (MemoryError, oom)
 
 
+def fail(args: argparse.Namespace | None, line: str, code: int = 2) -> int:
+    """Report a command that failed: ``line`` on stderr and, with ``--json``, one JSON object
+    ``{"error": line, "exit_code": code}`` on stdout (so a script reading stdout sees why)."""
+    import os
+
+    print(line, file=sys.stderr)
+    if getattr(args, "json", False) and os.environ.get("RANK", "0") in ("0", ""):  # under torchrun: rank 0 alone
+        sys.stdout.write(json.dumps({"error": line, "exit_code": code}) + "\n")
+    return code
+
+
 def run_command(func: Callable[[argparse.Namespace], "Output | None"], args: argparse.Namespace, prog: str) -> int:
     """Run one subcommand: its output on stdout; a user error, a full disk or running out of memory
     as one line on stderr with exit 2; Ctrl-C (or SIGTERM) as exit 130. Anything else is a bug and
@@ -80,23 +98,19 @@ def run_command(func: Callable[[argparse.Namespace], "Output | None"], args: arg
         with warnings.catch_warnings(record=True) as caught:
             out = func(args)
     except user_error_types() as e:
-        print(f"{prog}: error: {first_line(e)}", file=sys.stderr)
-        return 2
+        return fail(args, f"{prog}: error: {first_line(e)}")
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         where = f" writing {e.filename}" if e.filename else ""
-        print(f"{prog}: error: no space left on the device{where}; what was stored before is intact, "
-              "free some space and run the command again", file=sys.stderr)
-        return 2
+        return fail(args, f"{prog}: error: no space left on the device{where}; what was stored before is intact, "
+                          "free some space and run the command again")
     except _memory_errors() as e:
         what = "" if isinstance(e, MemoryError) else f" ({first_line(e)[:200]})"
-        print(f"{prog}: error: out of memory{what}; use smaller sizes (fewer samples, a smaller batch or memory "
-              "budget)", file=sys.stderr)
-        return 2
+        return fail(args, f"{prog}: error: out of memory{what}; use smaller sizes (fewer samples, a smaller batch or "
+                          "memory budget)")
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        return fail(args, f"{prog}: interrupted", 130)
     if out is None:  # a rank other than 0 of a distributed job: rank 0 reports
         return 0
     if not getattr(args, "quiet", False):  # library warnings, one line each (dropped on an error: it says why)

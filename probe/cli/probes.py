@@ -25,8 +25,8 @@ def _target_args(p: argparse.ArgumentParser, default_n: int) -> None:
     g.add_argument("--run", help="a run id, unique prefix or 'last' (probed on the data it was trained on)")
     p.add_argument("--checkpoint", default=None,
                    help="with --run: an epoch, last, init or all (default: last)")
-    p.add_argument("--data", default=None, help="data set for a model given by name (default: digits; a run "
-                                                "uses its own)")
+    p.add_argument("--data", default=None, help="data set for a model given by name, or npz:FILE for arrays x, y "
+                                                "of one's own (default: digits; a run uses its own)")
     p.add_argument("--data-root", default=None, metavar="DIR",
                    help="folder with the data set's local files (default: a run's own, else $PROBE_DATA, ./data, "
                         "/usr/share/datasets/<name>)")
@@ -35,6 +35,13 @@ def _target_args(p: argparse.ArgumentParser, default_n: int) -> None:
                         "its own)")
     p.add_argument("--n", type=int, default=default_n, help=f"number of probe inputs (default: {default_n})")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra model argument (with --model)")
+    p.add_argument("--weights", metavar="FILE", default=None,
+                   help="with --model: probe it with these trained weights instead of its initialisation: a "
+                        "state_dict saved by torch.save (read weights-only), a checkpoint dict holding one, or a "
+                        ".safetensors file; the stored result records the file's name and sha256 (default: none)")
+    p.add_argument("--weights-key", metavar="KEY", default=None,
+                   help="with --weights: the checkpoint entry holding the state_dict (default: the file itself "
+                        "when it is one, else the first of state_dict, model, model_state_dict)")
     factory_args(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init and the probe data (default: 0)")
@@ -64,10 +71,14 @@ def _target_kwargs(args) -> dict:
                             "package.module:factory")
     elif args.model_arg:
         raise UserError("--model-arg applies to --model; a run rebuilds its model from its stored config")
+    elif args.weights is not None:
+        raise UserError("--weights applies to --model; a run loads its own checkpoints (--checkpoint)")
+    if args.weights_key is not None and args.weights is None:
+        raise UserError("--weights-key selects an entry of the --weights file; give --weights FILE too")
     return dict(model=args.model, run=args.run, checkpoint=args.checkpoint, data=args.data,
                 data_root=args.data_root, image_size=args.image_size, n=args.n, device=args.device,
                 seed=args.seed, model_args=parse_model_args(args.model_arg), factory=args.factory,
-                trust_factory=args.trust_factory)
+                trust_factory=args.trust_factory, weights=args.weights, weights_key=args.weights_key)
 
 
 def _add_param_flags(p: argparse.ArgumentParser, params: type) -> None:
@@ -82,13 +93,16 @@ def _add_param_flags(p: argparse.ArgumentParser, params: type) -> None:
                                default=True, help=f"turn off: {text}")
             else:
                 p.add_argument(flag_name(f.name), dest=f"param_{f.name}", action="store_true", default=False,
-                               help=f"{text} (default: off)")
+                               help=text if "default" in text else f"{text} (default: off)")
             continue
         kind = type(default) if isinstance(default, (int, float, str)) else str
         # choices are checked with the other values (one-line error naming the option), not by argparse
         shown = f"one of {', '.join(map(str, choices))}; " if choices else ""
+        # a help text that states its default itself keeps its wording (no second "(default: ...)")
+        tail = f" ({shown.removesuffix('; ')})" if shown and "default" in text else "" if "default" in text \
+            else f" ({shown}default: {default})"
         p.add_argument(flag_name(f.name), dest=f"param_{f.name}", type=kind, default=default, metavar=f.name.upper(),
-                       help=f"{text} ({shown}default: {default})")
+                       help=text + tail)
 
 
 def _param_values(args, params: type) -> dict:
@@ -96,6 +110,8 @@ def _param_values(args, params: type) -> dict:
 
 
 def _where(info: dict) -> str:
+    if info.get("weights"):
+        return f"weights {info['weights']['file']}, sha256 {info['weights']['sha256'][:12]}"
     if info.get("run_id") is None:
         return "init"
     return "init" if not info.get("epoch") else f"epoch {info['epoch']}"

@@ -16,7 +16,8 @@ folder, in search order            searched
                                    ``/usr/share/datasets/fashion-mnist``
 =================================  ============================================================================
 
-The first folder holding a complete copy wins.  ``imagefolder`` reads only ``root``; ``digits`` and
+The first folder holding a complete copy wins.  ``imagefolder`` reads only ``root``, ``npz`` only its file
+(``npz:FILE``, or ``root``); ``digits`` and
 ``synthetic`` read no files.
 
 =================  ==========================================================================  ==========
@@ -33,6 +34,9 @@ name               source and split                                             
                    stratified (``test_fraction=0.2``, ``split_seed=42``)
 ``caltech101``     ``101_ObjectCategories`` without ``BACKGROUND_Google``, stratified 80/20    ImageNet
                    split with ``random_state=42``, resized to 64x64 ignoring the aspect ratio
+``npz``            one .npz file (``npz:FILE``): arrays ``x`` (N, ...), ``y`` (N,), optionally   as stored
+                   ``x_test`` / ``y_test``, else split stratified (``test_fraction=0.2``,
+                   ``split_seed=42``); any input shape (an (N, D) table too)
 =================  ==========================================================================  ==========
 
 Splits of real data sets never depend on ``seed``; ``seed`` only drives ``synthetic``.  The CIFAR python
@@ -60,7 +64,7 @@ from probe.data.search import data_roots, find_data
 from probe.data.splits import DataSplits
 
 # The sources, imported for their registrations: this order is the order of DATASETS.
-from probe.data import digits, synthetic, cifar, idx, imagefolder  # noqa: F401  isort: skip
+from probe.data import digits, synthetic, cifar, idx, imagefolder, npz  # noqa: F401  isort: skip
 from probe.data.cifar import CIFAR10_CLASSES
 
 __all__ = ["DATASETS", "DataSplits", "Augment", "Loader", "data_roots", "find_data", "load_data", "make_loader",

@@ -20,7 +20,7 @@ from probe.data.splits import DataSplits, balanced_subset
 from probe.errors import UserError
 
 __all__ = ["Dataset", "Locate", "register_dataset", "unregister_dataset", "dataset_names", "get_dataset",
-           "canonical_name", "dataset_help", "load_data"]
+           "canonical_name", "dataset_help", "load_data", "split_source"]
 
 #: ``locate(base) -> (the folder under base that holds a complete copy, or None; notes on partial copies)``
 Locate = Callable[[Path], tuple[Path | None, list[str]]]
@@ -106,10 +106,21 @@ def dataset_names() -> tuple[str, ...]:
     return tuple(_DATASETS)
 
 
+def split_source(name: str) -> tuple[str, str | None]:
+    """``"npz:FILE"``, a data set that reads one given file or folder (``files="root"``) with that
+    file, as ``("npz", "FILE")``; any other name as ``(name, None)``."""
+    if isinstance(name, str) and ":" in name:
+        head, _, rest = name.partition(":")
+        key = _ALIASES.get(_normal(head), _normal(head))
+        if rest and key in _DATASETS and _DATASETS[key].files == "root":
+            return head, rest
+    return name, None
+
+
 def canonical_name(name: str) -> str:
-    """The registered name ``name`` means (any case, ``_`` or ``-``, or an alias); a :class:`UserError`
-    listing the known names, with close matches, when it means none."""
-    key = _normal(name)
+    """The registered name ``name`` means (any case, ``_`` or ``-``, or an alias; ``npz:FILE`` means
+    ``npz``); a :class:`UserError` listing the known names, with close matches, when it means none."""
+    key = _normal(split_source(name)[0])
     key = _ALIASES.get(key, key)
     if key not in _DATASETS:
         names = dataset_names()
@@ -126,7 +137,7 @@ def get_dataset(name: str) -> Dataset:
 
 def dataset_help() -> str:
     """The help of ``probe train --data``."""
-    return f"data set: {', '.join(dataset_names())}"
+    return f"data set: {', '.join(dataset_names())}; npz:FILE reads arrays x, y of one's own"
 
 
 def load_data(
@@ -154,8 +165,12 @@ def load_data(
     Options per data set (``**kwargs``):
     ``synthetic``: ``channels=3, num_classes=10, n_train=512, n_test=128, noise=1.0`` (``size`` is an
     alias of ``image_size``); ``cifar10``/``cifar100``: ``format="auto"|"binary"|"python"``;
-    ``imagefolder``: ``channels=3`` (1 reads grey images), ``test_fraction=0.2, split_seed=42``.
+    ``imagefolder``: ``channels=3`` (1 reads grey images), ``test_fraction=0.2, split_seed=42``;
+    ``npz`` (``name`` ``"npz:FILE"``, or ``root`` the file): ``test_fraction=0.2, split_seed=42``.
     """
+    name, path = split_source(name)
+    if path is not None and root is None:  # npz:FILE; a given root replaces the file (it moved)
+        root = path
     entry = get_dataset(name)
     key, options = entry.name, entry.options
     unknown = sorted(set(kwargs) - set(options))

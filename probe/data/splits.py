@@ -37,6 +37,9 @@ class DataSplits:
 
     @property
     def image_size(self) -> tuple[int, int]:
+        """(H, W) of images (N, C, H, W); (1, 1) for inputs of another shape (an (N, D) table)."""
+        if self.x_train.ndim != 4:
+            return 1, 1
         return int(self.x_train.shape[2]), int(self.x_train.shape[3])
 
     def describe(self) -> dict:

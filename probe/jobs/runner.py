@@ -51,14 +51,17 @@ def run_probe(store, probe: str | Probe, params: Any = None, *, model: str | Non
               run: str | None = None, checkpoint=None, data: str | None = None,
               data_root: str | None = None, image_size: int | None = None, n: int | None = None,
               seed: int = 0, device: str = "auto", model_args: dict | None = None,
-              factory: str | None = None, trust_factory: bool = False, save: bool = True,
+              factory: str | None = None, trust_factory: bool = False, weights: str | None = None,
+              weights_key: str | None = None, save: bool = True,
               progress: Progress | None = None) -> list[Outcome]:
     """Run a registered probe on its targets and store one catalog row per target.
 
     ``probe``: a registered name or :class:`Probe`; ``params``: its parameters object, a dict of
     options, or ``None`` for the defaults. Targets: ``model`` (a registered name or
     ``package.module:factory``, at its seeded initialisation, on ``data`` / ``data_root`` /
-    ``image_size``, default digits) or ``run`` at ``checkpoint`` (an epoch, ``last`` (default),
+    ``image_size``, default digits; with ``weights``, a file of its trained weights, entry
+    ``weights_key``: :func:`probe.training.load_weights`, recorded by name and sha256 in the stored
+    row) or ``run`` at ``checkpoint`` (an epoch, ``last`` (default),
     ``init`` or ``all``, on the data the run was trained on; a run built by a user factory needs
     ``factory`` or ``trust_factory``). ``n`` probe inputs (default: the probe's), drawn class-balanced
     and deterministically from the probe's split; ``seed`` seeds the model init (by name) and the
@@ -86,7 +89,8 @@ def run_probe(store, probe: str | Probe, params: Any = None, *, model: str | Non
     for index, target in enumerate(iter_targets(store, model=model, run=run, checkpoint=checkpoint, data=data,
                                                 seed=seed, model_args=model_args, data_root=data_root,
                                                 image_size=image_size, factory=factory,
-                                                trust_factory=trust_factory)):
+                                                trust_factory=trust_factory, weights=weights,
+                                                weights_key=weights_key)):
         if by_target and index % ddp.world != ddp.rank:
             continue
         info = {"model": target.model_name, "run_id": target.run_id, "epoch": target.epoch,
@@ -95,11 +99,14 @@ def run_probe(store, probe: str | Probe, params: Any = None, *, model: str | Non
         params_row = {**stored_params, "data": target.data,
                       "data_root": spec_data.root if spec_data else None,
                       "image_size": spec_data.image_size if spec_data else None}
+        if target.weights is not None:  # which file: two weight files of one model are told apart
+            info["weights"] = params_row["weights"] = {k: target.weights[k] for k in ("file", "sha256", "key")}
         try:
             if inputs is None:
                 inputs = probe_inputs(spec_data or target.data, n, split=spec.split, seed=seed)
             x, y, num_classes = inputs
-            model_ = calibrate_batchnorm(target.model, x) if not target.epoch else target.model
+            trained = target.epoch or target.weights is not None   # BN statistics of its own
+            model_ = target.model if trained else calibrate_batchnorm(target.model, x)
             partial = None
             if writes and not by_target:
                 job = {"probe": spec.name, "model": target.model_name, "run": target.run_id,

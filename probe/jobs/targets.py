@@ -46,6 +46,8 @@ class ProbeTarget:
     data_spec: DataSpec | None = None
     lr: float | None = None                                 # the run's learning rate at this checkpoint
     rebuild: Callable[[int], nn.Module] | None = None       # same architecture, fresh init from a seed
+    weights: dict | None = None                             # a model given by name with weights from a file:
+                                                            # the file's name, sha256 and entry
 
 
 def _parse_checkpoint(text: str | int | None) -> str | int:
@@ -85,17 +87,23 @@ def run_data_spec(run: dict, *, data: str | None = None, data_root: str | None =
 def iter_targets(store, *, model: str | None = None, run: str | None = None, checkpoint=None,
                  data: str | None = None, seed: int = 0, model_args: dict | None = None,
                  data_root: str | None = None, image_size: int | None = None,
-                 factory: str | None = None, trust_factory: bool = False) -> Iterator[ProbeTarget]:
+                 factory: str | None = None, trust_factory: bool = False, weights: str | None = None,
+                 weights_key: str | None = None) -> Iterator[ProbeTarget]:
     """Yield the models a probe command should look at.
 
-    ``model``: a registered name or a user's ``package.module:factory``, at its seeded init, on
-    ``data`` (default digits; ``data_root``, ``image_size``). ``run``: a stored run at ``checkpoint``
+    ``model``: a registered name or a user's ``package.module:factory``, at its seeded init (or
+    with the weights in file ``weights``, entry ``weights_key``: :func:`probe.training.load_weights`),
+    on ``data`` (default digits; ``data_root``, ``image_size``). ``run``: a stored run at ``checkpoint``
     (an epoch, ``last``, ``init`` or ``all``), probed on the data it was trained on; a run built by a
     user factory needs ``factory`` or ``trust_factory`` (stored names are never imported)."""
-    from probe.training import TrainConfig, build_model, check_model, load_run_model, lr_at
+    from probe.training import TrainConfig, build_model, check_model, load_run_model, load_weights, lr_at
 
     if (model is None) == (run is None):
         raise UserError("give exactly one of a model name or a run")
+    if weights is None and weights_key is not None:
+        raise UserError("a weights key selects an entry of a weights file; give the file too")
+    if weights is not None and model is None:
+        raise UserError("weights from a file apply to a model given by name; a run loads its own checkpoints")
     if model is not None:
         if checkpoint not in (None, "init"):
             raise UserError("a checkpoint needs a run (a model given by name is probed at its initialisation)")
@@ -106,6 +114,9 @@ def iter_targets(store, *, model: str | None = None, run: str | None = None, che
         torch.manual_seed(seed)
         m = build_model(model, num_classes=d.num_classes, in_chans=d.in_channels, image_size=d.image_size[0],
                         model_kwargs=model_args)
+        loaded = None
+        if weights is not None:
+            loaded = load_weights(m, weights, weights_key)
         check_model(m, d.x_train[:2], d.num_classes, model)
 
         def rebuild(s: int) -> nn.Module:
@@ -113,7 +124,7 @@ def iter_targets(store, *, model: str | None = None, run: str | None = None, che
             return build_model(model, num_classes=d.num_classes, in_chans=d.in_channels,
                                image_size=d.image_size[0], model_kwargs=model_args).eval()
 
-        yield ProbeTarget(m.eval(), model, None, None, spec.name, spec, rebuild=rebuild)
+        yield ProbeTarget(m.eval(), model, None, None, spec.name, spec, rebuild=rebuild, weights=loaded)
         return
     if model_args:
         raise UserError("model arguments apply to a model given by name; a run rebuilds its model from its config")

@@ -32,7 +32,7 @@ from probe.errors import UserError, first_line
 from probe.runtime.memory import out_of_memory
 
 __all__ = ["COMM", "Dist", "DistError", "setup", "current", "local", "teardown", "launched", "joins", "forced",
-           "FORCE_ENV", "DEFAULT_TIMEOUT_S"]
+           "FORCE_ENV", "DEFAULT_TIMEOUT_S", "collective_timeout_s"]
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -74,7 +74,9 @@ def joins() -> bool:
     return launched() or forced()
 
 
-def _timeout_s() -> float:
+def collective_timeout_s() -> float:
+    """Seconds a collective waits (``PROBE_DIST_TIMEOUT``, default 300); a :class:`UserError` for a
+    value that is not 1 to 86400 seconds."""
     raw = os.environ.get("PROBE_DIST_TIMEOUT")
     if raw is None:
         return DEFAULT_TIMEOUT_S
@@ -125,7 +127,7 @@ class Dist:
         except RuntimeError as e:   # DistBackendError and gloo's connection errors are RuntimeErrors
             detail = first_line(e)
             raise DistError(f"rank {self.rank} of {self.world}: {what} failed, a peer rank stopped or did not "
-                            f"answer within {_timeout_s():.0f} s ({detail[:200]}); the job ends on every rank "
+                            f"answer within {collective_timeout_s():.0f} s ({detail[:200]}); the job ends on every rank "
                             f"and resumes with --resume") from None
         finally:
             COMM["seconds"] += time.perf_counter() - t0
@@ -243,7 +245,7 @@ def setup(device: str | torch.device = "cpu", *, force: bool | None = None) -> D
             raise UserError(f"LOCAL_RANK {local} but this machine has {torch.cuda.device_count()} CUDA devices; "
                             "start at most one process per GPU (--nproc-per-node)")
         torch.cuda.set_device(local)
-    timeout = datetime.timedelta(seconds=_timeout_s())
+    timeout = datetime.timedelta(seconds=collective_timeout_s())
     try:
         if launched() or all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")):
             dist.init_process_group(backend, timeout=timeout)

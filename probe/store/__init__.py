@@ -45,6 +45,10 @@ that died (their lock is free). A checkpoint row is recorded only after its file
 its sha256 and size, and both are checked on every load. A full disk raises a StoreError and leaves
 the previous files and the catalog as they were.
 
+Export (:mod:`probe.store.export`): :func:`export_run` writes a run's per-epoch metrics and its
+probes' numbers as CSV or TensorBoard event files, :func:`run_metrics_frame` gives the metrics as a
+pandas DataFrame.
+
 JSON convention: dicts stored in the catalog (config, summary, params, extra metrics) go through
 :func:`to_jsonable`: numpy / torch scalars and arrays become Python numbers and lists, and non-finite
 floats (NaN, +-inf) become ``None``; the stored text is strict JSON. Metric columns follow the same
@@ -56,6 +60,7 @@ or ``"last"`` / ``"latest"`` for the most recently created run); functions that 
 from __future__ import annotations
 
 from probe.store.atomic import atomic_savez, atomic_torch_save, atomic_write_bytes, atomic_write_text
+from probe.store.export import export_run, run_metrics_frame
 from probe.store.files import resolve_runs_root
 from probe.store.findings import FINDING_MAX_BYTES
 from probe.store.records import to_jsonable
@@ -75,4 +80,6 @@ __all__ = [
     "FINDING_MAX_BYTES",
     "STATUSES",
     "METRIC_COLUMNS",
+    "export_run",
+    "run_metrics_frame",
 ]

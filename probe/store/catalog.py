@@ -53,6 +53,7 @@ class Catalog(RootFiles):
         self.catalog_path = self.root / CATALOG_NAME
         self.readonly = bool(readonly)
         self.skipped: list[str] = []
+        self.damaged: list[dict[str, Any]] = []
         self._local = threading.local()
         self._empty = False  # read-only store on a root without a catalog: an empty in-memory one
         self._check_root()
@@ -288,12 +289,16 @@ class Catalog(RootFiles):
                           f"delete that row or {_REBUILD}")
 
     def _listing(self, rows: list, convert: Callable[[Any], dict]) -> list[dict[str, Any]]:
-        """``convert`` each row; damaged ones are left out and reported in :attr:`skipped`."""
-        self.skipped = []
+        """``convert`` each row; damaged ones are left out and reported in :attr:`skipped` (one line
+        each) and :attr:`damaged` (each row's plain values that identify it, as stored, and the line)."""
+        self.skipped, self.damaged = [], []
         out = []
         for row in rows:
             try:
                 out.append(convert(row))
             except StoreError as e:
                 self.skipped.append(str(e))
+                ident = {k: row[k] for k in row.keys() if not k.endswith("_json")
+                         and (row[k] is None or isinstance(row[k], (int, float, str)))}
+                self.damaged.append({**ident, "problem": str(e)})
         return out

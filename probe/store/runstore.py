@@ -31,7 +31,8 @@ class RunStore(ProbesMixin, FindingsMixin):
 
     ``skipped`` holds one line per damaged row that the last listing (:meth:`list_runs`,
     :meth:`list_probes`, :meth:`list_checkpoints`, :meth:`get_metrics`, :meth:`list_findings`)
-    left out.
+    left out; ``damaged`` the same rows' identifying values as stored (id, epoch, ...) with that
+    line, so that a listing can show them as damaged rather than leave them out.
 
     The object can be pickled (e.g. passed to a spawned process); the copy re-opens the catalog.
     """

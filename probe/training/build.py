@@ -156,6 +156,8 @@ def load_run_model(store, run_ref: str, epoch: int | str | None = "last",
     model = build_model(name, num_classes=num_classes, in_chans=in_chans, image_size=image_size,
                         fusion=config.fusion, model_kwargs=config.model_kwargs)
     loaded = None
+    if config.weights is not None and epoch in (None, "init", 0) and init_seed is None:
+        _initial_weights(model, run, config)
     if epoch not in (None, "init", 0):
         if isinstance(epoch, str) and epoch.lower() in ("last", "latest"):
             epoch = store.latest_checkpoint(run["run_id"])
@@ -175,3 +177,20 @@ def load_run_model(store, run_ref: str, epoch: int | str | None = "last",
             raise UserError(f"{where} does not fit model {config.model!r}: {detail}") from None
         loaded = int(epoch)
     return model.to(device).eval(), run, loaded
+
+
+def _initial_weights(model: nn.Module, run: dict, config: TrainConfig) -> None:
+    """A run that started from a weights file starts there: its initialisation is that file, which
+    must still hold the bytes recorded (same sha256)."""
+    from probe.training.weights import load_weights
+
+    recorded = ((run["config"].get("resolved") or {}).get("weights") or {}).get("sha256")
+    try:
+        info = load_weights(model, config.weights, config.weights_key)
+    except UserError as e:
+        raise UserError(f"run {run['run_id']} started from the weights in {config.weights}, needed for its "
+                        f"initialisation: {e}") from None
+    if recorded is not None and info["sha256"] != recorded:
+        raise UserError(f"run {run['run_id']} started from weights with sha256 {recorded[:12]}; "
+                        f"{config.weights} now has sha256 {info['sha256'][:12]}")
+

@@ -60,6 +60,12 @@ class TrainConfig:
     eval_batch_size: int = _opt(512, "evaluation batch size", flag=False)
     sync_bn: bool = _opt(False, "under torchrun, BatchNorm statistics over the global batch (SyncBatchNorm, CUDA "
                                 "only; default: each rank normalises its own part)")
+    weights: str | None = _opt(None, "start from the weights in this file instead of the seeded initialisation: a "
+                                     "state_dict saved by torch.save (read weights-only), a checkpoint dict holding "
+                                     "one, or a .safetensors file; its name and sha256 are recorded "
+                                     "(default: none)")
+    weights_key: str | None = _opt(None, "with weights: the checkpoint entry holding the state_dict (default: the "
+                                         "file itself, else the first of state_dict, model, model_state_dict)")
     deterministic: bool = _opt(False, "deterministic algorithms only (torch, cuDNN and cuBLAS settings for the run; "
                                       "an operation without one stops the run): exact resumes on CUDA, slower")
 
@@ -90,7 +96,7 @@ class TrainConfig:
         for name in ("data", "schedule", "device"):
             if not isinstance(getattr(self, name), str):
                 raise UserError(f"{name} must be a string, got {getattr(self, name)!r}")
-        for name in ("data_root", "fusion"):
+        for name in ("data_root", "fusion", "weights", "weights_key"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise UserError(f"{name} must be a string, got {getattr(self, name)!r}")
         if not isinstance(self.model_kwargs, dict) or not all(isinstance(k, str) for k in self.model_kwargs):
@@ -114,6 +120,8 @@ class TrainConfig:
             raise UserError(f"amp_dtype must be one of {', '.join(AMP_DTYPES)}, got {self.amp_dtype!r}")
         if self.amp_dtype != "auto" and not self.amp:
             raise UserError(f"amp_dtype {self.amp_dtype} applies to mixed precision: add --amp (amp=True)")
+        if self.weights_key is not None and self.weights is None:
+            raise UserError("weights_key selects an entry of a weights file; give the file too (weights)")
         parse_schedule(self.schedule)
         check_device(self.device)
         return self

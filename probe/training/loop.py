@@ -211,6 +211,10 @@ def _train(config: TrainConfig, store, device: torch.device, ddp, *, run_id: str
     model = build_model(model_name, num_classes=data.num_classes, in_chans=data.in_channels,
                         image_size=data.image_size[0], fusion=config.fusion,
                         model_kwargs=config.model_kwargs).to(device)
+    weights = None
+    if config.weights is not None and (run_id is None or ddp.broadcast(
+            store.latest_checkpoint(run_id) is None if ddp.main else None)):  # a checkpoint replaces them
+        weights = _start_weights(model, config, store if ddp.main else None, run_id)
     check_model(model, data.x_train[:2].to(device), data.num_classes, model_name)
     loader_gen = torch.Generator().manual_seed(config.seed + 1)
     mix_rng = np.random.Generator(np.random.PCG64(config.seed + 2))
@@ -231,6 +235,8 @@ def _train(config: TrainConfig, store, device: torch.device, ddp, *, run_id: str
                                "world_size": ddp.world, "amp_dtype": _dtype_name(amp_dtype),
                                "cudnn_benchmark": uses_cudnn_benchmark(device, config.deterministic),
                                "environment": environment(device)}
+            if weights is not None:
+                cfg["resolved"]["weights"] = {k: weights[k] for k in ("file", "sha256", "key")}
             run_id = store.new_run(config.model, config.data, cfg)
         run_id = ddp.broadcast(run_id)
     else:
@@ -389,3 +395,18 @@ def _nonfinite_weights(model: nn.Module, buffers: bool = False) -> str | None:
         if not bool(torch.isfinite(t).all()):
             return f"weights became non-finite (first: {name})"
     return None
+
+
+def _start_weights(model: nn.Module, config: TrainConfig, store, run_id: str | None) -> dict:
+    """Load ``config.weights`` into a new run's model (or a run restarted without a checkpoint,
+    whose file must still be the one recorded: same sha256)."""
+    from probe.training.weights import load_weights
+
+    info = load_weights(model, config.weights, config.weights_key)
+    if run_id is not None and store is not None:
+        recorded = ((store.get_run(run_id)["config"].get("resolved") or {}).get("weights") or {}).get("sha256")
+        if recorded is not None and recorded != info["sha256"]:
+            raise UserError(f"run {run_id} started from weights with sha256 {recorded[:12]}; {config.weights} now "
+                            f"has sha256 {info['sha256'][:12]}: restore the original file to resume it")
+    return info
+

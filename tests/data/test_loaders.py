@@ -627,7 +627,7 @@ def test_registered_dataset_loads_by_name_and_alias_and_is_in_cli_help(tinyset, 
         build_parser().parse_args(["train", "--help"])
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("--data DATA"))
     assert "data set: digits, synthetic, cifar10, cifar100, mnist, fashion-mnist, imagefolder, caltech101, " \
-           "tinyset (default: digits)" in line
+           "npz, tinyset; npz:FILE reads arrays x, y of one's own (default: digits)" in line
 
 
 # --------------------------------------------------------------------------------------------------

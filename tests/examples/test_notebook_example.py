@@ -22,7 +22,7 @@ def test_notebook_tour_runs(tmp_path, capsys, one_thread):
     assert len(list(tmp_path.glob("*.html"))) == len(results)
     h = results["hessian"]
     assert repr(h).startswith("HessianResult(hessian: samples=64 of 400,") and "lambda_max=" in repr(h)
-    assert any("64 of the 400 samples given used" in note for note in h.notes)
+    assert any("used 64 of the 400 samples given" in note for note in h.notes)
     frame = h.to_frame()
     assert frame.index.name == "rank" and list(frame.index) == [1, 2, 3, 4]
     np.testing.assert_array_equal(frame["eigenvalues"].to_numpy(), h.eigenvalues)

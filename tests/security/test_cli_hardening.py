@@ -29,7 +29,8 @@ def cli(capsys, *argv):
 def assert_one_line_exit_2(code, out, err, needle=None):
     assert code == 2, (code, err)
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert out == "", out
+    if out:  # with --json: one JSON object on stdout holding the same line
+        assert json.loads(out) == {"error": err.strip(), "exit_code": 2}, out
     if needle is not None:
         assert needle in err, err
 
@@ -480,7 +481,7 @@ def test_runs_and_show_read_a_read_only_root(tmp_path, capsys, shared_run, mount
     assert_one_line_exit_2(code, out, err, "not writable")
 
 
-def test_a_malformed_row_is_skipped_with_a_warning(tmp_path, capsys):
+def test_a_malformed_row_is_listed_as_damaged_with_a_warning(tmp_path, capsys):
     root = tmp_path / "runs"
     store = RunStore(root)
     good = train(TrainConfig(model="tiny_add", epochs=1, limit_train=64, limit_test=32), store).run_id
@@ -492,7 +493,9 @@ def test_a_malformed_row_is_skipped_with_a_warning(tmp_path, capsys):
     code, out, err = cli(capsys, "runs", "--runs", root, "--json")
     assert code == 0, err
     listed = json.loads(out)
-    assert [r["run_id"] for r in listed["runs"]] == [good]
+    # the damaged row stays in the listing, marked damaged with why (never silently left out)
+    assert [(r["run_id"], r["status"]) for r in listed["runs"]] == [(bad, "damaged"), (good, "finished")]
+    assert "not valid JSON" in listed["runs"][0]["problem"]
     assert len(listed["skipped"]) == 1 and bad in listed["skipped"][0]
     assert err.startswith("warning:") and bad in err and len(err.strip().splitlines()) == 1
     code, out, err = cli(capsys, "show", bad, "--runs", root)

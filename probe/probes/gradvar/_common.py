@@ -110,14 +110,16 @@ def bn_mode(model: nn.Module, bn: str = "eval") -> Iterator[set[str]]:
 class _Fwd:
     """``fwd(params, x)``: the model as a pure function (detached parameter/buffer copies)."""
 
-    def __init__(self, model: nn.Module, dtype: str | torch.dtype | None, device, skip: set[str]):
-        self.fm = _fn.functionalize(model, dtype=dtype, device=device)
+    def __init__(self, model: nn.Module, dtype: str | torch.dtype | None, device, skip: set[str],
+                 output: _fn.OutputSelector = None):
+        self.fm = _fn.functionalize(model, dtype=dtype, device=device, output=output)
         self.model = model
         self.params = self.fm.params
         self.buffers = {k: v for k, v in self.fm.buffers.items() if k not in skip}
 
     def __call__(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        return functional_call(self.model, ({**self.fm.fixed, **params}, self.buffers), (x,))
+        out = functional_call(self.model, ({**self.fm.fixed, **params}, self.buffers), (x,))
+        return _fn.select_output(out, self.fm.output)
 
     def prepare(self, t: Tensor) -> Tensor:
         return self.fm.prepare(t)

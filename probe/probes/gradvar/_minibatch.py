@@ -9,6 +9,7 @@ from torch.func import grad
 
 from probe.checks import check_int
 from probe.errors import UserError
+from probe.functional import OutputSelector
 from probe.probes.registry import Progress
 from probe.probes.gradvar._common import (LossFn, _Fwd, _check_data, _norm64, _progress, bn_mode,
                                           cross_entropy_per_sample)
@@ -79,7 +80,7 @@ def _merged_moments(ddp, used: int, names, shift: dict, s1: dict, s2: dict):
 def minibatch_gradient_stats(model: nn.Module, x: Tensor, y: Tensor, *, batches: int = 8, batch_size: int = 32,
                              seed: int = 0, loss: LossFn | None = None, dtype: str | torch.dtype | None = None,
                              device: torch.device | str | None = None, bn: str = "eval",
-                             progress: Progress | None = None) -> MinibatchStats:
+                             output: OutputSelector = None, progress: Progress | None = None) -> MinibatchStats:
     """Gradients of ``K = batches`` mini-batch losses (mean of ``loss`` over ``batch_size`` samples
     drawn without replacement, :func:`minibatch_indices`) and their per-layer moments.
 
@@ -102,7 +103,7 @@ def minibatch_gradient_stats(model: nn.Module, x: Tensor, y: Tensor, *, batches:
     sharded = ddp.active and batches >= ddp.world
     mine = range(batches)[ddp.shard(batches)] if sharded else range(batches)
     with bn_mode(model, bn) as skip:
-        fwd = _Fwd(model, dtype, device, skip)
+        fwd = _Fwd(model, dtype, device, skip, output)
         params = fwd.params
         names = list(params)
 

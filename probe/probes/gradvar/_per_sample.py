@@ -13,6 +13,7 @@ from probe.probes.registry import Progress
 from probe.probes.gradvar._common import (LossFn, _Fwd, _check_data, _norm64, _progress,
                                           bn_mode, cross_entropy_per_sample)
 from probe.probes.gradvar._minibatch import _host, _layer_moments_init, _merged_moments
+from probe.inputs import takes_loader
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,10 +145,11 @@ def _iter_per_sample(fwd: _Fwd, plan: _Plan, loss: LossFn, x: Tensor, y: Tensor,
             yield gidx[s:s + chunk], vmap(vjp_fn)(eye[s:s + chunk])[0]
 
 
+@takes_loader("x", "y")
 def per_sample_gradients(model: nn.Module, x: Tensor, y: Tensor, *, loss: LossFn | None = None,
                          dtype: str | torch.dtype | None = None, device: torch.device | str | None = None,
                          bn: str = "eval", chunk: int = 64, batch_size: int = 32,
-                         seed: int = 0, method: str = "auto") -> dict[str, Tensor]:
+                         seed: int = 0, method: str = "auto", output: _fn.OutputSelector = None) -> dict[str, Tensor]:
     """Per-sample gradients ``{name: (N, *param shape)}`` of ``loss`` (sample order kept; with
     ``bn="train"`` rows of samples left out of every group are NaN). Materialises N x P: for
     small problems and tests; :func:`per_sample_variance` streams instead. ``method``: ``auto``
@@ -157,7 +159,7 @@ def per_sample_gradients(model: nn.Module, x: Tensor, y: Tensor, *, loss: LossFn
     loss = loss or cross_entropy_per_sample
     grouped = bn == "train" or _fn.couples_samples(model)
     with bn_mode(model, bn) as skip:
-        fwd = _Fwd(model, dtype, device, skip)
+        fwd = _Fwd(model, dtype, device, skip, output)
         plan = _plan(fwd, x, grouped, method)
         out = {n: torch.full((x.shape[0], *p.shape), float("nan"), dtype=p.dtype, device=p.device)
                for n, p in fwd.params.items()}
@@ -186,7 +188,7 @@ class PerSampleStats:
 def per_sample_variance(model: nn.Module, x: Tensor, y: Tensor, *, chunk: int = 64, loss: LossFn | None = None,
                         dtype: str | torch.dtype | None = None, device: torch.device | str | None = None,
                         bn: str = "eval", batch_size: int = 32, seed: int = 0, method: str = "auto",
-                        progress: Progress | None = None) -> PerSampleStats:
+                        output: _fn.OutputSelector = None, progress: Progress | None = None) -> PerSampleStats:
     """Per layer, the variance over samples of per-sample gradients (the trace of the per-sample
     gradient covariance ``Sigma_1``, divisor ``n - 1``), streamed over chunks of ``chunk`` samples
     (memory ~ ``chunk * P`` for the gradients plus ``2 P`` float64 accumulators).
@@ -225,7 +227,7 @@ def per_sample_variance(model: nn.Module, x: Tensor, y: Tensor, *, chunk: int = 
         total = part.stop - part.start
     xs, ys = (x, y) if grouped else (x[part], y[part])
     with bn_mode(model, bn) as skip:
-        fwd = _Fwd(model, dtype, device, skip)
+        fwd = _Fwd(model, dtype, device, skip, output)
         names = list(fwd.params)
         plan = _plan(fwd, x, grouped, method)
         shift, s1, s2 = _layer_moments_init(fwd.params)

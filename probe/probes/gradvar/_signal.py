@@ -14,6 +14,7 @@ from probe.probes.registry import Progress
 from probe.probes.gradvar._common import (LossFn, _BN_MODES, _Fwd, _check_data, _progress,
                                           bn_mode, cross_entropy_per_sample)
 from probe.probes.gradvar._per_sample import _groups
+from probe.inputs import takes_loader
 
 
 # ------------------------------------------------------------------------------------------------
@@ -63,7 +64,8 @@ class SignalStats:
 
 
 def _signal_one(model: nn.Module, x: Tensor, y: Tensor, loss: LossFn, dtype, device, bn: str, chunk: int,
-                batch_size: int, seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+                batch_size: int, seed: int,
+                output: _fn.OutputSelector = None) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(block names, act variance (D,), rms per-sample output-gradient norm (D,)) of one model."""
     blocks = find_blocks(model)
     names = [n for n, _ in blocks]
@@ -82,7 +84,7 @@ def _signal_one(model: nn.Module, x: Tensor, y: Tensor, loss: LossFn, dtype, dev
     n_rows = 0
     try:
         with bn_mode(model, bn) as skip, torch.enable_grad():
-            fwd = _Fwd(model, dtype, device, skip)
+            fwd = _Fwd(model, dtype, device, skip, output)
             params = {n: p.requires_grad_(True) for n, p in fwd.params.items()}     # our copies
             grouped = bn == "train" or _fn.couples_samples(model)
             if grouped:
@@ -126,11 +128,12 @@ def _signal_one(model: nn.Module, x: Tensor, y: Tensor, loss: LossFn, dtype, dev
     return names, act_var, gnorm
 
 
+@takes_loader("x", "y")
 def signal_propagation(model: nn.Module, x: Tensor, y: Tensor, *, rebuild: Callable[[int], nn.Module] | None = None,
                        seeds: Sequence[int] = (0, 1, 2), loss: LossFn | None = None,
                        dtype: str | torch.dtype | None = None, device: torch.device | str | None = None,
                        bn: str = "eval", chunk: int = 64, batch_size: int = 32,
-                       progress: Progress | None = None) -> SignalStats:
+                       output: _fn.OutputSelector = None, progress: Progress | None = None) -> SignalStats:
     """Forward activation variance of each block's output and the root-mean-square of the per-sample
     gradient norm of the loss w.r.t. it, ``sqrt(mean_i |d l_i / d h_i|^2)``, per block vs depth.
 
@@ -163,7 +166,7 @@ def signal_propagation(model: nn.Module, x: Tensor, y: Tensor, *, rebuild: Calla
     av, gn = [], []
     for i, (s, get) in enumerate(models):
         m = get()
-        names, a, g = _signal_one(m, x, y, loss, dtype, device, bn, chunk, batch_size, s or 0)
+        names, a, g = _signal_one(m, x, y, loss, dtype, device, bn, chunk, batch_size, s or 0, output)
         if names0 is None:
             names0 = names
         elif names != names0:

@@ -73,6 +73,8 @@ from torch import Tensor, nn
 
 from probe.checks import check_number
 from probe.errors import UserError
+from probe.functional import OutputSelector
+from probe.inputs import takes_loader
 from probe.runtime.precision import exact
 from probe.probes.gradvar._common import GradVarParams, LossFn, _check_data, _module_of
 from probe.probes.gradvar._minibatch import minibatch_gradient_stats
@@ -84,17 +86,22 @@ from probe.probes.registry import Progress
 __all__ = ["gradient_variance"]
 
 
+@takes_loader("x", "y")
 @exact
 def gradient_variance(model: nn.Module, x: Tensor, y: Tensor, params: GradVarParams | None = None, *,
                       seed: int = 0, lr: float | None = None, rebuild: Callable[[int], nn.Module] | None = None,
                       at_init: bool | None = None, loss: LossFn | None = None,
-                      device: torch.device | str | None = None, progress: Progress | None = None) -> GradVarResult:
+                      device: torch.device | str | None = None, output: OutputSelector = None,
+                      progress: Progress | None = None) -> GradVarResult:
     """All three parts (see the module docstring) as one :class:`GradVarResult`.
 
     ``lr`` is the run's learning rate at this checkpoint (``None``: ``params.lr``); ``seed`` seeds the
     mini-batch draw and the signal-propagation initialisations (``seed, seed+1, ...``);
     ``at_init`` (None = unknown) only words the notes when signal propagation measures the given
-    model. The model is never changed.
+    model. ``output`` selects the tensor of a model's output that ``loss`` takes
+    (:data:`probe.functional.OutputSelector`: a dict's ``"logits"`` or only tensor by default). ``x``
+    may be a DataLoader of ``(x, y)`` batches with ``y`` left out (:mod:`probe.inputs`). The model is
+    never changed.
     """
     params = params or GradVarParams()
     x, y = _check_data(x, y)
@@ -104,7 +111,8 @@ def gradient_variance(model: nn.Module, x: Tensor, y: Tensor, params: GradVarPar
     dtype = getattr(torch, params.dtype)
     notes: list[str] = []
     mb = minibatch_gradient_stats(model, x, y, batches=params.batches, batch_size=params.batch_size, seed=seed,
-                                  loss=loss, dtype=dtype, device=device, bn=params.bn, progress=progress)
+                                  loss=loss, dtype=dtype, device=device, bn=params.bn, output=output,
+                                  progress=progress)
     L = len(mb.names)
     nan = np.full(L, np.nan)
     g2 = mb.grad_norm ** 2
@@ -123,7 +131,8 @@ def gradient_variance(model: nn.Module, x: Tensor, y: Tensor, params: GradVarPar
     ranks = {"mini-batch": mb.ranks}
     if params.per_sample:
         ps = per_sample_variance(model, x, y, chunk=params.chunk, loss=loss, dtype=dtype, device=device,
-                                 bn=params.bn, batch_size=params.batch_size, seed=seed, progress=progress)
+                                 bn=params.bn, batch_size=params.batch_size, seed=seed, output=output,
+                                 progress=progress)
         ps_var, ps_gn, ps_used, ps_bad = ps.variance, ps.mean_grad_norm, ps.samples_used, ps.nonfinite_samples
         ranks["per-sample"] = ps.ranks
         if ps.closed_form:
@@ -149,7 +158,7 @@ def gradient_variance(model: nn.Module, x: Tensor, y: Tensor, params: GradVarPar
         seeds = [seed + i for i in range(params.seeds)]
         sig = signal_propagation(model, x, y, rebuild=rebuild, seeds=seeds, loss=loss, dtype=dtype, device=device,
                                  bn=params.bn, chunk=max(params.chunk, 1), batch_size=params.batch_size,
-                                 progress=progress)
+                                 output=output, progress=progress)
         sig_src = "rebuild" if rebuild is not None else "model"
         block_names, act, grd, sig_seeds, sig_bad = (sig.block_names, sig.act_var, sig.grad_norm, sig.seeds,
                                                      sig.nonfinite)

@@ -27,6 +27,7 @@ from probe.runtime.progress import Progress
 from probe.probes.hessian._operators import (Criterion, DataShardedOperator, GGNOperator, HessianOperator,
                                              couples_samples, has_batchnorm)
 from probe.probes.hessian.result import BlockResult, Eigenpairs, HessianResult
+from probe.inputs import takes_loader
 
 __all__ = ["hessian_spectrum", "curvature_operator", "group_blocks", "resolve_criterion"]
 
@@ -110,6 +111,7 @@ def _targets(fm: FunctionalModel, x: Tensor, y: Tensor, name: str) -> Tensor:
     return y
 
 
+@takes_loader("x", "y")
 @exact
 def curvature_operator(model: nn.Module, x, y, *, criterion: str | Criterion = "cross_entropy",
                        operator: str = "hessian", param_filter: ParamFilter = None,
@@ -255,6 +257,7 @@ def _trace(op, method: str, m: int, seed: int, block: int) -> TraceEstimate:
     return hutchinson_trace(op, m, seed=seed, block=block)
 
 
+@takes_loader("x", "y")
 @exact
 def hessian_spectrum(model: nn.Module, x, y, *, criterion: str | Criterion = "cross_entropy",
                      operator: str = "hessian", k: int = 5, which: str = "largest",
@@ -346,7 +349,8 @@ def hessian_spectrum(model: nn.Module, x, y, *, criterion: str | Criterion = "cr
     if n_samples is not None and n_samples > N:
         notes.append(f"n_samples={n_samples} is more than the {N} samples given: all {N} used")
     elif n < N:
-        notes.append(f"{n} of the {N} samples given used (n_samples={n_samples}, chosen by the seed)")
+        notes.append(f"used {n} of the {N} samples given (n_samples={n_samples}, a seeded subset; "
+                     "n_samples=None uses all)")
     if any(m.training for m in model.modules()):
         notes.append(f"model was in train mode: evaluated with dropout off and BatchNorm in "
                      f"{bn} mode; the model's modes are restored")

@@ -21,7 +21,7 @@ class HessianParams:
     """Options of ``probe hessian``."""
 
     operator: str = field(default="hessian", metadata={
-        "help": "curvature operator: hessian (H v by jvp over grad) or ggn (Gauss-Newton J^T H_out J, PSD)",
+        "help": "curvature operator: hessian (H v by a double backward through the kept gradient graph) or ggn (Gauss-Newton J^T H_out J, PSD)",
         "choices": ("hessian", "ggn")})
     k: int = field(default=5, metadata={"help": "eigenvalues (and eigenvectors) to compute by block Lanczos"})
     which: str = field(default="largest", metadata={
@@ -84,7 +84,7 @@ HESSIAN_PROBE = register(Probe(
                       "Hutchinson estimate of the Hessian trace")),
     description="Curvature of the cross-entropy loss over n fixed, seeded probe samples (200 by default, as "
                 "PyHessian's example): the k largest (or smallest) eigenvalues and eigenvectors by block Lanczos "
-                "over Hessian-vector products (jvp over grad), the trace by Hutch++ or Hutchinson with a fixed "
+                "over Hessian-vector products (a double backward through the kept gradient graph), the trace by Hutch++ or Hutchinson with a fixed "
                 "budget and a standard error, the spectral density by stochastic Lanczos quadrature, and the "
                 "same per parameter block. With --checkpoint all, lambda_max across training is drawn against "
                 "the run's own 2/lr (edge of stability)."))

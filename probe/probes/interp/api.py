@@ -79,6 +79,7 @@ from probe.runtime.precision import exact
 from probe.functional import FunctionalModel, OutputSelector, check_sample_independence, fix_batch_statistics
 from probe.probes.interp.result import InterpResult
 from probe.probes.registry import Progress
+from probe.inputs import takes_loader
 
 __all__ = ["interpolation_paths", "check_options"]
 
@@ -301,6 +302,7 @@ def _softmax_ce(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return logp.exp(), -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
 
 
+@takes_loader("x", "y")
 @exact
 def interpolation_paths(model: nn.Module, x: Tensor, y: Tensor, *, pairs: int = 64, steps: int = 33,
                         same_class_fraction: float = 0.5, degree_tol: float = 0.01, max_degree: int = 12,

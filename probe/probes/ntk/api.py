@@ -32,6 +32,7 @@ from probe.probes.ntk._util import (_LANCZOS_MAX_BLOCK, _MODEL_ERRORS,
                                     _out_of_range, _overflow_error, _prepare_inputs, _progress,
                                     _promoted)
 from probe.probes.ntk.result import LanczosMethod, LanczosResult, NtkKind, NtkResult, SpectrumResult
+from probe.inputs import takes_loader
 
 __all__ = ["empirical_ntk", "ntk_spectrum", "ntk_topk_lanczos"]
 
@@ -45,6 +46,7 @@ _TRIAL_SLACK = 8 << 20  # measured working sets this much above the estimate are
 # --------------------------------------------------------------------------------------------
 
 
+@takes_loader("x1", None, "x2")
 @exact
 def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
                   kind: NtkKind | str = "trace", method: NtkMethod | str = "auto",
@@ -363,6 +365,7 @@ def ntk_spectrum(K, y=None, *, floor: float | None = None) -> SpectrumResult:
 # --------------------------------------------------------------------------------------------
 
 
+@takes_loader("x")
 @exact
 def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind | str = "trace",
                      method: LanczosMethod | str = "auto",

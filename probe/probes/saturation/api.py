@@ -94,6 +94,7 @@ from probe.runtime.precision import exact
 from probe.functional import eval_mode
 from probe.probes.registry import Progress
 from probe.probes.saturation.result import SaturationResult
+from probe.inputs import takes_loader
 
 __all__ = ["saturation", "check_options", "GATE_KINDS"]
 
@@ -459,6 +460,7 @@ def _runner(model: nn.Module, device) -> tuple[torch.device, torch.dtype | None,
     return dev, dtype, lambda xb: torch.func.functional_call(model, (params, buffers), (xb,))
 
 
+@takes_loader("x")
 @exact
 def saturation(model: nn.Module, x: Tensor, *, batch_size: int = 128, bins: int = 64, threshold: float = 3.0,
                hist_max: float = 12.0, device: torch.device | str | None = None,

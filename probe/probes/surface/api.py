@@ -30,6 +30,7 @@ from probe.probes.surface._directions import Directions, flat_params
 from probe.probes.surface._evaluate import LOOP_CHUNK, Plan, centre_point, evaluate_points, plan_evaluation
 from probe.probes.surface._grid import Grid, parse_grid
 from probe.probes.surface.result import SurfaceResult
+from probe.inputs import takes_loader
 
 __all__ = ["loss_surface", "as_directions"]
 
@@ -68,6 +69,7 @@ def _check(name: str, value, choices: Sequence[str]) -> str:
     return value
 
 
+@takes_loader("x", "y")
 @exact
 def loss_surface(model: nn.Module, x, y, directions, grid: str | Grid = "-1:1:51", *, bn: str = "eval",
                  vectorize: str = "auto", memory_gb: float | None = None, chunk: int = 0,
