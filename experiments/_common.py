@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from probe import UserError
+from probe.companions import load
 
 __all__ = ["Context", "Outcome", "find_or_train", "train_many", "cpu_cores", "pair_runs", "probe_rows",
            "probe_figures", "last_entries", "write_outputs", "is_done", "PAIR", "scalars", "fmt"]
@@ -115,7 +116,7 @@ def _train_or_resume(store, config, run_id: str | None, progress=None) -> tuple[
     """Train ``config`` into ``store``, continuing run ``run_id`` from its last checkpoint when
     given: ``("finished", run id)``, or ``("diverged", run id)`` for a run stopped by a non-finite
     loss. Any other error is raised."""
-    from models import is_factory_name
+    is_factory_name = load("models").is_factory_name
     from probe import TrainingDiverged, resume, train
 
     try:

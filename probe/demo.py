@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from probe.text import format_table
+from probe.companions import load
 from probe.errors import UserError
 from probe.training import TrainConfig, train
 
@@ -104,7 +105,7 @@ def _side_by_side(store, rows: list[dict], ntk_rows: list[dict], *, quick: bool,
 def _fusion_name(name: str) -> str:
     """The fusion(s) of a registered model as built by default (counted on the meta device)."""
     import torch
-    from models import create_model
+    create_model = load("models").create_model
 
     with torch.device("meta"):
         model = create_model(name)

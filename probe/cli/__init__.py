@@ -9,8 +9,10 @@ import argparse
 import re
 import sys
 
+import probe
 from probe.text import format_table
 from probe.cli.common import OneLineParser, Output, run_command
+from probe.companions import load
 
 __all__ = ["main", "build_parser"]
 
@@ -27,7 +29,8 @@ def _common() -> argparse.ArgumentParser:
 
 def cmd_models(args) -> Output:
     import torch
-    import models
+
+    models = load("models")
 
     rows = []
     for name in models.list_models(args.tag):
@@ -45,7 +48,8 @@ def cmd_models(args) -> Output:
 
 
 def cmd_fusions(args) -> Output:
-    from models import SEED_FUSIONS, resolve_fusion
+    models = load("models")
+    SEED_FUSIONS, resolve_fusion = models.SEED_FUSIONS, models.resolve_fusion
 
     if args.parse:
         spec = resolve_fusion(args.parse)
@@ -60,6 +64,8 @@ def cmd_fusions(args) -> Output:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="probe", description=__doc__.splitlines()[0].replace("``", "`"))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {probe.__version__}",
+                        help="print the installed version (landscape-probe) and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     common = _common()
 

@@ -12,6 +12,7 @@ from probe.text import format_table
 from probe.cli.common import (Output, TqdmProgress, factory_args, field_type, flag_name, open_store,
                               parse_model_args, rank_group, runs_arg)
 from probe.errors import UserError
+from probe.companions import load
 
 REGISTER: list = []
 
@@ -300,12 +301,11 @@ def cmd_explore(args) -> Output:
     import subprocess
     from pathlib import Path
 
-    import apps
     from probe.store import resolve_runs_root
 
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port must be in [1, 65535], got {args.port}")
-    app = Path(apps.__file__).resolve().parent / "explorer.py"
+    app = Path(load("apps").__file__).resolve().parent / "explorer.py"
     root = resolve_runs_root(args.runs)
     url = f"http://{args.host}:{args.port}"
     print(f"explorer: {url}  (runs root {root}; Ctrl-C stops it)", file=sys.stderr, flush=True)

@@ -76,11 +76,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from models.attention import CBAM, NAM, SE, CoordAtt, TripletAttention
-from models.blocks import LastConv
-from models.fusion import Fusion
-from models.gates import Gate
 from probe.checks import check_int, check_number
+from probe.companions import load
 from probe.errors import UserError
 from probe.runtime.precision import exact
 from probe.functional import eval_mode
@@ -88,6 +85,13 @@ from probe.probes.registry import Progress
 from probe.probes.saturation.result import SaturationResult
 
 __all__ = ["saturation", "check_options", "GATE_KINDS"]
+
+_attention = load("models.attention")
+CBAM, NAM, SE, CoordAtt, TripletAttention = (_attention.CBAM, _attention.NAM, _attention.SE, _attention.CoordAtt,
+                                             _attention.TripletAttention)
+LastConv = load("models.blocks").LastConv
+Fusion = load("models.fusion").Fusion
+Gate = load("models.gates").Gate
 
 #: Kinds of gate this probe knows (``hard_swish`` reports its gate part ``relu6(z + 3) / 6``).
 GATE_KINDS = ("sigmoid", "tanh", "hard_sigmoid", "hard_swish")
