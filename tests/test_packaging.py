@@ -17,8 +17,14 @@ import probe
 from probe import companions
 
 ROOT = Path(__file__).resolve().parents[1]
-_SKIP = shutil.ignore_patterns(".git", ".venv", "runs", "build", "*.egg-info", "__pycache__", "out", ".pytest_cache",
-                               "tests", "benchmarks", "data")
+#: left out of the copy the wheel is built from: at the top of the checkout only (probe/data is a package)
+_TOP_SKIP = {".git", ".venv", "runs", "build", "out", ".pytest_cache", "tests", "benchmarks", "data"}
+
+
+def _skip(folder: str, names: list[str]) -> set[str]:
+    top = Path(folder).resolve() == ROOT
+    return {n for n in names if n == "__pycache__" or n.endswith(".egg-info") or (top and n in _TOP_SKIP)
+            or (Path(folder).name == "experiments" and n == "out")}
 
 
 def test_in_a_checkout_the_companions_are_the_top_level_folders():
@@ -53,7 +59,7 @@ def installed(tmp_path_factory):
     without build/ or egg-info folders) and installed with ``pip install --no-deps --target``."""
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
-    shutil.copytree(ROOT, src, ignore=_SKIP)
+    shutil.copytree(ROOT, src, ignore=_skip)
     dist = tmp / "dist"
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
     build = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(src)],
@@ -81,7 +87,7 @@ def test_the_wheel_holds_one_top_level_package_and_its_metadata(installed):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert tops == {"probe", f"landscape_probe-{probe.__version__}.dist-info"}, tops
-    for path in ("probe/models/__init__.py", "probe/models/zoo.py", "probe/apps/explorer.py",
+    for path in ("probe/data/__init__.py", "probe/cli/__init__.py", "probe/models/__init__.py", "probe/models/zoo.py", "probe/apps/explorer.py",
                  "probe/experiments/__main__.py", "probe/experiments/README.md", "probe/companions.py"):
         assert path in names, path
     assert not [n for n in names if "/out/" in n or "__pycache__" in n]
