@@ -1,16 +1,18 @@
 """The explorer: a thin Streamlit view over the run store (``probe explore``).
 
 Pages: Runs (table and training curves), one page per registered probe (its figure builder over
-any selection of stored results), Compare (two runs side by side on every probe both have), the
-seed's fusion table and Findings (the experiments' stored numbers, drawn). Everything comes from
-the catalog under the runs root, opened read-only; figures come from :mod:`probe.figures` and the
-probes' own builders; nothing stored is executed, and stored text is shown as text.
+any selection of stored results), Compare (two runs, or the seeds of two recipes as mean +/- sd, on
+every probe both have at the checkpoints picked, on shared axes), the seed's fusion table and Findings
+(the experiments' stored numbers, drawn). Everything comes from the catalog under the runs root,
+opened read-only; figures come from :mod:`probe.figures` and the probes' own builders; nothing
+stored is executed, and stored text is shown as text.
 
     streamlit run apps/explorer.py -- --runs DIR
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -19,6 +21,7 @@ import sys
 import streamlit as st
 
 import probe
+from probe.companions import load
 
 
 
@@ -71,7 +74,7 @@ def load_result(root: str, probe_id: str):
 
 def _family(model: str) -> str:
     """The registry family of a model name ('' for a user factory or an unknown name; never imported)."""
-    import models
+    models = load("models")
 
     if models.is_factory_name(model):
         return "user factory"
@@ -114,11 +117,10 @@ def page_runs(root: str, cat: dict) -> None:
     seeds = {s.name: s.id for s in _seed_rows()}
     rows = []
     for r in runs:
-        cfg, s = r.get("config") or {}, r.get("summary") or {}
-        fusion = (((cfg.get("resolved") or {}).get("model") or {}).get("kwargs") or {}).get("fusion") \
-            or cfg.get("fusion")
-        rows.append({"run": r["run_id"], "model": r["model"], "family": _family(r["model"]), "fusion": fusion or "",
-                     "seed row": seeds.get(fusion, "") if isinstance(fusion, str) else "", "data": r["data"],
+        s = r.get("summary") or {}
+        fusion = _run_fusion(r)
+        rows.append({"run": r["run_id"], "model": r["model"], "family": _family(r["model"]), "fusion": fusion,
+                     "seed row": seeds.get(fusion, ""), "seed": (r.get("config") or {}).get("seed"), "data": r["data"],
                      "status": r["status"], "epochs": s.get("epochs_done"), "best top-1": s.get("best_acc"),
                      "final top-1": s.get("final_acc"), "created": r["created_at"][:19]})
     models = sorted({r["model"] for r in rows})
@@ -192,6 +194,16 @@ def page_probe(root: str, cat: dict, name: str) -> None:
             st.text(f"{info['model']} @ {info['epoch']}\n{result.text()}")
 
 
+#: summary numbers that describe the setting or the cost of a probe, not what it measured: hidden on
+#: Compare unless asked for (matched on the last part of a dotted key)
+_BOOKKEEPING = frozenset({
+    "epoch", "checkpoint_epoch", "seed", "signal_seeds", "n", "n1", "n2", "n_params", "n_samples", "n_outputs",
+    "n_gates", "n_points", "n_blocks", "n_chunks", "n_matvecs", "n_hvps", "n_passes", "n_same", "n_different",
+    "numel", "dim", "k", "depth", "dims", "batch_size", "sample_batch", "vmap_batch", "chunk_points", "block_vectors",
+    "subspace_dim", "resumed_chunks", "pairs", "triples", "steps", "plane_resolution", "bins", "threshold", "tol",
+    "trials", "wall_time_s", "peak_memory_bytes", "est_gflop"})
+
+
 def _numbers(d, prefix: str = "", depth: int = 0) -> dict:
     """Scalar numbers of a summary, flattened to dotted keys (two levels)."""
     out = {}
@@ -206,6 +218,101 @@ def _numbers(d, prefix: str = "", depth: int = 0) -> dict:
     return out
 
 
+def _is_bookkeeping(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in _BOOKKEEPING
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def _default_fusion(model: str) -> str:
+    """The fusion a registered model is built with by default, by canonical name (several joined by
+    ', '; '' for none, a user factory or an unknown name, which are never imported). Built on the meta
+    device: no memory, no initialisation."""
+    import torch
+
+    models = load("models")
+    if models.is_factory_name(model):
+        return ""
+    try:
+        models.model_entry(model)
+        with torch.device("meta"):
+            net = models.create_model(model)
+    except (models.ModelNameError, models.ModelConfigError, ValueError, TypeError, RuntimeError):
+        return ""
+    return ", ".join(sorted({m.spec.name for m in net.modules() if isinstance(m, models.Fusion)}))
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def _canonical_fusion(text: str) -> str:
+    """A stored fusion (a spec, a seed row id, add or mul) by its canonical name; parsed as data, and
+    kept as written when it does not parse."""
+    models = load("models")
+    try:
+        return models.resolve_fusion(text).name
+    except (models.FusionSpecError, ValueError, TypeError):
+        return text
+
+
+def _run_fusion(run: dict) -> str:
+    """The fusion a run was trained with: the one it was given, else its registered model's own."""
+    cfg = run.get("config") or {}
+    given = (((cfg.get("resolved") or {}).get("model") or {}).get("kwargs") or {}).get("fusion") or cfg.get("fusion")
+    if isinstance(given, str) and given:
+        return _canonical_fusion(given)
+    return _default_fusion(run["model"]) if isinstance(run.get("model"), str) else ""
+
+
+#: config fields that do not make a different recipe: runs equal in everything else are seeds of one
+_NOT_THE_RECIPE = ("seed", "resolved", "device", "data_root")
+
+
+def _recipe(run: dict) -> str:
+    cfg = {k: v for k, v in (run.get("config") or {}).items() if k not in _NOT_THE_RECIPE}
+    return json.dumps({"model": run.get("model"), "data": run.get("data"), **cfg}, sort_keys=True, default=str)
+
+
+def _seed_group(run: dict, runs: list[dict]) -> list[dict]:
+    """``run`` and the other finished runs of its recipe (the same config but the seed), by seed."""
+    key = _recipe(run)
+    others = [r for r in runs if r["run_id"] != run["run_id"] and r["status"] == "finished" and _recipe(r) == key]
+    def by_seed(r: dict) -> tuple:
+        seed = (r.get("config") or {}).get("seed")
+        return (not isinstance(seed, int), seed if isinstance(seed, int) else 0, str(seed))
+
+    return [run, *sorted(others, key=by_seed)]
+
+
+def _seeds_text(group: list[dict]) -> str:
+    seeds = [str((r.get("config") or {}).get("seed")) for r in group]
+    return f"{len(group)} run(s), seed {', '.join(seeds)}"
+
+
+def _epoch_label(epoch) -> str:
+    return "init" if not epoch else f"epoch {epoch}"
+
+
+def _rows_at(cat: dict, group: list[dict], kind: str, epoch: int) -> list[dict]:
+    """The newest finished row of ``kind`` at checkpoint ``epoch`` of each run in ``group`` (runs
+    without one are left out)."""
+    out = []
+    for run in group:
+        found = [p for p in cat["probes"] if p["run_id"] == run["run_id"] and p["kind"] == kind
+                 and p["status"] == "finished" and (p.get("checkpoint_epoch") or 0) == epoch]
+        if found:
+            out.append(found[-1])  # the catalog lists oldest first
+    return out
+
+
+def _probed_epochs(cat: dict, run: dict) -> list[int]:
+    return sorted({p.get("checkpoint_epoch") or 0 for p in cat["probes"]
+                   if p["run_id"] == run["run_id"] and p["status"] == "finished"})
+
+
+def _side(values: list[dict], key: str) -> tuple:
+    from probe.figures.seeds import mean_sd
+
+    return mean_sd([v.get(key) for v in values])
+
+
 def page_compare(root: str, cat: dict) -> None:
     st.header("Compare")
     runs = cat["runs"]
@@ -217,26 +324,62 @@ def page_compare(root: str, cat: dict) -> None:
     c1, c2 = st.columns(2)
     a = labels[c1.selectbox("run A", names, index=min(1, len(names) - 1), key="cmp-a")]
     b = labels[c2.selectbox("run B", names, index=0, key="cmp-b")]
+    o1, o2 = st.columns(2)
+    pooled = o1.checkbox("mean +/- sd over seeds (the finished runs with the same config but the seed)",
+                         key="cmp-seeds")
+    bookkeeping = o2.checkbox("show bookkeeping rows (epoch, sizes, settings, time)", key="cmp-bookkeeping")
+    group_a = _seed_group(a, runs) if pooled else [a]
+    group_b = _seed_group(b, runs) if pooled else [b]
+    if pooled:
+        st.caption(f"A: {_seeds_text(group_a)}; B: {_seeds_text(group_b)}")
+        if _recipe(a) == _recipe(b):
+            st.warning("A and B are seeds of the same recipe: both sides pool the same runs.")
     stamp = catalog_stamp(root)
-    fig = probe.figures.training_curves([(a, load_metrics(root, a["run_id"], stamp)),
-                                         (b, load_metrics(root, b["run_id"], stamp))])
+    if pooled:
+        from probe.figures.seeds import seed_band_curves
+
+        fig = seed_band_curves([(f"A {a['model']}", [load_metrics(root, r["run_id"], stamp) for r in group_a]),
+                                (f"B {b['model']}", [load_metrics(root, r["run_id"], stamp) for r in group_b])])
+    else:
+        fig = probe.figures.training_curves([(a, load_metrics(root, a["run_id"], stamp)),
+                                             (b, load_metrics(root, b["run_id"], stamp))])
     _show(fig, "compare_training", "cmp-train")
-    latest: dict = {}
-    for p in cat["probes"]:
-        if p["run_id"] in (a["run_id"], b["run_id"]) and p["status"] == "finished":
-            latest[(p["run_id"], p["kind"])] = p  # newest last: the catalog lists oldest first
-    kinds = sorted({k for (_, k) in latest if (a["run_id"], k) in latest and (b["run_id"], k) in latest})
-    if not kinds:
+
+    epochs_a, epochs_b = _probed_epochs(cat, a), _probed_epochs(cat, b)
+    if not epochs_a or not epochs_b:
         st.info("The two runs have no probe in common yet: run e.g. `probe ntk --run RUN` on both.")
+        return
+    k1, k2 = st.columns(2)
+    ep_a = k1.selectbox("checkpoint of A", epochs_a, index=len(epochs_a) - 1, format_func=_epoch_label,
+                        key="cmp-ckpt-a")
+    ep_b = k2.selectbox("checkpoint of B", epochs_b, index=len(epochs_b) - 1, format_func=_epoch_label,
+                        key="cmp-ckpt-b")
+    kinds = [k for k in probe.list_probes() if _rows_at(cat, [a], k, ep_a) and _rows_at(cat, [b], k, ep_b)]
+    if not kinds:
+        st.info(f"No probe was run on both A at {_epoch_label(ep_a)} and B at {_epoch_label(ep_b)}: pick other "
+                "checkpoints, or run e.g. `probe ntk --run RUN --checkpoint all` on both.")
+    st.caption("Numbers flagged where A and B differ by more than 5%" +
+               (" and by more than their two standard deviations together." if pooled else ".") +
+               " Each probe's figure draws A and B on shared axes.")
     for kind in kinds:
         st.subheader(kind)
-        ra, rb = latest[(a["run_id"], kind)], latest[(b["run_id"], kind)]
-        na, nb = _numbers(ra["summary"]), _numbers(rb["summary"])
+        rows_a, rows_b = _rows_at(cat, group_a, kind, ep_a), _rows_at(cat, group_b, kind, ep_b)
+        na, nb = [_numbers(r["summary"]) for r in rows_a], [_numbers(r["summary"]) for r in rows_b]
+        keys = set.intersection(*(set(n) for n in na + nb))
         table = []
-        for key in sorted(set(na) & set(nb)):
-            x, y = na[key], nb[key]
+        for key in sorted(keys):
+            if not bookkeeping and _is_bookkeeping(key):
+                continue
+            (x, sx, nx), (y, sy, ny) = _side(na, key), _side(nb, key)
+            if x is None or y is None:
+                continue
             rel = abs(x - y) / max(abs(x), abs(y)) if max(abs(x), abs(y)) > 0 else 0.0
-            table.append({"quantity": key, "A": x, "B": y, "B - A": y - x, "differs": "yes" if rel > 0.05 else ""})
+            beyond = not pooled or abs(y - x) > (sx or 0.0) + (sy or 0.0)
+            row = {"quantity": key, "A": x, "B": y, "B - A": y - x}
+            if pooled:
+                row.update({"sd A": sx, "sd B": sy, "n A": nx, "n B": ny})
+            row["differs"] = "yes" if rel > 0.05 and beyond else ""
+            table.append(row)
         if table:
             import pandas as pd
 
@@ -245,18 +388,15 @@ def page_compare(root: str, cat: dict) -> None:
                 lambda row: ["background-color: #fde2e1" if row["differs"] else "" for _ in row], axis=1)
             st.dataframe(styled, width="stretch", hide_index=True)
         spec = probe.get_probe(kind)
-        entries, problems = _entries(root, [ra, rb])
+        entries, problems = _entries(root, rows_a + rows_b)
         for msg in problems:
             st.error(msg)
-        if spec.figure is not None and len(entries) == 2:
-            cols = st.columns(2)
-            for col, entry, tag in zip(cols, entries, ("a", "b")):
-                with col:
-                    _show(spec.figure([entry]), f"{kind}_{tag}", f"cmp-{kind}-{tag}")
+        if spec.figure is not None and entries:
+            _show(spec.figure(entries), f"compare_{kind}", f"cmp-{kind}")
 
 
 def _seed_rows():
-    from models import SEED_FUSIONS
+    SEED_FUSIONS = load("models").SEED_FUSIONS
 
     return SEED_FUSIONS
 
@@ -264,12 +404,12 @@ def _seed_rows():
 def page_seed(root: str, cat: dict) -> None:
     st.header("Seed table")
     st.caption("The seed's fusion variants (WRN-16-10, Caltech-101 64x64, best test top-1) next to every run in "
-               "the catalog that used the same fusion.")
+               "the catalog that used the same fusion: the one it was trained with (--fusion) or, for a registered "
+               "model such as add_resnet (fmm01) and mul_resnet (fmm18), the one the model is built with.")
     by_fusion: dict = {}
     for r in cat["runs"]:
-        cfg = r.get("config") or {}
-        fusion = (((cfg.get("resolved") or {}).get("model") or {}).get("kwargs") or {}).get("fusion")
-        if isinstance(fusion, str):
+        fusion = _run_fusion(r)
+        if fusion:
             by_fusion.setdefault(fusion, []).append(r)
     rows = []
     for s in _seed_rows():

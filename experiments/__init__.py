@@ -6,8 +6,8 @@ store; nothing here re-implements a measurement.
 """
 from __future__ import annotations
 
-from experiments import (fusion_table, pair_gradvar, pair_hessian, pair_interp, pair_landscape, pair_ntk,
-                         regimes, seed_conclusions, verdict)
+from . import (fusion_table, pair_gradvar, pair_hessian, pair_interp, pair_landscape, pair_ntk, regimes,
+               seed_conclusions, verdict)
 
 __all__ = ["EXPERIMENTS", "run_experiment"]
 
@@ -22,7 +22,7 @@ def run_experiment(ctx, name: str, *, force: bool = False) -> dict:
     import json
     import time
 
-    from experiments._common import is_done, write_outputs
+    from ._common import is_done, write_outputs
     from probe import UserError
 
     if name not in EXPERIMENTS:

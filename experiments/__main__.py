@@ -9,14 +9,12 @@ import os
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from experiments import EXPERIMENTS
-    from experiments._common import cpu_cores
+    from . import EXPERIMENTS
+    from ._common import cpu_cores
+    from .report import DEFAULT_OUT
 
-    p = argparse.ArgumentParser(prog="python -m experiments", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog=f"python -m {__package__}", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("names", nargs="*", default=["all"],
                    help=f"experiments to run: all, or any of {', '.join(EXPERIMENTS)}")
@@ -25,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="run again what is already done for this setting")
     p.add_argument("--runs", default=os.environ.get("PROBE_RUNS", "runs"),
                    help="runs root (the catalog the experiments train into and read; $PROBE_RUNS)")
-    p.add_argument("--out", default=str(HERE / "out"), help="output root: one folder per experiment")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="output root: one folder per experiment")
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars or logs on stderr")
@@ -57,10 +55,10 @@ def _how(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else list(argv)
     if given[:1] == ["report"]:                      # one page with every experiment's outputs
-        from experiments.report import main as report_main
+        from .report import main as report_main
         return report_main(given[1:])
-    from experiments import EXPERIMENTS, run_experiment
-    from experiments._common import Context
+    from . import EXPERIMENTS, run_experiment
+    from ._common import Context
     from probe.cli.common import TqdmProgress, user_error_types
 
     args = build_parser().parse_args(argv)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from probe import UserError
+from probe.companions import load
 
 __all__ = ["Context", "Outcome", "find_or_train", "train_many", "cpu_cores", "pair_runs", "probe_rows",
            "probe_figures", "last_entries", "write_outputs", "is_done", "PAIR", "scalars", "fmt"]
@@ -115,7 +116,7 @@ def _train_or_resume(store, config, run_id: str | None, progress=None) -> tuple[
     """Train ``config`` into ``store``, continuing run ``run_id`` from its last checkpoint when
     given: ``("finished", run id)``, or ``("diverged", run id)`` for a run stopped by a non-finite
     loss. Any other error is raised."""
-    from models import is_factory_name
+    is_factory_name = load("models").is_factory_name
     from probe import TrainingDiverged, resume, train
 
     try:
@@ -324,10 +325,15 @@ def find_or_train(ctx: Context, config) -> str:
 
 def pair_runs(ctx: Context) -> dict[str, str]:
     """{model: run id} of the comparison pair under the demo recipe (quick: 2 epochs on 512 digits
-    samples; full: 12 epochs on all of them)."""
+    samples, the demo's full recipe otherwise; full: 12 epochs on all of them). The quick pair is its
+    own recipe, not ``probe demo --quick``'s, so that finished quick runs stay reusable."""
+    from dataclasses import replace
+
     from probe.demo import demo_config
 
-    return dict(zip(PAIR, train_many(ctx, [demo_config(name, quick=ctx.quick) for name in PAIR])))
+    configs = [replace(demo_config(name), epochs=2, limit_train=512) if ctx.quick else demo_config(name)
+               for name in PAIR]
+    return dict(zip(PAIR, train_many(ctx, configs)))
 
 
 def fmt(v, spec: str = ".4g") -> str:

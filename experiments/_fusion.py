@@ -15,7 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments._common import Context, train_many
+from ._common import Context, train_many
+from probe.companions import load
 
 __all__ = ["Protocol", "protocols", "local_protocols", "seeds", "row_ids", "fusion_config", "train_table", "accuracy_table",
            "eval_train_accuracy", "spearman_ci", "paired_ci", "BASELINE"]
@@ -75,7 +76,7 @@ def seeds(quick: bool) -> tuple[int, ...]:
 
 
 def row_ids() -> list[str]:
-    from models.seed_table import SEED_FUSIONS
+    SEED_FUSIONS = load("models.seed_table").SEED_FUSIONS
 
     return [r.id for r in SEED_FUSIONS]
 

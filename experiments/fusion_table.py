@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments._common import Context, fmt, Outcome
-from experiments._fusion import (BASELINE, accuracy_table, protocols, row_ids, seeds, spearman_ci,
-                                 train_table)
+from ._common import Context, fmt, Outcome
+from ._fusion import (BASELINE, accuracy_table, protocols, row_ids, seeds, spearman_ci,
+                      train_table)
+from probe.companions import load
 
 NAME = "fusion_table"
 TITLE = "The seed's 59 fusion variants on digits vs their Caltech-101 accuracy"
@@ -21,7 +22,7 @@ def table_rows(acc: dict, rows: list[str], protos, seed_list) -> list[dict]:
     """One dict per seed row: its id, group, formula, the seed's number and, per protocol, the
     mean / sd of the best and final test top-1 and the mean last-epoch train top-1 over seeds, and
     the gap of the mean best to the baseline row."""
-    from models.seed_table import seed_fusion
+    seed_fusion = load("models.seed_table").seed_fusion
 
     out = []
     for row in rows:

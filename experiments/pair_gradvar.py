@@ -2,7 +2,7 @@
 training: gradient SNR, relative update size per step."""
 from __future__ import annotations
 
-from experiments._common import Context, fmt, Outcome, pair_runs, probe_figures, probe_rows
+from ._common import Context, fmt, Outcome, pair_runs, probe_figures, probe_rows
 
 NAME = "pair_gradvar"
 TITLE = "Gradient variance and relative update size, add vs mul"

@@ -2,7 +2,7 @@
 density at every checkpoint, lambda_max against the edge-of-stability line 2/lr."""
 from __future__ import annotations
 
-from experiments._common import Context, fmt, last_entries, Outcome, pair_runs, probe_figures, probe_rows
+from ._common import Context, fmt, last_entries, Outcome, pair_runs, probe_figures, probe_rows
 
 NAME = "pair_hessian"
 TITLE = "Hessian lambda_max, trace and sharpness across training, add vs mul"

@@ -2,7 +2,7 @@
 along mixup paths between test samples, across training."""
 from __future__ import annotations
 
-from experiments._common import Context, fmt, last_entries, Outcome, pair_runs, probe_figures, probe_rows
+from ._common import Context, fmt, last_entries, Outcome, pair_runs, probe_figures, probe_rows
 
 NAME = "pair_interp"
 TITLE = "Input-space interpolation, add vs mul"

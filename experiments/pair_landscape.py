@@ -2,7 +2,7 @@
 (Li et al.) around each trained model, with the diagnostics that make them comparable."""
 from __future__ import annotations
 
-from experiments._common import Context, fmt, Outcome, pair_runs, probe_figures, probe_rows
+from ._common import Context, fmt, Outcome, pair_runs, probe_figures, probe_rows
 
 NAME = "pair_landscape"
 TITLE = "2D loss landscapes, add vs mul"

@@ -2,7 +2,7 @@
 eigenlearning prediction of kernel regression's test error next to the measured one."""
 from __future__ import annotations
 
-from experiments._common import Context, fmt, Outcome, pair_runs, probe_figures, probe_rows
+from ._common import Context, fmt, Outcome, pair_runs, probe_figures, probe_rows
 
 NAME = "pair_ntk"
 TITLE = "NTK spectra, add vs mul, and eigenlearning predicted vs measured"

@@ -32,11 +32,12 @@ from typing import Any
 
 import numpy as np
 
-from experiments._common import Context, Outcome, fmt, train_many
-from experiments._regimes import (BASELINE, MATCH_TOLERANCE, Regime, Settings, answer_for, extended_config, gap_split,
-                                  holm, is_trained, matched_reading, regime_config, settings, spearman_p)
+from ._common import Context, Outcome, fmt, train_many
+from ._regimes import (BASELINE, MATCH_TOLERANCE, Regime, Settings, answer_for, extended_config, gap_split,
+                       holm, is_trained, matched_reading, regime_config, settings, spearman_p)
 from probe import UserError
 from probe import to_jsonable as _clean   # NaN / inf -> None: a missing number, drawn as a gap
+from probe.companions import load
 
 NAME = "regimes"
 TITLE = "Regimes: optimisation or generalisation, per data set, training-set size and depth"
@@ -109,7 +110,7 @@ class _Evaluator:
 def _cells(ctx: Context, S: Settings, regimes: list[Regime], runs: dict, previous: dict) -> list[dict]:
     """One row per run: regime, variant, seed and its eval-mode train / test loss and error
     (reused from the previously stored finding for the same run id)."""
-    from models.seed_table import seed_fusion
+    seed_fusion = load("models.seed_table").seed_fusion
 
     evaluate = _Evaluator(ctx.store)
     rows = []

@@ -26,7 +26,9 @@ __all__ = ["write_report", "main", "MAX_TABLE_ROWS"]
 #: Rows of a csv table shown in the page; the rest are in the file.
 MAX_TABLE_ROWS = 200
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "out"
+#: Where the outputs go: experiments/out/ beside these scripts in a checkout; ./experiments/out under the
+#: working directory when they run installed (``python -m probe.experiments``: never into site-packages).
+DEFAULT_OUT = Path(__file__).resolve().parent / "out" if __package__ == "experiments" else Path("experiments", "out")
 _META_FILES = ("done.json", "runs.json")
 _STEM = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _FIGURE_HEIGHT = "480px"
@@ -214,7 +216,7 @@ def _table_html(section: _Section, stem: str) -> None:
 
 
 def _collect(out: Path) -> list[_Section]:
-    from experiments import EXPERIMENTS
+    from . import EXPERIMENTS
 
     try:
         folders = [p for p in out.iterdir() if p.is_dir() and not p.is_symlink()

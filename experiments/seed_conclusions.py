@@ -15,8 +15,9 @@ from typing import Callable
 
 import numpy as np
 
-from experiments._common import Context, fmt, last_entries, Outcome, probe_figures, probe_rows
-from experiments._fusion import accuracy_table, paired_ci, protocols, row_ids, seeds, train_table
+from ._common import Context, fmt, last_entries, Outcome, probe_figures, probe_rows
+from ._fusion import accuracy_table, paired_ci, protocols, row_ids, seeds, train_table
+from probe.companions import load
 
 NAME = "seed_conclusions"
 TITLE = "The seed author's conclusions, tested; gate saturation per variant and across training"
@@ -40,7 +41,7 @@ class Conclusion:
 
 
 def _fixed(v: float):
-    from models.fusion import ParamMode
+    ParamMode = load("models.fusion").ParamMode
 
     return ParamMode("fixed", v)
 
@@ -101,7 +102,7 @@ CONCLUSIONS = (
 
 def pairs(conclusion: Conclusion) -> list[tuple[str, str]]:
     """(unchanged row, changed row) for every seed row whose changed spec is another seed row."""
-    from models.seed_table import SEED_FUSIONS
+    SEED_FUSIONS = load("models.seed_table").SEED_FUSIONS
 
     by_spec = {row.spec: row.id for row in SEED_FUSIONS}
     out = []
@@ -120,7 +121,7 @@ def _verdict(ci: dict, expect: int) -> str:
 
 
 def run(ctx: Context) -> Outcome:
-    from models.seed_table import seed_fusion
+    seed_fusion = load("models.seed_table").seed_fusion
 
     rows, protos, seed_list = row_ids(), protocols(ctx.quick), seeds(ctx.quick)
     runs = train_table(ctx, rows, protos, seed_list)          # the fusion table's runs, reused

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments._common import Context, fmt, Outcome
-from experiments._fusion import (accuracy_table, eval_train_accuracy, protocols, row_ids, seeds, spearman_ci,
-                                 train_table)
+from ._common import Context, fmt, Outcome
+from ._fusion import (accuracy_table, eval_train_accuracy, protocols, row_ids, seeds, spearman_ci,
+                      train_table)
+from probe.companions import load
 
 NAME = "verdict"
 TITLE = "Verdict: which probe measurements go with multiplication's accuracy gap"
@@ -35,8 +36,8 @@ _MIN_GROUP = 5
 
 
 def run(ctx: Context) -> Outcome:
-    from experiments.fusion_table import table_rows
-    from models.seed_table import seed_fusion
+    from .fusion_table import table_rows
+    seed_fusion = load("models.seed_table").seed_fusion
     from probe.headline import MEASURES, headline, measure
 
     rows, protos, seed_list = row_ids(), protocols(ctx.quick), seeds(ctx.quick)
@@ -86,7 +87,7 @@ def seed_mean(per_seed: list[dict], keys: list[str]) -> dict:
 def correlations(variants: list[dict], groups: list[str]) -> list[dict]:
     """Spearman's rho of every measure with the gap per group, with its bootstrap interval, its
     p-value and Holm's adjusted p-value over the measures tested together in that group."""
-    from experiments._regimes import holm, spearman_p
+    from ._regimes import holm, spearman_p
     from probe.headline import MEASURES
 
     corr = []

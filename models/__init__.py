@@ -3,14 +3,14 @@
     >>> from models import create_model, list_models
     >>> model = create_model("mul_resnet", num_classes=10, in_chans=1)
 """
-from models.gates import Gate, GateInfo, HSwish, find_gates
-from models.fusion import (BranchSpec, Fusion, FusionSpec, FusionSpecError, GateSpec, ParamMode,
+from .gates import Gate, GateInfo, HSwish, find_gates
+from .fusion import (BranchSpec, Fusion, FusionSpec, FusionSpecError, GateSpec, ParamMode,
                            PinnedBatchNorm2d, parse_fusion)
-from models._registry import (ModelConfigError, ModelNameError, accepted_kwargs, create_model, is_factory_name, list_models,
+from ._registry import (ModelConfigError, ModelNameError, accepted_kwargs, create_model, is_factory_name, list_models,
                               model_entry, register_model)
-from models.seed_table import SEED_FUSIONS, SeedFusion, resolve_fusion, seed_fusion
-from models.families import CifarResNet, ResNet4, TinyMLP, WideResNet
-from models import zoo as _zoo  # noqa: F401  (registers the names)
+from .seed_table import SEED_FUSIONS, SeedFusion, resolve_fusion, seed_fusion
+from .families import CifarResNet, ResNet4, TinyMLP, WideResNet
+from . import zoo as _zoo  # noqa: F401  (registers the names)
 
 
 def count_parameters(model, trainable_only: bool = True) -> int:

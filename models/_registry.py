@@ -15,7 +15,7 @@ from typing import Callable
 
 from torch import nn
 
-from models.fusion import FusionSpec, FusionSpecError, parse_fusion
+from .fusion import FusionSpec, FusionSpecError, parse_fusion
 
 __all__ = ["ModelNameError", "ModelConfigError", "register_model", "create_model", "list_models",
            "model_entry", "ModelEntry", "accepted_kwargs", "is_factory_name"]
@@ -147,7 +147,7 @@ def create_model(name: str, **overrides) -> nn.Module:
     """
     fn = _resolve(name)
     if "fusion" in overrides and isinstance(overrides["fusion"], str):
-        from models.seed_table import resolve_fusion
+        from .seed_table import resolve_fusion
         overrides["fusion"] = resolve_fusion(overrides["fusion"])
     try:
         sig = inspect.signature(fn)

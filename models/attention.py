@@ -42,7 +42,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from models.gates import GATE_KINDS, Gate, HSwish
+from .gates import GATE_KINDS, Gate, HSwish
 
 __all__ = [
     "ATTENTION_NAMES",

@@ -5,14 +5,14 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from models.fusion import LEARN, Fusion, FusionSpec, FusionSpecError, GateSpec, PinnedBatchNorm2d, parse_fusion
-from models.gates import Gate
+from .fusion import LEARN, Fusion, FusionSpec, FusionSpecError, GateSpec, PinnedBatchNorm2d, parse_fusion
+from .gates import Gate
 
 __all__ = ["LastConv", "WideBasic", "BasicBlock", "Bottleneck"]
 
 
 def _attention(name, channels, kwargs):
-    from models.attention import create_attention
+    from .attention import create_attention
     return create_attention(name, channels, **(kwargs or {}))
 
 

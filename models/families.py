@@ -8,8 +8,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from models.blocks import BasicBlock, Bottleneck, WideBasic
-from models.fusion import FusionSpec, PinnedBatchNorm2d, parse_fusion
+from .blocks import BasicBlock, Bottleneck, WideBasic
+from .fusion import FusionSpec, PinnedBatchNorm2d, parse_fusion
 
 __all__ = ["WideResNet", "CifarResNet", "ResNet4", "TinyMLP"]
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from models.gates import Gate
+from .gates import Gate
 
 __all__ = [
     "ParamMode", "BranchSpec", "GateSpec", "FusionSpec", "parse_fusion", "FusionSpecError",
@@ -385,7 +385,7 @@ class Branch(nn.Module):
         if spec.norm == "bn":
             self.norm = PinnedBatchNorm2d(channels, spec.weight, spec.bias)
         elif spec.norm == "nam":
-            from models.attention import NAM  # local import: attention imports gates only
+            from .attention import NAM  # local import: attention imports gates only
             self.norm = NAM(channels)
         else:
             self.norm = nn.Identity()

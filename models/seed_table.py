@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from models.fusion import FusionSpec, FusionSpecError, parse_fusion
+from .fusion import FusionSpec, FusionSpecError, parse_fusion
 
 __all__ = ["SeedFusion", "SEED_FUSIONS", "seed_fusion", "resolve_fusion"]
 

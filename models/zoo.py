@@ -1,9 +1,9 @@
 """Registered model names. Each builder only sets arguments of a family."""
 from __future__ import annotations
 
-from models._registry import register_model
-from models.families import CifarResNet, ResNet4, TinyMLP, WideResNet
-from models.fusion import ADD, MUL_MEAN1
+from ._registry import register_model
+from .families import CifarResNet, ResNet4, TinyMLP, WideResNet
+from .fusion import ADD, MUL_MEAN1
 
 # --- families (every argument open) ------------------------------------------------------------
 

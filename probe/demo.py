@@ -9,20 +9,31 @@ from __future__ import annotations
 import time
 
 from probe.text import format_table
+from probe.companions import load
 from probe.errors import UserError
 from probe.training import TrainConfig, train
 
-__all__ = ["DEMO_MODELS", "demo_config", "run_demo"]
+__all__ = ["DEMO_MODELS", "QUICK", "demo_config", "run_demo"]
 
 DEMO_MODELS = ("add_resnet", "mul_resnet")
 
 
+#: The quick recipe's sizes: 4 epochs over a class-balanced 768 of digits' 1,347 training images in
+#: batches of 32 at lr 0.05 (96 steps). Both models train in it (seed 0, measured: add_resnet 96.7 to
+#: 96.9%, mul_resnet 91.6 to 92.7% final test top-1, the spread from the thread count's rounding); at 2
+#: epochs of 512 in batches of 64 (16 steps) mul_resnet stayed at chance (10.9%), so the comparison
+#: compared a trained model with an untrained one.
+QUICK = {"epochs": 4, "limit_train": 768, "batch_size": 32, "lr": 0.05}
+
+
 def demo_config(model: str, *, quick: bool = False, epochs: int | None = None) -> TrainConfig:
-    """The demo recipe: digits, SGD(0.9) lr 0.02 cosine, wd 5e-4, batch 64, seed 0, CPU or CUDA."""
-    return TrainConfig(model=model, data="digits", epochs=epochs if epochs is not None else (2 if quick else 12),
-                       batch_size=64, lr=0.02,
+    """The demo recipe: digits, SGD(0.9) lr 0.02 cosine, wd 5e-4, batch 64, 12 epochs, seed 0, CPU or
+    CUDA; ``quick``: 4 epochs on 768 training images, batch 32, lr 0.05 (:data:`QUICK`)."""
+    sizes = QUICK if quick else {"epochs": 12, "limit_train": None, "batch_size": 64, "lr": 0.02}
+    return TrainConfig(model=model, data="digits", epochs=epochs if epochs is not None else sizes["epochs"],
+                       batch_size=sizes["batch_size"], lr=sizes["lr"],
                        momentum=0.9, weight_decay=5e-4, schedule="cosine", seed=0,
-                       limit_train=512 if quick else None)
+                       limit_train=sizes["limit_train"])
 
 
 def run_demo(runs: str | None = None, *, quick: bool = False, epochs: int | None = None,
@@ -104,7 +115,7 @@ def _side_by_side(store, rows: list[dict], ntk_rows: list[dict], *, quick: bool,
 def _fusion_name(name: str) -> str:
     """The fusion(s) of a registered model as built by default (counted on the meta device)."""
     import torch
-    from models import create_model
+    create_model = load("models").create_model
 
     with torch.device("meta"):
         model = create_model(name)

@@ -12,6 +12,7 @@ import sys
 from probe.errors import UserError
 from probe.text import format_table
 from probe.cli.common import OneLineParser, Output, fail, run_command
+from probe.companions import load
 
 __all__ = ["main", "build_parser"]
 
@@ -28,7 +29,8 @@ def _common() -> argparse.ArgumentParser:
 
 def cmd_models(args) -> Output:
     import torch
-    import models
+
+    models = load("models")
 
     rows = []
     for name in models.list_models(args.tag):
@@ -46,7 +48,8 @@ def cmd_models(args) -> Output:
 
 
 def cmd_fusions(args) -> Output:
-    from models import SEED_FUSIONS, resolve_fusion
+    models = load("models")
+    SEED_FUSIONS, resolve_fusion = models.SEED_FUSIONS, models.resolve_fusion
 
     if args.parse:
         spec = resolve_fusion(args.parse)

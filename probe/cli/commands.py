@@ -13,6 +13,7 @@ from probe.text import format_table
 from probe.cli.common import (Output, TqdmProgress, factory_args, field_type, flag_name, open_store,
                               parse_model_args, rank_group, runs_arg)
 from probe.errors import UserError
+from probe.companions import load
 
 REGISTER: list = []
 
@@ -316,8 +317,10 @@ def cmd_demo(args) -> Output:
 @_register
 def _reg_demo(sub, common):
     p = sub.add_parser("demo", parents=[common], help="the main job: train add_resnet and mul_resnet on digits and compare")
-    p.add_argument("--quick", action="store_true", help="a couple of epochs on a subset (a smoke run)")
-    p.add_argument("--epochs", type=int, default=None, help="override the number of epochs (default: 12, 2 with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="4 epochs on 768 training images, batch 32, lr 0.05, smaller probes: both models train "
+                        "(default: off, the full recipe)")
+    p.add_argument("--epochs", type=int, default=None, help="override the number of epochs (default: 12, 4 with --quick)")
     runs_arg(p)
     p.set_defaults(func=cmd_demo)
 
@@ -329,7 +332,6 @@ def cmd_explore(args) -> Output:
     import subprocess
     from pathlib import Path
 
-    import apps
     from probe.store import resolve_runs_root
 
     import socket
@@ -341,7 +343,7 @@ def cmd_explore(args) -> Output:
     except (socket.gaierror, UnicodeError, ValueError) as e:
         raise UserError(f"--host {args.host!r}: not an address or a name this machine resolves "
                         f"({getattr(e, 'strerror', None) or e})") from None
-    app = Path(apps.__file__).resolve().parent / "explorer.py"
+    app = Path(load("apps").__file__).resolve().parent / "explorer.py"
     root = resolve_runs_root(args.runs)
     if root.exists() and not root.is_dir():
         raise UserError(f"--runs {root}: a file, not a folder; give the runs root (the folder holding "

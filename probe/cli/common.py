@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from probe.companions import load
 from probe.errors import UserError, first_line
 
 __all__ = ["OneLineParser", "Output", "fail", "jsonable", "user_error_types", "run_command", "TqdmProgress", "runs_arg",
@@ -65,8 +66,8 @@ def jsonable(obj: Any) -> Any:
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions that are the user's mistake: one line on stderr, exit 2."""
-    from models import FusionSpecError, ModelConfigError, ModelNameError
-    return (UserError, ModelNameError, ModelConfigError, FusionSpecError)
+    models = load("models")
+    return (UserError, models.ModelNameError, models.ModelConfigError, models.FusionSpecError)
 
 
 def _memory_errors() -> tuple[type[BaseException], ...]:

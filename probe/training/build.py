@@ -8,6 +8,7 @@ from torch import nn
 
 from probe.errors import StoreError, UserError, first_line
 from probe.runtime.memory import out_of_memory
+from probe.companions import load
 from probe.training.config import TrainConfig
 
 __all__ = ["build_model", "MAX_MODEL_ELEMENTS", "check_model", "model_name_for_run", "sync_batchnorm",
@@ -20,7 +21,7 @@ def build_model(name: str, *, num_classes: int, in_chans: int, image_size: int |
 
     A ``package.module:factory`` name imports and runs that module: pass only names the user gave
     (a stored run goes through :func:`model_name_for_run` first)."""
-    import models
+    models = load("models")
 
     kw = dict(model_kwargs or {})
     try:
@@ -92,7 +93,7 @@ def model_name_for_run(run: dict, factory: str | None = None, trust_factory: boo
     factory (``package.module:factory``) is rebuilt only with a factory the caller names again
     (``factory``), or with the stored name when ``trust_factory`` is set: a stored name is data and
     is never imported on its own."""
-    from models import is_factory_name
+    is_factory_name = load("models").is_factory_name
 
     stored = (run.get("config") or {}).get("model")
     if not isinstance(stored, str) or not stored:
@@ -115,7 +116,7 @@ def sync_batchnorm(model: nn.Module) -> nn.Module:
     """``model`` with every BatchNorm replaced by :class:`torch.nn.SyncBatchNorm` (statistics over
     the global batch; CUDA only), sharing the parameters and buffers. A BN with a pinned
     (``fixed:v``) weight or bias has no synchronised form and is refused."""
-    from models.fusion import PinnedBatchNorm2d
+    PinnedBatchNorm2d = load("models.fusion").PinnedBatchNorm2d
 
     def convert(module: nn.Module, name: str) -> nn.Module:
         if isinstance(module, PinnedBatchNorm2d) and (module.weight_mode.is_fixed or module.bias_mode.is_fixed):

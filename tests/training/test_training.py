@@ -235,13 +235,16 @@ def test_runs_show_and_quick_demo(tmp_path, capsys):
     demo = json.loads(out)
     assert [m["model"] for m in demo["models"]] == ["add_resnet", "mul_resnet"]
     assert all(m["best_acc"] is not None and m["final_acc"] is not None for m in demo["models"])
+    # the quick comparison compares two trained models: both far above chance (10%) on digits' 10 classes
+    # (measured: add_resnet 96.7%, mul_resnet 92.7%; the former 16-step recipe left mul_resnet at 10.9%)
+    assert all(m["final_acc"] > 50.0 for m in demo["models"]), [(m["model"], m["final_acc"]) for m in demo["models"]]
     _check_side_by_side(demo, RunStore(tmp_path))
     code, out, _ = cli(capsys, "runs", "--runs", str(tmp_path), "--json")
     assert code == 0 and json.loads(out)["count"] == 2
     rid = demo["models"][0]["run_id"]
     code, out, _ = cli(capsys, "show", rid[:20], "--runs", str(tmp_path), "--json")
     shown = json.loads(out)
-    assert code == 0 and shown["run"]["run_id"] == rid and len(shown["metrics"]) == 2
+    assert code == 0 and shown["run"]["run_id"] == rid and len(shown["metrics"]) == 4
     code, out, _ = cli(capsys, "show", "last", "--runs", str(tmp_path))
     assert code == 0 and "test top1" in out
 

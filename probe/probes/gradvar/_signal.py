@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from probe import functional as _fn
 
+from probe.companions import load
 from probe.checks import check_choice
 from probe.errors import UserError
 from probe.probes.registry import Progress
@@ -26,9 +27,9 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ``WideBasic`` / ``BasicBlock`` / ``Bottleneck`` or own a ``Fusion``), outermost only; for other
     models the top-level children (descending through a single container child)."""
     try:
-        from models.blocks import BasicBlock, Bottleneck, WideBasic
-        from models.fusion import Fusion
-        kinds: tuple[type, ...] = (BasicBlock, Bottleneck, WideBasic)
+        blocks = load("models.blocks")
+        Fusion = load("models.fusion").Fusion
+        kinds: tuple[type, ...] = (blocks.BasicBlock, blocks.Bottleneck, blocks.WideBasic)
     except ImportError:  # pragma: no cover
         kinds, Fusion = (), None
 

@@ -82,11 +82,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from models.attention import CBAM, NAM, SE, CoordAtt, TripletAttention
-from models.blocks import LastConv
-from models.fusion import Fusion
-from models.gates import Gate
 from probe.checks import check_int, check_number
+from probe.companions import load
 from probe.errors import UserError
 from probe.runtime.dist import current
 from probe.runtime.moments import from_shifted, merge_moments
@@ -97,6 +94,13 @@ from probe.probes.saturation.result import SaturationResult
 from probe.inputs import takes_loader
 
 __all__ = ["saturation", "check_options", "GATE_KINDS"]
+
+_attention = load("models.attention")
+CBAM, NAM, SE, CoordAtt, TripletAttention = (_attention.CBAM, _attention.NAM, _attention.SE, _attention.CoordAtt,
+                                             _attention.TripletAttention)
+LastConv = load("models.blocks").LastConv
+Fusion = load("models.fusion").Fusion
+Gate = load("models.gates").Gate
 
 #: Kinds of gate this probe knows (``hard_swish`` reports its gate part ``relu6(z + 3) / 6``).
 GATE_KINDS = ("sigmoid", "tanh", "hard_sigmoid", "hard_swish")
