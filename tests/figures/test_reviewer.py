@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from probe.cli import main
+from tests.probes.test_registry import cli
 from probe.figures import static_engine, write_html
 from probe.figures._common import entry_label, rank_ticks, untitled_axes
 from probe.figures.gradvar import gradvar_figure
@@ -24,13 +24,6 @@ from probe.probes.hessian import HessianProbeResult
 from probe.probes.surface.result import SurfaceProbeResult
 
 
-def cli(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _hessian(k: int, *, density: bool = True) -> HessianProbeResult:
