@@ -25,9 +25,7 @@ wall times), and the largest difference between the
 two-rank and the one-process results (they must agree to float32 rounding). On a 2-core machine
 the speed-up is bounded by 2; the NTK's two ranks each rebuild the Jacobian rows of the other's
 samples for their half of the cross block (the earlier tiles recomputed every tile's rows and
-columns and measured 0.94x at N=512). Before the clock starts each worker imports
-``torch._dynamo``, which torch imports on first entering a dispatch mode (the NTK's measuring
-pass and memory meter): a one-time cost of every process, not the probes' work.
+columns and measured 0.94x at N=512).
 
     python benchmarks/bench_dist.py [--samples 512] [--steps 21] [--surface-n 256] [--jobs ntk surface]
                                     [--device cpu|cuda|auto] [--json]
@@ -80,7 +78,6 @@ def worker(args) -> None:
     dev = pick_device(args.device)
     ddp = setup(dev)
     dev = ddp.device(torch.device(dev))
-    import torch._dynamo  # noqa: F401  (a one-time import, see the module docstring)
     if args.job == "ntk":
         from probe import empirical_ntk
 

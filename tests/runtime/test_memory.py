@@ -237,3 +237,23 @@ def test_cuda_meter_counts_the_product_not_the_workspace():
     """In a fresh process, so that the metered matmul is cuBLAS's first use."""
     out = subprocess.run([sys.executable, "-c", _GPU_SCRIPT], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_meter_and_ntk_plan_do_not_import_dynamo():
+    """The meter and the NTK's flop count are dispatch modes that compile nothing: entering them
+    must not import torch._dynamo (seconds of CPU time in every process that probes)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from probe.runtime.memory import MemoryMeter\n"
+            "from probe import empirical_ntk\n"
+            "m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))\n"
+            "with MemoryMeter(torch.device('cpu')) as meter:\n"
+            "    (m(torch.ones(5, 3)) ** 2).sum().backward()\n"
+            "assert meter.peak_bytes > 0\n"
+            "empirical_ntk(m, torch.randn(6, 3))\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
