@@ -10,11 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import probe.probes.ntk._operators as ops_mod
 import probe.probes.ntk.api as ntk_mod
 from probe.functional import eval_mode, functionalize
-from probe.probes.ntk import NtkKind
+from probe.probes.ntk import NtkKind, ntk_topk_lanczos
 from tests.probes.test_ntk import _gram_operator, _stacked_jacobian, expected, make_inputs, make_model, \
     reference_jacobian
 
@@ -173,3 +174,58 @@ def test_gram_output_gradients_fall_back_to_the_loop(monkeypatch):
         got = op.matmat(P)
     assert not op.batch_outputs and "Batching rule" in op.outputs_looped
     _close(got, looped, 0)
+
+
+class _NoVmapScale(torch.autograd.Function):
+    """2 x with no batching rule: its products work one at a time and are refused under vmap
+    (the batching of cotangents and of output gradients)."""
+
+    @staticmethod
+    def forward(x):
+        return 2 * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * (float(g.new_ones(()).item()) * 2)
+
+    @staticmethod
+    def jvp(ctx, t):
+        return 2 * t
+
+
+class _NoVmapNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(_NoVmapScale.apply(self.a(x))))
+
+
+@pytest.mark.parametrize("method,cls,attr,note", [
+    ("ntvp", "_NtkOperator", "vectorize", "ntvp: products one vector at a time"),
+    ("gram", "_GramOperator", "batch_outputs", "gram: the 3 output gradients one backward pass each"),
+])
+def test_operator_fallback_from_batched_products_is_in_the_notes(monkeypatch, method, cls, attr, note):
+    """Where batching the products fails on the model (forced on here as on a GPU), the operator
+    loops, the result is the same, and the notes say why."""
+    ops = ops_mod
+    torch.manual_seed(0)
+    model = _NoVmapNet().double()
+    x = torch.randn(12, 3, dtype=torch.float64)
+    plain = ntk_topk_lanczos(model, x, k=3, method=method, dtype=torch.float64)
+    assert not any(note in n for n in plain.notes)
+    init = getattr(ops, cls).__init__
+
+    def batched(self, *a, **kw):
+        init(self, *a, **kw)
+        setattr(self, attr, "vmap" if attr == "vectorize" else True)
+
+    monkeypatch.setattr(getattr(ops, cls), "__init__", batched)
+    res = ntk_topk_lanczos(model, x, k=3, method=method, dtype=torch.float64)
+    assert any(note in n for n in res.notes), res.notes
+    np.testing.assert_allclose(res.eigenvalues, plain.eigenvalues, rtol=1e-8)

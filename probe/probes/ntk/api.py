@@ -493,6 +493,9 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
                 gram_failed = _first_line(exc)
                 notes.append(f"gram failed on this model ({gram_failed}); VJP/JVP products instead")
         if gram is not None and gram.feasible and gram_failed is None:
+            if op.outputs_looped:
+                notes.append(f"gram: the {O} output gradients one backward pass each (batching them "
+                             f"failed: {op.outputs_looped})")
             if not eig.converged:
                 notes.append(f"not converged within a Krylov dimension of {eig.dim}: raise max_dim or "
                              f"memory_budget_bytes (largest residual {eig.residuals.max():.3g})")
@@ -552,6 +555,8 @@ def ntk_topk_lanczos(model: nn.Module, x: Tensor, k: int = 20, *, kind: NtkKind 
                 f"; the gram operator could not run ({gram.reason})" if gram is not None else "")
             raise UserError(f"the ntvp (VJP/JVP) NTK operator does not work on this model "
                             f"({_first_line(exc)}){tried}") from None
+    if op.looped:
+        notes.append(f"ntvp: products one vector at a time ({op.looped})")
     if op.pushforward is not None and op.pushforward.reverse:
         notes.append(f"ntvp: the model has no forward-mode AD ({op.pushforward.reason}): J t by a "
                      f"VJP of the VJP")
