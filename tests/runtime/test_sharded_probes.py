@@ -1,5 +1,5 @@
 """Saturation and gradient variance under torchrun (gloo, world size 2): each rank computes the
-sums of its share of the inputs / mini-batches / per-sample gradients, the ranks' moments are
+sums of its share of the inputs / mini-batches / per-sample gradients / signal-propagation chunks, the ranks' moments are
 merged, and the result equals the same call as one process (the call inside ``local()`` on each
 rank), in float64: counts, histograms and used/non-finite tallies exactly, means and deviations
 within rtol 1e-12 (saturation) and 1e-10 (gradient variance: sums of squared gradient norms)."""
@@ -63,6 +63,26 @@ for bn, share in (("eval", {"gradvar: mini-batch gradients": 3 - d.rank, "gradva
     assert np.array_equal(a.nonfinite, b.nonfinite)
     assert "mini-batch and per-sample gradients shared out over 2 rank(s), their moments merged" in b.notes
     assert not any("shared out" in n for n in a.notes)
+from probe.probes.gradvar import signal_propagation
+for bn in ("eval", "train"):                        # 40 samples: chunks of 6 (7 of them), groups of 8
+    kw = dict(rebuild=lambda s: models.create_model("tiny_add").double(), seeds=(0, 1), bn=bn, chunk=6,
+              batch_size=8, dtype="float64")
+    with local():
+        a = signal_propagation(gv_model, xg, yg, **kw)
+    b = signal_propagation(gv_model, xg, yg, **kw)
+    assert a.block_names == b.block_names and a.act_var.shape == (2, len(a.block_names)) and a.seeds == b.seeds
+    assert np.isfinite(a.act_var).all() and (a.grad_norm > 0).all(), bn
+    np.testing.assert_allclose(b.act_var, a.act_var, rtol=1e-10, atol=0, err_msg=f"signal {bn} act_var")
+    np.testing.assert_allclose(b.grad_norm, a.grad_norm, rtol=1e-10, atol=0, err_msg=f"signal {bn} grad_norm")
+    assert (a.ranks, b.ranks) == (0, 2)
+    with local():
+        one = signal_propagation(gv_model, xg, yg, bn=bn, chunk=6, dtype="float64")
+    two = signal_propagation(gv_model, xg, yg, bn=bn, chunk=6, dtype="float64")
+    np.testing.assert_allclose(two.act_var, one.act_var, rtol=1e-10, atol=0, err_msg=f"given model {bn}")
+    np.testing.assert_allclose(two.grad_norm, one.grad_norm, rtol=1e-10, atol=0, err_msg=f"given model {bn}")
+p = GradVarParams(batches=3, batch_size=8, chunk=6, seeds=1, signal=True, per_sample=False, dtype="float64")
+b = gradient_variance(gv_model, xg, yg, p)
+assert "mini-batch and signal-propagation gradients shared out over 2 rank(s), their moments merged" in b.notes, b.notes
 print(f"RANK {d.rank} OF {d.world} EQUAL", flush=True)
 teardown()
 """

@@ -62,12 +62,16 @@ class SignalStats:
     grad_norm: np.ndarray       # (S, D) rms over samples of |d l_i / d h_i|
     seeds: tuple[int, ...]      # the seeds rebuilt (empty: the given model only)
     nonfinite: int              # (seed, block) values left out as non-finite
+    ranks: int = 0              # ranks the chunks were shared out over (0: computed whole here)
 
 
 def _signal_one(model: nn.Module, x: Tensor, y: Tensor, loss: LossFn, dtype, device, bn: str, chunk: int,
                 batch_size: int, seed: int,
-                output: _fn.OutputSelector = None) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(block names, act variance (D,), rms per-sample output-gradient norm (D,)) of one model."""
+                output: _fn.OutputSelector = None, ddp=None) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(block names, act variance (D,), rms per-sample output-gradient norm (D,)) of one model.
+    ``ddp`` (an active :class:`~probe.runtime.dist.Dist`): this rank takes a contiguous share of
+    the chunks (groups with batch statistics; the same draw on every rank) and the sums are added
+    over the ranks."""
     blocks = find_blocks(model)
     names = [n for n, _ in blocks]
     D = len(names)
@@ -81,17 +85,19 @@ def _signal_one(model: nn.Module, x: Tensor, y: Tensor, loss: LossFn, dtype, dev
         return hook
 
     handles = [m.register_forward_hook(hook_for(j)) for j, (_, m) in enumerate(blocks)]
-    s1, s2, cnt, gsq = np.zeros(D), np.zeros(D), np.zeros(D), np.zeros(D)
-    n_rows = 0
+    sums = None          # (5, D) float64 on the device: sum h, sum h^2, entries, sum |g|^2; [4, 0] rows
     try:
         with bn_mode(model, bn) as skip, torch.enable_grad():
             fwd = _Fwd(model, dtype, device, skip, output)
+            sums = torch.zeros((5, D), dtype=torch.float64, device=fwd.fm.device)
             params = {n: p.requires_grad_(True) for n, p in fwd.params.items()}     # our copies
             grouped = bn == "train" or _fn.couples_samples(model)
             if grouped:
                 parts = _groups(x.shape[0], batch_size, seed)
             else:
                 parts = [torch.arange(s, min(s + chunk, x.shape[0])) for s in range(0, x.shape[0], chunk)]
+            if ddp is not None:
+                parts = parts[ddp.shard(len(parts))]
             for idx in parts:
                 rec.clear()
                 xb, yb = fwd.prepare(x[idx]), fwd.prepare(y[idx])
@@ -100,25 +106,26 @@ def _signal_one(model: nn.Module, x: Tensor, y: Tensor, loss: LossFn, dtype, dev
                 total = loss(fwd(params, xb), yb).sum()                             # sum_i l_i
                 hs = [rec.get(j) for j in range(D)]
                 have = [j for j in range(D) if hs[j] is not None and hs[j].requires_grad]
-                grads = torch.autograd.grad(total, [hs[j] for j in have], allow_unused=True)
-                for j, gj in zip(have, grads):
-                    h = hs[j].detach().to(torch.float64)
-                    s1[j] += float(h.sum())
-                    s2[j] += float((h * h).sum())
-                    cnt[j] += h.numel()
-                    if gj is not None:          # rows of d(sum_i l_i)/dh = d l_i / d h_i (eval BN)
-                        gsq[j] += float(gj.detach().to(torch.float64).pow(2).sum())
+                grads = dict(zip(have, torch.autograd.grad(total, [hs[j] for j in have], allow_unused=True)))
                 for j in range(D):
-                    if j not in have and hs[j] is not None:
-                        h = hs[j].detach().to(torch.float64)
-                        s1[j] += float(h.sum())
-                        s2[j] += float((h * h).sum())
-                        cnt[j] += h.numel()
-                n_rows += idx.shape[0]
+                    if hs[j] is None:
+                        continue
+                    h = hs[j].detach().to(torch.float64)
+                    sums[0, j] += h.sum()
+                    sums[1, j] += (h * h).sum()
+                    sums[2, j] += h.numel()
+                    gj = grads.get(j)
+                    if gj is not None:          # rows of d(sum_i l_i)/dh = d l_i / d h_i (eval BN)
+                        sums[3, j] += gj.detach().to(torch.float64).pow(2).sum()
+                sums[4, 0] += idx.shape[0]
                 rec.clear()
+        if ddp is not None:
+            ddp.all_reduce_(sums)
     finally:
         for h in handles:
             h.remove()
+    s1, s2, cnt, gsq, rows = sums.cpu().numpy()
+    n_rows = int(rows[0]) if D else 0
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = s1 / cnt
         act_var = np.maximum(s2 / cnt - mean * mean, 0.0)
@@ -142,8 +149,11 @@ def signal_propagation(model: nn.Module, x: Tensor, y: Tensor, *, rebuild: Calla
     BatchNorm statistics estimated on ``x`` for ``bn="eval"``; the global RNG state is restored after
     each rebuild); without it the given ``model`` alone is measured (``seeds`` of the result empty).
     Gradient rows come from ``d(sum_i l_i)/dh``; with batch statistics (``bn="train"``) a row also
-    carries the other samples' dependence on ``h_i`` through the group statistics.
+    carries the other samples' dependence on ``h_i`` through the group statistics. Under
+    ``torchrun`` each rank measures every model on its share of the chunks (groups) and the sums
+    are added over the ranks: equal to one process up to float64 rounding.
     """
+    from probe.runtime.dist import current
     x, y = _check_data(x, y)
     loss = loss or cross_entropy_per_sample
     check_choice("bn", bn, _BN_MODES)
@@ -163,11 +173,14 @@ def signal_propagation(model: nn.Module, x: Tensor, y: Tensor, *, rebuild: Calla
                 m = _fn.calibrate_batchnorm(m, x)
             return m.eval()
         models = [(int(s), (lambda s=s: make(int(s)))) for s in seeds]
+    ddp = current()
+    ddp = ddp if ddp.active else None
     names0: list[str] | None = None
     av, gn = [], []
     for i, (s, get) in enumerate(models):
         m = get()
-        names, a, g = _signal_one(m, x, y, loss, dtype, device, bn, chunk, batch_size, s or 0, output)
+        names, a, g = _signal_one(m, x, y, loss, dtype, device, bn, chunk, batch_size, s or 0, output,
+                                  ddp=ddp)
         if names0 is None:
             names0 = names
         elif names != names0:
@@ -179,4 +192,5 @@ def signal_propagation(model: nn.Module, x: Tensor, y: Tensor, *, rebuild: Calla
     return SignalStats(block_names=tuple(names0 or ()), act_var=act.reshape(len(models), -1),
                        grad_norm=gr.reshape(len(models), -1),
                        seeds=tuple(s for s, _ in models if s is not None),
-                       nonfinite=int((~np.isfinite(act)).sum() + (~np.isfinite(gr)).sum()))
+                       nonfinite=int((~np.isfinite(act)).sum() + (~np.isfinite(gr)).sum()),
+                       ranks=ddp.world if ddp is not None else 0)

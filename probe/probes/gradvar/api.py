@@ -146,10 +146,6 @@ def gradient_variance(model: nn.Module, x: Tensor, y: Tensor, params: GradVarPar
                          "samples (BatchNorm without running statistics or bn=train)")
         if ps_bad:
             notes.append(f"{ps_bad} samples had non-finite per-sample gradients and were left out")
-    shared = [what for what, r in ranks.items() if r]
-    if shared:
-        notes.append(f"{' and '.join(shared)} gradients shared out over {max(ranks.values())} rank(s), "
-                     "their moments merged")
     sig_src, block_names = "off", ()
     act = grd = np.zeros((0, 0))
     sig_seeds: tuple[int, ...] = ()
@@ -170,6 +166,11 @@ def gradient_variance(model: nn.Module, x: Tensor, y: Tensor, params: GradVarPar
             notes.append("signal propagation at initialisation (fresh models from the seeds), not at this checkpoint")
         if sig_bad:
             notes.append(f"{sig_bad} non-finite depth-curve values left out of the seed averages")
+        ranks["signal-propagation"] = sig.ranks
+    shared = [what for what, r in ranks.items() if r]
+    if shared:
+        notes.append(f"{', '.join(shared[:-1]) + ' and ' if len(shared) > 1 else ''}{shared[-1]} gradients shared out "
+                     f"over {max(ranks.values())} rank(s), their moments merged")
     return GradVarResult(
         names=mb.names, modules=tuple(_module_of(n) for n in mb.names), numel=mb.numel,
         grad_norm=mb.grad_norm, trace_cov=mb.trace_cov, snr=_ratio(g2, mb.trace_cov),
