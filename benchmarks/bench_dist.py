@@ -25,7 +25,8 @@ wall times), and the largest difference between the
 two-rank and the one-process results (they must agree to float32 rounding). On a 2-core machine
 the speed-up is bounded by 2; the NTK's two ranks each rebuild the Jacobian rows of the other's
 samples for their half of the cross block (the earlier tiles recomputed every tile's rows and
-columns and measured 0.94x at N=512).
+columns and measured 0.94x at N=512). The ranks' clocks start after a barrier once each has built
+its model and data, so that one rank's slower start is not counted as the other's waiting.
 
     python benchmarks/bench_dist.py [--samples 512] [--steps 21] [--surface-n 256] [--jobs ntk surface]
                                     [--device cpu|cuda|auto] [--json]
@@ -68,6 +69,16 @@ def _setup(n: int):
     return model, data.x_train[:n], data.y_train[:n]
 
 
+def _start_together(ddp, dev) -> float:
+    """The ranks' clocks start together: a barrier once every rank has built its model and data
+    (the communication counters then start at zero); returns the memory baseline."""
+    from probe.runtime.dist import COMM
+
+    ddp.barrier()
+    COMM["seconds"], COMM["calls"] = 0.0, 0
+    return start_memory(dev)
+
+
 def worker(args) -> None:
     """One configuration of one job (under torchrun or alone): rank 0 prints one JSON line."""
     import numpy as np
@@ -83,7 +94,7 @@ def worker(args) -> None:
 
         model, x, _ = _setup(args.samples)
         model, x = model.to(dev), x.to(dev)
-        base = start_memory(dev)
+        base = _start_together(ddp, dev)
         t0, c0 = time.perf_counter(), time.process_time()
         out = empirical_ntk(model, x).kernel
     else:
@@ -92,7 +103,7 @@ def worker(args) -> None:
         model, x, y = _setup(args.surface_n)
         model, x, y = model.to(dev), x.to(dev), y.to(dev)
         dirs = random_directions(model, 2)
-        base = start_memory(dev)
+        base = _start_together(ddp, dev)
         t0, c0 = time.perf_counter(), time.process_time()
         out = loss_surface(model, x, y, dirs, f"-1:1:{args.steps}").loss
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0

@@ -390,17 +390,22 @@ def grad_blocks_scratch_numel(layers: Sequence[StructuredLayer]) -> int:
         + [0])
 
 
-def gram_factors(layer: StructuredLayer, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+def gram_factors(layer: StructuredLayer, a: Tensor | None, g: Tensor) -> tuple[Tensor | None, Tensor]:
     """(A, G) of a Linear / ungrouped Conv2d call: (n, T, k) input features (a constant 1 for the
     bias) and (oc, n, T, d_out) gradients, so that the rows of samples i, j for outputs o, o' have
-    inner product sum_{t,s} (A_it . A_js)(G_oit . G_o'js)."""
-    n, oc = a.shape[0], g.shape[0]
+    inner product sum_{t,s} (A_it . A_js)(G_oit . G_o'js). ``a`` None: A is None (a caller that
+    keeps A, or its Gram matrix, across outputs spares the patch matrix)."""
+    n, oc = g.shape[1], g.shape[0]
     if layer.kind == "linear":
-        A = a.reshape(n, -1, a.shape[-1])
         G = g.reshape(oc, n, -1, g.shape[-1])
     else:
-        A = conv_patches(layer.module, a).transpose(1, 2)               # (n, D, C_in*k*k)
         G = g.reshape(oc, n, g.shape[2], -1).transpose(2, 3)            # (oc, n, D, C_out)
+    if a is None:
+        return None, G
+    if layer.kind == "linear":
+        A = a.reshape(n, -1, a.shape[-1])
+    else:
+        A = conv_patches(layer.module, a).transpose(1, 2)               # (n, D, C_in*k*k)
     if layer.b is not None:
         ones = torch.ones(A.shape[:2] + (1,), dtype=A.dtype, device=A.device)
         A = torch.cat([A, ones], dim=2) if layer.w is not None else ones

@@ -53,9 +53,10 @@ MODEL = textwrap.dedent('''
         return m.eval(), torch.randn(n, 3, 8, 8, dtype=torch.float64)
 ''')
 
-# (kind, memory budget): the whole factors at once; 2 of the 6 outputs' factors at a time; a
-# budget the factors do not fit (the tiles instead)
-RUNS = [("trace", 2 ** 30), ("diagonal", 1_750_000), ("trace", 1_000_000)]
+# (kind, memory budget): the whole factors at once; 2 of the 6 outputs' factors at a time, with no
+# room left to keep the own samples' patch matrices and Gram products (formed again per pass); a
+# budget the factors do not fit (the tiles instead); 2 outputs at a time, those kept
+RUNS = [("trace", 2 ** 30), ("diagonal", 1_750_000), ("trace", 1_000_000), ("diagonal", 1_895_000)]
 
 WORKER = textwrap.dedent('''
     import json, sys
@@ -73,6 +74,12 @@ WORKER = textwrap.dedent('''
         if ddp.rank == 0:
             print(json.dumps({"schedule": r.schedule, "notes": list(r.notes)}), flush=True)
     np.savez(f"{sys.argv[1]}-{ddp.rank}.npz", **out)
+    bad = x.clone()
+    bad[20, 0, 0, 0] = float("nan")                  # in rank 1's share (samples 12..22)
+    try:
+        empirical_ntk(m, bad)
+    except ValueError as e:
+        print(f"NONFINITE {ddp.rank}: {e}", flush=True)
     teardown()
 ''')
 
@@ -100,7 +107,8 @@ def test_cross_block_items_split_into_two_disjoint_halves_of_equal_cost():
 def test_ntk_from_layer_factors_over_two_ranks_equals_one_process(tmp_path):
     """Two ranks, 23 samples (shares of 12 and 11): the trace kernel, the diagonal kernel with
     the factors of 2 outputs at a time, and the tiles when the factors do not fit; each equal
-    to the single-process kernel within 1e-10 (float64) and the same on both ranks."""
+    to the single-process kernel within 1e-10 (float64) and the same on both ranks. A
+    non-finite output in one rank's share stops both ranks with the same error."""
     (tmp_path / "ntk_model.py").write_text(MODEL)
     (tmp_path / "worker.py").write_text(WORKER)
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{tmp_path}", OMP_NUM_THREADS="1",
@@ -112,8 +120,12 @@ def test_ntk_from_layer_factors_over_two_ranks_equals_one_process(tmp_path):
     info = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(info) == len(RUNS)
     assert "exchanged 6 output(s) at a time" in info[0]["schedule"]
-    assert "exchanged 2 output(s) at a time" in info[1]["schedule"]
-    for run in info[:2]:
+    assert "exchanged 2 output(s) at a time" in info[1]["schedule"] and "formed again" in info[1]["schedule"]
+    assert "exchanged 2 output(s) at a time" in info[3]["schedule"] and "again" not in info[3]["schedule"]
+    for r in (0, 1):        # each rank checked its share; both raise the same error, sample 20 named
+        assert any(line.startswith(f"NONFINITE {r}: model outputs are not finite on the probe inputs (x1, e.g. "
+                                   "sample 20)") for line in proc.stdout.splitlines()), proc.stdout[-2000:]
+    for run in info[:2] + info[3:]:
         assert any("from layer factors" in n for n in run["notes"])
     assert any("tiles over 2 ranks" in n and "do not apply or fit" in n for n in info[2]["notes"])
 
@@ -130,5 +142,5 @@ def test_ntk_from_layer_factors_over_two_ranks_equals_one_process(tmp_path):
         assert got.shape == want.shape == ((23, 23) if kind == "trace" else (6, 23, 23))
         assert np.abs(got - want).max() <= 1e-10 * np.abs(want).max(), (kind, i)
         assert np.array_equal(got, b[str(i)])
-        if i < 2:                                 # the factors' cross blocks are mirrored exactly
+        if i != 2:                                # the factors' cross blocks are mirrored exactly
             assert np.array_equal(got, np.swapaxes(got, -1, -2))

@@ -151,10 +151,13 @@ def _unpack(flat: Tensor, keys: list[tuple], n: int, shapes: dict[tuple, tuple])
 
 
 def _budget(c: _Ctx, layers: list[StructuredLayer], used: list[int], n_me: int, n_big: int, free: int
-            ) -> tuple[int, int]:
-    """(outputs whose factors are held at once, peak bytes): the recorded passes of this rank's
+            ) -> tuple[int, int, bool]:
+    """(outputs whose factors are held at once, peak bytes, whether the own samples' patch
+    matrices and input Gram products are kept across outputs): the recorded passes of this rank's
     samples and their layer inputs, per output their gradients (own, sent and received), and one
-    layer at a time the rows or patch matrices of both sides, Gram products and a kernel block.
+    layer at a time the rows or patch matrices of both sides, Gram products and a kernel block;
+    what is left after the outputs keeps the own samples' patch matrices and Gram products of
+    every layer when it can (else they are formed again where a layer's items come in twice).
     0 outputs when not even one fits."""
     it, O, S = c.itemsize, c.O, c.stats.saved_numel
     sum_in = sum(layers[li].in_numel for li in used)
@@ -175,7 +178,11 @@ def _budget(c: _Ctx, layers: list[StructuredLayer], used: list[int], n_me: int, 
     per_out = (n_me + pair) * sum_out * it
     room = free - fixed - work
     m = int(min(O, room // per_out)) if room > 0 else 0
-    return m, fixed + work + m * per_out
+    kept = sum(n_me * (layers[li].t ** 2 * n_me if layers[li].gram else
+                       layers[li].calls * layers[li].unfold_numel if conv_rows_by_patches(layers[li]) else 0)
+               for li in used) * it
+    keep = m > 0 and room - m * per_out >= kept
+    return m, fixed + work + m * per_out + (kept if keep else 0), keep
 
 
 def _factored(c: _Ctx, layers: list[StructuredLayer], fallback: list[str], ddp: Dist, free: int,
@@ -203,7 +210,7 @@ def _factored(c: _Ctx, layers: list[StructuredLayer], fallback: list[str], ddp: 
     used = [li for li, lay in enumerate(layers) if lay.calls > 0]
     if fallback or not used or N < W or kind == NtkKind.FULL:
         return None
-    m, peak = _budget(c, layers, used, n_big, n_big, free)    # the largest share's: the same on every rank
+    m, peak, keep_own = _budget(c, layers, used, n_big, n_big, free)   # the largest share's: the same on every rank
     if m < 1:
         return None
 
@@ -232,6 +239,7 @@ def _factored(c: _Ctx, layers: list[StructuredLayer], fallback: list[str], ddp: 
     mine.rows = torch.empty(n_me * width, dtype=fm.dtype, device=fm.device) if width else None
     their_rows = torch.empty(n_big * width, dtype=fm.dtype, device=fm.device) if width else None
     acc_own = torch.empty((n_me, n_me), dtype=fm.dtype, device=fm.device)
+    kept: dict | None = {} if keep_own else None    # per layer: own patch matrices / input Gram product
 
     def rows(li: int, f: _Factors, o: int, patches: dict[int, Tensor]) -> list[Tensor]:
         total, layer = None, layers[li]
@@ -243,14 +251,18 @@ def _factored(c: _Ctx, layers: list[StructuredLayer], fallback: list[str], ddp: 
         return total
 
     def gram(li: int, f1: _Factors, f2: _Factors, o: int, aa: dict) -> Tensor:
+        """(n1, n2) sum_ts (a1_t . a2_s)(g1_t . g2_s) of output o; ``aa`` keeps the inputs' Gram
+        products of the layer (the same for every output: its patch matrices formed once)."""
         layer, k = layers[li], by_layer[li][0]
-        A1, G1 = gram_factors(layer, f1.A[k], f1.G[(k, o)].unsqueeze(0))        # (n, T, k), (1, n, T, d)
-        A2, G2 = (A1, G1) if f2 is f1 else gram_factors(layer, f2.A[k], f2.G[(k, o)].unsqueeze(0))
-        n1, T, n2 = A1.shape[0], A1.shape[1], A2.shape[0]
-        if "aa" not in aa:
-            aa["aa"] = (A1.reshape(n1 * T, -1) @ A2.reshape(n2 * T, -1).T).view(n1, T, n2, T)
-        gg = (G1[0].reshape(n1 * T, -1) @ G2[0].reshape(n2 * T, -1).T).view(n1, T, n2, T)
-        return (aa["aa"] * gg).sum((1, 3))
+        key = (li, f2 is f1)
+        have = key in aa
+        A1, G1 = gram_factors(layer, None if have else f1.A[k], f1.G[(k, o)].unsqueeze(0))   # (n, T, k), (1, n, T, d)
+        A2, G2 = (A1, G1) if f2 is f1 else gram_factors(layer, None if have else f2.A[k],
+                                                        f2.G[(k, o)].unsqueeze(0))
+        n1, T, n2 = G1.shape[1], G1.shape[2], G2.shape[1]
+        if not have:
+            aa[key] = (A1.reshape(n1 * T, -1) @ A2.reshape(n2 * T, -1).T).view(n1, T, n2, T)
+        return (aa[key] * (G1[0].reshape(n1 * T, -1) @ G2[0].reshape(n2 * T, -1).T).view(n1, T, n2, T)).sum((1, 3))
 
     def run(own: set, cross: set, theirs: _Factors | None, s: tuple[int, int] | None) -> None:
         """K[mine, mine] += the ``own`` items; K[mine, s] += the ``cross`` items (``theirs``:
@@ -262,7 +274,8 @@ def _factored(c: _Ctx, layers: list[StructuredLayer], fallback: list[str], ddp: 
                 continue
             layer = layers[li]
             if layer.gram:
-                aa_own, aa_cross = {}, {}
+                aa_own = kept.setdefault(li, {}) if kept is not None else {}
+                aa_cross = {}
                 for o in outs:
                     if (o, li) in own:
                         block(o, (lo, hi), (lo, hi)).add_(gram(li, mine, mine, o, aa_own))
@@ -270,7 +283,11 @@ def _factored(c: _Ctx, layers: list[StructuredLayer], fallback: list[str], ddp: 
                         block(o, (lo, hi), s).add_(gram(li, mine, theirs, o, aa_cross))
                 continue
             patched = layer.kind == "conv" and layer.w is not None and conv_rows_by_patches(layer)
-            u_own = {k: conv_patches(layer.module, mine.A[k]) for k in by_layer[li]} if patched else {}
+            u_own = kept.get(li) if kept is not None else None
+            if u_own is None:
+                u_own = {k: conv_patches(layer.module, mine.A[k]) for k in by_layer[li]} if patched else {}
+                if kept is not None:
+                    kept[li] = u_own
             u_cross = ({k: conv_patches(layer.module, theirs.A[k]) for k in by_layer[li]}
                        if patched and any((o, li) in cross for o in outs) else {})
             for o in outs:
@@ -326,7 +343,7 @@ def _factored(c: _Ctx, layers: list[StructuredLayer], fallback: list[str], ddp: 
                 run(take if d == 1 else set(), take, theirs, shares[src])
                 del theirs, recv
                 pbar.update(1)
-    del recs, leaves, mine
+    del recs, leaves, mine, kept
     if len(tri) > 1:
         _mirror_(K[..., lo:hi, lo:hi], tri)
     ddp.all_reduce_(K)
@@ -343,5 +360,6 @@ def _factored(c: _Ctx, layers: list[StructuredLayer], fallback: list[str], ddp: 
     plan = _Plan("layerwise", True, block=n_me, chunk=_CHUNK, peak_bytes=peak, n_blocks=len(groups) * W,
                  flops=flops, cost=flops, layers=layers,
                  schedule=(f"layer factors of {n_me} samples per rank over {W} ranks, exchanged "
-                           f"{m} output(s) at a time, {len(used)} structured layers ({n_gram} by Gram)"))
+                           f"{m} output(s) at a time, {len(used)} structured layers ({n_gram} by Gram)"
+                           + ("" if keep_own else "; own patch matrices formed again per pass (memory budget)")))
     return K, plan, sent

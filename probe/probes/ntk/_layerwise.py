@@ -145,7 +145,8 @@ def _lw_stream_pair(c: _Ctx, layers: list[StructuredLayer], params: dict[str, Te
         def on_grad(o: int, k: int, g: Tensor) -> None:
             rec = recs[0].recs[k]
             if layers[rec.layer].gram:
-                A, G = gram_factors(layers[rec.layer], rec.src.detach(), g.unsqueeze(0))   # (n, T, k), (1, n, T, d)
+                A, G = gram_factors(layers[rec.layer], None if rec.layer in aa_cache else rec.src.detach(),
+                                    g.unsqueeze(0))                    # (n, T, k) or None, (1, n, T, d)
                 gram(rec.layer, A, G[0])
                 return
             _, blocks = blocks_of(0, k, g, scratch)                                  # [(n, p_i)]
@@ -172,7 +173,7 @@ def _lw_stream_pair(c: _Ctx, layers: list[StructuredLayer], params: dict[str, Te
             li = rec.layer
             filled.add((li, ci))
             if layers[li].gram:
-                _, G = gram_factors(layers[li], rec.src.detach(), g.unsqueeze(0))
+                _, G = gram_factors(layers[li], None, g.unsqueeze(0))
                 if li not in gs:
                     gs[li] = G.new_empty((n,) + G.shape[2:])
                 gs[li][c0:c1] = G[0]

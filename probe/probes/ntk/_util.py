@@ -74,9 +74,16 @@ def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._NormBase) for m in model.modules())
 
 
-def _check_finite(fm: FunctionalModel, x: Tensor, chunk: int, which: str) -> float:
+def _check_finite(fm: FunctionalModel, x: Tensor, chunk: int, which: str, ddp=None) -> float:
     """Raise on non-finite model outputs; return the largest |output|. The chunks' checks and
-    maxima stay on the device and come to the host once, after the last chunk."""
+    maxima stay on the device and come to the host once, after the last chunk. ``ddp`` (an
+    active :class:`~probe.runtime.dist.Dist`): each rank checks its share of the samples and the
+    ranks exchange (first non-finite sample, largest |output|), so that every rank raises the
+    same error or returns the same maximum."""
+    start = 0
+    if ddp is not None:
+        part = ddp.shard(x.shape[0])
+        x, start = x[part], part.start
     ok, tops = [], []
     with torch.no_grad():
         for lo, hi in _ranges(x.shape[0], chunk):
@@ -84,16 +91,21 @@ def _check_finite(fm: FunctionalModel, x: Tensor, chunk: int, which: str) -> flo
             ok.append(torch.isfinite(y).all())
             if y.numel():
                 tops.append(y.abs().max().to(torch.float64))
-    if not ok:
-        return 0.0
-    if not bool(torch.stack(ok).all()):
+    bad = -1
+    if ok and not bool(torch.stack(ok).all()):
         lo, hi = _ranges(x.shape[0], chunk)[int(torch.stack(ok).logical_not().nonzero()[0, 0])]
         with torch.no_grad():
             y = fm(fm.params, x[lo:hi])
-        bad = (~torch.isfinite(y.reshape(hi - lo, -1))).any(1).nonzero().flatten().tolist() or [0]
+        bad = start + lo + ((~torch.isfinite(y.reshape(hi - lo, -1))).any(1).nonzero().flatten().tolist() or [0])[0]
+    top = max(0.0, float(torch.stack(tops).max())) if tops else 0.0
+    if ddp is not None:
+        every = ddp.all_gather((bad, top))
+        bad = min((b for b, _ in every if b >= 0), default=-1)
+        top = max(t for _, t in every)
+    if bad >= 0:
         raise UserError(f"model outputs are not finite on the probe inputs ({which}, e.g. sample "
-                        f"{lo + bad[0]}); check the checkpoint and the input normalisation")
-    return max(0.0, float(torch.stack(tops).max())) if tops else 0.0
+                        f"{bad}); check the checkpoint and the input normalisation")
+    return top
 
 
 def _out_of_range(dtype: torch.dtype, y_max: float) -> bool:

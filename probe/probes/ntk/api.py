@@ -148,7 +148,7 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
                 f"eigenvalues without forming the kernel, or raise memory_budget_bytes")
         act_bytes = max(1, 3 * stats.saved_numel * itemsize)
         chunk = max(1, min(c.n1, free // act_bytes))
-        y_max = _check_finite(fm, x1, chunk, "x1")
+        y_max = _check_finite(fm, x1, chunk, "x1", ddp if spread else None)
         if not sym:
             y_max = max(y_max, _check_finite(fm, x2, chunk, "x2"))
         if dtype is None and fm.dtype != torch.float64 and _out_of_range(fm.dtype, y_max):
