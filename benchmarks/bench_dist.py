@@ -17,7 +17,9 @@ float32. Jobs (each run in its own processes, the library called directly):
 takes none of them for its own.) Configurations: ``w1t1`` one process, one thread; ``w1t2`` one process, two threads (the same
 cores as two ranks); ``w2t1`` ``torchrun --standalone --nproc-per-node 2``, one thread each (gloo).
 
-Printed per job: wall time of each configuration, the speed-up of ``w2t1`` over ``w1t1`` and
+Every configuration runs ``--repeat`` times (default 3), the configurations interleaved, and the
+times printed are the medians (this machine's speed drifts by 10-20% between runs). Printed per
+job: wall time of each configuration, the speed-up of ``w2t1`` over ``w1t1`` and
 ``w1t2``, the scaling efficiency T(w1t1) / (2 T(w2t1)), the communication share (rank 0's time
 in collectives, waiting included, over its wall time), ``x cpu`` the CPU time of w1t1 over that
 of w2t1's rank 0 (the work per rank, which on a machine shared with other jobs says more than the
@@ -29,7 +31,7 @@ columns and measured 0.94x at N=512). The ranks' clocks start after a barrier on
 its model and data, so that one rank's slower start is not counted as the other's waiting.
 
     python benchmarks/bench_dist.py [--samples 512] [--steps 21] [--surface-n 256] [--jobs ntk surface]
-                                    [--device cpu|cuda|auto] [--json]
+                                    [--repeat 3] [--device cpu|cuda|auto] [--json]
 
 ``--device cuda`` runs every rank on its own GPU (NCCL; two ranks need two GPUs) and adds each
 configuration's CUDA allocator peak on rank 0 (``max_memory_allocated``) to the report.
@@ -127,6 +129,17 @@ def _run(job: str, world: int, threads: int, args, out: str) -> dict:
     return done.result
 
 
+def _median_run(rs: list[dict]) -> dict:
+    """One configuration's repeats: the median of each time, the first repeat's result."""
+    import numpy as np
+
+    out = dict(rs[0])
+    for k in ("wall_s", "cpu_s", "comm_s", "gpu_extra_mib"):
+        if k in out:
+            out[k] = float(np.median([r[k] for r in rs]))
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -134,6 +147,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=21, help="surface points per axis")
     p.add_argument("--surface-n", type=int, default=256, help="surface samples")
     p.add_argument("--jobs", nargs="+", default=list(JOBS), choices=JOBS, help="which jobs to run")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="runs of each configuration, interleaved; the times reported are the medians")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     add_device_flag(p)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -152,12 +167,15 @@ def main(argv=None) -> None:
     report = []
     with tempfile.TemporaryDirectory() as tmp:
         for job in args.jobs:
-            runs = {}
-            for name, world, threads in (("w1t1", 1, 1), ("w1t2", 1, 2), ("w2t1", 2, 1)):
-                out = os.path.join(tmp, f"{job}-{name}.npy")
-                runs[name] = _run(job, world, threads, args, out)
-                runs[name]["result"] = np.load(out)
-                log(f"{job:<8} {name}: {runs[name]['wall_s']:8.2f} s")
+            reps: dict[str, list[dict]] = {"w1t1": [], "w1t2": [], "w2t1": []}
+            for rep in range(args.repeat):          # interleaved, so that a slow spell hits every configuration
+                for name, world, threads in (("w1t1", 1, 1), ("w1t2", 1, 2), ("w2t1", 2, 1)):
+                    out = os.path.join(tmp, f"{job}-{name}.npy")
+                    reps[name].append(_run(job, world, threads, args, out))
+                    reps[name][-1]["result"] = np.load(out)
+                    log(f"{job:<8} {name} ({rep + 1}/{args.repeat}): {reps[name][-1]['wall_s']:8.2f} s")
+            runs = {name: _median_run(rs) for name, rs in reps.items()}
+            pairs = [a["wall_s"] / b["wall_s"] for a, b in zip(reps["w1t1"], reps["w2t1"])]
             ref, two = runs["w1t1"]["result"], runs["w2t1"]["result"]
             scale = float(np.nanmax(np.abs(ref))) or 1.0
             row = {"job": job, **{f"{k}_s": v["wall_s"] for k, v in runs.items()},
@@ -168,6 +186,7 @@ def main(argv=None) -> None:
                    "comm_share": runs["w2t1"]["comm_s"] / runs["w2t1"]["wall_s"],
                    "comm_calls": runs["w2t1"]["comm_calls"],
                    "max_rel_diff": float(np.nanmax(np.abs(two - ref))) / scale,
+                   "repeat": args.repeat, "speedup_per_repeat": pairs,
                    **{f"{k}_gpu_extra_mib": v["gpu_extra_mib"] for k, v in runs.items() if "gpu_extra_mib" in v}}
             report.append(row)
     if args.json:
@@ -179,6 +198,8 @@ def main(argv=None) -> None:
         print(f"{r['job']:<8} {r['w1t1_s']:8.2f} {r['w1t2_s']:8.2f} {r['w2t1_s']:8.2f} {r['speedup_vs_w1t1']:7.2f} "
               f"{r['speedup_vs_w1t2']:7.2f} {r['efficiency']:7.2f} {r['comm_share']:6.1%} {r['cpu_speedup']:6.2f} "
               f"{r['max_rel_diff']:13.2e}")
+        print(f"{'':<8} x w1t1 per repeat (w1t1 / w2t1 of the same round): "
+              + ", ".join(f"{x:.2f}" for x in r["speedup_per_repeat"]))
         if "w1t1_gpu_extra_mib" in r:
             print(f"{'':<8} peak CUDA allocated above the start (rank 0), MiB: " + ", ".join(
                 f"{k} {r[f'{k}_gpu_extra_mib']:.0f}" for k in ("w1t1", "w1t2", "w2t1")))

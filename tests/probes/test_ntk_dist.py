@@ -56,7 +56,9 @@ MODEL = textwrap.dedent('''
 # (kind, memory budget): the whole factors at once; 2 of the 6 outputs' factors at a time, with no
 # room left to keep the own samples' patch matrices and Gram products (formed again per pass); a
 # budget the factors do not fit (the tiles instead); 2 outputs at a time, those kept
-RUNS = [("trace", 2 ** 30), ("diagonal", 1_750_000), ("trace", 1_000_000), ("diagonal", 1_895_000)]
+RUNS = [("trace", 2 ** 30), ("diagonal", 1_750_000), ("trace", 1_000_000), ("diagonal", 1_895_000),
+        ("diagonal", 2 ** 30)]
+CHUNKS = {4: 5}         # run 4: passes over chunks of 5 samples (gradients copied into the share's buffers)
 
 WORKER = textwrap.dedent('''
     import json, sys
@@ -65,10 +67,14 @@ WORKER = textwrap.dedent('''
     from probe.runtime.dist import setup, teardown
     from ntk_model import build
 
+    import probe.probes.ntk._dist as dist_ntk
+
     ddp = setup("cpu")
     m, x = build()
     out = {}
+    default_chunk, chunks = dist_ntk._CHUNK, json.loads(sys.argv[3])
     for i, (kind, budget) in enumerate(json.loads(sys.argv[2])):
+        dist_ntk._CHUNK = chunks.get(str(i), default_chunk)
         r = empirical_ntk(m, x, kind=kind, memory_budget_bytes=budget)
         out[str(i)] = r.kernel
         if ddp.rank == 0:
@@ -79,7 +85,8 @@ WORKER = textwrap.dedent('''
     try:
         empirical_ntk(m, bad)
     except ValueError as e:
-        print(f"NONFINITE {ddp.rank}: {e}", flush=True)
+        sys.stdout.write(f"NONFINITE {ddp.rank}: {e}\\n")
+        sys.stdout.flush()
     teardown()
 ''')
 
@@ -114,7 +121,7 @@ def test_ntk_from_layer_factors_over_two_ranks_equals_one_process(tmp_path):
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{tmp_path}", OMP_NUM_THREADS="1",
                PROBE_DIST_TIMEOUT="120")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           str(tmp_path / "worker.py"), str(tmp_path / "k"), json.dumps(RUNS)],
+                           str(tmp_path / "worker.py"), str(tmp_path / "k"), json.dumps(RUNS), json.dumps(CHUNKS)],
                           env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -123,8 +130,8 @@ def test_ntk_from_layer_factors_over_two_ranks_equals_one_process(tmp_path):
     assert "exchanged 2 output(s) at a time" in info[1]["schedule"] and "formed again" in info[1]["schedule"]
     assert "exchanged 2 output(s) at a time" in info[3]["schedule"] and "again" not in info[3]["schedule"]
     for r in (0, 1):        # each rank checked its share; both raise the same error, sample 20 named
-        assert any(line.startswith(f"NONFINITE {r}: model outputs are not finite on the probe inputs (x1, e.g. "
-                                   "sample 20)") for line in proc.stdout.splitlines()), proc.stdout[-2000:]
+        assert (f"NONFINITE {r}: model outputs are not finite on the probe inputs (x1, e.g. sample 20)"
+                in proc.stdout), proc.stdout[-2000:]
     for run in info[:2] + info[3:]:
         assert any("from layer factors" in n for n in run["notes"])
     assert any("tiles over 2 ranks" in n and "do not apply or fit" in n for n in info[2]["notes"])

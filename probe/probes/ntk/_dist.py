@@ -81,7 +81,8 @@ def _tiled(ddp: Dist, ntk: Callable[..., NtkResult], model: nn.Module, x1: Tenso
 # The layerwise kernel from per-rank factors
 # --------------------------------------------------------------------------------------------
 
-_CHUNK = 64   # samples per recorded forward and backward pass (small passes stay in cache on CPU)
+_CHUNK = 256    # samples per recorded forward and backward pass; a share of at most this many: one pass
+#                whose gradients are kept as autograd returns them (no copy into per-chunk buffers)
 
 
 def _shares(n: int, world: int) -> list[tuple[int, int]]:
@@ -227,7 +228,8 @@ def _factored(c: _Ctx, layers: list[StructuredLayer], fallback: list[str], ddp: 
     norms = {k: first.recs[k].norm for k in calls}
     shapes = {("a", k): tuple(first.recs[k].src.shape[1:]) for k in calls}
     shapes.update({("g", k): tuple(first.recs[k].z.shape[1:]) for k in calls})
-    mine = _Factors(n_me, {k: torch.cat([r.recs[k].src.detach() for r in recs]) for k in calls}, {})
+    mine = _Factors(n_me, {k: torch.cat([r.recs[k].src.detach() for r in recs]) if len(recs) > 1
+                           else recs[0].recs[k].src.detach() for k in calls}, {})
     K = torch.zeros(_block_shape(kind, N, N, O), dtype=torch.float64, device=fm.device)
     tri = _tri_blocks(n_me)
 
@@ -309,20 +311,30 @@ def _factored(c: _Ctx, layers: list[StructuredLayer], fallback: list[str], ddp: 
     groups = _ranges(O, m)
     with _progress(len(groups) * W, f"ntk {kind.value} (layer factors over {W} ranks)", progress) as pbar:
         for o0, o1 in groups:
-            mine.G = {(k, o): torch.empty((n_me,) + shapes[("g", k)], dtype=fm.dtype, device=fm.device)
-                      for k in calls for o in range(o0, o1)}
+            one = len(parts) == 1              # one pass: autograd's gradients kept as they are
+            mine.G = {} if one else {(k, o): torch.empty((n_me,) + shapes[("g", k)], dtype=fm.dtype,
+                                                         device=fm.device)
+                                     for k in calls for o in range(o0, o1)}
             filled = set()
             for o in range(o0, o1):
                 for ci, (c0, c1) in enumerate(parts):
                     def keep(_o, k, g, o=o, ci=ci, c0=c0, c1=c1):
                         if k in norms:
-                            mine.G[(k, o)][c0:c1] = g
+                            if one:
+                                mine.G[(k, o)] = g
+                            else:
+                                mine.G[(k, o)][c0:c1] = g
                             filled.add((k, o, ci))
                     stream_backward(recs[ci], leaves[ci], [o], keep)
-            for (k, o), g in mine.G.items():         # no gradient reached the call: its rows are zero
-                for ci, (c0, c1) in enumerate(parts):
-                    if (k, o, ci) not in filled:
-                        g[c0:c1].zero_()
+            for k in calls:                           # no gradient reached the call: its rows are zero
+                for o in range(o0, o1):
+                    for ci, (c0, c1) in enumerate(parts):
+                        if (k, o, ci) not in filled:
+                            if one:
+                                mine.G[(k, o)] = torch.zeros((n_me,) + shapes[("g", k)], dtype=fm.dtype,
+                                                             device=fm.device)
+                            else:
+                                mine.G[(k, o)][c0:c1].zero_()
             items = {(o, li) for o in range(o0, o1) for li in used}
             for d in range(1, W):
                 dst, src = (me + d) % W, (me - d) % W
