@@ -27,7 +27,7 @@ wall times), and the largest difference between the
 two-rank and the one-process results (they must agree to float32 rounding). On a 2-core machine
 the speed-up is bounded by 2; the NTK's two ranks each rebuild the Jacobian rows of the other's
 samples for their half of the cross block (the earlier tiles recomputed every tile's rows and
-columns and measured 0.94x at N=512). The ranks' clocks start after a barrier once each has built
+columns and measured 0.94x at N=512; the factors: 1.70x, median of 5 repeats, each 1.61-1.81x). The ranks' clocks start after a barrier once each has built
 its model and data, so that one rank's slower start is not counted as the other's waiting.
 
     python benchmarks/bench_dist.py [--samples 512] [--steps 21] [--surface-n 256] [--jobs ntk surface]
