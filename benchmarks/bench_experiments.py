@@ -9,12 +9,17 @@ cores (threads per job = cores), once at ``--jobs`` worker processes sharing the
 either sweep is timed; the parallel sweep's time includes starting its workers (a fresh
 interpreter and imports each).
 
+A third sweep trains the same runs at one job on one job's share of the threads (cores // jobs),
+which says what the parallel sweep is up against: when one run already gets a speed-up of S from
+all the cores' threads, ``jobs`` processes can beat it by at most jobs / S (the bound printed), and
+the parallel sweep's runs per hour over jobs x that sweep's is its scaling.
+
 It prints the wall time and the runs per hour of each sweep, their ratio (the target is 1.6x at
 two jobs on two cores) and checks that the two sweeps reach the same final test accuracy per run:
 exactly equal numbers are not promised, since the thread count changes the order of floating
 point sums, so the check allows ``--tol`` percentage points. The last line is a one-line summary.
 
-    python benchmarks/bench_experiments.py [--runs 8] [--epochs 2] [--limit-train 512] [--jobs 2]
+    python benchmarks/bench_experiments.py [--runs 8] [--epochs 6] [--limit-train 512] [--jobs 2]
                                            [--tol 1.0] [--device cpu|cuda|auto] [--json]
 
 ``--device cuda`` trains every run on the GPU (the jobs of the parallel sweep share it); the script
@@ -78,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--runs", type=int, default=8, help="runs in the sweep (seed fusion rows, in order)")
-    p.add_argument("--epochs", type=int, default=2, help="epochs of each run")
+    p.add_argument("--epochs", type=int, default=6, help="epochs of each run")
     p.add_argument("--limit-train", type=int, default=None,
                    help="digits training samples of each run (default: all 1,437)")
     p.add_argument("--jobs", type=int, default=2, help="jobs of the parallel sweep")
@@ -93,25 +98,34 @@ def main(argv: list[str] | None = None) -> int:
     todo = configs(args.runs, args.epochs, args.limit_train, pick_device(args.device))
     warm_up()
     serial = sweep(todo, 1, cores)
-    parallel = sweep(todo, args.jobs, max(1, cores // args.jobs))
+    per_job = max(1, cores // args.jobs)
+    one = sweep(todo, 1, per_job) if per_job != cores else serial     # one job on a job's threads
+    parallel = sweep(todo, args.jobs, per_job)
     ratio = parallel["runs_per_hour"] / serial["runs_per_hour"]
+    intra = serial["runs_per_hour"] / one["runs_per_hour"]            # what the extra threads give one run
+    bound = args.jobs / intra                                          # jobs x one job, against jobs 1
+    scaling = parallel["runs_per_hour"] / (args.jobs * one["runs_per_hour"])
     diffs = [abs(a - b) for a, b in zip(serial["final_acc"], parallel["final_acc"])]
     acc_ok = all(d <= args.tol for d in diffs)
     result = {"runs": args.runs, "epochs": args.epochs, "limit_train": args.limit_train, "cores": cores,
-              "sweeps": [serial, parallel], "speedup": ratio, "target": TARGET, "max_acc_diff": max(diffs),
-              "acc_ok": acc_ok}
+              "sweeps": [serial, one, parallel] if one is not serial else [serial, parallel], "speedup": ratio,
+              "target": TARGET, "threads_speedup": intra, "bound": bound, "jobs_scaling": scaling,
+              "max_acc_diff": max(diffs), "acc_ok": acc_ok}
     summary = (f"bench_experiments: {args.runs} runs x {args.epochs} epochs on {cores} cores: jobs 1 "
                f"({serial['threads_per_job']} threads) {serial['wall_s']:.1f} s, {serial['runs_per_hour']:.0f} runs/h; "
                f"jobs {args.jobs} ({parallel['threads_per_job']} thread(s) each) {parallel['wall_s']:.1f} s, "
                f"{parallel['runs_per_hour']:.0f} runs/h; speed-up {ratio:.2f}x (target {TARGET}x: "
                f"{'met' if ratio >= TARGET else 'missed'}); final accuracies "
                f"{'equal' if max(diffs) == 0 else f'within {max(diffs):.2f} points'}"
-               f"{'' if acc_ok else f' -- MORE than --tol {args.tol}'}")
+               f"{'' if acc_ok else f' -- MORE than --tol {args.tol}'}"
+               f"; one run is {intra:.2f}x faster on {cores} threads than on {per_job}, so {args.jobs} jobs can "
+               f"be at most {bound:.2f}x faster than one; they reach {scaling:.0%} of {args.jobs} x one job "
+               f"on {per_job} thread(s)")
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{'sweep':<10} {'threads/job':>11} {'wall s':>8} {'runs/h':>8}")
-        for s in (serial, parallel):
+        for s in ((serial, one, parallel) if one is not serial else (serial, parallel)):
             print(f"{'jobs ' + str(s['jobs']):<10} {s['threads_per_job']:>11} {s['wall_s']:>8.1f} "
                   f"{s['runs_per_hour']:>8.0f}")
         print("final test top-1 per run (jobs 1 / jobs N):",
