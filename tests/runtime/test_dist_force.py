@@ -68,7 +68,7 @@ with tempfile.TemporaryDirectory() as tmp:
     for k in ("grad_norm", "trace_cov", "per_sample_var", "per_sample_grad_norm"):
         np.testing.assert_allclose(getattr(g2, k), getattr(g1, k), rtol=1e-10, atol=1e-14, err_msg=k)
     assert not any("shared out" in n for n in g1.notes)
-    assert "mini-batch and per-sample gradients shared out over 1 rank(s), their moments merged" in g2.notes
+    assert "mini-batch, per-sample and signal-propagation gradients shared out over 1 rank(s), their moments merged" in g2.notes
     print("FORCED " + json.dumps({"backend": d.backend, "world": d.world, "weights_diff": diff,
                                   "acc": [r1.final_acc, r2.final_acc]}), flush=True)
     teardown()
