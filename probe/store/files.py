@@ -194,8 +194,10 @@ class RootFiles:
                              "pick a writable runs root") from None
         try:  # a real write: os.access is blind to read-only mounts and ACLs
             fd, probe = temp_file(root, "write-test")
-            os.close(fd)
-            probe.unlink()
+            try:        # removed while locked: another process's sweep of stale files leaves it alone
+                probe.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
         except OSError as e:
             if e.errno in NO_SPACE:
                 raise DiskFullError(no_space_message(f"runs root {root}")) from None

@@ -462,3 +462,23 @@ def test_two_processes_write_concurrently(tmp_path):
                                           np.arange(4.0) + p["checkpoint_epoch"])
     leftovers = [p for p in Path(root).rglob("*") if p.name.endswith(".tmp") or "write-test" in p.name]
     assert leftovers == []
+
+
+def test_a_root_opened_while_another_process_sweeps_it_is_writable(tmp_path, monkeypatch):
+    """Two processes open one root at once (parallel sweep workers): each one's sweep of stale
+    temporary files may remove the other's write-test file once it is no longer locked. The
+    write test removes its file while it still holds the lock, so the root is not taken for a
+    read-only one. Simulated: every os.close removes the root's write-test files right after."""
+    import probe.store.files as files
+
+    real_close = os.close
+
+    def close_then_sweep(fd):
+        real_close(fd)
+        for stale in tmp_path.glob(".write-test.*.tmp"):
+            stale.unlink()
+
+    monkeypatch.setattr(files.os, "close", close_then_sweep)
+    store = RunStore(tmp_path)
+    store.close()
+    assert not list(tmp_path.glob(".write-test.*"))
