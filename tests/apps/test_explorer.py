@@ -15,11 +15,11 @@ from probe.training import TrainConfig, train
 APP = str(Path(__file__).resolve().parents[2] / "apps" / "explorer.py")
 
 
-def _app(root, monkeypatch):
+def _app(root, monkeypatch, timeout: float = 60):
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("PROBE_RUNS", str(root))
-    at = AppTest.from_file(APP, default_timeout=60)
+    at = AppTest.from_file(APP, default_timeout=timeout)
     at.run()
     return at
 

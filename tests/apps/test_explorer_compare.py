@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import statistics
-from pathlib import Path
 
 import pytest
 
@@ -13,20 +12,15 @@ from probe.jobs import run_probe
 from probe.store import RunStore
 from probe.training import TrainConfig, train
 
-APP = str(Path(__file__).resolve().parents[2] / "apps" / "explorer.py")
+from tests.apps import test_explorer as explorer
 
 
 def _app(root, monkeypatch):
-    from streamlit.testing.v1 import AppTest
-
-    monkeypatch.setenv("PROBE_RUNS", str(root))
-    at = AppTest.from_file(APP, default_timeout=120)
-    at.run()
-    return at
+    return explorer._app(root, monkeypatch, timeout=120)
 
 
 def _goto(at, page: str):
-    at.sidebar.radio(key="page").set_value(page).run()
+    at = explorer._goto(at, page)
     assert not at.exception, at.exception
     return at
 

@@ -15,14 +15,9 @@ import pytest
 from probe.cli import build_parser, main
 from probe.store import RunStore
 from probe.training import TrainConfig, train
+from tests.probes.test_registry import cli
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def cli(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line(code, err, needle):
@@ -111,11 +106,7 @@ def test_a_checkpoint_row_with_an_empty_path_is_reported_by_show(run1, tmp_path,
 ])
 def test_json_errors_are_one_json_object_on_stdout(tmp_path, capsys, argv):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
+    code, out, err = cli(capsys, *argv)
     assert code == 2
     obj = json.loads(out)
     assert obj["exit_code"] == 2 and obj["error"] == err.strip()

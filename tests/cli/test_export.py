@@ -9,17 +9,11 @@ import math
 import numpy as np
 import pytest
 
-from probe.cli import main
 from probe.jobs import run_probe
 from probe.store import RunStore, run_metrics_frame
 from probe.store.export import flatten_summary
 from probe.training import TrainConfig, train
-
-
-def cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.probes.test_registry import cli
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +108,5 @@ def test_export_bad_input_one_line(probed, tmp_path, capsys):
                          (["export", run_id, "--out", f, "--runs", root], "a file, not a folder"),
                          (["export", run_id, "--probe", "nope", "--runs", root], "nope"),
                          (["export", run_id, "--format", "xls", "--runs", root], "invalid choice")):
-        try:
-            code = main([str(a) for a in argv])
-        except SystemExit as e:
-            code = e.code
-        _, err = capsys.readouterr()
+        code, _, err = cli(capsys, *argv)
         assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, (argv, err)

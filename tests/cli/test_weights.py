@@ -10,16 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from probe.cli import main
 from probe.errors import UserError
 from probe.store import RunStore
 from probe.training import TrainConfig, build_model, load_weights, train
-
-
-def cli(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.probes.test_registry import cli
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from probe.cli import main
 from probe.store import RunStore
 from probe.training import TrainConfig, train
-
-
-def cli(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.probes.test_registry import cli
 
 
 def test_ntk_by_model_name_stores_kernel_and_prediction(tmp_path, capsys):

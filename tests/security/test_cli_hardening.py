@@ -11,19 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from probe.cli import main
 from probe.errors import UserError
 from probe.store import RunStore
 from probe.training import TrainConfig, load_run_model, resume, train
-
-
-def cli(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse's own usage errors
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.probes.test_registry import cli
 
 
 def assert_one_line_exit_2(code, out, err, needle=None):

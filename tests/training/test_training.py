@@ -13,18 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from probe.cli import main
 from probe.errors import UserError
 from probe.store import RunStore
 from probe.training import TrainConfig, TrainingDiverged, load_run_model, lr_at, train
+from tests.probes.test_registry import cli
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def cli(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _env():
