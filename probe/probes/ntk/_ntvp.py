@@ -6,9 +6,8 @@ import torch
 from torch import Tensor
 from torch.func import vjp, vmap
 
-from probe.runtime.memory import out_of_memory
 from probe.probes.ntk._plan import _Ctx, _Plan
-from probe.probes.ntk._util import _MODEL_ERRORS, _Pushforward, _ranges
+from probe.probes.ntk._util import _Pushforward, _attempt, _ranges
 from probe.probes.ntk.result import NtkKind
 
 
@@ -35,12 +34,11 @@ def _run_ntvp(c: _Ctx, plan: _Plan, K: Tensor, pbar) -> None:
 
     def tangents(js: Tensor, os_: Tensor) -> dict[str, Tensor]:
         if not state["looped"]:
-            try:
-                return vmap(vjp_one)(c.x2[js.to(c.x2.device)], eye[os_.to(eye.device)])
-            except torch.OutOfMemoryError as exc:
-                raise out_of_memory(exc, "the ntvp method's per-sample VJPs (vmap)") from exc
-            except _MODEL_ERRORS:
-                state["looped"] = True
+            out, why = _attempt(lambda: vmap(vjp_one)(c.x2[js.to(c.x2.device)], eye[os_.to(eye.device)]),
+                                "the ntvp method's per-sample VJPs (vmap)")
+            if not why:
+                return out
+            state["looped"] = True
         parts = []
         for j in torch.unique_consecutive(js).tolist():
             sel = os_[js == j].to(eye.device)

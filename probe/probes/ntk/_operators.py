@@ -23,11 +23,8 @@ from torch.func import vjp, vmap
 from probe.autodiff import (LayerCall, StructuredLayer, conv_patches, input_leaf, per_sample_grad_parts,
                             record_forward)
 from probe.functional import FunctionalModel
-from probe.errors import UserError
-from probe.probes.ntk._util import (_GRAM_ROW_BYTES, _MODEL_ERRORS, _Pushforward, _SampleJacobian, _first_line,
-                                     _ranges)
+from probe.probes.ntk._util import _GRAM_ROW_BYTES, _Pushforward, _SampleJacobian, _attempt, _ranges
 from probe.probes.ntk.result import NtkKind
-from probe.runtime.memory import out_of_memory
 
 
 class _NtkOperator:
@@ -70,15 +67,10 @@ class _NtkOperator:
     def _vmapped(self, fn, args: dict[str, Tensor] | Tensor, what: str):
         """``vmap(fn)(args)``, or None after switching this operator to loops when vmap does not
         apply to the model; running out of memory is raised, never taken for that."""
-        try:
-            return vmap(fn)(args)
-        except torch.OutOfMemoryError as exc:
-            raise out_of_memory(exc, f"the NTK products (vmap over {what})") from exc
-        except UserError:
-            raise
-        except _MODEL_ERRORS as exc:
-            self.vectorize, self.looped = "loop", f"vmap over {what}: {_first_line(exc)}"
-            return None
+        out, why = _attempt(lambda: vmap(fn)(args), f"the NTK products (vmap over {what})")
+        if why:
+            self.vectorize, self.looped = "loop", f"vmap over {what}: {why}"
+        return out
 
     def _pullback(self, fn, cots: Tensor, U: dict[str, Tensor], step: int) -> None:
         """U[k][j] += (J^T cots[j])[k] for the cotangents cots (m, b, O) of one sample block."""
@@ -236,16 +228,12 @@ class _GramOperator:
         if self.batch_outputs and O > 1:
             eye = torch.eye(O, dtype=y.dtype, device=y.device)
             cot = eye[:, None, :].expand((O,) + tuple(y.shape))          # (O, b, O): output o
-            try:
-                gs = torch.autograd.grad(y, zs, grad_outputs=cot, retain_graph=True, allow_unused=True,
-                                         is_grads_batched=True)
+            gs, why = _attempt(lambda: torch.autograd.grad(y, zs, grad_outputs=cot, retain_graph=True,
+                                                           allow_unused=True, is_grads_batched=True),
+                               "the output gradients (O backward passes batched)")
+            if not why:
                 return [[None if g is None else g[o] for g in gs] for o in range(O)]
-            except torch.OutOfMemoryError as exc:
-                raise out_of_memory(exc, "the output gradients (O backward passes batched)") from exc
-            except UserError:
-                raise
-            except _MODEL_ERRORS as exc:
-                self.batch_outputs, self.outputs_looped = False, _first_line(exc)
+            self.batch_outputs, self.outputs_looped = False, why
         return [torch.autograd.grad(y[:, o].sum(), zs, retain_graph=o < O - 1, allow_unused=True)
                 for o in range(O)]
 

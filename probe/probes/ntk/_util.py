@@ -161,6 +161,20 @@ def _first_line(exc: BaseException, limit: int = 240) -> str:
     return f"{type(exc).__name__}: {text[:limit]}"
 
 
+def _attempt(fn, what: str):
+    """``(fn(), "")``, or ``(None, why)`` when the model says the transform in ``fn`` does not
+    apply to it (:data:`_MODEL_ERRORS`; the caller falls back). Running out of memory raises
+    :class:`probe.errors.OutOfMemory` naming ``what``; a :class:`UserError` passes through."""
+    try:
+        return fn(), ""
+    except torch.OutOfMemoryError as exc:
+        raise out_of_memory(exc, what) from exc
+    except UserError:
+        raise
+    except _MODEL_ERRORS as exc:
+        return None, _first_line(exc)
+
+
 class _SampleJacobian:
     """Per-sample Jacobians of the flattened outputs with respect to a parameter subset:
     ``jac(sub, x)`` -> {name: (n, O, *shape)}. ``vmap(jacrev)`` over the samples where the model
@@ -182,14 +196,10 @@ class _SampleJacobian:
 
     def __call__(self, sub: dict[str, Tensor], x: Tensor) -> dict[str, Tensor]:
         if not self.looped:
-            try:
-                return self._vmapped(sub, x)
-            except torch.OutOfMemoryError as exc:
-                raise out_of_memory(exc, "the per-sample Jacobians (vmap over the samples)") from exc
-            except UserError:
-                raise
-            except _MODEL_ERRORS as exc:
-                self.looped, self.reason = True, _first_line(exc)
+            out, why = _attempt(lambda: self._vmapped(sub, x), "the per-sample Jacobians (vmap over the samples)")
+            if not why:
+                return out
+            self.looped, self.reason = True, why
         rows = [self._one(sub, x[i]) for i in range(x.shape[0])]
         return {k: torch.stack([r[k] for r in rows]) for k in sub}
 
@@ -209,14 +219,10 @@ class _Pushforward:
         self.f, self.params = f, params
         self.reverse, self.reason = False, ""
         tangent = {k: torch.zeros_like(p) for k, p in params.items()}
-        try:
-            jvp(lambda p: f(p, x0[:1]), (params,), (tangent,))
-        except torch.OutOfMemoryError as exc:
-            raise out_of_memory(exc, "the forward-mode (jvp) check on one sample") from exc
-        except UserError:
-            raise
-        except _MODEL_ERRORS as exc:
-            self.reverse, self.reason = True, _first_line(exc)
+        _, why = _attempt(lambda: jvp(lambda p: f(p, x0[:1]), (params,), (tangent,)),
+                          "the forward-mode (jvp) check on one sample")
+        if why:
+            self.reverse, self.reason = True, why
             self._check(x0[:2])
 
     def _check(self, xb: Tensor) -> None:
