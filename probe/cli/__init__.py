@@ -11,7 +11,7 @@ import sys
 
 from probe.errors import UserError
 from probe.text import format_table
-from probe.cli.common import OneLineParser, Output, fail, run_command
+from probe.cli.common import OneLineParser, Output, close_stores, fail, run_command
 from probe.companions import load
 
 __all__ = ["main", "build_parser"]
@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`probe fusions | head`): stop quietly, as other tools do
         _stdout_to_devnull()
         return 141
+    finally:
+        close_stores()
     return code
 
 

@@ -16,7 +16,7 @@ from probe.companions import load
 from probe.errors import UserError, first_line
 
 __all__ = ["OneLineParser", "Output", "fail", "jsonable", "user_error_types", "run_command", "TqdmProgress", "runs_arg",
-           "open_store", "factory_args", "parse_model_args", "flag_name", "field_type", "rank_group"]
+           "open_store", "close_stores", "factory_args", "parse_model_args", "flag_name", "field_type", "rank_group"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -228,10 +228,22 @@ def runs_arg(p: argparse.ArgumentParser) -> None:
                    help="runs root (default: $PROBE_RUNS or ./runs)")
 
 
+_OPENED: list = []          # the stores this command opened, closed when it ends (close_stores)
+
+
 def open_store(args, readonly: bool = False):
-    """The :class:`probe.store.RunStore` at ``--runs``."""
+    """The :class:`probe.store.RunStore` at ``--runs``, closed by :func:`close_stores` when the
+    command ends (not whenever the garbage collector finds it: a late close could still write)."""
     from probe.store import RunStore
-    return RunStore(args.runs, readonly=True) if readonly else RunStore(args.runs)
+    store = RunStore(args.runs, readonly=True) if readonly else RunStore(args.runs)
+    _OPENED.append(store)
+    return store
+
+
+def close_stores() -> None:
+    """Close every store :func:`open_store` opened for this command."""
+    while _OPENED:
+        _OPENED.pop().close()
 
 
 def factory_args(p: argparse.ArgumentParser) -> None:

@@ -2,6 +2,7 @@
 probes follow the run they probe; training stops cleanly and says why."""
 from __future__ import annotations
 
+import gc
 import json
 import sqlite3
 import textwrap
@@ -519,6 +520,7 @@ def test_a_lost_catalog_is_refused_then_rebuilt_from_the_run_folders(tmp_path, c
     (root / "catalog.sqlite").write_bytes(b"")  # a 0-byte catalog beside the run folders
     for name in ("catalog.sqlite-wal", "catalog.sqlite-shm"):
         (root / name).unlink(missing_ok=True)
+    gc.collect()    # a store the commands left open would write the catalog back as it is collected
     code, out, err = cli(capsys, "runs", "--runs", root)
     assert_one_line_exit_2(code, out, err, "rebuild")
     code, out, err = cli(capsys, "runs", "--rebuild-catalog", "--runs", root, "--json")
